@@ -1,0 +1,34 @@
+//! The `shoal` binary: parses arguments and dispatches into the Shoal crates.
+
+mod image;
+
+use clap::{Parser, Subcommand};
+
+/// Shoal: P2P container image distribution with lazily mounted, chunk-verified images.
+#[derive(Parser)]
+#[command(name = "shoal", version, about)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `shoal=debug`.
+    #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert, inspect, verify and unpack Shoal images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Image(cmd) => image::run(cmd),
+    }
+}
