@@ -3,4 +3,7 @@
 //!
 //! The byte-for-byte layout is specified in docs/format.md; this crate is its only implementation.
 
+pub mod error;
 pub mod model;
+
+pub use error::{Error, Result};
