@@ -1,12 +1,236 @@
 //! `shoal image`: convert, inspect, verify, unpack.
 
-use clap::Subcommand;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use shoal_format::build::{self, BuildOptions, Source};
+use shoal_format::image::ShoalImage;
+use shoal_format::oci::LayoutRef;
 
 /// The `shoal image` subcommands.
 #[derive(Subcommand)]
-pub enum ImageCommand {}
+pub enum ImageCommand {
+    /// Convert an OCI image, a directory or a tar layer into a Shoal image in an OCI layout.
+    Convert(ConvertArgs),
+    /// Print files, chunks, dedup ratio, sizes and the root hash of an image.
+    Inspect {
+        /// `oci:DIR[:TAG]`, a directory, or a tar layer (non-Shoal sources are converted first).
+        src: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute every hash of an image from its blobs; fail naming the first bad object.
+    Verify {
+        /// `oci:DIR[:TAG]` of a Shoal image (other sources are converted first).
+        src: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Materialise an image's tree under a new directory.
+    Unpack {
+        /// `oci:DIR[:TAG]`, a directory, or a tar layer.
+        src: String,
+        /// Target directory: must not exist or be empty.
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+/// Arguments of `shoal image convert`.
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// `oci:DIR[:TAG]`, a directory, or a tar / tar.gz / tar.zst layer.
+    #[arg(long)]
+    source: String,
+    /// `oci:DIR[:TAG]` to write the Shoal image into (created if missing).
+    #[arg(long)]
+    output: String,
+    /// Chunk size in bytes (power of two, 64 KiB..16 MiB); suffixes K and M allowed.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    chunk_size: u32,
+    /// Piece size of data blobs in bytes (power of two); suffixes K and M allowed.
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    piece_size: u32,
+    /// zstd compression level (1..=19).
+    #[arg(long, default_value_t = build::DEFAULT_LEVEL)]
+    compression_level: i32,
+    /// File listing paths to prefetch after mount, one per line, in order.
+    #[arg(long)]
+    prefetch: Option<PathBuf>,
+    /// An earlier converted image (`oci:DIR[:TAG]`) whose chunks may be reused; repeatable.
+    #[arg(long)]
+    chunk_dict: Vec<String>,
+    /// Print statistics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with("KIB") || t.ends_with('K') => (
+            t.trim_end_matches("KIB").trim_end_matches('K').to_string(),
+            1u64 << 10,
+        ),
+        t if t.ends_with("MIB") || t.ends_with('M') => (
+            t.trim_end_matches("MIB").trim_end_matches('M').to_string(),
+            1u64 << 20,
+        ),
+        t => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1M, 256K or 65536"))?;
+    u32::try_from(n * mult).map_err(|_| format!("{s} is too large"))
+}
+
+fn layout(s: &str) -> anyhow::Result<LayoutRef> {
+    LayoutRef::parse(s)
+        .with_context(|| format!("{s:?} is not an OCI layout reference (oci:DIR[:TAG])"))
+}
 
 /// Runs one `shoal image` subcommand.
 pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
-    match cmd {}
+    match cmd {
+        ImageCommand::Convert(a) => convert(a),
+        ImageCommand::Inspect { src, json } => {
+            let (img, _tmp) = open_any(&src)?;
+            let s = img.summary();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("manifest      {}", s.manifest);
+                println!("bootstrap     {} ({} bytes)", s.bootstrap, s.bootstrap_size);
+                println!("root          {}", s.root);
+                println!("files         {} ({} bytes)", s.files, s.file_bytes);
+                println!("dirs          {}", s.dirs);
+                println!("symlinks      {}", s.symlinks);
+                println!("special       {}", s.special);
+                println!("chunk size    {}", s.chunk_size);
+                println!(
+                    "chunks        {} references, {} unique ({} bytes, {} stored)",
+                    s.chunk_refs, s.unique_chunks, s.unique_bytes, s.stored_bytes
+                );
+                println!("dedup ratio   {:.3}", s.dedup_ratio);
+                println!("prefetch      {} entries", s.prefetch);
+                for (d, size) in &s.blobs {
+                    println!("blob          {d} ({size} bytes)");
+                }
+            }
+            Ok(())
+        }
+        ImageCommand::Verify { src, json } => {
+            let (r, _tmp) = shoal_ref(&src)?;
+            let report = shoal_format::verify::verify(&r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "ok: root {} ({} inodes, {} blobs / {} bytes / {} pieces, {} chunks)",
+                    report.root,
+                    report.inodes,
+                    report.blobs,
+                    report.blob_bytes,
+                    report.pieces,
+                    report.chunks
+                );
+            }
+            Ok(())
+        }
+        ImageCommand::Unpack { src, to } => {
+            let (img, _tmp) = open_any(&src)?;
+            let stats = shoal_format::unpack::unpack(&img, &to)?;
+            eprintln!(
+                "unpacked {} entries, {} bytes into {}",
+                stats.entries,
+                stats.bytes_written,
+                to.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn convert(a: ConvertArgs) -> anyhow::Result<()> {
+    let src = Source::parse(&a.source)?;
+    let out = layout(&a.output)?;
+    let mut prefetch = Vec::new();
+    if let Some(p) = &a.prefetch {
+        let text =
+            std::fs::read(p).with_context(|| format!("reading prefetch list {}", p.display()))?;
+        for line in text.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let trimmed = line.strip_prefix(b"/").unwrap_or(line);
+            if !trimmed.is_empty() && !line.starts_with(b"#") {
+                prefetch.push(trimmed.to_vec());
+            }
+        }
+    }
+    let opts = BuildOptions {
+        chunk_size: a.chunk_size,
+        level: a.compression_level,
+        piece_size: a.piece_size,
+        prefetch,
+        chunk_dicts: a
+            .chunk_dict
+            .iter()
+            .map(|d| layout(d))
+            .collect::<anyhow::Result<_>>()?,
+        tag: None,
+    };
+    let (_, s) = build::convert(&src, &out, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("manifest          {}", s.manifest);
+        println!("root              {}", s.root);
+        println!("layers            {}", s.layers);
+        println!("files             {}", s.files);
+        println!("bytes in          {}", s.bytes_in);
+        println!("file bytes        {}", s.file_bytes);
+        println!("chunks            {}", s.chunks);
+        println!(
+            "unique chunks     {} ({} new, {} from chunk dictionaries)",
+            s.unique_chunks, s.new_chunks, s.dict_chunks
+        );
+        println!("dedup ratio       {:.3}", s.dedup_ratio);
+        println!("data blob bytes   {}", s.blob_bytes);
+        println!("bootstrap bytes   {}", s.bootstrap_bytes);
+        println!(
+            "time              {:.2} s ({:.1} MB/s)",
+            s.seconds, s.mb_per_s
+        );
+    }
+    Ok(())
+}
+
+/// A Shoal image reference for `src`: itself when it is one, else a conversion into a temporary
+/// layout (kept alive by the returned guard).
+fn shoal_ref(src: &str) -> anyhow::Result<(LayoutRef, Option<tempfile::TempDir>)> {
+    if let Some(r) = LayoutRef::parse(src) {
+        let (_, manifest) = shoal_format::oci::resolve(&r)?;
+        if shoal_format::image::is_shoal(&manifest) {
+            return Ok((r, None));
+        }
+    }
+    let source = Source::parse(src)?;
+    let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    let r = LayoutRef {
+        dir: tmp.path().to_path_buf(),
+        tag: None,
+    };
+    build::convert(&source, &r, &BuildOptions::default())
+        .with_context(|| format!("converting {src}"))?;
+    Ok((r, Some(tmp)))
+}
+
+fn open_any(src: &str) -> anyhow::Result<(ShoalImage, Option<tempfile::TempDir>)> {
+    let (r, tmp) = shoal_ref(src)?;
+    let img = ShoalImage::open(&r)?;
+    if img.meta.inodes.is_empty() {
+        bail!("{src}: image has no inodes");
+    }
+    Ok((img, tmp))
 }

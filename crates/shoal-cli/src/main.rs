@@ -1,5 +1,6 @@
 //! The `shoal` binary: parses arguments and dispatches into the Shoal crates.
 
+mod ca;
 mod image;
 
 use clap::{Parser, Subcommand};
@@ -20,15 +21,21 @@ enum Command {
     /// Convert, inspect, verify and unpack Shoal images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Create the cluster CA and issue node certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One crypto provider (ring) for every TLS user in the process, installed before any.
+    shoal_tls::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Ca(cmd) => ca::run(cmd),
     }
 }

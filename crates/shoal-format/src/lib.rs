@@ -3,7 +3,14 @@
 //!
 //! The byte-for-byte layout is specified in docs/format.md; this crate is its only implementation.
 
+pub mod bootstrap;
+pub mod build;
 pub mod error;
+pub mod image;
+pub mod merkle;
 pub mod model;
+pub mod oci;
+pub mod unpack;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -1,1 +1,42 @@
-//! Shoal's node store: an on-disk, content-addressed cache of pieces, chunks and blobs.
+//! Shoal's node store: an on-disk, content-addressed cache of blob pieces, chunks and whole blobs.
+//!
+//! It promises: nothing it returns is unverified (every piece and chunk read is checked against its
+//! BLAKE3 hash, a blob is complete only after its sha256 matched); no torn write is ever visible,
+//! even after `kill -9` (piece bytes are flushed before the journal record that names them; chunks
+//! and metadata are written to a temporary file and renamed); Shoal's bytes stay under a quota
+//! (high/low watermarks, LRU and TTL eviction, pinned entries kept); concurrent misses of one item
+//! run one fetch. It does not fetch anything itself, and it does not trust piece tables it is given
+//! beyond checking them against the blob's sha256 on completion.
+//!
+//! [`Store`] is the synchronous core (threads, e.g. FUSE workers); [`AsyncStore`] wraps it for tokio.
+//! The on-disk layout and the crash-safety argument are in docs/store.md.
+
+mod async_store;
+mod backend;
+mod blob;
+mod chunk;
+pub mod conformance;
+mod error;
+mod flight;
+mod import;
+mod index;
+mod journal;
+mod key;
+mod paths;
+mod pieceset;
+mod quota;
+mod recover;
+mod store;
+
+pub use async_store::AsyncStore;
+pub use backend::ContentStore;
+pub use blob::{verify_piece, BlobStatus, PutOutcome, MAX_RANGE};
+pub use chunk::{verify_chunk, MAX_CHUNK_SIZE};
+pub use error::{Error, Result};
+pub use flight::FetchError;
+pub use index::PinGuard;
+pub use key::{
+    Blake3Hash, BlobDigest, Item, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE,
+};
+pub use pieceset::PieceSet;
+pub use store::{Store, StoreConfig, StoreStats};

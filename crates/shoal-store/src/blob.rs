@@ -1,0 +1,506 @@
+//! Blobs: register a piece layout, write verified pieces, read verified pieces and ranges, complete.
+//!
+//! A piece write is: bytes verified against the piece table, `pwrite` into the sparse data file at
+//! the piece's offset, `fdatasync`, then a `held` record appended to the journal and `fdatasync`ed.
+//! Only then is the piece in the in-memory bitmap. A crash before the record leaves bytes nobody
+//! points at; a crash after it leaves a durable piece. Every read re-verifies anyway.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::Digest;
+
+use crate::error::{Error, Result};
+use crate::index::{lock, now_ms, BlobState, Entry, EntryKey, PinGuard};
+use crate::journal::{self, RecordKind, RECORD_LEN};
+use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::paths::sync_dir;
+use crate::pieceset::PieceSet;
+use crate::store::{Counters, Store};
+
+/// Largest range one `read_range` call returns (64 MiB); stream longer ranges piece by piece.
+pub const MAX_RANGE: u64 = 64 << 20;
+
+/// What a put did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PutOutcome {
+    /// The bytes were verified and written.
+    Stored,
+    /// The store already held them; nothing was written.
+    AlreadyHeld,
+}
+
+/// What the store holds of one blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobStatus {
+    /// The blob's piece layout.
+    pub layout: Arc<PieceLayout>,
+    /// Pieces held (verified when written, verified again on every read).
+    pub held: PieceSet,
+    /// True once every piece is held and the whole blob matched its sha256.
+    pub complete: bool,
+}
+
+impl Store {
+    fn blob_entry(&self, digest: &BlobDigest) -> Result<(Arc<Entry>, PinGuard, Arc<PieceLayout>)> {
+        let unknown = || Error::UnknownBlob {
+            blob: digest.to_string(),
+        };
+        let entry = self.entry(&EntryKey::Blob(*digest)).ok_or_else(unknown)?;
+        let pin = entry.pin().ok_or_else(unknown)?;
+        let layout = entry.layout.clone().ok_or_else(unknown)?;
+        Ok((entry, pin, layout))
+    }
+
+    /// Registers a blob's trusted piece layout (idempotent); pieces can be put after this.
+    pub fn ensure_blob(&self, digest: &BlobDigest, layout: &PieceLayout) -> Result<()> {
+        let key = EntryKey::Blob(*digest);
+        if let Some(e) = self.entry(&key) {
+            return match e.layout.as_deref() == Some(layout) {
+                true => Ok(()),
+                false => Err(Error::LayoutMismatch {
+                    blob: digest.to_string(),
+                }),
+            };
+        }
+        let (header, check) = journal::encode_header(digest, layout);
+        let reservation = self.reserve(header.len() as u64)?;
+        let paths = &self.inner.paths;
+        let (dir, meta, data) = (
+            paths.blob_dir(digest),
+            paths.meta(digest),
+            paths.data(digest),
+        );
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let tmp = paths.temp();
+        self.on_full(&meta, header.len() as u64, "write", || {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(&header)?;
+            f.sync_data()
+        })
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+        let _stripe = lock(self.stripe(&key));
+        if let Some(e) = self.entry(&key) {
+            let _ = fs::remove_file(&tmp);
+            return match e.layout.as_deref() == Some(layout) {
+                true => Ok(()),
+                false => Err(Error::LayoutMismatch {
+                    blob: digest.to_string(),
+                }),
+            };
+        }
+        // The data file exists before the metadata names it; writers never create it.
+        File::create(&data).map_err(|e| Error::io("create", &data, e))?;
+        fs::rename(&tmp, &meta).map_err(|e| Error::io("rename into", &meta, e))?;
+        sync_dir(&dir).map_err(|e| Error::io("sync", &dir, e))?;
+        let state = BlobState {
+            held: PieceSet::new(layout.piece_count()),
+            complete: false,
+            check,
+            generation: 0,
+        };
+        let entry = Entry::new(
+            key,
+            Some(Arc::new(layout.clone())),
+            header.len() as u64,
+            Some(state),
+            now_ms(),
+        );
+        self.inner.index.insert(key, entry);
+        reservation.commit();
+        Ok(())
+    }
+
+    /// Verifies `data` against piece `index`'s digest and stores it durably.
+    pub fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome> {
+        let (entry, pin, layout) = self.blob_entry(digest)?;
+        verify_piece(digest, &layout, index, data)?;
+        self.put_piece_verified(digest, &entry, &layout, index, data, pin)
+    }
+
+    fn put_piece_verified(
+        &self,
+        digest: &BlobDigest,
+        entry: &Arc<Entry>,
+        layout: &PieceLayout,
+        index: u32,
+        data: &[u8],
+        _pin: PinGuard,
+    ) -> Result<PutOutcome> {
+        if held(entry, index) {
+            entry.touch();
+            return Ok(PutOutcome::AlreadyHeld);
+        }
+        let cost = data.len() as u64 + RECORD_LEN as u64;
+        let reservation = self.reserve(cost)?;
+        let paths = &self.inner.paths;
+        let (data_path, meta_path) = (paths.data(digest), paths.meta(digest));
+        let offset = layout.piece_offset(index);
+        let gone = || Error::UnknownBlob {
+            blob: digest.to_string(),
+        };
+        let file = match OpenOptions::new().write(true).open(&data_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone()),
+            Err(e) => return Err(Error::io("open", &data_path, e)),
+        };
+        self.on_full(&data_path, data.len() as u64, "write", || {
+            file.write_all_at(data, offset)?;
+            file.sync_data()
+        })?;
+        let mut st = lock(&entry.state);
+        if st.removed {
+            return Err(gone());
+        }
+        let Some(blob) = st.blob.as_mut() else {
+            return Err(gone());
+        };
+        if blob.held.contains(index) {
+            return Ok(PutOutcome::AlreadyHeld);
+        }
+        let record = journal::encode_record(&blob.check, RecordKind::Held, index);
+        self.on_full(&meta_path, RECORD_LEN as u64, "append to", || {
+            let mut meta = OpenOptions::new().append(true).open(&meta_path)?;
+            meta.write_all(&record)?;
+            meta.sync_data()
+        })?;
+        blob.held.insert(index);
+        blob.generation += 1;
+        st.bytes += cost;
+        reservation.commit();
+        entry.touch();
+        Ok(PutOutcome::Stored)
+    }
+
+    /// Stores piece bytes that the caller already verified with [`verify_piece`].
+    pub(crate) fn put_verified(
+        &self,
+        digest: &BlobDigest,
+        index: u32,
+        data: &[u8],
+    ) -> Result<PutOutcome> {
+        let (entry, pin, layout) = self.blob_entry(digest)?;
+        self.put_piece_verified(digest, &entry, &layout, index, data, pin)
+    }
+
+    /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
+    /// as [`Error::Corrupt`], never returned.
+    pub fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes> {
+        let (entry, _pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
+        self.read_piece_pinned(digest, &entry, &layout, index)
+    }
+
+    fn read_piece_pinned(
+        &self,
+        digest: &BlobDigest,
+        entry: &Arc<Entry>,
+        layout: &PieceLayout,
+        index: u32,
+    ) -> Result<Bytes> {
+        let item = || format!("piece {index} of {digest}");
+        let len = layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
+            item: item(),
+            reason: format!("the blob has {} pieces", layout.piece_count()),
+        })?;
+        let generation = {
+            let st = lock(&entry.state);
+            match st.blob.as_ref() {
+                Some(b) if b.held.contains(index) => b.generation,
+                _ => {
+                    self.miss();
+                    return Err(Error::NotPresent { item: item() });
+                }
+            }
+        };
+        let path = self.inner.paths.data(digest);
+        let mut buf = vec![0u8; len as usize];
+        let read =
+            File::open(&path).and_then(|f| f.read_exact_at(&mut buf, layout.piece_offset(index)));
+        let good = match read {
+            Ok(()) => layout.piece_hash(index) == Some(&Blake3Hash::of(&buf)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                false
+            }
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        if !good {
+            self.drop_piece(digest, entry, index, generation, len);
+            return Err(Error::Corrupt { item: item(), path });
+        }
+        self.hit();
+        entry.touch();
+        Ok(Bytes::from(buf))
+    }
+
+    /// Forgets a piece that failed verification (only if nobody rewrote it since it was read).
+    fn drop_piece(
+        &self,
+        digest: &BlobDigest,
+        entry: &Arc<Entry>,
+        index: u32,
+        generation: u64,
+        len: u64,
+    ) {
+        Counters::bump(&self.inner.counters.corruptions);
+        tracing::warn!(blob = %digest, piece = index, "stored piece failed verification; dropped");
+        let mut st = lock(&entry.state);
+        let Some(blob) = st.blob.as_mut() else { return };
+        if blob.generation != generation || !blob.held.remove(index) {
+            return;
+        }
+        blob.complete = false;
+        let record = journal::encode_record(&blob.check, RecordKind::Dropped, index);
+        let meta_path = self.inner.paths.meta(digest);
+        let appended = OpenOptions::new()
+            .append(true)
+            .open(&meta_path)
+            .and_then(|mut f| f.write_all(&record).and_then(|()| f.sync_data()));
+        if let Err(e) = appended {
+            // The journal still says held; the next read verifies again and never serves it.
+            tracing::warn!(path = %meta_path.display(), error = %e, "could not journal a dropped piece");
+        }
+        st.bytes = st.bytes.saturating_sub(len);
+        drop(st);
+        self.sub_used(len);
+    }
+
+    /// Reads `len` bytes at `offset` (at most [`MAX_RANGE`]) from held pieces, each verified.
+    /// Fails with [`Error::NotPresent`] if a covering piece is missing.
+    pub fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
+        let (entry, _pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
+        let item = || format!("bytes {offset}+{len} of {digest}");
+        if len > MAX_RANGE {
+            return Err(Error::OutOfRange {
+                item: item(),
+                reason: format!("ranges are read at most {MAX_RANGE} bytes at a time"),
+            });
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > layout.size())
+        {
+            return Err(Error::OutOfRange {
+                item: item(),
+                reason: format!("the blob is {} bytes", layout.size()),
+            });
+        }
+        let pieces = layout.pieces_for_range(offset, len);
+        let missing = lock(&entry.state)
+            .blob
+            .as_ref()
+            .and_then(|b| b.held.first_missing(pieces.clone()));
+        if let Some(index) = missing {
+            self.miss();
+            return Err(Error::NotPresent {
+                item: format!("piece {index} of {digest} (for bytes {offset}+{len})"),
+            });
+        }
+        let mut out = Vec::new();
+        for index in pieces {
+            let piece = self.read_piece_pinned(digest, &entry, &layout, index)?;
+            let start = layout.piece_offset(index);
+            let from = offset.saturating_sub(start) as usize;
+            let to = ((offset + len - start) as usize).min(piece.len());
+            if len as usize == to - from {
+                return Ok(piece.slice(from..to)); // the whole range lies in one piece
+            }
+            out.extend_from_slice(&piece[from..to]);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// What the store holds of a blob, if it knows the blob.
+    pub fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
+        let entry = self.entry(&EntryKey::Blob(*digest))?;
+        let st = lock(&entry.state);
+        let blob = st.blob.as_ref()?;
+        Some(BlobStatus {
+            layout: entry.layout.clone()?,
+            held: blob.held.clone(),
+            complete: blob.complete,
+        })
+    }
+
+    /// Checks the whole blob against its sha256 once every piece is held, then marks it complete.
+    /// On a mismatch the blob is dropped ([`Error::BlobDigestMismatch`]): its piece table was wrong.
+    pub fn complete_blob(&self, digest: &BlobDigest) -> Result<()> {
+        let (entry, _pin, layout) = self.blob_entry(digest)?;
+        let (complete, missing) = match lock(&entry.state).blob.as_ref() {
+            Some(b) => (b.complete, b.held.len() - b.held.count()),
+            None => (false, layout.piece_count()),
+        };
+        if complete {
+            return Ok(());
+        }
+        if missing > 0 {
+            return Err(Error::Incomplete {
+                blob: digest.to_string(),
+                missing,
+            });
+        }
+        let mut sha = sha2::Sha256::new();
+        for index in 0..layout.piece_count() {
+            sha.update(self.read_piece_pinned(digest, &entry, &layout, index)?);
+        }
+        let actual: [u8; 32] = sha.finalize().into();
+        if &actual != digest.as_bytes() {
+            tracing::warn!(blob = %digest, "whole blob does not match its digest; dropped");
+            Counters::bump(&self.inner.counters.corruptions);
+            self.remove_entry(&entry, true);
+            return Err(Error::BlobDigestMismatch {
+                blob: digest.to_string(),
+                actual: hex::encode(actual),
+            });
+        }
+        let meta_path = self.inner.paths.meta(digest);
+        let mut st = lock(&entry.state);
+        let Some(blob) = st.blob.as_mut() else {
+            return Err(Error::UnknownBlob {
+                blob: digest.to_string(),
+            });
+        };
+        if !blob.held.is_full() {
+            return Err(Error::Incomplete {
+                blob: digest.to_string(),
+                missing: blob.held.len() - blob.held.count(),
+            });
+        }
+        let record = journal::encode_record(&blob.check, RecordKind::Complete, 0);
+        self.on_full(&meta_path, RECORD_LEN as u64, "append to", || {
+            let mut meta = OpenOptions::new().append(true).open(&meta_path)?;
+            meta.write_all(&record)?;
+            meta.sync_data()
+        })?;
+        blob.complete = true;
+        st.bytes += RECORD_LEN as u64;
+        drop(st);
+        self.add_used(RECORD_LEN as u64);
+        Ok(())
+    }
+
+    /// Removes a blob and its files; fails with [`Error::Pinned`] while someone pins it.
+    pub fn remove_blob(&self, digest: &BlobDigest) -> Result<()> {
+        let Some(entry) = self.entry(&EntryKey::Blob(*digest)) else {
+            return Ok(());
+        };
+        match self.remove_entry(&entry, false) {
+            Some(_) => Ok(()),
+            None if entry.is_pinned() => Err(Error::Pinned {
+                item: digest.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Pins a blob so eviction leaves it alone while the guard lives (e.g. during its download).
+    pub fn pin_blob(&self, digest: &BlobDigest) -> Result<PinGuard> {
+        let (_, pin, _) = self.blob_entry(digest)?;
+        Ok(pin)
+    }
+
+    /// Writes a whole blob into place (e.g. the data file of an import), already verified.
+    pub(crate) fn install_blob(
+        &self,
+        digest: &BlobDigest,
+        layout: PieceLayout,
+        data_tmp: &std::path::Path,
+    ) -> Result<()> {
+        let key = EntryKey::Blob(*digest);
+        let mut held = PieceSet::new(layout.piece_count());
+        for i in 0..layout.piece_count() {
+            held.insert(i);
+        }
+        let meta = journal::encode_compact(digest, &layout, &held, true);
+        let reservation = self.reserve(layout.size() + meta.len() as u64)?;
+        let paths = &self.inner.paths;
+        let (dir, meta_path, data_path) = (
+            paths.blob_dir(digest),
+            paths.meta(digest),
+            paths.data(digest),
+        );
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let meta_tmp = paths.temp();
+        self.on_full(&meta_path, meta.len() as u64, "write", || {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&meta_tmp)?;
+            f.write_all(&meta)?;
+            f.sync_data()
+        })
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&meta_tmp);
+        })?;
+        let _stripe = lock(self.stripe(&key));
+        if let Some(old) = self.entry(&key) {
+            if self.remove_entry_locked(&old, false).is_none() {
+                let _ = fs::remove_file(&meta_tmp);
+                return Err(Error::Pinned {
+                    item: digest.to_string(),
+                });
+            }
+        }
+        // Data first, then the metadata that names it: a crash between leaves an orphan data file.
+        fs::rename(data_tmp, &data_path).map_err(|e| Error::io("rename into", &data_path, e))?;
+        fs::rename(&meta_tmp, &meta_path).map_err(|e| Error::io("rename into", &meta_path, e))?;
+        sync_dir(&dir).map_err(|e| Error::io("sync", &dir, e))?;
+        let check = journal::decode(digest, &meta)
+            .map(|r| r.check)
+            .map_err(|reason| Error::InvalidLayout {
+                blob: digest.to_string(),
+                reason,
+            })?;
+        let state = BlobState {
+            held,
+            complete: true,
+            check,
+            generation: 0,
+        };
+        let bytes = layout.size() + meta.len() as u64;
+        let entry = Entry::new(key, Some(Arc::new(layout)), bytes, Some(state), now_ms());
+        self.inner.index.insert(key, entry);
+        reservation.commit();
+        Ok(())
+    }
+}
+
+fn held(entry: &Entry, index: u32) -> bool {
+    lock(&entry.state)
+        .blob
+        .as_ref()
+        .is_some_and(|b| b.held.contains(index))
+}
+
+/// Checks piece bytes against the layout: index in range, exact length, BLAKE3 digest.
+pub fn verify_piece(
+    digest: &BlobDigest,
+    layout: &PieceLayout,
+    index: u32,
+    data: &[u8],
+) -> Result<()> {
+    let item = || format!("piece {index} of {digest}");
+    let len = layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
+        item: item(),
+        reason: format!("the blob has {} pieces", layout.piece_count()),
+    })?;
+    if data.len() as u64 != len {
+        return Err(Error::OutOfRange {
+            item: item(),
+            reason: format!("expected {len} bytes, got {}", data.len()),
+        });
+    }
+    if layout.piece_hash(index) != Some(&Blake3Hash::of(data)) {
+        return Err(Error::HashMismatch { item: item() });
+    }
+    Ok(())
+}

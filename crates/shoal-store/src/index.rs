@@ -1,0 +1,148 @@
+//! The in-memory index entries: what is held, how many bytes it costs, who pins it, when it was used.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::pieceset::PieceSet;
+
+/// The unit of eviction: a whole blob (all its pieces) or one chunk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum EntryKey {
+    Blob(BlobDigest),
+    Chunk(Blake3Hash),
+}
+
+impl EntryKey {
+    /// First byte of the key: picks the lock stripe.
+    pub fn first_byte(&self) -> u8 {
+        match self {
+            EntryKey::Blob(d) => d.as_bytes()[0],
+            EntryKey::Chunk(h) => h.as_bytes()[0],
+        }
+    }
+}
+
+impl fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntryKey::Blob(d) => write!(f, "blob {d}"),
+            EntryKey::Chunk(h) => write!(f, "chunk {h}"),
+        }
+    }
+}
+
+/// What the journal says about a blob, mirrored in memory.
+#[derive(Debug)]
+pub(crate) struct BlobState {
+    pub held: PieceSet,
+    pub complete: bool,
+    /// Header check of the metadata file, to append records.
+    pub check: [u8; 32],
+    /// Bumped on every piece written, so a reader only drops the bytes it actually saw.
+    pub generation: u64,
+}
+
+/// Mutable part of an entry, behind one lock.
+#[derive(Debug)]
+pub(crate) struct EntryState {
+    pub pins: u32,
+    /// Set once the entry is evicted or dropped; nobody may pin or write it after that.
+    pub removed: bool,
+    /// Bytes this entry counts against the quota.
+    pub bytes: u64,
+    pub blob: Option<BlobState>,
+}
+
+/// One indexed blob or chunk.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub key: EntryKey,
+    /// The trusted piece table (blobs only).
+    pub layout: Option<Arc<PieceLayout>>,
+    pub state: Mutex<EntryState>,
+    /// Milliseconds since the Unix epoch of the last read or write (LRU and TTL).
+    pub last_access: AtomicU64,
+}
+
+/// Locks a mutex, taking the data even if another thread panicked while holding it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Entry {
+    /// A new, unpinned entry.
+    pub fn new(
+        key: EntryKey,
+        layout: Option<Arc<PieceLayout>>,
+        bytes: u64,
+        blob: Option<BlobState>,
+        last_access: u64,
+    ) -> Arc<Self> {
+        Arc::new(Entry {
+            key,
+            layout,
+            state: Mutex::new(EntryState {
+                pins: 0,
+                removed: false,
+                bytes,
+                blob,
+            }),
+            last_access: AtomicU64::new(last_access),
+        })
+    }
+
+    /// Marks the entry used now.
+    pub fn touch(&self) {
+        self.last_access.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Pins the entry unless it was already removed.
+    pub fn pin(self: &Arc<Self>) -> Option<PinGuard> {
+        let mut st = lock(&self.state);
+        if st.removed {
+            return None;
+        }
+        st.pins += 1;
+        Some(PinGuard {
+            entry: Arc::clone(self),
+        })
+    }
+
+    /// True while someone holds a pin (racy: the eviction path re-checks under the lock).
+    pub fn is_pinned(&self) -> bool {
+        lock(&self.state).pins > 0
+    }
+}
+
+/// Keeps a blob or chunk from being evicted while it is alive (RAII).
+///
+/// A pin does not stop a corrupt entry from being dropped: bad bytes are never kept.
+#[derive(Debug)]
+pub struct PinGuard {
+    entry: Arc<Entry>,
+}
+
+impl PinGuard {
+    /// What is pinned, for logs.
+    pub fn describe(&self) -> String {
+        self.entry.key.to_string()
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut st = lock(&self.entry.state);
+        st.pins = st.pins.saturating_sub(1);
+    }
+}

@@ -1,0 +1,110 @@
+//! Where things live under the store's root, and the file primitives the store builds on.
+//!
+//! ```text
+//! <root>/VERSION                  layout version line
+//! <root>/LOCK                     flock'ed by the one process that owns the store
+//! <root>/blobs/<h2>/<hex>.meta    header + piece table + journal (see journal.rs)
+//! <root>/blobs/<h2>/<hex>.data    sparse data file, piece i at offset i * piece_size
+//! <root>/chunks/<h2>/<hex>        one chunk's bytes
+//! <root>/tmp/                     files being written; emptied on open
+//! ```
+//! `<hex>` is the validated 64-digit key and `<h2>` its first two digits.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::key::{Blake3Hash, BlobDigest};
+
+/// The store's directory tree.
+#[derive(Debug)]
+pub(crate) struct Paths {
+    pub root: PathBuf,
+    pub blobs: PathBuf,
+    pub chunks: PathBuf,
+    pub tmp: PathBuf,
+    seq: AtomicU64,
+}
+
+impl Paths {
+    pub fn new(root: &Path) -> Self {
+        Paths {
+            root: root.to_path_buf(),
+            blobs: root.join("blobs"),
+            chunks: root.join("chunks"),
+            tmp: root.join("tmp"),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    fn fan(dir: &Path, hex: &str) -> PathBuf {
+        dir.join(&hex[..2])
+    }
+
+    /// The fan-out directory of a blob.
+    pub fn blob_dir(&self, d: &BlobDigest) -> PathBuf {
+        Self::fan(&self.blobs, &d.hex())
+    }
+
+    /// A blob's metadata file.
+    pub fn meta(&self, d: &BlobDigest) -> PathBuf {
+        self.blob_dir(d).join(format!("{}.meta", d.hex()))
+    }
+
+    /// A blob's data file.
+    pub fn data(&self, d: &BlobDigest) -> PathBuf {
+        self.blob_dir(d).join(format!("{}.data", d.hex()))
+    }
+
+    /// The fan-out directory of a chunk.
+    pub fn chunk_dir(&self, h: &Blake3Hash) -> PathBuf {
+        Self::fan(&self.chunks, &h.hex())
+    }
+
+    /// A chunk's file.
+    pub fn chunk(&self, h: &Blake3Hash) -> PathBuf {
+        self.chunk_dir(h).join(h.hex())
+    }
+
+    /// A fresh temporary file name (unique within this process; tmp/ is emptied on open).
+    pub fn temp(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}-{n}.tmp", std::process::id()))
+    }
+}
+
+/// True for the errors that mean "the disk (or the disk quota) is full".
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
+}
+
+/// Flushes a directory so a rename or unlink in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to a new file at `tmp`, flushes it to disk and renames it to `dest`.
+pub(crate) fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        drop(f);
+        fs::rename(tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
+}
+
+/// Removes a file; a file that is already gone is not an error.
+pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,189 @@
+//! Downloads: one [`Task`] per blob digest, shared by every reader of that blob.
+//!
+//! Data path: a reader asks for bytes X..Y of blob B ([`Downloader::open`] then
+//! [`Task::read_range`]) -> the task learns the blob's size and piece table (store, scheduler,
+//! origin) -> the pieces covering X..Y become wanted -> the driver (driver.rs) fetches each wanted
+//! piece from the parent fastest for it now (parents.rs), or from the origin (source.rs) -> every
+//! piece is verified against the piece table as the store takes it -> readers waiting on that
+//! piece are woken and stream it out. A whole blob is checked against its sha256 before it is
+//! marked complete.
+
+mod driver;
+mod parents;
+mod source;
+mod task;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use shoal_proto::{Digest, HostId, OriginRef, PiecesUpdate, RegisterTask, SchedulerRequest, TaskMeta};
+use shoal_store::AsyncStore;
+
+use crate::config::PeerConfig;
+use crate::error::PeerError;
+use crate::scheduler_client::SchedulerClient;
+use crate::transport::Transport;
+
+pub(crate) use source::Origins;
+pub use task::{RangeStream, Task, TaskStatus};
+
+/// Most tasks remembered; beyond it finished tasks are forgotten (the store keeps their bytes).
+const MAX_TASKS: usize = 4096;
+
+/// Byte counters of all downloads.
+#[derive(Debug, Default, Serialize)]
+pub struct DownloadStats {
+    /// Piece bytes received from other peers.
+    pub bytes_from_peers: AtomicU64,
+    /// Bytes received from origins.
+    pub bytes_from_origin: AtomicU64,
+    /// Parents dropped (failed, stalled or corrupt).
+    pub parents_dropped: AtomicU64,
+    /// Pieces from parents that failed verification.
+    pub corrupt_pieces: AtomicU64,
+}
+
+/// What every download shares.
+pub(crate) struct Ctx {
+    pub store: AsyncStore,
+    pub transport: Arc<Transport>,
+    pub sched: Option<Arc<SchedulerClient>>,
+    pub origins: Origins,
+    pub config: PeerConfig,
+    pub me: HostId,
+    pub stats: Arc<DownloadStats>,
+}
+
+impl Ctx {
+    /// The scheduler client, if one is configured and connected now.
+    pub fn scheduler(&self) -> Option<&Arc<SchedulerClient>> {
+        self.sched.as_ref().filter(|s| s.is_connected())
+    }
+
+    /// Sends a request to the scheduler in the background (reports need no answer).
+    pub fn report(&self, req: SchedulerRequest) {
+        if let Some(s) = self.scheduler() {
+            let s = Arc::clone(s);
+            tokio::spawn(async move {
+                if let Err(e) = s.request(&req).await {
+                    tracing::debug!(error = %e, "scheduler report failed");
+                }
+            });
+        }
+    }
+
+    pub fn piece_size_for(&self, size: u64) -> u32 {
+        self.config
+            .piece_size
+            .unwrap_or_else(|| shoal_proto::default_piece_size(size))
+    }
+}
+
+/// All downloads of this peer.
+pub struct Downloader {
+    ctx: Arc<Ctx>,
+    tasks: Mutex<HashMap<Digest, Arc<Task>>>,
+}
+
+impl std::fmt::Debug for Downloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downloader").finish_non_exhaustive()
+    }
+}
+
+impl Downloader {
+    pub(crate) fn new(ctx: Ctx) -> Self {
+        Downloader {
+            ctx: Arc::new(ctx),
+            tasks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Byte counters of all downloads.
+    pub fn stats(&self) -> &DownloadStats {
+        &self.ctx.stats
+    }
+
+    fn task(&self, blob: Digest, origin: Option<OriginRef>) -> Arc<Task> {
+        let mut tasks = match self.tasks.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(t) = tasks.get(&blob) {
+            if let Some(o) = origin {
+                t.set_origin(o);
+            }
+            return Arc::clone(t);
+        }
+        if tasks.len() >= MAX_TASKS {
+            tasks.retain(|_, t| t.is_busy());
+        }
+        let t = Task::new(Arc::clone(&self.ctx), blob, origin);
+        tasks.insert(blob, Arc::clone(&t));
+        t
+    }
+
+    /// The task of `blob`, with its size and piece geometry known (from the store, the
+    /// scheduler, or a HEAD at `origin`). Nothing is fetched until a range or the whole blob is
+    /// asked for. `origin` is needed for a blob that is not cached here.
+    pub async fn open(&self, blob: Digest, origin: Option<OriginRef>) -> Result<Arc<Task>, PeerError> {
+        let task = self.task(blob, origin);
+        task.resolve().await?;
+        Ok(task)
+    }
+
+    /// Fetches the whole blob (a seed's back-to-source on the scheduler's order when
+    /// `source_only`); returns when it is complete and verified.
+    pub(crate) fn fetch_for_scheduler(&self, meta: TaskMeta, origin: OriginRef) -> Arc<Task> {
+        let task = self.task(meta.blob, Some(origin));
+        task.set_source_only(meta);
+        task.demand_all();
+        task
+    }
+
+    /// Status of every task this peer knows.
+    pub fn statuses(&self) -> Vec<TaskStatus> {
+        let tasks: Vec<_> = self.tasks.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+        tasks.iter().map(|t| t.status()).collect()
+    }
+
+    /// Status of one task, if known.
+    pub fn status(&self, blob: &Digest) -> Option<TaskStatus> {
+        let t = self.tasks.lock().ok()?.get(blob).cloned()?;
+        Some(t.status())
+    }
+
+    /// Hands new parents from the scheduler to the running download of their blob.
+    pub(crate) fn pieces_update(&self, update: PiecesUpdate) {
+        let t = self.tasks.lock().ok().and_then(|t| t.get(&update.blob).cloned());
+        if let Some(t) = t {
+            t.add_parents(update.parents);
+        }
+    }
+
+    /// Tells a (restarted) scheduler about every task again: geometry, piece table, held pieces.
+    pub(crate) fn announce_all(&self) {
+        let tasks: Vec<_> = self.tasks.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+        for t in tasks {
+            if let Some(req) = t.announcement() {
+                self.ctx.report(SchedulerRequest::RegisterTask(req));
+            }
+        }
+    }
+}
+
+/// Announcement of a task, with what is known of it.
+pub(crate) fn register_task(meta: TaskMeta, table: Option<Vec<[u8; 32]>>, held: Option<shoal_proto::PieceSet>, origin: Option<OriginRef>) -> RegisterTask {
+    RegisterTask {
+        task: meta,
+        piece_table: table,
+        held,
+        origin,
+    }
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

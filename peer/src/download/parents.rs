@@ -1,0 +1,234 @@
+//! The parents of one download: what each holds, how fast it has been, what is in flight to it;
+//! choosing the fastest parent for each piece; fetching a piece or a held set over QUIC.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shoal_proto::{
+    read_piece, Digest, FailureReason, HostId, PieceErrorCode, PieceRequest, PieceResponse, PieceSet,
+};
+
+use crate::transport::Transport;
+
+/// Throughput assumed for a parent nobody has measured yet (bytes/s): high, so new parents get tried.
+const UNMEASURED_BPS: f64 = 1e9;
+/// Weight of the newest sample in the throughput average.
+const EWMA_NEW: f64 = 0.3;
+
+/// One parent of a download.
+#[derive(Debug)]
+pub(crate) struct ParentState {
+    pub addresses: Vec<SocketAddr>,
+    /// Pieces it is known to hold (refreshed with HeldPieces).
+    pub pieces: Option<PieceSet>,
+    pub inflight: usize,
+    /// Measured bytes per second (EWMA); `None` until the first piece.
+    pub bps: Option<f64>,
+    /// Do not send it requests before this (it answered busy).
+    pub busy_until: Option<Instant>,
+    pub is_seed: bool,
+}
+
+/// Why a piece request failed, and whether the parent should be dropped for it.
+#[derive(Debug)]
+pub(crate) enum FetchFailure {
+    /// The parent is unusable for this download: drop and report it.
+    Drop(FailureReason, String),
+    /// The parent does not hold the piece after all: forget that it does.
+    NotHeld,
+    /// All slots busy: retry later.
+    Busy(Duration),
+}
+
+/// The parents of one download.
+#[derive(Debug, Default)]
+pub(crate) struct ParentTable {
+    parents: HashMap<HostId, ParentState>,
+    /// Parents dropped in this download; never used again by it.
+    pub excluded: Vec<HostId>,
+}
+
+impl ParentTable {
+    /// Adds a parent the scheduler named (unless excluded), or updates its addresses and pieces.
+    pub fn add(&mut self, host: HostId, addresses: Vec<SocketAddr>, pieces: Option<PieceSet>, is_seed: bool, me: &HostId) {
+        if &host == me || self.excluded.contains(&host) {
+            return;
+        }
+        let entry = self.parents.entry(host).or_insert_with(|| ParentState {
+            addresses: Vec::new(),
+            pieces: None,
+            inflight: 0,
+            bps: None,
+            busy_until: None,
+            is_seed,
+        });
+        entry.addresses = addresses;
+        if let Some(p) = pieces.filter(|p| !p.is_empty()) {
+            entry.pieces = Some(p);
+        }
+    }
+
+    /// Drops a parent for the rest of this download.
+    pub fn drop_parent(&mut self, host: &HostId) {
+        self.parents.remove(host);
+        if !self.excluded.contains(host) {
+            self.excluded.push(host.clone());
+        }
+    }
+
+    /// How many parents are usable.
+    pub fn len(&self) -> usize {
+        self.parents.len()
+    }
+
+    /// Host ids and addresses of every parent (for refreshing held sets).
+    pub fn all(&self) -> Vec<(HostId, Vec<SocketAddr>)> {
+        self.parents.iter().map(|(h, p)| (h.clone(), p.addresses.clone())).collect()
+    }
+
+    /// Records a fresh held set.
+    pub fn set_pieces(&mut self, host: &HostId, pieces: PieceSet) {
+        if let Some(p) = self.parents.get_mut(host) {
+            p.pieces = Some(pieces);
+        }
+    }
+
+    /// Whether some parent is known to hold `index`.
+    pub fn anyone_holds(&self, index: u32) -> bool {
+        self.parents.values().any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
+    }
+
+    /// The parent fastest for `index` now: holds it, has room, and has the best measured
+    /// throughput shared by what is already in flight to it. Non-seeds win ties so seeds are
+    /// spared while peers can serve.
+    pub fn pick(&self, index: u32, per_parent: usize, now: Instant) -> Option<(HostId, Vec<SocketAddr>)> {
+        self.parents
+            .iter()
+            .filter(|(_, p)| p.inflight < per_parent)
+            .filter(|(_, p)| p.busy_until.is_none_or(|t| t <= now))
+            .filter(|(_, p)| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
+            .map(|(h, p)| {
+                let bps = p.bps.unwrap_or(UNMEASURED_BPS);
+                let seed_penalty = if p.is_seed { 0.9 } else { 1.0 };
+                (h, p, bps * seed_penalty / (1.0 + p.inflight as f64))
+            })
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            .map(|(h, p, _)| (h.clone(), p.addresses.clone()))
+    }
+
+    /// Marks a request to `host` started.
+    pub fn start(&mut self, host: &HostId) {
+        if let Some(p) = self.parents.get_mut(host) {
+            p.inflight += 1;
+        }
+    }
+
+    /// Marks a request to `host` ended; `sample` is (bytes, elapsed) of a success.
+    pub fn finish(&mut self, host: &HostId, sample: Option<(u64, Duration)>) {
+        if let Some(p) = self.parents.get_mut(host) {
+            p.inflight = p.inflight.saturating_sub(1);
+            if let Some((bytes, took)) = sample {
+                let bps = bytes as f64 / took.as_secs_f64().max(1e-6);
+                p.bps = Some(match p.bps {
+                    Some(old) => old * (1.0 - EWMA_NEW) + bps * EWMA_NEW,
+                    None => bps,
+                });
+            }
+        }
+    }
+
+    /// The parent does not hold `index` after all.
+    pub fn not_held(&mut self, host: &HostId, index: u32) {
+        if let Some(s) = self.parents.get_mut(host).and_then(|p| p.pieces.as_mut()) {
+            s.remove(index);
+        }
+    }
+
+    /// The parent is busy until `until`.
+    pub fn busy(&mut self, host: &HostId, until: Instant) {
+        if let Some(p) = self.parents.get_mut(host) {
+            p.busy_until = Some(until);
+        }
+    }
+}
+
+/// Fetches piece `index` (`len` bytes) of `blob` from `host`, within `timeout`. The bytes are
+/// not verified here: the caller checks them against the piece table before storing them.
+pub(crate) async fn fetch_piece(
+    transport: &Transport,
+    host: &HostId,
+    addrs: &[SocketAddr],
+    blob: Digest,
+    index: u32,
+    len: u32,
+    timeout: Duration,
+) -> Result<Bytes, FetchFailure> {
+    let attempt = async {
+        let link = transport
+            .parent(host, addrs)
+            .await
+            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
+        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        link.codec
+            .write(&mut send, &PieceRequest::GetPiece { blob, index })
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        let _ = send.finish();
+        match read_piece(&link.codec, &mut recv, &blob, index, len).await {
+            Ok(PieceResponse::Piece { bytes, .. }) => Ok(Bytes::from(bytes)),
+            Ok(PieceResponse::Error(e)) => Err(match e.code {
+                PieceErrorCode::NotHeld => FetchFailure::NotHeld,
+                PieceErrorCode::Busy => FetchFailure::Busy(Duration::from_millis(u64::from(e.retry_after_ms.clamp(10, 5000)))),
+                PieceErrorCode::BadRequest | PieceErrorCode::Internal => {
+                    FetchFailure::Drop(FailureReason::Refused, e.message)
+                }
+            }),
+            Ok(PieceResponse::Held(_)) => Err(io("answered a piece request with a held set".into())),
+            Err(e) => Err(io(e.to_string())),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(FetchFailure::Drop(FailureReason::Timeout, format!("no piece within {timeout:?}"))),
+    }
+}
+
+/// Asks `host` which pieces of `blob` it holds.
+pub(crate) async fn fetch_held(
+    transport: &Transport,
+    host: &HostId,
+    addrs: &[SocketAddr],
+    blob: Digest,
+    count: u32,
+    timeout: Duration,
+) -> Result<Option<PieceSet>, FetchFailure> {
+    let attempt = async {
+        let link = transport
+            .parent(host, addrs)
+            .await
+            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
+        link.codec
+            .write(&mut send, &PieceRequest::HeldPieces { blob })
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        let _ = send.finish();
+        match link.codec.read::<_, shoal_proto::PieceReply>(&mut recv).await {
+            Ok(shoal_proto::PieceReply::Held(set)) => {
+                set.check_count(count).map_err(|e| io(e.to_string()))?;
+                Ok(Some(set))
+            }
+            Ok(shoal_proto::PieceReply::Error(_)) => Ok(None),
+            Ok(shoal_proto::PieceReply::Piece(_)) => Err(io("answered HeldPieces with a piece".into())),
+            Err(e) => Err(io(e.to_string())),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(FetchFailure::Drop(FailureReason::Timeout, format!("no answer within {timeout:?}"))),
+    }
+}

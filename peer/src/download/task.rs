@@ -1,0 +1,367 @@
+//! One blob's task: what is known of it (size, piece table), which pieces are wanted, the
+//! driver's state, and the readers waiting for pieces as they arrive.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+use shoal_proto::{Digest, OriginRef, Parent, RegisterTask, SchedulerReply, SchedulerRequest, TaskMeta};
+use shoal_store::{Blake3Hash, PieceLayout};
+use tokio::sync::{watch, Notify};
+
+use super::{register_task, source, Ctx};
+use crate::convert::{store_digest, wire_set};
+use crate::error::PeerError;
+
+/// How often a reader retries a piece that vanished (evicted, or dropped as corrupt) before failing.
+const READ_RETRIES: u32 = 3;
+
+/// A stream of blob bytes, in order, as the pieces arrive.
+pub type RangeStream = Pin<Box<dyn futures::Stream<Item = Result<Bytes, PeerError>> + Send>>;
+
+/// What a task's status reports (local API `GET /tasks`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct TaskStatus {
+    /// The blob.
+    pub blob: String,
+    /// Size in bytes, once known.
+    pub size: Option<u64>,
+    /// Piece size, once known.
+    pub piece_size: Option<u32>,
+    /// Number of pieces, once known.
+    pub pieces: Option<u32>,
+    /// Pieces held now.
+    pub held: u32,
+    /// True once the whole blob matched its sha256.
+    pub complete: bool,
+    /// True while a download runs.
+    pub running: bool,
+    /// Bytes received from peers.
+    pub bytes_from_peers: u64,
+    /// Bytes received from the origin.
+    pub bytes_from_origin: u64,
+    /// The last failure, if the download failed.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Inner {
+    pub origin: Option<OriginRef>,
+    pub meta: Option<TaskMeta>,
+    pub layout: Option<Arc<PieceLayout>>,
+    pub wanted: BTreeSet<u32>,
+    pub want_all: bool,
+    pub running: bool,
+    pub failure: Option<String>,
+    /// Fetch only from the origin (a seed ordered to by the scheduler).
+    pub source_only: bool,
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub started: Option<Instant>,
+    pub complete: bool,
+    /// Parents pushed by the scheduler, for the driver to pick up.
+    pub new_parents: Vec<Parent>,
+}
+
+/// A download of one blob, shared by all its readers.
+pub struct Task {
+    pub(super) ctx: Arc<Ctx>,
+    pub(super) blob: Digest,
+    pub(super) inner: Mutex<Inner>,
+    resolving: tokio::sync::Mutex<()>,
+    /// Bumped whenever a piece is stored or the driver stops: readers wait on it.
+    pub(super) changed: watch::Sender<u64>,
+    /// Wakes the driver when new pieces are wanted.
+    pub(super) wake: Notify,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task").field("blob", &self.blob).finish_non_exhaustive()
+    }
+}
+
+impl Task {
+    pub(super) fn new(ctx: Arc<Ctx>, blob: Digest, origin: Option<OriginRef>) -> Arc<Self> {
+        Arc::new(Task {
+            ctx,
+            blob,
+            inner: Mutex::new(Inner {
+                origin,
+                ..Inner::default()
+            }),
+            resolving: tokio::sync::Mutex::new(()),
+            changed: watch::channel(0).0,
+            wake: Notify::new(),
+        })
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The blob.
+    pub fn blob(&self) -> Digest {
+        self.blob
+    }
+
+    /// Size of the blob (known after [`super::Downloader::open`]).
+    pub fn size(&self) -> Option<u64> {
+        self.lock().meta.map(|m| m.size)
+    }
+
+    pub(super) fn set_origin(&self, origin: OriginRef) {
+        self.lock().origin = Some(origin);
+    }
+
+    pub(super) fn set_source_only(&self, meta: TaskMeta) {
+        let mut inner = self.lock();
+        inner.source_only = true;
+        if inner.meta.is_none() {
+            inner.meta = Some(meta);
+        }
+    }
+
+    pub(super) fn is_busy(&self) -> bool {
+        let inner = self.lock();
+        inner.running
+    }
+
+    pub(super) fn add_parents(&self, parents: Vec<Parent>) {
+        self.lock().new_parents.extend(parents);
+        self.wake.notify_one();
+    }
+
+    /// Wakes readers.
+    pub(super) fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Learns the blob's size and piece geometry, and its piece table when someone has one.
+    pub(super) async fn resolve(&self) -> Result<TaskMeta, PeerError> {
+        let _one = self.resolving.lock().await;
+        if let Some(m) = self.lock().meta {
+            return Ok(m);
+        }
+        let sd = store_digest(&self.blob);
+        if let Some(status) = self.ctx.store.blob_status(&sd) {
+            let meta = TaskMeta {
+                blob: self.blob,
+                size: status.layout.size(),
+                piece_size: status.layout.piece_size(),
+            };
+            let mut inner = self.lock();
+            inner.meta = Some(meta);
+            inner.layout = Some(status.layout);
+            inner.complete = status.complete;
+            return Ok(meta);
+        }
+        let origin = self.lock().origin.clone().ok_or_else(|| {
+            PeerError::download(self.blob, "not cached here and no origin given (pass ?source=docker://HOST/REPO)")
+        })?;
+        let o = self.ctx.origins.get(&origin)?;
+        let size = source::stat(o.as_ref(), &self.blob).await?;
+        let mut meta = TaskMeta {
+            blob: self.blob,
+            size,
+            piece_size: self.ctx.piece_size_for(size),
+        };
+        meta.validate()?;
+        let mut table = None;
+        if let Some(s) = self.ctx.scheduler() {
+            let req = SchedulerRequest::RegisterTask(register_task(meta, None, None, Some(origin)));
+            match s.request(&req).await {
+                Ok(SchedulerReply::Task(info)) if info.task.size == size && info.task.validate().is_ok() => {
+                    meta = info.task;
+                    table = info.piece_table;
+                }
+                Ok(other) => tracing::warn!(blob = %self.blob, reply = ?other, "scheduler did not take the task"),
+                Err(e) => tracing::info!(blob = %self.blob, error = %e, "scheduler unreachable; going on without it"),
+            }
+        }
+        self.lock().meta = Some(meta);
+        if let Some(table) = table {
+            self.adopt_table(&meta, table).await?;
+        }
+        Ok(meta)
+    }
+
+    /// Takes a published piece table: registers the layout with the store.
+    pub(super) async fn adopt_table(&self, meta: &TaskMeta, table: Vec<[u8; 32]>) -> Result<(), PeerError> {
+        let sd = store_digest(&self.blob);
+        let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
+        let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
+        self.ctx.store.ensure_blob(sd, Arc::clone(&layout)).await?;
+        self.lock().layout = Some(layout);
+        Ok(())
+    }
+
+    /// The announcement that tells a scheduler what this peer knows and holds of the blob.
+    pub(super) fn announcement(&self) -> Option<RegisterTask> {
+        let inner = self.lock();
+        let meta = inner.meta?;
+        let table = inner.layout.as_ref().map(|l| l.pieces().iter().map(|h| *h.as_bytes()).collect());
+        let held = self
+            .ctx
+            .store
+            .blob_status(&store_digest(&self.blob))
+            .and_then(|s| wire_set(&s.held).ok());
+        Some(register_task(meta, table, held, inner.origin.clone()))
+    }
+
+    /// Wants every piece of the blob.
+    pub(crate) fn demand_all(self: &Arc<Self>) {
+        self.lock().want_all = true;
+        self.start();
+    }
+
+    /// Wants `pieces`.
+    pub(crate) fn demand(self: &Arc<Self>, pieces: std::ops::Range<u32>) {
+        self.lock().wanted.extend(pieces);
+        self.start();
+    }
+
+    fn start(self: &Arc<Self>) {
+        let spawn = {
+            let mut inner = self.lock();
+            let spawn = !inner.running;
+            if spawn {
+                inner.running = true;
+                inner.failure = None;
+                inner.started.get_or_insert_with(Instant::now);
+            }
+            spawn
+        };
+        if spawn {
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.drive().await });
+        } else {
+            self.wake.notify_one();
+        }
+    }
+
+    fn holds(&self, index: u32) -> bool {
+        self.ctx
+            .store
+            .blob_status(&store_digest(&self.blob))
+            .is_some_and(|s| s.held.contains(index))
+    }
+
+    /// Waits until piece `index` is stored (asking for it again if no download runs).
+    async fn wait_piece(self: &Arc<Self>, index: u32) -> Result<(), PeerError> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if self.holds(index) {
+                return Ok(());
+            }
+            let restart = {
+                let inner = self.lock();
+                if !inner.running {
+                    if let Some(f) = &inner.failure {
+                        return Err(PeerError::download(self.blob, f.clone()));
+                    }
+                }
+                !inner.running
+            };
+            if restart {
+                self.demand(index..index + 1);
+            }
+            if rx.changed().await.is_err() {
+                return Err(PeerError::download(self.blob, "task dropped"));
+            }
+        }
+    }
+
+    /// Fetches the whole blob and waits until it is complete (sha256 checked).
+    pub async fn fetch_all(self: &Arc<Self>) -> Result<(), PeerError> {
+        self.resolve().await?;
+        let mut rx = self.changed.subscribe();
+        self.demand_all();
+        loop {
+            {
+                let inner = self.lock();
+                if inner.complete {
+                    return Ok(());
+                }
+                if !inner.running {
+                    if let Some(f) = &inner.failure {
+                        return Err(PeerError::download(self.blob, f.clone()));
+                    }
+                }
+            }
+            if !self.lock().running {
+                self.demand_all();
+            }
+            if rx.changed().await.is_err() {
+                return Err(PeerError::download(self.blob, "task dropped"));
+            }
+        }
+    }
+
+    /// Bytes `start..end` of the blob as a stream that yields each piece's share as soon as
+    /// that piece is stored and verified; only the pieces covering the range are fetched.
+    pub fn read_range(self: &Arc<Self>, start: u64, end: u64) -> Result<RangeStream, PeerError> {
+        let meta = self
+            .lock()
+            .meta
+            .ok_or_else(|| PeerError::download(self.blob, "size unknown: open the task first"))?;
+        if start > end || end > meta.size {
+            return Err(PeerError::RangeNotSatisfiable {
+                blob: self.blob.to_string(),
+                start,
+                end,
+                size: meta.size,
+            });
+        }
+        self.demand(meta.pieces_for_range(start..end));
+        let ps = u64::from(meta.piece_size);
+        let sd = store_digest(&self.blob);
+        let stream = futures::stream::unfold((Arc::clone(self), start), move |(task, pos)| async move {
+            if pos >= end {
+                return None;
+            }
+            let index = (pos / ps) as u32;
+            let len = ((u64::from(index) + 1) * ps).min(end) - pos;
+            let mut tries = 0;
+            loop {
+                if let Err(e) = task.wait_piece(index).await {
+                    return Some((Err(e), (task, end)));
+                }
+                match task.ctx.store.read_range(sd, pos, len).await {
+                    Ok(bytes) => return Some((Ok(bytes), (task, pos + len))),
+                    Err(e) if (e.is_not_present() || e.is_corrupt()) && tries < READ_RETRIES => tries += 1,
+                    Err(e) => return Some((Err(e.into()), (task, end))),
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// A snapshot for the local API.
+    pub fn status(&self) -> TaskStatus {
+        let held = self
+            .ctx
+            .store
+            .blob_status(&store_digest(&self.blob))
+            .map_or(0, |s| s.held.count());
+        let inner = self.lock();
+        TaskStatus {
+            blob: self.blob.to_string(),
+            size: inner.meta.map(|m| m.size),
+            piece_size: inner.meta.map(|m| m.piece_size),
+            pieces: inner.meta.map(|m| m.piece_count()),
+            held,
+            complete: inner.complete,
+            running: inner.running,
+            bytes_from_peers: inner.bytes_from_peers,
+            bytes_from_origin: inner.bytes_from_origin,
+            error: inner.failure.clone(),
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Shoal's peer daemon: fetches blobs through the swarm (other peers over mutual-TLS QUIC, the
+//! scheduler choosing parents, the origin as the last resort), caches them, and serves them to
+//! other peers and to local clients.
+//!
+//! Data path (README.md draws it): a local client asks the [`api`] for bytes X..Y of blob B ->
+//! [`download`] opens (or joins) B's task, asks the [`scheduler_client`] for parents, fetches the
+//! pieces covering X..Y from the fastest parents (or the origin), verifies each piece against the
+//! piece table as the store takes it, and streams it out -> meanwhile [`upload`] serves every
+//! stored piece to other peers. [`seed`] mode fetches from the origin on the scheduler's order.
+//!
+//! Run a node with [`run`] (until SIGINT/SIGTERM) or [`Peer::start`] (in-process, for tests and
+//! for components that embed the peer, like the registry proxy).
+
+pub mod api;
+mod config;
+mod convert;
+pub mod download;
+mod error;
+pub mod scheduler_client;
+mod seed;
+mod transport;
+pub mod upload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use shoal_proto::{Heartbeat, HostId, Locality, RegisterHost, Role, SchedulerPush};
+use shoal_store::{AsyncStore, StoreConfig};
+use shoal_tls::{IdentityPaths, NodeIdentity};
+
+pub use api::{ApiClient, BlobResponse, CacheStatus};
+pub use config::PeerConfig;
+pub use download::{DownloadStats, Downloader, RangeStream, Task, TaskStatus};
+pub use error::PeerError;
+pub use upload::UploadStats;
+
+use download::{Ctx, Origins};
+use scheduler_client::{SchedEvent, SchedulerClient};
+use transport::Transport;
+use upload::Uploader;
+
+/// A running peer: piece server, downloads, scheduler connection and local API.
+pub struct Peer {
+    downloader: Arc<Downloader>,
+    store: AsyncStore,
+    uploader: Arc<Uploader>,
+    transport: Arc<Transport>,
+    sched: Option<Arc<SchedulerClient>>,
+    quic_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _identity_watch: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("quic_addr", &self.quic_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    /// Starts every part of the peer; returns once the piece server and the local API listen.
+    pub async fn start(config: PeerConfig) -> Result<Peer, PeerError> {
+        config.validate()?;
+        shoal_tls::install_crypto_provider();
+        let host_id = HostId::new(config.host_id.clone())?;
+        let identity = NodeIdentity::load(IdentityPaths::in_dir(&config.tls_dir))?;
+        let identity_watch = identity.spawn_watcher(shoal_tls::DEFAULT_RELOAD_INTERVAL);
+        let mut store_cfg = StoreConfig::new(config.data_dir.join("store"), config.cache_quota());
+        if config.cache_ttl_secs > 0 {
+            store_cfg.ttl = Some(std::time::Duration::from_secs(config.cache_ttl_secs));
+        }
+        let store = AsyncStore::open(store_cfg).await?;
+        let role = if config.seed { Role::Seed } else { Role::Peer };
+        let transport = Arc::new(Transport::bind(&identity, config.listen, role, host_id.clone(), config.connect_timeout())?);
+        let quic_addr = transport.local_addr()?;
+        let uploader = Arc::new(Uploader::new(
+            store.clone(),
+            config.upload_slots,
+            config.upload_bytes_per_sec,
+            config.test_corrupt_uploads,
+        ));
+        let mut tasks = vec![uploader.spawn(Arc::clone(&transport))];
+
+        let (sched, events) = match config.scheduler {
+            Some(addr) => {
+                let advertise = if config.advertise.is_empty() { vec![quic_addr] } else { config.advertise.clone() };
+                let registration = RegisterHost {
+                    host_id: host_id.clone(),
+                    addresses: advertise,
+                    locality: Locality {
+                        zone: config.zone.clone(),
+                        rack: config.rack.clone(),
+                    },
+                    upload_slots: config.upload_slots,
+                    upload_bytes_per_sec: config.upload_bytes_per_sec,
+                    is_seed: config.seed,
+                };
+                let up = Arc::clone(&uploader);
+                let load: scheduler_client::LoadFn = Arc::new(move || Heartbeat {
+                    free_upload_slots: up.free_slots(),
+                    upload_bytes_per_sec: 0,
+                    download_bytes_per_sec: 0,
+                });
+                let (client, events) = SchedulerClient::new(
+                    Arc::clone(&transport),
+                    addr,
+                    config.scheduler_name.clone(),
+                    config.scheduler_timeout(),
+                    registration,
+                    load,
+                );
+                tasks.push(client.spawn());
+                (Some(client), Some(events))
+            }
+            None => (None, None),
+        };
+
+        let origins = Origins::new(&config.plain_http_registries)?;
+        let downloader = Arc::new(Downloader::new(Ctx {
+            store: store.clone(),
+            transport: Arc::clone(&transport),
+            sched: sched.clone(),
+            origins,
+            config: config.clone(),
+            me: host_id,
+            stats: Arc::default(),
+        }));
+        if let Some(mut events) = events {
+            let d = Arc::clone(&downloader);
+            tasks.push(tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        SchedEvent::Registered => d.announce_all(),
+                        SchedEvent::Push(SchedulerPush::FetchFromOrigin(order)) => seed::fetch_from_origin(&d, order),
+                        SchedEvent::Push(SchedulerPush::PiecesUpdate(u)) => d.pieces_update(u),
+                    }
+                }
+            }));
+        }
+        let api_state = Arc::new(api::ApiState {
+            downloader: Arc::clone(&downloader),
+            store: store.clone(),
+        });
+        tasks.push(api::serve(&config.api_socket, api_state)?);
+        if config.cache_ttl_secs > 0 {
+            tasks.push(store.spawn_sweeper(std::time::Duration::from_secs(config.cache_ttl_secs.clamp(1, 600))));
+        }
+        tracing::info!(host = %config.host_id, quic = %quic_addr, api = %config.api_socket.display(), seed = config.seed, "peer started");
+        Ok(Peer {
+            downloader,
+            store,
+            uploader,
+            transport,
+            sched,
+            quic_addr,
+            tasks,
+            _identity_watch: identity_watch,
+        })
+    }
+
+    /// The piece server's bound UDP address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The downloads (for in-process users such as the registry proxy).
+    pub fn downloader(&self) -> &Arc<Downloader> {
+        &self.downloader
+    }
+
+    /// The store.
+    pub fn store(&self) -> &AsyncStore {
+        &self.store
+    }
+
+    /// Piece server counters.
+    pub fn upload_stats(&self) -> &UploadStats {
+        &self.uploader.stats
+    }
+
+    /// Whether the scheduler connection is up.
+    pub fn scheduler_connected(&self) -> bool {
+        self.sched.as_ref().is_some_and(|s| s.is_connected())
+    }
+
+    /// Leaves the scheduler (best effort), then stops serving and closes every connection.
+    pub async fn shutdown(self) {
+        if let Some(s) = &self.sched {
+            s.leave().await;
+        }
+        self.stop_now();
+    }
+
+    /// Stops at once without telling anyone, as a crash would (for tests of failure handling).
+    pub fn kill(self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self._identity_watch.abort();
+        self.transport.close();
+    }
+}
+
+/// Runs a peer (or a seed) until SIGINT or SIGTERM, then leaves the scheduler and stops.
+pub async fn run(config: PeerConfig) -> Result<(), PeerError> {
+    let peer = Peer::start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("peer shutting down");
+    peer.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), PeerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| PeerError::io("install handler for", "SIGTERM", e))?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map_err(|e| PeerError::io("wait for", "SIGINT", e)),
+        _ = term.recv() => Ok(()),
+    }
+}

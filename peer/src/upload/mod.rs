@@ -1,0 +1,212 @@
+//! The piece server: other peers connect over mutual-TLS QUIC, say Hello, and ask for pieces or
+//! for the set of pieces held. Only pieces read (and so verified) from the store are served, the
+//! pieces of a blob still downloading included; upload slots and a rate limit bound the load.
+
+mod limit;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use shoal_proto::{
+    server_handshake, write_piece, Codec, PieceError, PieceErrorCode, PieceHeader, PieceReply,
+    PieceRequest, Role,
+};
+use shoal_store::AsyncStore;
+use tokio::sync::Semaphore;
+
+use crate::convert::{store_digest, wire_set};
+use crate::transport::{check_hello, Transport};
+
+pub(crate) use limit::RateLimiter;
+
+/// How long a busy answer tells the asker to wait before retrying.
+const BUSY_RETRY_MS: u32 = 100;
+
+/// Counters of the piece server.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    /// Pieces served.
+    pub pieces: AtomicU64,
+    /// Piece bytes served.
+    pub bytes: AtomicU64,
+    /// Requests refused because every slot was in use.
+    pub busy: AtomicU64,
+    /// Connections refused (bad Hello or certificate).
+    pub refused: AtomicU64,
+}
+
+/// The state every upload shares.
+#[derive(Debug)]
+pub(crate) struct Uploader {
+    store: AsyncStore,
+    slots: Arc<Semaphore>,
+    slot_count: u32,
+    limiter: RateLimiter,
+    /// For tests only: flip a byte of every piece served.
+    corrupt: bool,
+    pub stats: Arc<UploadStats>,
+}
+
+impl Uploader {
+    /// An uploader over `store` with `slots` concurrent uploads and a rate limit.
+    pub fn new(store: AsyncStore, slots: u32, bytes_per_sec: u64, corrupt: bool) -> Self {
+        Uploader {
+            store,
+            slots: Arc::new(Semaphore::new(slots as usize)),
+            slot_count: slots,
+            limiter: RateLimiter::new(bytes_per_sec),
+            corrupt,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Upload slots free right now.
+    pub fn free_slots(&self) -> u32 {
+        u32::try_from(self.slots.available_permits()).unwrap_or(self.slot_count)
+    }
+
+    /// Accepts connections on the transport's endpoint until it is closed.
+    pub fn spawn(self: &Arc<Self>, transport: Arc<Transport>) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            while let Some(incoming) = transport.endpoint().accept().await {
+                let this = Arc::clone(&this);
+                let me = transport.host_id().clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => this.serve_connection(conn, me).await,
+                        Err(e) => {
+                            this.stats.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(error = %e, "piece server: connection refused during TLS handshake");
+                        }
+                    }
+                });
+            }
+        })
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, me: shoal_proto::HostId) {
+        let remote = conn.remote_address();
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let role = Role::Peer;
+        let hello = server_handshake(&mut recv, &mut send, role, &me, |h| {
+            check_hello(&conn, h, &[Role::Peer, Role::Seed])
+        })
+        .await;
+        let _ = send.finish();
+        let codec = match hello {
+            Ok((hello, negotiated)) => {
+                tracing::debug!(peer = %hello.host_id, %remote, "piece server: peer connected");
+                negotiated.codec
+            }
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%remote, error = %e, "piece server: Hello refused");
+                conn.close(e.close_code().into(), b"hello refused");
+                return;
+            }
+        };
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let this = Arc::clone(&self);
+            tokio::spawn(async move { this.serve_stream(codec, send, recv).await });
+        }
+    }
+
+    async fn serve_stream(&self, codec: Codec, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let request = match codec.read::<_, PieceRequest>(&mut recv).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "piece server: bad request frame");
+                let _ = send.reset(e.close_code().into());
+                return;
+            }
+        };
+        let outcome = match request {
+            PieceRequest::HeldPieces { blob } => {
+                let reply = match self.store.blob_status(&store_digest(&blob)) {
+                    Some(status) => match wire_set(&status.held) {
+                        Ok(set) => PieceReply::Held(set),
+                        Err(e) => PieceReply::Error(PieceError::new(PieceErrorCode::Internal, e.to_string())),
+                    },
+                    None => PieceReply::Error(PieceError::new(PieceErrorCode::NotHeld, format!("{blob} is not held here"))),
+                };
+                codec.write(&mut send, &reply).await
+            }
+            PieceRequest::GetPiece { blob, index } => self.send_piece(&codec, &mut send, blob, index).await,
+        };
+        if let Err(e) = outcome {
+            tracing::debug!(error = %e, "piece server: reply failed");
+            let _ = send.reset(e.close_code().into());
+            return;
+        }
+        let _ = send.finish();
+    }
+
+    async fn send_piece(
+        &self,
+        codec: &Codec,
+        send: &mut quinn::SendStream,
+        blob: shoal_proto::Digest,
+        index: u32,
+    ) -> Result<(), shoal_proto::ProtoError> {
+        let refuse = |code, msg: String| PieceReply::Error(PieceError::new(code, msg));
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            let mut e = PieceError::new(PieceErrorCode::Busy, "all upload slots are in use");
+            e.retry_after_ms = BUSY_RETRY_MS;
+            return codec.write(send, &PieceReply::Error(e)).await;
+        };
+        let digest = store_digest(&blob);
+        let Some(status) = self.store.blob_status(&digest) else {
+            return codec
+                .write(send, &refuse(PieceErrorCode::NotHeld, format!("{blob} is not held here")))
+                .await;
+        };
+        let Some(hash) = status.layout.piece_hash(index).copied() else {
+            return codec
+                .write(
+                    send,
+                    &refuse(PieceErrorCode::BadRequest, format!("{blob} has {} pieces; no piece {index}", status.layout.piece_count())),
+                )
+                .await;
+        };
+        // The store verifies the bytes against the piece table as it reads them.
+        let bytes = match self.store.read_piece(digest, index).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_present() || e.is_corrupt() => {
+                return codec
+                    .write(send, &refuse(PieceErrorCode::NotHeld, format!("piece {index} of {blob} is not held here")))
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(blob = %blob, piece = index, error = %e, "piece server: store read failed");
+                return codec.write(send, &refuse(PieceErrorCode::Internal, e.to_string())).await;
+            }
+        };
+        let Ok(len) = u32::try_from(bytes.len()) else {
+            return codec.write(send, &refuse(PieceErrorCode::Internal, "piece too large".into())).await;
+        };
+        self.limiter.take(u64::from(len)).await;
+        let header = PieceHeader {
+            blob,
+            index,
+            len,
+            hash: *hash.as_bytes(),
+        };
+        let body = if self.corrupt {
+            let mut bad = bytes.to_vec();
+            if let Some(b) = bad.get_mut(len as usize / 2) {
+                *b ^= 0x01;
+            }
+            bytes::Bytes::from(bad)
+        } else {
+            bytes
+        };
+        write_piece(codec, send, &header, &body).await?;
+        self.stats.pieces.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,373 @@
+//! Pieces of a blob: the geometry of a task (size, piece size, count) and sets of held pieces.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Blake3Hash, Digest, ProtoError, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
+
+/// Piece size used when nothing else decides: 4 MiB, doubled for blobs too large for
+/// [`MAX_PIECES`] pieces.
+pub fn default_piece_size(blob_size: u64) -> u32 {
+    let mut size: u32 = 4 << 20;
+    while size < MAX_PIECE_SIZE && blob_size.div_ceil(u64::from(size)) > u64::from(MAX_PIECES) {
+        size *= 2;
+    }
+    size
+}
+
+/// The geometry of one blob task: which blob, how big, how it is cut into pieces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskMeta {
+    /// The blob's OCI digest; one task per blob.
+    pub blob: Digest,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// Piece size in bytes: a power of two from [`MIN_PIECE_SIZE`] to [`MAX_PIECE_SIZE`]; the
+    /// last piece may be shorter.
+    pub piece_size: u32,
+}
+
+impl TaskMeta {
+    /// Checks the piece size and that the blob has at most [`MAX_PIECES`] pieces.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        if !self.piece_size.is_power_of_two()
+            || !(MIN_PIECE_SIZE..=MAX_PIECE_SIZE).contains(&self.piece_size)
+        {
+            return Err(ProtoError::invalid(
+                "piece size",
+                format!(
+                    "{} bytes for blob {} is not a power of two from {MIN_PIECE_SIZE} to {MAX_PIECE_SIZE}",
+                    self.piece_size, self.blob
+                ),
+            ));
+        }
+        let count = self.size.div_ceil(u64::from(self.piece_size));
+        if count > u64::from(MAX_PIECES) {
+            return Err(ProtoError::invalid(
+                "blob size",
+                format!(
+                    "blob {} of {} bytes has {count} pieces of {} bytes; the limit is {MAX_PIECES}: use larger pieces",
+                    self.blob, self.size, self.piece_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of pieces (0 for an empty blob). Saturates for an unvalidated, absurd geometry.
+    pub fn piece_count(&self) -> u32 {
+        let count = self.size.div_ceil(u64::from(self.piece_size.max(1)));
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// Byte range of piece `index` inside the blob, or `None` past the end.
+    pub fn piece_range(&self, index: u32) -> Option<Range<u64>> {
+        if index >= self.piece_count() {
+            return None;
+        }
+        let start = u64::from(index) * u64::from(self.piece_size);
+        let end = (start + u64::from(self.piece_size)).min(self.size);
+        Some(start..end)
+    }
+
+    /// Length in bytes of piece `index`, or `None` past the end.
+    pub fn piece_len(&self, index: u32) -> Option<u32> {
+        self.piece_range(index)
+            .and_then(|r| u32::try_from(r.end - r.start).ok())
+    }
+
+    /// The pieces that cover a byte range of the blob (clamped to the blob).
+    pub fn pieces_for_range(&self, bytes: Range<u64>) -> Range<u32> {
+        let end = bytes.end.min(self.size);
+        if bytes.start >= end {
+            return 0..0;
+        }
+        let ps = u64::from(self.piece_size.max(1));
+        let first = u32::try_from(bytes.start / ps).unwrap_or(u32::MAX);
+        let last = u32::try_from(end.div_ceil(ps)).unwrap_or(u32::MAX);
+        first..last
+    }
+
+    /// Checks a piece table (one BLAKE3 hash per piece) against this geometry.
+    pub fn validate_piece_table(&self, table: &[Blake3Hash]) -> Result<(), ProtoError> {
+        if table.len() as u64 != u64::from(self.piece_count()) {
+            return Err(ProtoError::invalid(
+                "piece table",
+                format!(
+                    "blob {} has {} pieces but the table lists {}",
+                    self.blob,
+                    self.piece_count(),
+                    table.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A set of piece indices of one blob, as a bitmap (bit `i % 8` of byte `i / 8` is piece `i`).
+///
+/// At most [`MAX_PIECES`] pieces, so at most 8 KiB on the wire.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PieceSet {
+    count: u32,
+    bits: Vec<u8>,
+}
+
+impl std::fmt::Debug for PieceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PieceSet({}/{} held)", self.held(), self.count)
+    }
+}
+
+impl PieceSet {
+    /// An empty set for a blob of `count` pieces.
+    pub fn empty(count: u32) -> Result<Self, ProtoError> {
+        if count > MAX_PIECES {
+            return Err(ProtoError::invalid(
+                "piece count",
+                format!("{count} pieces exceeds the limit of {MAX_PIECES}"),
+            ));
+        }
+        Ok(PieceSet {
+            count,
+            bits: vec![0; count.div_ceil(8) as usize],
+        })
+    }
+
+    /// A set holding every one of `count` pieces.
+    pub fn full(count: u32) -> Result<Self, ProtoError> {
+        let mut set = PieceSet::empty(count)?;
+        set.bits.fill(0xff);
+        set.clear_tail();
+        Ok(set)
+    }
+
+    /// Number of pieces in the blob (held or not).
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Number of pieces held.
+    pub fn held(&self) -> u32 {
+        self.bits.iter().map(|b| b.count_ones()).sum()
+    }
+
+    /// True when every piece is held.
+    pub fn is_complete(&self) -> bool {
+        self.held() == self.count
+    }
+
+    /// True when no piece is held.
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|b| *b == 0)
+    }
+
+    /// Whether piece `index` is held (false past the end).
+    pub fn contains(&self, index: u32) -> bool {
+        self.bits
+            .get((index / 8) as usize)
+            .is_some_and(|b| b & (1 << (index % 8)) != 0)
+    }
+
+    /// Marks piece `index` held; an index past the end is an error.
+    pub fn insert(&mut self, index: u32) -> Result<(), ProtoError> {
+        let count = self.count;
+        match self.bits.get_mut((index / 8) as usize) {
+            Some(b) if index < count => {
+                *b |= 1 << (index % 8);
+                Ok(())
+            }
+            _ => Err(ProtoError::invalid(
+                "piece index",
+                format!("piece {index} is past the end of a blob of {count} pieces"),
+            )),
+        }
+    }
+
+    /// Marks piece `index` not held (no effect past the end).
+    pub fn remove(&mut self, index: u32) {
+        if let Some(b) = self.bits.get_mut((index / 8) as usize) {
+            *b &= !(1 << (index % 8));
+        }
+    }
+
+    /// Indices of held pieces, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.count).filter(|i| self.contains(*i))
+    }
+
+    /// Indices of pieces not held, ascending.
+    pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.count).filter(|i| !self.contains(*i))
+    }
+
+    /// Number of pieces held in both sets (e.g. what a parent holds of what a child wants).
+    pub fn count_common(&self, other: &PieceSet) -> u32 {
+        self.bits
+            .iter()
+            .zip(&other.bits)
+            .map(|(a, b)| (a & b).count_ones())
+            .sum()
+    }
+
+    /// Adds every piece of `other` (same blob) to this set.
+    pub fn union_with(&mut self, other: &PieceSet) -> Result<(), ProtoError> {
+        self.check_same_count(other)?;
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
+        Ok(())
+    }
+
+    /// The raw bitmap, `ceil(count / 8)` bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+
+    /// Checks a decoded set: count within limits, bitmap of the right length, no bits past the end.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        if self.count > MAX_PIECES {
+            return Err(ProtoError::invalid(
+                "piece set",
+                format!("{} pieces exceeds the limit of {MAX_PIECES}", self.count),
+            ));
+        }
+        if self.bits.len() != self.count.div_ceil(8) as usize {
+            return Err(ProtoError::invalid(
+                "piece set",
+                format!(
+                    "bitmap of {} bytes does not fit {} pieces",
+                    self.bits.len(),
+                    self.count
+                ),
+            ));
+        }
+        let tail = self.count % 8;
+        if tail != 0 && self.bits.last().is_some_and(|b| b >> tail != 0) {
+            return Err(ProtoError::invalid(
+                "piece set",
+                "bits set past the last piece",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that this set describes a blob of `count` pieces.
+    pub fn check_count(&self, count: u32) -> Result<(), ProtoError> {
+        if self.count != count {
+            return Err(ProtoError::invalid(
+                "piece set",
+                format!("set covers {} pieces but the blob has {count}", self.count),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_same_count(&self, other: &PieceSet) -> Result<(), ProtoError> {
+        self.check_count(other.count)
+    }
+
+    fn clear_tail(&mut self) {
+        let tail = self.count % 8;
+        if let (true, Some(last)) = (tail != 0, self.bits.last_mut()) {
+            *last &= (1u8 << tail) - 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(size: u64, piece_size: u32) -> TaskMeta {
+        TaskMeta {
+            blob: Digest::from_bytes([7; 32]),
+            size,
+            piece_size,
+        }
+    }
+
+    #[test]
+    fn geometry() {
+        let m = meta(10 * 65536 + 5, 65536);
+        m.validate().unwrap();
+        assert_eq!(m.piece_count(), 11);
+        assert_eq!(m.piece_len(10), Some(5));
+        assert_eq!(m.piece_len(11), None);
+        assert_eq!(m.piece_range(1), Some(65536..131072));
+        assert_eq!(m.pieces_for_range(65536..65537), 1..2);
+        assert_eq!(m.pieces_for_range(0..u64::MAX), 0..11);
+        assert_eq!(m.pieces_for_range(5..5), 0..0);
+        assert_eq!(meta(0, 65536).piece_count(), 0);
+    }
+
+    #[test]
+    fn geometry_errors() {
+        assert!(meta(10, 1000).validate().is_err());
+        assert!(meta(10, 32 * 1024).validate().is_err());
+        assert!(meta(10, 32 << 20).validate().is_err());
+        let too_many = meta(u64::from(MAX_PIECES) * 65536 + 1, 65536);
+        assert!(matches!(
+            too_many.validate(),
+            Err(ProtoError::Invalid {
+                field: "blob size",
+                ..
+            })
+        ));
+        assert!(meta(3, 65536).validate_piece_table(&[]).is_err());
+        assert!(meta(3, 65536).validate_piece_table(&[[0; 32]]).is_ok());
+    }
+
+    #[test]
+    fn default_piece_size_keeps_the_piece_limit() {
+        assert_eq!(default_piece_size(1), 4 << 20);
+        assert_eq!(default_piece_size(64 << 30), 4 << 20);
+        let big = 1u64 << 40;
+        let ps = default_piece_size(big);
+        meta(big, ps).validate().unwrap();
+    }
+
+    #[test]
+    fn piece_sets() {
+        let mut s = PieceSet::empty(13).unwrap();
+        assert!(s.is_empty());
+        s.insert(0).unwrap();
+        s.insert(12).unwrap();
+        assert!(s.insert(13).is_err());
+        assert!(s.contains(12) && !s.contains(13) && !s.contains(u32::MAX));
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 12]);
+        assert_eq!(s.missing().count(), 11);
+        let full = PieceSet::full(13).unwrap();
+        full.validate().unwrap();
+        assert!(full.is_complete());
+        assert_eq!(full.count_common(&s), 2);
+        s.remove(0);
+        assert_eq!(s.held(), 1);
+        let mut u = PieceSet::empty(13).unwrap();
+        u.union_with(&full).unwrap();
+        assert!(u.is_complete());
+        assert!(u.union_with(&PieceSet::empty(12).unwrap()).is_err());
+        assert!(PieceSet::empty(MAX_PIECES + 1).is_err());
+    }
+
+    #[test]
+    fn piece_set_validation() {
+        let bad_len = PieceSet {
+            count: 9,
+            bits: vec![0],
+        };
+        assert!(bad_len.validate().is_err());
+        let bad_tail = PieceSet {
+            count: 9,
+            bits: vec![0, 0b10],
+        };
+        assert!(bad_tail.validate().is_err());
+        let too_many = PieceSet {
+            count: MAX_PIECES + 1,
+            bits: vec![],
+        };
+        assert!(too_many.validate().is_err());
+    }
+}
