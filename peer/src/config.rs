@@ -99,7 +99,8 @@ impl Default for PeerConfig {
 impl PeerConfig {
     /// Reads a TOML config file; unknown fields are an error.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, PeerError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PeerError::Config(format!("reading {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PeerError::Config(format!("reading {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| PeerError::Config(format!("{}: {e}", path.display())))
     }
 
@@ -121,7 +122,9 @@ impl PeerConfig {
             }
         }
         if let Some(ps) = self.piece_size {
-            if !ps.is_power_of_two() || !(shoal_proto::MIN_PIECE_SIZE..=shoal_proto::MAX_PIECE_SIZE).contains(&ps) {
+            if !ps.is_power_of_two()
+                || !(shoal_proto::MIN_PIECE_SIZE..=shoal_proto::MAX_PIECE_SIZE).contains(&ps)
+            {
                 return Err(PeerError::Config(format!(
                     "piece_size {ps} must be a power of two from {} to {}",
                     shoal_proto::MIN_PIECE_SIZE,

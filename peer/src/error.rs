@@ -85,7 +85,11 @@ pub enum PeerError {
 }
 
 impl PeerError {
-    pub(crate) fn io(op: &'static str, path: impl std::fmt::Display, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl std::fmt::Display,
+        source: std::io::Error,
+    ) -> Self {
         PeerError::Io {
             op,
             path: path.to_string(),

@@ -73,7 +73,13 @@ impl Peer {
         }
         let store = AsyncStore::open(store_cfg).await?;
         let role = if config.seed { Role::Seed } else { Role::Peer };
-        let transport = Arc::new(Transport::bind(&identity, config.listen, role, host_id.clone(), config.connect_timeout())?);
+        let transport = Arc::new(Transport::bind(
+            &identity,
+            config.listen,
+            role,
+            host_id.clone(),
+            config.connect_timeout(),
+        )?);
         let quic_addr = transport.local_addr()?;
         let uploader = Arc::new(Uploader::new(
             store.clone(),
@@ -85,7 +91,11 @@ impl Peer {
 
         let (sched, events) = match config.scheduler {
             Some(addr) => {
-                let advertise = if config.advertise.is_empty() { vec![quic_addr] } else { config.advertise.clone() };
+                let advertise = if config.advertise.is_empty() {
+                    vec![quic_addr]
+                } else {
+                    config.advertise.clone()
+                };
                 let registration = RegisterHost {
                     host_id: host_id.clone(),
                     addresses: advertise,
@@ -133,7 +143,9 @@ impl Peer {
                 while let Some(ev) = events.recv().await {
                     match ev {
                         SchedEvent::Registered => d.announce_all(),
-                        SchedEvent::Push(SchedulerPush::FetchFromOrigin(order)) => seed::fetch_from_origin(&d, order),
+                        SchedEvent::Push(SchedulerPush::FetchFromOrigin(order)) => {
+                            seed::fetch_from_origin(&d, order)
+                        }
                         SchedEvent::Push(SchedulerPush::PiecesUpdate(u)) => d.pieces_update(u),
                     }
                 }
@@ -145,7 +157,9 @@ impl Peer {
         });
         tasks.push(api::serve(&config.api_socket, api_state)?);
         if config.cache_ttl_secs > 0 {
-            tasks.push(store.spawn_sweeper(std::time::Duration::from_secs(config.cache_ttl_secs.clamp(1, 600))));
+            tasks.push(store.spawn_sweeper(std::time::Duration::from_secs(
+                config.cache_ttl_secs.clamp(1, 600),
+            )));
         }
         tracing::info!(host = %config.host_id, quic = %quic_addr, api = %config.api_socket.display(), seed = config.seed, "peer started");
         Ok(Peer {
@@ -218,7 +232,8 @@ pub async fn run(config: PeerConfig) -> Result<(), PeerError> {
 
 async fn wait_for_signal() -> Result<(), PeerError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| PeerError::io("install handler for", "SIGTERM", e))?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| PeerError::io("install handler for", "SIGTERM", e))?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.map_err(|e| PeerError::io("wait for", "SIGINT", e)),
         _ = term.recv() => Ok(()),

@@ -89,7 +89,10 @@ impl SchedulerClient {
 
     fn current(&self) -> Option<Link> {
         let guard = self.link.lock().ok()?;
-        guard.as_ref().filter(|l| l.conn.close_reason().is_none()).cloned()
+        guard
+            .as_ref()
+            .filter(|l| l.conn.close_reason().is_none())
+            .cloned()
     }
 
     /// Sends one request and reads its reply; fails at once when not connected.
@@ -112,8 +115,12 @@ impl SchedulerClient {
     async fn call(&self, link: &Link, req: &SchedulerRequest) -> Result<SchedulerReply, PeerError> {
         let fail = |e: String| PeerError::Scheduler(format!("{} at {}: {e}", self.name, self.addr));
         let exchange = async {
-            let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-            link.codec.write(&mut send, req).await.map_err(|e| fail(e.to_string()))?;
+            let (mut send, mut recv) =
+                link.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+            link.codec
+                .write(&mut send, req)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             let _ = send.finish();
             link.codec
                 .read::<_, SchedulerReply>(&mut recv)
@@ -127,12 +134,22 @@ impl SchedulerClient {
 
     async fn register(&self, link: &Link) -> Result<Duration, PeerError> {
         match self
-            .call(link, &SchedulerRequest::RegisterHost(self.registration.clone()))
+            .call(
+                link,
+                &SchedulerRequest::RegisterHost(self.registration.clone()),
+            )
             .await?
         {
-            SchedulerReply::Registered(r) => Ok(Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(100)))),
-            SchedulerReply::Error(e) => Err(PeerError::Scheduler(format!("registration refused: {}", e.message))),
-            other => Err(PeerError::Scheduler(format!("unexpected answer to RegisterHost: {other:?}"))),
+            SchedulerReply::Registered(r) => Ok(Duration::from_millis(u64::from(
+                r.heartbeat_interval_ms.max(100),
+            ))),
+            SchedulerReply::Error(e) => Err(PeerError::Scheduler(format!(
+                "registration refused: {}",
+                e.message
+            ))),
+            other => Err(PeerError::Scheduler(format!(
+                "unexpected answer to RegisterHost: {other:?}"
+            ))),
         }
     }
 
@@ -145,7 +162,9 @@ impl SchedulerClient {
             while !this.stopped.load(Ordering::Relaxed) {
                 match this.session().await {
                     Ok(()) => backoff = MIN_BACKOFF,
-                    Err(e) => tracing::warn!(scheduler = %this.addr, error = %e, "scheduler connection failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(scheduler = %this.addr, error = %e, "scheduler connection failed; retrying")
+                    }
                 }
                 if let Ok(mut l) = this.link.lock() {
                     *l = None;
@@ -153,7 +172,8 @@ impl SchedulerClient {
                 if this.stopped.load(Ordering::Relaxed) {
                     break;
                 }
-                let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
+                let jitter =
+                    Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
                 tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -168,7 +188,11 @@ impl SchedulerClient {
         }
         tracing::info!(scheduler = %self.addr, "registered with the scheduler");
         let _ = self.events.send(SchedEvent::Registered);
-        let pushes = tokio::spawn(accept_pushes(link.clone(), self.events.clone(), self.registration.is_seed));
+        let pushes = tokio::spawn(accept_pushes(
+            link.clone(),
+            self.events.clone(),
+            self.registration.is_seed,
+        ));
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
         let result = loop {
@@ -192,7 +216,8 @@ impl SchedulerClient {
         self.stopped.store(true, Ordering::Relaxed);
         if let Some(link) = self.current() {
             let _ = self.call(&link, &SchedulerRequest::LeaveHost).await;
-            link.conn.close(shoal_proto::close_code::OK.into(), b"leave");
+            link.conn
+                .close(shoal_proto::close_code::OK.into(), b"leave");
         }
     }
 }
@@ -213,10 +238,12 @@ async fn accept_pushes(link: Link, events: mpsc::UnboundedSender<SchedEvent>, is
                 }
             };
             let reply = match &push {
-                SchedulerPush::FetchFromOrigin(_) if !is_seed => PushReply::Refused(shoal_proto::ErrorReply::new(
-                    ErrorCode::Refused,
-                    "this peer is not a seed; it fetches from origin only on its own behalf",
-                )),
+                SchedulerPush::FetchFromOrigin(_) if !is_seed => {
+                    PushReply::Refused(shoal_proto::ErrorReply::new(
+                        ErrorCode::Refused,
+                        "this peer is not a seed; it fetches from origin only on its own behalf",
+                    ))
+                }
                 _ => PushReply::Accepted,
             };
             let accepted = reply == PushReply::Accepted;

@@ -138,7 +138,12 @@ impl Transport {
         self.dial(addr, name, &self.sched_client).await
     }
 
-    async fn dial(&self, addr: SocketAddr, name: &str, cfg: &quinn::ClientConfig) -> Result<Link, PeerError> {
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        cfg: &quinn::ClientConfig,
+    ) -> Result<Link, PeerError> {
         let who = || format!("{name} at {addr}");
         let fail = |reason: String| PeerError::Connect { who: who(), reason };
         let attempt = async {
@@ -178,7 +183,11 @@ impl Transport {
 
 /// Checks a Hello against the connection's verified certificate: the host id must be the
 /// certificate's name, so no node can speak for another.
-pub(crate) fn check_hello(conn: &quinn::Connection, hello: &Hello, allowed: &[Role]) -> Result<(), String> {
+pub(crate) fn check_hello(
+    conn: &quinn::Connection,
+    hello: &Hello,
+    allowed: &[Role],
+) -> Result<(), String> {
     let who = shoal_tls::peer_identity(conn).map_err(|e| e.to_string())?;
     if who.common_name != hello.host_id.as_str() {
         return Err(format!(

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pieces;
 pub mod reports;
 pub mod select;
+pub mod service;
 mod state;
 pub mod task;
 

@@ -7,6 +7,18 @@ use clap::{Args, Subcommand};
 use shoal_format::build::{self, BuildOptions, Source};
 use shoal_format::image::ShoalImage;
 use shoal_format::oci::LayoutRef;
+use tempfile::TempDir;
+
+use crate::registry::{self, Progress, RegistryArgs};
+
+/// `shoal image` and the registry settings its `docker://` sources and targets use.
+#[derive(Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    command: ImageCommand,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
 
 /// The `shoal image` subcommands.
 #[derive(Subcommand)]
@@ -15,7 +27,8 @@ pub enum ImageCommand {
     Convert(ConvertArgs),
     /// Print files, chunks, dedup ratio, sizes and the root hash of an image.
     Inspect {
-        /// `oci:DIR[:TAG]`, a directory, or a tar layer (non-Shoal sources are converted first).
+        /// `docker://REF`, `oci:DIR[:TAG]`, a directory, or a tar layer (non-Shoal sources are
+        /// converted first).
         src: String,
         /// Print JSON.
         #[arg(long)]
@@ -23,7 +36,7 @@ pub enum ImageCommand {
     },
     /// Recompute every hash of an image from its blobs; fail naming the first bad object.
     Verify {
-        /// `oci:DIR[:TAG]` of a Shoal image (other sources are converted first).
+        /// `docker://REF` or `oci:DIR[:TAG]` of a Shoal image (other sources are converted first).
         src: String,
         /// Print JSON.
         #[arg(long)]
@@ -31,7 +44,7 @@ pub enum ImageCommand {
     },
     /// Materialise an image's tree under a new directory.
     Unpack {
-        /// `oci:DIR[:TAG]`, a directory, or a tar layer.
+        /// `docker://REF`, `oci:DIR[:TAG]`, a directory, or a tar layer.
         src: String,
         /// Target directory: must not exist or be empty.
         #[arg(long)]
@@ -42,12 +55,15 @@ pub enum ImageCommand {
 /// Arguments of `shoal image convert`.
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// `oci:DIR[:TAG]`, a directory, or a tar / tar.gz / tar.zst layer.
+    /// `docker://REF`, `oci:DIR[:TAG]`, a directory, or a tar / tar.gz / tar.zst layer.
     #[arg(long)]
     source: String,
     /// `oci:DIR[:TAG]` to write the Shoal image into (created if missing).
+    #[arg(long, required_unless_present = "target")]
+    output: Option<String>,
+    /// `docker://REF` to push the converted image to (blobs the registry has are skipped).
     #[arg(long)]
-    output: String,
+    target: Option<String>,
     /// Chunk size in bytes (power of two, 64 KiB..16 MiB); suffixes K and M allowed.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     chunk_size: u32,
@@ -92,11 +108,12 @@ fn layout(s: &str) -> anyhow::Result<LayoutRef> {
 }
 
 /// Runs one `shoal image` subcommand.
-pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
-    match cmd {
-        ImageCommand::Convert(a) => convert(a),
+pub fn run(args: ImageArgs) -> anyhow::Result<()> {
+    let reg = &args.registry;
+    match args.command {
+        ImageCommand::Convert(a) => convert(a, reg),
         ImageCommand::Inspect { src, json } => {
-            let (img, _tmp) = open_any(&src)?;
+            let (img, _tmp) = open_any(&src, reg, json)?;
             let s = img.summary();
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -122,7 +139,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCommand::Verify { src, json } => {
-            let (r, _tmp) = shoal_ref(&src)?;
+            let (r, _tmp) = shoal_ref(&src, reg, json)?;
             let report = shoal_format::verify::verify(&r)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -140,7 +157,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCommand::Unpack { src, to } => {
-            let (img, _tmp) = open_any(&src)?;
+            let (img, _tmp) = open_any(&src, reg, false)?;
             let stats = shoal_format::unpack::unpack(&img, &to)?;
             eprintln!(
                 "unpacked {} entries, {} bytes into {}",
@@ -153,9 +170,28 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     }
 }
 
-fn convert(a: ConvertArgs) -> anyhow::Result<()> {
-    let src = Source::parse(&a.source)?;
-    let out = layout(&a.output)?;
+fn convert(a: ConvertArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
+    let progress = Progress::new(a.json);
+    let (src, _pulled) = local_source(&a.source, reg, &progress)?;
+    let target = a
+        .target
+        .as_deref()
+        .map(|t| registry::parse_reference(t).with_context(|| format!("--target {t:?}: expected docker://REF")))
+        .transpose()?
+        .transpose()?;
+    let mut _out_tmp = None;
+    let out = match &a.output {
+        Some(o) => layout(o)?,
+        None => {
+            let tmp = TempDir::new().context("creating a temporary directory")?;
+            let r = LayoutRef {
+                dir: tmp.path().to_path_buf(),
+                tag: None,
+            };
+            _out_tmp = Some(tmp);
+            r
+        }
+    };
     let mut prefetch = Vec::new();
     if let Some(p) = &a.prefetch {
         let text =
@@ -181,8 +217,19 @@ fn convert(a: ConvertArgs) -> anyhow::Result<()> {
         tag: None,
     };
     let (_, s) = build::convert(&src, &out, &opts)?;
+    let pushed = match &target {
+        Some(t) => {
+            let client = reg.client(t)?;
+            Some(registry::block_on(registry::push_layout(&client, &out, t, &progress))??)
+        }
+        None => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        if let (Some(p), Some(obj)) = (&pushed, v.as_object_mut()) {
+            obj.insert("pushed".into(), serde_json::to_value(p)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("manifest          {}", s.manifest);
         println!("root              {}", s.root);
@@ -202,32 +249,71 @@ fn convert(a: ConvertArgs) -> anyhow::Result<()> {
             "time              {:.2} s ({:.1} MB/s)",
             s.seconds, s.mb_per_s
         );
+        if let (Some(p), Some(t)) = (&pushed, &target) {
+            println!(
+                "pushed            {t}@{} ({} blobs, {} bytes; {} already there)",
+                p.manifest, p.uploaded, p.bytes, p.skipped
+            );
+        }
     }
     Ok(())
 }
 
+/// `src` as a builder source; a `docker://` image is pulled into a temporary layout first (kept
+/// alive by the returned guard).
+fn local_source(
+    src: &str,
+    reg: &RegistryArgs,
+    progress: &Progress,
+) -> anyhow::Result<(Source, Option<TempDir>)> {
+    let Some(reference) = registry::parse_reference(src) else {
+        return Ok((Source::parse(src)?, None));
+    };
+    let reference = reference?;
+    let client = reg.client(&reference)?;
+    let tmp = TempDir::new().context("creating a temporary directory")?;
+    let layout = registry::block_on(registry::pull_to_layout(
+        &client,
+        &reference,
+        tmp.path(),
+        "pulled",
+        progress,
+    ))??;
+    Ok((Source::Layout(layout), Some(tmp)))
+}
+
 /// A Shoal image reference for `src`: itself when it is one, else a conversion into a temporary
 /// layout (kept alive by the returned guard).
-fn shoal_ref(src: &str) -> anyhow::Result<(LayoutRef, Option<tempfile::TempDir>)> {
-    if let Some(r) = LayoutRef::parse(src) {
-        let (_, manifest) = shoal_format::oci::resolve(&r)?;
+fn shoal_ref(
+    src: &str,
+    reg: &RegistryArgs,
+    quiet: bool,
+) -> anyhow::Result<(LayoutRef, Vec<TempDir>)> {
+    let (source, pulled) = local_source(src, reg, &Progress::new(quiet))?;
+    let mut guards: Vec<TempDir> = pulled.into_iter().collect();
+    if let Source::Layout(r) = &source {
+        let (_, manifest) = shoal_format::oci::resolve(r)?;
         if shoal_format::image::is_shoal(&manifest) {
-            return Ok((r, None));
+            return Ok((r.clone(), guards));
         }
     }
-    let source = Source::parse(src)?;
-    let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    let tmp = TempDir::new().context("creating a temporary directory")?;
     let r = LayoutRef {
         dir: tmp.path().to_path_buf(),
         tag: None,
     };
     build::convert(&source, &r, &BuildOptions::default())
         .with_context(|| format!("converting {src}"))?;
-    Ok((r, Some(tmp)))
+    guards.push(tmp);
+    Ok((r, guards))
 }
 
-fn open_any(src: &str) -> anyhow::Result<(ShoalImage, Option<tempfile::TempDir>)> {
-    let (r, tmp) = shoal_ref(src)?;
+fn open_any(
+    src: &str,
+    reg: &RegistryArgs,
+    quiet: bool,
+) -> anyhow::Result<(ShoalImage, Vec<TempDir>)> {
+    let (r, tmp) = shoal_ref(src, reg, quiet)?;
     let img = ShoalImage::open(&r)?;
     if img.meta.inodes.is_empty() {
         bail!("{src}: image has no inodes");

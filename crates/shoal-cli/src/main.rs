@@ -2,6 +2,7 @@
 
 mod ca;
 mod image;
+mod registry;
 
 use clap::{Parser, Subcommand};
 
@@ -19,8 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Convert, inspect, verify and unpack Shoal images.
-    #[command(subcommand)]
-    Image(image::ImageCommand),
+    Image(image::ImageArgs),
     /// Create the cluster CA and issue node certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),

@@ -21,7 +21,7 @@ trap 'rm -rf "$WORK"' EXIT
 # 1. The file list: sorted, regular files only, capped at TARGET_MB.
 find /usr/lib /usr/bin /usr/share /usr/libexec -xdev -type f -size -64M -printf '%s %p\n' 2>/dev/null \
   | LC_ALL=C sort -k2 \
-  | awk -v cap=$((TARGET_MB * 1000000 * 85 / 100)) '{ if (sum + $1 > cap) exit; sum += $1; print $2 }' \
+  | awk -v cap=$((TARGET_MB * 1000000 * 85 / 100)) '!full && sum + $1 > cap { full = 1 } !full { sum += $1; print $2 }' \
   > "$WORK/files"
 DUP=$(( $(wc -l < "$WORK/files") * 15 / 100 ))
 mkdir -p "$WORK/rootfs"

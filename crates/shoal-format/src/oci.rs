@@ -306,9 +306,8 @@ pub fn read_config(dir: &Path, manifest: &ImageManifest) -> Result<Vec<u8>> {
 
 /// Writes `manifest` as a blob and names it `tag` in `DIR/index.json` (replacing that tag).
 pub fn add_manifest(dir: &Path, manifest: &ImageManifest, tag: &str) -> Result<Descriptor> {
-    let json = manifest
-        .to_string()
-        .map_err(|e| oci_err(dir, format!("encoding manifest: {e}")))?;
+    let json =
+        canonical_json(manifest).map_err(|e| oci_err(dir, format!("encoding manifest: {e}")))?;
     let mut desc = write_blob(
         dir,
         "application/vnd.oci.image.manifest.v1+json",
@@ -335,9 +334,14 @@ pub fn add_manifest(dir: &Path, manifest: &ImageManifest, tag: &str) -> Result<D
         .manifests(manifests)
         .build()
         .map_err(|e| oci_err(dir, format!("building index.json: {e}")))?;
-    let json = index
-        .to_string()
-        .map_err(|e| oci_err(dir, format!("encoding index.json: {e}")))?;
+    let json =
+        canonical_json(&index).map_err(|e| oci_err(dir, format!("encoding index.json: {e}")))?;
     write_atomic(dir, &dir.join("index.json"), json.as_bytes())?;
     Ok(desc)
+}
+
+/// JSON with object keys sorted: oci-spec keeps annotations in a `HashMap`, whose order changes
+/// from run to run, and a manifest's digest must not.
+fn canonical_json<T: serde::Serialize>(v: &T) -> serde_json::Result<String> {
+    serde_json::to_string(&serde_json::to_value(v)?)
 }

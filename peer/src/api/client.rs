@@ -19,7 +19,8 @@ use crate::error::PeerError;
 const MAX_JSON: usize = 16 << 20;
 
 /// The body of a blob answer: the bytes as they arrive.
-pub type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, PeerError>> + Send>>;
+pub type ByteStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, PeerError>> + Send>>;
 
 /// An answer to a blob GET.
 pub struct BlobResponse {
@@ -62,7 +63,9 @@ fn encode(value: &str) -> String {
 impl ApiClient {
     /// A client of the peer listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        ApiClient { socket: socket.into() }
+        ApiClient {
+            socket: socket.into(),
+        }
     }
 
     /// The socket path.
@@ -70,26 +73,35 @@ impl ApiClient {
         &self.socket
     }
 
-    async fn send(&self, req: Request<Empty<Bytes>>) -> Result<hyper::Response<hyper::body::Incoming>, PeerError> {
+    async fn send(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, PeerError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| PeerError::io("connect to local API", self.socket.display(), e))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| PeerError::Api { status: 0, message: e.to_string() })?;
+            .map_err(|e| PeerError::Api {
+                status: 0,
+                message: e.to_string(),
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "local API client connection ended");
             }
         });
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| PeerError::Api { status: 0, message: e.to_string() })
+        sender.send_request(req).await.map_err(|e| PeerError::Api {
+            status: 0,
+            message: e.to_string(),
+        })
     }
 
     fn request(method: Method, uri: &str) -> Result<http::request::Builder, PeerError> {
-        Ok(Request::builder().method(method).uri(uri).header(header::HOST, "shoal-peer"))
+        Ok(Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "shoal-peer"))
     }
 
     fn blob_uri(blob: &Digest, source: Option<&str>, suffix: &str) -> String {
@@ -101,7 +113,12 @@ impl ApiClient {
 
     /// GETs the blob, or `range` (`start..end`, end exclusive) of it; `source` is the origin
     /// reference (`docker://HOST/REPO`) for a blob not cached anywhere yet.
-    pub async fn get_blob(&self, blob: &Digest, source: Option<&str>, range: Option<(u64, u64)>) -> Result<BlobResponse, PeerError> {
+    pub async fn get_blob(
+        &self,
+        blob: &Digest,
+        source: Option<&str>,
+        range: Option<(u64, u64)>,
+    ) -> Result<BlobResponse, PeerError> {
         let mut b = Self::request(Method::GET, &Self::blob_uri(blob, source, ""))?;
         if let Some((start, end)) = range {
             if end <= start {
@@ -125,7 +142,10 @@ impl ApiClient {
         let body = BodyStream::new(resp.into_body()).filter_map(|frame| async move {
             match frame {
                 Ok(f) => f.into_data().ok().map(Ok),
-                Err(e) => Some(Err(PeerError::Api { status: 0, message: format!("body broke: {e}") })),
+                Err(e) => Some(Err(PeerError::Api {
+                    status: 0,
+                    message: format!("body broke: {e}"),
+                })),
             }
         });
         Ok(BlobResponse {
@@ -136,27 +156,45 @@ impl ApiClient {
     }
 
     /// Reads `range` of a blob into memory (for small reads, e.g. FUSE chunks).
-    pub async fn read_range(&self, blob: &Digest, source: Option<&str>, start: u64, end: u64) -> Result<Bytes, PeerError> {
+    pub async fn read_range(
+        &self,
+        blob: &Digest,
+        source: Option<&str>,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, PeerError> {
         let resp = self.get_blob(blob, source, Some((start, end))).await?;
-        let want = usize::try_from(end - start).map_err(|_| PeerError::BadRequest("range too large".into()))?;
+        let want = usize::try_from(end - start)
+            .map_err(|_| PeerError::BadRequest("range too large".into()))?;
         let mut out = Vec::with_capacity(want.min(64 << 20));
         let mut body = resp.body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             if out.len() + chunk.len() > want {
-                return Err(PeerError::Api { status: 206, message: "more bytes than asked for".into() });
+                return Err(PeerError::Api {
+                    status: 206,
+                    message: "more bytes than asked for".into(),
+                });
             }
             out.extend_from_slice(&chunk);
         }
         if out.len() != want {
-            return Err(PeerError::Api { status: 206, message: format!("got {} of {want} bytes", out.len()) });
+            return Err(PeerError::Api {
+                status: 206,
+                message: format!("got {} of {want} bytes", out.len()),
+            });
         }
         Ok(Bytes::from(out))
     }
 
     /// Fetches the whole blob through the peer into `path` (written to `path.partial`, then
     /// renamed), returning its size. The peer has checked its sha256.
-    pub async fn fetch_to_file(&self, blob: &Digest, source: Option<&str>, path: &Path) -> Result<u64, PeerError> {
+    pub async fn fetch_to_file(
+        &self,
+        blob: &Digest,
+        source: Option<&str>,
+        path: &Path,
+    ) -> Result<u64, PeerError> {
         let resp = self.get_blob(blob, source, None).await?;
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".partial");
@@ -168,12 +206,19 @@ impl ApiClient {
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            file.write_all(&chunk).await.map_err(|e| PeerError::io("write", tmp.display(), e))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| PeerError::io("write", tmp.display(), e))?;
             n += chunk.len() as u64;
         }
-        file.sync_all().await.map_err(|e| PeerError::io("sync", tmp.display(), e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| PeerError::io("sync", tmp.display(), e))?;
         if resp.content_length.is_some_and(|l| l != n) {
-            return Err(PeerError::Api { status: 200, message: format!("body ended after {n} bytes") });
+            return Err(PeerError::Api {
+                status: 200,
+                message: format!("body ended after {n} bytes"),
+            });
         }
         tokio::fs::rename(&tmp, path)
             .await
@@ -182,7 +227,11 @@ impl ApiClient {
     }
 
     /// Asks the peer to fetch the whole blob (e.g. preheat); returns its status once complete.
-    pub async fn fetch(&self, blob: &Digest, source: Option<&str>) -> Result<TaskStatus, PeerError> {
+    pub async fn fetch(
+        &self,
+        blob: &Digest,
+        source: Option<&str>,
+    ) -> Result<TaskStatus, PeerError> {
         let req = Self::request(Method::POST, &Self::blob_uri(blob, source, "/fetch"))?
             .body(Empty::new())
             .map_err(|e| PeerError::BadRequest(e.to_string()))?;
@@ -205,7 +254,10 @@ impl ApiClient {
         self.json(req).await
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, req: Request<Empty<Bytes>>) -> Result<T, PeerError> {
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<T, PeerError> {
         let resp = self.send(req).await?;
         if resp.status() != StatusCode::OK {
             return Err(error_of(resp).await);
@@ -213,15 +265,24 @@ impl ApiClient {
         let body = http_body_util::Limited::new(resp.into_body(), MAX_JSON)
             .collect()
             .await
-            .map_err(|e| PeerError::Api { status: 200, message: e.to_string() })?
+            .map_err(|e| PeerError::Api {
+                status: 200,
+                message: e.to_string(),
+            })?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| PeerError::Api { status: 200, message: format!("bad JSON: {e}") })
+        serde_json::from_slice(&body).map_err(|e| PeerError::Api {
+            status: 200,
+            message: format!("bad JSON: {e}"),
+        })
     }
 }
 
 async fn error_of(resp: hyper::Response<hyper::body::Incoming>) -> PeerError {
     let status = resp.status().as_u16();
-    let message = match http_body_util::Limited::new(resp.into_body(), 64 << 10).collect().await {
+    let message = match http_body_util::Limited::new(resp.into_body(), 64 << 10)
+        .collect()
+        .await
+    {
         Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
         Err(e) => e.to_string(),
     };

@@ -66,15 +66,21 @@ pub struct CacheStatus {
 
 /// Binds the socket (replacing a stale one; the parent directory is created 0755) and serves
 /// until the returned task is aborted.
-pub(crate) fn serve(path: &Path, state: Arc<ApiState>) -> Result<tokio::task::JoinHandle<()>, PeerError> {
+pub(crate) fn serve(
+    path: &Path,
+    state: Arc<ApiState>,
+) -> Result<tokio::task::JoinHandle<()>, PeerError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| PeerError::io("create directory", dir.display(), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| PeerError::io("create directory", dir.display(), e))?;
     }
     if path.exists() {
         // A socket left by a previous run: nobody can be listening if we got this far.
-        std::fs::remove_file(path).map_err(|e| PeerError::io("remove stale socket", path.display(), e))?;
+        std::fs::remove_file(path)
+            .map_err(|e| PeerError::io("remove stale socket", path.display(), e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| PeerError::io("bind local API socket", path.display(), e))?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| PeerError::io("bind local API socket", path.display(), e))?;
     let path: PathBuf = path.to_path_buf();
     Ok(tokio::spawn(async move {
         loop {
@@ -103,7 +109,11 @@ pub(crate) fn serve(path: &Path, state: Arc<ApiState>) -> Result<tokio::task::Jo
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed_unsync());
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = status;
     r
 }
@@ -112,8 +122,10 @@ fn json<T: Serialize>(value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(v) => {
             let mut r = full(StatusCode::OK, v);
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             r
         }
         Err(e) => full(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -153,7 +165,9 @@ pub(crate) fn percent_decode(s: &str) -> Result<String, PeerError> {
                     .get(i + 1..i + 3)
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| PeerError::BadRequest("bad percent-encoding in the query".into()))?;
+                    .ok_or_else(|| {
+                        PeerError::BadRequest("bad percent-encoding in the query".into())
+                    })?;
                 out.push(hex);
                 i += 3;
             }
@@ -175,8 +189,12 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     let query = req.uri().query().map(str::to_string);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (req.method(), segments.as_slice()) {
-        (&Method::GET | &Method::HEAD, ["blobs", digest]) => get_blob(state, &req, digest, query.as_deref()).await,
-        (&Method::POST, ["blobs", digest, "fetch"]) => fetch_blob(state, &req, digest, query.as_deref()).await,
+        (&Method::GET | &Method::HEAD, ["blobs", digest]) => {
+            get_blob(state, &req, digest, query.as_deref()).await
+        }
+        (&Method::POST, ["blobs", digest, "fetch"]) => {
+            fetch_blob(state, &req, digest, query.as_deref()).await
+        }
         (&Method::GET, ["tasks"]) => Ok(json(&state.downloader.statuses())),
         (&Method::GET, ["tasks", digest]) => match parse_digest(digest) {
             Ok(d) => match state.downloader.status(&d) {
@@ -186,7 +204,10 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
             Err(e) => Err(e),
         },
         (&Method::GET, ["cache"]) => Ok(json(&cache_status(state))),
-        _ => Ok(full(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}\n", req.method()))),
+        _ => Ok(full(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {} {path}\n", req.method()),
+        )),
     };
     result.unwrap_or_else(|e| error(&e))
 }
@@ -224,17 +245,28 @@ fn origin_of(req: &Request<Incoming>, query: Option<&str>) -> Result<Option<Orig
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= shoal_proto::MAX_AUTHORIZATION_LEN)
         .map(str::to_string);
-    Ok(Some(OriginRef { reference, authorization }))
+    Ok(Some(OriginRef {
+        reference,
+        authorization,
+    }))
 }
 
-async fn get_blob(state: &ApiState, req: &Request<Incoming>, digest: &str, query: Option<&str>) -> Result<Response<Body>, PeerError> {
+async fn get_blob(
+    state: &ApiState,
+    req: &Request<Incoming>,
+    digest: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, PeerError> {
     let blob = parse_digest(digest)?;
     let origin = origin_of(req, query)?;
     let task = state.downloader.open(blob, origin).await?;
     let size = task
         .size()
         .ok_or_else(|| PeerError::download(blob, "size unknown"))?;
-    let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
     let (status, start, end) = match parse_range(range, size) {
         RangeAsk::Whole => (StatusCode::OK, 0, size),
         RangeAsk::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
@@ -247,10 +279,15 @@ async fn get_blob(state: &ApiState, req: &Request<Incoming>, digest: &str, query
         }
     };
     let body: Body = if req.method() == Method::HEAD {
-        Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync()
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync()
     } else {
         let stream = task.read_range(start, end)?;
-        let frames = stream.map(|r| r.map(Frame::data).map_err(|e| std::io::Error::other(e.to_string())));
+        let frames = stream.map(|r| {
+            r.map(Frame::data)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
         BodyExt::boxed_unsync(StreamBody::new(frames))
     };
     let mut resp = Response::new(body);
@@ -265,14 +302,27 @@ async fn get_blob(state: &ApiState, req: &Request<Incoming>, digest: &str, query
     set(h, header::ACCEPT_RANGES, "bytes".into());
     set(h, header::CONTENT_TYPE, "application/octet-stream".into());
     set(h, header::ETAG, format!("\"{blob}\""));
-    set(h, header::HeaderName::from_static("docker-content-digest"), blob.to_string());
+    set(
+        h,
+        header::HeaderName::from_static("docker-content-digest"),
+        blob.to_string(),
+    );
     if status == StatusCode::PARTIAL_CONTENT {
-        set(h, header::CONTENT_RANGE, format!("bytes {start}-{}/{size}", end.saturating_sub(1)));
+        set(
+            h,
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+        );
     }
     Ok(resp)
 }
 
-async fn fetch_blob(state: &ApiState, req: &Request<Incoming>, digest: &str, query: Option<&str>) -> Result<Response<Body>, PeerError> {
+async fn fetch_blob(
+    state: &ApiState,
+    req: &Request<Incoming>,
+    digest: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, PeerError> {
     let blob = parse_digest(digest)?;
     let origin = origin_of(req, query)?;
     let task = state.downloader.open(blob, origin).await?;

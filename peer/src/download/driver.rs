@@ -31,6 +31,10 @@ const ORIGIN_CONCURRENCY: usize = 4;
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 /// How often the scheduler is asked for more parents while nothing can be fetched.
 const ASK_EVERY: Duration = Duration::from_millis(500);
+/// How often the scheduler is asked for more parents while pieces are flowing.
+const REASK_EVERY: Duration = Duration::from_secs(1);
+/// How often parents' held sets are refreshed while pieces are flowing.
+const REFRESH_BUSY_EVERY: Duration = Duration::from_millis(300);
 /// Held pieces are reported to the scheduler in batches at least this often.
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// How often a download waiting for a piece table asks the scheduler for it.
@@ -65,10 +69,16 @@ impl Task {
             inner.running = false;
         }
         if let Err(e) = result {
-            self.ctx.report(SchedulerRequest::DownloadFailed(shoal_proto::DownloadFailed {
-                blob: self.blob,
-                reason: e.to_string().chars().take(shoal_proto::MAX_TEXT_LEN).collect(),
-            }));
+            self.ctx.report(SchedulerRequest::DownloadFailed(
+                shoal_proto::DownloadFailed {
+                    blob: self.blob,
+                    reason: e
+                        .to_string()
+                        .chars()
+                        .take(shoal_proto::MAX_TEXT_LEN)
+                        .collect(),
+                },
+            ));
         }
         self.notify();
     }
@@ -96,7 +106,7 @@ impl Task {
             }
             let source_only = self.lock().source_only;
             if source_only || self.ctx.scheduler().is_none() {
-                self.from_origin(&layout, &missing).await?;
+                self.fetch_from_source(&layout, &missing).await?;
                 continue;
             }
             match self.swarm(&layout).await? {
@@ -104,7 +114,7 @@ impl Task {
                 SwarmEnd::BackToSource(why) => {
                     tracing::info!(blob = %self.blob, reason = %why, "back to source");
                     let missing = self.missing(&layout);
-                    self.from_origin(&layout, &missing).await?;
+                    self.fetch_from_source(&layout, &missing).await?;
                 }
             }
         }
@@ -117,17 +127,30 @@ impl Task {
     }
 
     fn missing_locked(&self, inner: &super::task::Inner, layout: &PieceLayout) -> Vec<u32> {
-        let held = self.ctx.store.blob_status(&store_digest(&self.blob)).map(|s| s.held);
+        let held = self
+            .ctx
+            .store
+            .blob_status(&store_digest(&self.blob))
+            .map(|s| s.held);
         let has = |i: u32| held.as_ref().is_some_and(|h| h.contains(i));
         if inner.want_all {
             (0..layout.piece_count()).filter(|i| !has(*i)).collect()
         } else {
-            inner.wanted.iter().copied().filter(|i| *i < layout.piece_count() && !has(*i)).collect()
+            inner
+                .wanted
+                .iter()
+                .copied()
+                .filter(|i| *i < layout.piece_count() && !has(*i))
+                .collect()
         }
     }
 
     /// Marks the blob complete once every piece is held (the store checks its sha256).
-    async fn complete_if_whole(&self, meta: &TaskMeta, layout: &PieceLayout) -> Result<(), PeerError> {
+    async fn complete_if_whole(
+        &self,
+        meta: &TaskMeta,
+        layout: &PieceLayout,
+    ) -> Result<(), PeerError> {
         let sd = store_digest(&self.blob);
         let Some(status) = self.ctx.store.blob_status(&sd) else {
             return Ok(());
@@ -140,15 +163,20 @@ impl Task {
         let (peers, origin, started) = {
             let mut inner = self.lock();
             inner.complete = true;
-            (inner.bytes_from_peers, inner.bytes_from_origin, inner.started)
+            (
+                inner.bytes_from_peers,
+                inner.bytes_from_origin,
+                inner.started,
+            )
         };
         tracing::info!(blob = %self.blob, size = meta.size, from_peers = peers, from_origin = origin, "blob complete and verified");
-        self.ctx.report(SchedulerRequest::DownloadFinished(DownloadFinished {
-            blob: self.blob,
-            bytes_from_peers: peers,
-            bytes_from_origin: origin,
-            elapsed_ms: started.map_or(0, |s| s.elapsed().as_millis() as u64),
-        }));
+        self.ctx
+            .report(SchedulerRequest::DownloadFinished(DownloadFinished {
+                blob: self.blob,
+                bytes_from_peers: peers,
+                bytes_from_origin: origin,
+                elapsed_ms: started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            }));
         self.notify();
         Ok(())
     }
@@ -207,14 +235,14 @@ impl Task {
 
     /// Imports the whole blob from the origin; the store computes and checks its piece table.
     async fn import(&self, meta: &TaskMeta) -> Result<(), PeerError> {
-        let origin = self
-            .lock()
-            .origin
-            .clone()
-            .ok_or_else(|| PeerError::download(self.blob, "no piece table and no origin to build one from"))?;
+        let origin = self.lock().origin.clone().ok_or_else(|| {
+            PeerError::download(self.blob, "no piece table and no origin to build one from")
+        })?;
         let o = self.ctx.origins.get(&origin)?;
         tracing::info!(blob = %self.blob, origin = %origin.reference, "fetching the whole blob from origin to build its piece table");
-        let layout = Arc::new(source::import(&self.ctx.store, o.as_ref(), &self.blob, meta.piece_size).await?);
+        let layout = Arc::new(
+            source::import(&self.ctx.store, o.as_ref(), &self.blob, meta.piece_size).await?,
+        );
         add(&self.ctx.stats.bytes_from_origin, meta.size);
         {
             let mut inner = self.lock();
@@ -226,23 +254,33 @@ impl Task {
         let table = layout.pieces().iter().map(|h| *h.as_bytes()).collect();
         let held = PieceSet::full(layout.piece_count())?;
         // Publishing the table lets every other peer verify pieces of this blob.
-        self.ctx.report(SchedulerRequest::RegisterTask(register_task(*meta, Some(table), Some(held), Some(origin))));
+        self.ctx
+            .report(SchedulerRequest::RegisterTask(register_task(
+                *meta,
+                Some(table),
+                Some(held),
+                Some(origin),
+            )));
         Ok(())
     }
 
     /// Fetches `missing` pieces from the origin, contiguous runs per Range GET, each piece
     /// verified as the store takes it.
-    async fn from_origin(&self, layout: &PieceLayout, missing: &[u32]) -> Result<(), PeerError> {
-        let origin = self
-            .lock()
-            .origin
-            .clone()
-            .ok_or_else(|| PeerError::download(self.blob, "no parent could serve it and no origin is known"))?;
+    async fn fetch_from_source(
+        &self,
+        layout: &PieceLayout,
+        missing: &[u32],
+    ) -> Result<(), PeerError> {
+        let origin = self.lock().origin.clone().ok_or_else(|| {
+            PeerError::download(self.blob, "no parent could serve it and no origin is known")
+        })?;
         let o = self.ctx.origins.get(&origin)?;
         let mut runs: Vec<Vec<u32>> = Vec::new();
         for &i in missing {
             match runs.last_mut() {
-                Some(run) if run.last().is_some_and(|l| l + 1 == i) && run.len() < ORIGIN_RUN => run.push(i),
+                Some(run) if run.last().is_some_and(|l| l + 1 == i) && run.len() < ORIGIN_RUN => {
+                    run.push(i)
+                }
                 _ => runs.push(vec![i]),
             }
         }
@@ -253,19 +291,29 @@ impl Task {
                 let first = run.first().copied().unwrap_or(0);
                 let lens: Vec<u64> = run.iter().filter_map(|i| layout.piece_len(*i)).collect();
                 let start = layout.piece_offset(first);
-                source::read_pieces(o.as_ref(), &self.blob, start, first, &lens, |index, bytes: Bytes| async move {
-                    let n = bytes.len() as u64;
-                    self.ctx.store.put_piece(sd, index, bytes).await?;
-                    add(&self.ctx.stats.bytes_from_origin, n);
-                    self.lock().bytes_from_origin += n;
-                    self.notify();
-                    self.ctx.report(held_added(self.blob, vec![index]));
-                    Ok(())
-                })
+                source::read_pieces(
+                    o.as_ref(),
+                    &self.blob,
+                    start,
+                    first,
+                    &lens,
+                    |index, bytes: Bytes| async move {
+                        let n = bytes.len() as u64;
+                        self.ctx.store.put_piece(sd, index, bytes).await?;
+                        add(&self.ctx.stats.bytes_from_origin, n);
+                        self.lock().bytes_from_origin += n;
+                        self.notify();
+                        self.ctx.report(held_added(self.blob, vec![index]));
+                        Ok(())
+                    },
+                )
                 .await
             }
         });
-        let results: Vec<Result<(), PeerError>> = futures::stream::iter(jobs).buffer_unordered(ORIGIN_CONCURRENCY).collect().await;
+        let results: Vec<Result<(), PeerError>> = futures::stream::iter(jobs)
+            .buffer_unordered(ORIGIN_CONCURRENCY)
+            .collect()
+            .await;
         results.into_iter().collect()
     }
 
@@ -283,11 +331,19 @@ impl Task {
         let mut report: Vec<u32> = Vec::new();
         let mut last_report = Instant::now();
         let stall_limit = cfg.piece_timeout() * 2;
+        let want_all = self.lock().want_all;
+        let rotate = fastrand::usize(..layout.piece_count().max(1) as usize);
         loop {
             for p in std::mem::take(&mut self.lock().new_parents) {
                 table.add(p.host_id, p.addresses, Some(p.pieces), p.is_seed, &me);
             }
-            let missing = self.missing(layout);
+            let mut missing = self.missing(layout);
+            if want_all && !missing.is_empty() {
+                // Peers that start together would all ask for the same pieces in the same order
+                // and could only get them from the seed; a per-download rotation lets them trade.
+                let at = rotate % missing.len();
+                missing.rotate_left(at);
+            }
             if missing.is_empty() && inflight.is_empty() {
                 self.flush(&mut report);
                 return Ok(SwarmEnd::Done);
@@ -303,7 +359,9 @@ impl Task {
                 if failures.get(&i).copied().unwrap_or(0) >= MAX_PIECE_FAILURES {
                     if inflight.is_empty() {
                         self.flush(&mut report);
-                        return Ok(SwarmEnd::BackToSource(format!("piece {i} failed from {MAX_PIECE_FAILURES} parents")));
+                        return Ok(SwarmEnd::BackToSource(format!(
+                            "piece {i} failed from {MAX_PIECE_FAILURES} parents"
+                        )));
                     }
                     continue;
                 }
@@ -320,10 +378,13 @@ impl Task {
             if inflight.is_empty() {
                 if last_progress.elapsed() > stall_limit {
                     self.flush(&mut report);
-                    return Ok(SwarmEnd::BackToSource(format!("no parent served a piece for {stall_limit:?}")));
+                    return Ok(SwarmEnd::BackToSource(format!(
+                        "no parent served a piece for {stall_limit:?}"
+                    )));
                 }
                 let ask_due = last_ask.is_none_or(|t| t.elapsed() >= ASK_EVERY);
-                if ask_due && (table.len() == 0 || !missing.iter().any(|i| table.anyone_holds(*i))) {
+                if ask_due && (table.len() == 0 || !missing.iter().any(|i| table.anyone_holds(*i)))
+                {
                     last_ask = Some(Instant::now());
                     if let Some(end) = self.ask_parents(layout, &missing, &mut table).await? {
                         self.flush(&mut report);
@@ -361,11 +422,24 @@ impl Task {
                         table.finish(&f.host, None);
                         table.busy(&f.host, Instant::now() + wait);
                     }
+                    // Requests in flight to a parent just dropped fail too: not news.
+                    Err(FetchFailure::Drop(..)) if table.is_excluded(&f.host) => {}
                     Err(FetchFailure::Drop(reason, detail)) => {
                         *failures.entry(f.index).or_default() += 1;
                         self.drop_parent(&mut table, &f.host, Some(f.index), reason, detail);
                     }
                 }
+            }
+            // While pieces flow, keep learning: peers that started with us now hold pieces
+            // too, and spreading requests over them spares the seed.
+            if last_ask.is_none_or(|t| t.elapsed() >= REASK_EVERY) {
+                last_ask = Some(Instant::now());
+                // An answer to go to the origin is for when the swarm stops giving: ignored here.
+                let _ = self.ask_parents(layout, &missing, &mut table).await?;
+            }
+            if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY) {
+                last_refresh = Some(Instant::now());
+                self.refresh(layout, &mut table).await;
             }
             if report.len() >= 32 || (!report.is_empty() && last_report.elapsed() >= REPORT_EVERY) {
                 self.flush(&mut report);
@@ -386,10 +460,25 @@ impl Task {
         async move {
             let started = Instant::now();
             let timeout = this.ctx.config.piece_timeout();
-            let result = match fetch_piece(&this.ctx.transport, &host, &addrs, this.blob, index, len, timeout).await {
+            let result = match fetch_piece(
+                &this.ctx.transport,
+                &host,
+                &addrs,
+                this.blob,
+                index,
+                len,
+                timeout,
+            )
+            .await
+            {
                 Ok(bytes) => {
                     let n = bytes.len() as u64;
-                    match this.ctx.store.put_piece(store_digest(&this.blob), index, bytes).await {
+                    match this
+                        .ctx
+                        .store
+                        .put_piece(store_digest(&this.blob), index, bytes)
+                        .await
+                    {
                         Ok(_) => {
                             add(&this.ctx.stats.bytes_from_peers, n);
                             this.lock().bytes_from_peers += n;
@@ -398,7 +487,10 @@ impl Task {
                         }
                         Err(e) if matches!(e.root(), shoal_store::Error::HashMismatch { .. }) => {
                             add(&this.ctx.stats.corrupt_pieces, 1);
-                            Err(FetchFailure::Drop(FailureReason::Corrupt, format!("piece {index} failed BLAKE3 verification")))
+                            Err(FetchFailure::Drop(
+                                FailureReason::Corrupt,
+                                format!("piece {index} failed BLAKE3 verification"),
+                            ))
                         }
                         Err(e) => {
                             tracing::warn!(blob = %this.blob, piece = index, error = %e, "storing a piece failed");
@@ -418,7 +510,12 @@ impl Task {
     }
 
     /// Asks the scheduler for parents; `Some` ends the swarm round (go to the origin).
-    async fn ask_parents(&self, layout: &PieceLayout, missing: &[u32], table: &mut ParentTable) -> Result<Option<SwarmEnd>, PeerError> {
+    async fn ask_parents(
+        &self,
+        layout: &PieceLayout,
+        missing: &[u32],
+        table: &mut ParentTable,
+    ) -> Result<Option<SwarmEnd>, PeerError> {
         let Some(s) = self.ctx.scheduler() else {
             return Ok(Some(SwarmEnd::BackToSource("scheduler unreachable".into())));
         };
@@ -429,18 +526,32 @@ impl Task {
         let req = SchedulerRequest::RequestParents(RequestParents {
             blob: self.blob,
             wanted,
-            exclude: table.excluded.iter().take(shoal_proto::MAX_PARENTS * 4).cloned().collect(),
+            exclude: table
+                .excluded
+                .iter()
+                .take(shoal_proto::MAX_PARENTS * 4)
+                .cloned()
+                .collect(),
         });
         match s.request(&req).await {
             Ok(SchedulerReply::Parents(ParentsReply::Parents(list))) => {
                 for p in list {
-                    table.add(p.host_id, p.addresses, Some(p.pieces), p.is_seed, &self.ctx.me);
+                    table.add(
+                        p.host_id,
+                        p.addresses,
+                        Some(p.pieces),
+                        p.is_seed,
+                        &self.ctx.me,
+                    );
                 }
                 Ok(None)
             }
-            Ok(SchedulerReply::Parents(ParentsReply::BackToSource { reason })) => Ok(Some(SwarmEnd::BackToSource(reason))),
+            Ok(SchedulerReply::Parents(ParentsReply::BackToSource { reason })) => {
+                Ok(Some(SwarmEnd::BackToSource(reason)))
+            }
             Ok(SchedulerReply::Parents(ParentsReply::WaitForSeed { retry_after_ms })) => {
-                tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms.min(1000)))).await;
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms.min(1000))))
+                    .await;
                 Ok(None)
             }
             Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::UnknownTask => {
@@ -454,15 +565,25 @@ impl Task {
                 tracing::warn!(blob = %self.blob, reply = ?other, "unexpected answer to RequestParents");
                 Ok(None)
             }
-            Err(e) => Ok(Some(SwarmEnd::BackToSource(format!("scheduler unreachable: {e}")))),
+            Err(e) => Ok(Some(SwarmEnd::BackToSource(format!(
+                "scheduler unreachable: {e}"
+            )))),
         }
     }
 
     /// Asks every parent which pieces it holds now (parents still downloading gain pieces).
     async fn refresh(&self, layout: &PieceLayout, table: &mut ParentTable) {
-        let timeout = self.ctx.config.piece_timeout();
+        let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(2));
         let asks = table.all().into_iter().map(|(host, addrs)| async move {
-            let r = fetch_held(&self.ctx.transport, &host, &addrs, self.blob, layout.piece_count(), timeout).await;
+            let r = fetch_held(
+                &self.ctx.transport,
+                &host,
+                &addrs,
+                self.blob,
+                layout.piece_count(),
+                timeout,
+            )
+            .await;
             (host, r)
         });
         let answers: Vec<_> = futures::future::join_all(asks).await;
@@ -470,29 +591,40 @@ impl Task {
             match r {
                 Ok(Some(set)) => table.set_pieces(&host, set),
                 Ok(None) => {}
-                Err(FetchFailure::Drop(reason, detail)) => self.drop_parent(table, &host, None, reason, detail),
+                Err(FetchFailure::Drop(reason, detail)) => {
+                    self.drop_parent(table, &host, None, reason, detail)
+                }
                 Err(_) => {}
             }
         }
     }
 
-    fn drop_parent(&self, table: &mut ParentTable, host: &HostId, piece: Option<u32>, reason: FailureReason, detail: String) {
+    fn drop_parent(
+        &self,
+        table: &mut ParentTable,
+        host: &HostId,
+        piece: Option<u32>,
+        reason: FailureReason,
+        detail: String,
+    ) {
         tracing::warn!(blob = %self.blob, parent = %host, ?piece, ?reason, %detail, "dropping parent");
         table.drop_parent(host);
         self.ctx.transport.forget(host);
         add(&self.ctx.stats.parents_dropped, 1);
-        self.ctx.report(SchedulerRequest::ReportPieceFailure(ReportPieceFailure {
-            blob: self.blob,
-            parent: host.clone(),
-            piece,
-            reason,
-            detail: detail.chars().take(shoal_proto::MAX_TEXT_LEN / 2).collect(),
-        }));
+        self.ctx
+            .report(SchedulerRequest::ReportPieceFailure(ReportPieceFailure {
+                blob: self.blob,
+                parent: host.clone(),
+                piece,
+                reason,
+                detail: detail.chars().take(shoal_proto::MAX_TEXT_LEN / 2).collect(),
+            }));
     }
 
     fn flush(&self, report: &mut Vec<u32>) {
         if !report.is_empty() {
-            self.ctx.report(held_added(self.blob, std::mem::take(report)));
+            self.ctx
+                .report(held_added(self.blob, std::mem::take(report)));
         }
     }
 }

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use shoal_proto::{Digest, HostId, OriginRef, PiecesUpdate, RegisterTask, SchedulerRequest, TaskMeta};
+use shoal_proto::{
+    Digest, HostId, OriginRef, PiecesUpdate, RegisterTask, SchedulerRequest, TaskMeta,
+};
 use shoal_store::AsyncStore;
 
 use crate::config::PeerConfig;
@@ -128,7 +130,11 @@ impl Downloader {
     /// The task of `blob`, with its size and piece geometry known (from the store, the
     /// scheduler, or a HEAD at `origin`). Nothing is fetched until a range or the whole blob is
     /// asked for. `origin` is needed for a blob that is not cached here.
-    pub async fn open(&self, blob: Digest, origin: Option<OriginRef>) -> Result<Arc<Task>, PeerError> {
+    pub async fn open(
+        &self,
+        blob: Digest,
+        origin: Option<OriginRef>,
+    ) -> Result<Arc<Task>, PeerError> {
         let task = self.task(blob, origin);
         task.resolve().await?;
         Ok(task)
@@ -145,7 +151,11 @@ impl Downloader {
 
     /// Status of every task this peer knows.
     pub fn statuses(&self) -> Vec<TaskStatus> {
-        let tasks: Vec<_> = self.tasks.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
         tasks.iter().map(|t| t.status()).collect()
     }
 
@@ -157,7 +167,11 @@ impl Downloader {
 
     /// Hands new parents from the scheduler to the running download of their blob.
     pub(crate) fn pieces_update(&self, update: PiecesUpdate) {
-        let t = self.tasks.lock().ok().and_then(|t| t.get(&update.blob).cloned());
+        let t = self
+            .tasks
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&update.blob).cloned());
         if let Some(t) = t {
             t.add_parents(update.parents);
         }
@@ -165,7 +179,11 @@ impl Downloader {
 
     /// Tells a (restarted) scheduler about every task again: geometry, piece table, held pieces.
     pub(crate) fn announce_all(&self) {
-        let tasks: Vec<_> = self.tasks.lock().map(|t| t.values().cloned().collect()).unwrap_or_default();
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
         for t in tasks {
             if let Some(req) = t.announcement() {
                 self.ctx.report(SchedulerRequest::RegisterTask(req));
@@ -175,7 +193,12 @@ impl Downloader {
 }
 
 /// Announcement of a task, with what is known of it.
-pub(crate) fn register_task(meta: TaskMeta, table: Option<Vec<[u8; 32]>>, held: Option<shoal_proto::PieceSet>, origin: Option<OriginRef>) -> RegisterTask {
+pub(crate) fn register_task(
+    meta: TaskMeta,
+    table: Option<Vec<[u8; 32]>>,
+    held: Option<shoal_proto::PieceSet>,
+    origin: Option<OriginRef>,
+) -> RegisterTask {
     RegisterTask {
         task: meta,
         piece_table: table,

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_proto::{
-    read_piece, Digest, FailureReason, HostId, PieceErrorCode, PieceRequest, PieceResponse, PieceSet,
+    read_piece, Digest, FailureReason, HostId, PieceErrorCode, PieceRequest, PieceResponse,
+    PieceSet,
 };
 
 use crate::transport::Transport;
@@ -52,7 +53,14 @@ pub(crate) struct ParentTable {
 
 impl ParentTable {
     /// Adds a parent the scheduler named (unless excluded), or updates its addresses and pieces.
-    pub fn add(&mut self, host: HostId, addresses: Vec<SocketAddr>, pieces: Option<PieceSet>, is_seed: bool, me: &HostId) {
+    pub fn add(
+        &mut self,
+        host: HostId,
+        addresses: Vec<SocketAddr>,
+        pieces: Option<PieceSet>,
+        is_seed: bool,
+        me: &HostId,
+    ) {
         if &host == me || self.excluded.contains(&host) {
             return;
         }
@@ -78,6 +86,11 @@ impl ParentTable {
         }
     }
 
+    /// Whether `host` was dropped in this download.
+    pub fn is_excluded(&self, host: &HostId) -> bool {
+        self.excluded.contains(host)
+    }
+
     /// How many parents are usable.
     pub fn len(&self) -> usize {
         self.parents.len()
@@ -85,7 +98,10 @@ impl ParentTable {
 
     /// Host ids and addresses of every parent (for refreshing held sets).
     pub fn all(&self) -> Vec<(HostId, Vec<SocketAddr>)> {
-        self.parents.iter().map(|(h, p)| (h.clone(), p.addresses.clone())).collect()
+        self.parents
+            .iter()
+            .map(|(h, p)| (h.clone(), p.addresses.clone()))
+            .collect()
     }
 
     /// Records a fresh held set.
@@ -97,13 +113,20 @@ impl ParentTable {
 
     /// Whether some parent is known to hold `index`.
     pub fn anyone_holds(&self, index: u32) -> bool {
-        self.parents.values().any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
+        self.parents
+            .values()
+            .any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
     }
 
     /// The parent fastest for `index` now: holds it, has room, and has the best measured
     /// throughput shared by what is already in flight to it. Non-seeds win ties so seeds are
     /// spared while peers can serve.
-    pub fn pick(&self, index: u32, per_parent: usize, now: Instant) -> Option<(HostId, Vec<SocketAddr>)> {
+    pub fn pick(
+        &self,
+        index: u32,
+        per_parent: usize,
+        now: Instant,
+    ) -> Option<(HostId, Vec<SocketAddr>)> {
         self.parents
             .iter()
             .filter(|(_, p)| p.inflight < per_parent)
@@ -171,7 +194,11 @@ pub(crate) async fn fetch_piece(
             .await
             .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
         let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
-        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        let (mut send, mut recv) = link
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
         link.codec
             .write(&mut send, &PieceRequest::GetPiece { blob, index })
             .await
@@ -181,18 +208,25 @@ pub(crate) async fn fetch_piece(
             Ok(PieceResponse::Piece { bytes, .. }) => Ok(Bytes::from(bytes)),
             Ok(PieceResponse::Error(e)) => Err(match e.code {
                 PieceErrorCode::NotHeld => FetchFailure::NotHeld,
-                PieceErrorCode::Busy => FetchFailure::Busy(Duration::from_millis(u64::from(e.retry_after_ms.clamp(10, 5000)))),
+                PieceErrorCode::Busy => FetchFailure::Busy(Duration::from_millis(u64::from(
+                    e.retry_after_ms.clamp(10, 5000),
+                ))),
                 PieceErrorCode::BadRequest | PieceErrorCode::Internal => {
                     FetchFailure::Drop(FailureReason::Refused, e.message)
                 }
             }),
-            Ok(PieceResponse::Held(_)) => Err(io("answered a piece request with a held set".into())),
+            Ok(PieceResponse::Held(_)) => {
+                Err(io("answered a piece request with a held set".into()))
+            }
             Err(e) => Err(io(e.to_string())),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(FetchFailure::Drop(FailureReason::Timeout, format!("no piece within {timeout:?}"))),
+        Err(_) => Err(FetchFailure::Drop(
+            FailureReason::Timeout,
+            format!("no piece within {timeout:?}"),
+        )),
     }
 }
 
@@ -210,25 +244,38 @@ pub(crate) async fn fetch_held(
             .parent(host, addrs)
             .await
             .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
-        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        let (mut send, mut recv) = link
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
         let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
         link.codec
             .write(&mut send, &PieceRequest::HeldPieces { blob })
             .await
             .map_err(|e| io(e.to_string()))?;
         let _ = send.finish();
-        match link.codec.read::<_, shoal_proto::PieceReply>(&mut recv).await {
+        match link
+            .codec
+            .read::<_, shoal_proto::PieceReply>(&mut recv)
+            .await
+        {
             Ok(shoal_proto::PieceReply::Held(set)) => {
                 set.check_count(count).map_err(|e| io(e.to_string()))?;
                 Ok(Some(set))
             }
             Ok(shoal_proto::PieceReply::Error(_)) => Ok(None),
-            Ok(shoal_proto::PieceReply::Piece(_)) => Err(io("answered HeldPieces with a piece".into())),
+            Ok(shoal_proto::PieceReply::Piece(_)) => {
+                Err(io("answered HeldPieces with a piece".into()))
+            }
             Err(e) => Err(io(e.to_string())),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(FetchFailure::Drop(FailureReason::Timeout, format!("no answer within {timeout:?}"))),
+        Err(_) => Err(FetchFailure::Drop(
+            FailureReason::Timeout,
+            format!("no answer within {timeout:?}"),
+        )),
     }
 }

@@ -39,7 +39,12 @@ impl Origins {
 
     /// The origin named by `origin` (`docker://HOST/REPO`).
     pub fn get(&self, origin: &OriginRef) -> Result<Arc<RegistryOrigin>, PeerError> {
-        if let Some(o) = self.cache.lock().ok().and_then(|c| c.get(&origin.reference).cloned()) {
+        if let Some(o) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&origin.reference).cloned())
+        {
             return Ok(o);
         }
         if !origin.reference.starts_with("docker://") {
@@ -75,7 +80,11 @@ pub(crate) async fn import(
 ) -> Result<shoal_store::PieceLayout, PeerError> {
     let mut stream = origin.read(&origin_digest(blob)?).await?;
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(IMPORT_QUEUE);
-    let import = store.import_blob(crate::convert::store_digest(blob), piece_size, ChannelReader::new(rx));
+    let import = store.import_blob(
+        crate::convert::store_digest(blob),
+        piece_size,
+        ChannelReader::new(rx),
+    );
     let pump = async move {
         while let Some(chunk) = stream.next().await {
             let item = chunk.map_err(|e| std::io::Error::other(e.to_string()));
@@ -121,7 +130,10 @@ where
         }
     }
     if next < lens.len() {
-        return Err(PeerError::download(blob, format!("origin stream ended after {next} of {} pieces", lens.len())));
+        return Err(PeerError::download(
+            blob,
+            format!("origin stream ended after {next} of {} pieces", lens.len()),
+        ));
     }
     Ok(())
 }
@@ -135,7 +147,10 @@ struct ChannelReader {
 
 impl ChannelReader {
     fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Self {
-        ChannelReader { rx, current: Bytes::new() }
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
-use shoal_proto::{Digest, OriginRef, Parent, RegisterTask, SchedulerReply, SchedulerRequest, TaskMeta};
+use shoal_proto::{
+    Digest, OriginRef, Parent, RegisterTask, SchedulerReply, SchedulerRequest, TaskMeta,
+};
 use shoal_store::{Blake3Hash, PieceLayout};
 use tokio::sync::{watch, Notify};
 
@@ -80,7 +82,9 @@ pub struct Task {
 
 impl std::fmt::Debug for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Task").field("blob", &self.blob).finish_non_exhaustive()
+        f.debug_struct("Task")
+            .field("blob", &self.blob)
+            .finish_non_exhaustive()
     }
 }
 
@@ -163,7 +167,10 @@ impl Task {
             return Ok(meta);
         }
         let origin = self.lock().origin.clone().ok_or_else(|| {
-            PeerError::download(self.blob, "not cached here and no origin given (pass ?source=docker://HOST/REPO)")
+            PeerError::download(
+                self.blob,
+                "not cached here and no origin given (pass ?source=docker://HOST/REPO)",
+            )
         })?;
         let o = self.ctx.origins.get(&origin)?;
         let size = source::stat(o.as_ref(), &self.blob).await?;
@@ -177,12 +184,18 @@ impl Task {
         if let Some(s) = self.ctx.scheduler() {
             let req = SchedulerRequest::RegisterTask(register_task(meta, None, None, Some(origin)));
             match s.request(&req).await {
-                Ok(SchedulerReply::Task(info)) if info.task.size == size && info.task.validate().is_ok() => {
+                Ok(SchedulerReply::Task(info))
+                    if info.task.size == size && info.task.validate().is_ok() =>
+                {
                     meta = info.task;
                     table = info.piece_table;
                 }
-                Ok(other) => tracing::warn!(blob = %self.blob, reply = ?other, "scheduler did not take the task"),
-                Err(e) => tracing::info!(blob = %self.blob, error = %e, "scheduler unreachable; going on without it"),
+                Ok(other) => {
+                    tracing::warn!(blob = %self.blob, reply = ?other, "scheduler did not take the task")
+                }
+                Err(e) => {
+                    tracing::info!(blob = %self.blob, error = %e, "scheduler unreachable; going on without it")
+                }
             }
         }
         self.lock().meta = Some(meta);
@@ -193,7 +206,11 @@ impl Task {
     }
 
     /// Takes a published piece table: registers the layout with the store.
-    pub(super) async fn adopt_table(&self, meta: &TaskMeta, table: Vec<[u8; 32]>) -> Result<(), PeerError> {
+    pub(super) async fn adopt_table(
+        &self,
+        meta: &TaskMeta,
+        table: Vec<[u8; 32]>,
+    ) -> Result<(), PeerError> {
         let sd = store_digest(&self.blob);
         let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
         let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
@@ -206,7 +223,10 @@ impl Task {
     pub(super) fn announcement(&self) -> Option<RegisterTask> {
         let inner = self.lock();
         let meta = inner.meta?;
-        let table = inner.layout.as_ref().map(|l| l.pieces().iter().map(|h| *h.as_bytes()).collect());
+        let table = inner
+            .layout
+            .as_ref()
+            .map(|l| l.pieces().iter().map(|h| *h.as_bytes()).collect());
         let held = self
             .ctx
             .store
@@ -322,24 +342,29 @@ impl Task {
         self.demand(meta.pieces_for_range(start..end));
         let ps = u64::from(meta.piece_size);
         let sd = store_digest(&self.blob);
-        let stream = futures::stream::unfold((Arc::clone(self), start), move |(task, pos)| async move {
-            if pos >= end {
-                return None;
-            }
-            let index = (pos / ps) as u32;
-            let len = ((u64::from(index) + 1) * ps).min(end) - pos;
-            let mut tries = 0;
-            loop {
-                if let Err(e) = task.wait_piece(index).await {
-                    return Some((Err(e), (task, end)));
+        let stream =
+            futures::stream::unfold((Arc::clone(self), start), move |(task, pos)| async move {
+                if pos >= end {
+                    return None;
                 }
-                match task.ctx.store.read_range(sd, pos, len).await {
-                    Ok(bytes) => return Some((Ok(bytes), (task, pos + len))),
-                    Err(e) if (e.is_not_present() || e.is_corrupt()) && tries < READ_RETRIES => tries += 1,
-                    Err(e) => return Some((Err(e.into()), (task, end))),
+                let index = (pos / ps) as u32;
+                let len = ((u64::from(index) + 1) * ps).min(end) - pos;
+                let mut tries = 0;
+                loop {
+                    if let Err(e) = task.wait_piece(index).await {
+                        return Some((Err(e), (task, end)));
+                    }
+                    match task.ctx.store.read_range(sd, pos, len).await {
+                        Ok(bytes) => return Some((Ok(bytes), (task, pos + len))),
+                        Err(e)
+                            if (e.is_not_present() || e.is_corrupt()) && tries < READ_RETRIES =>
+                        {
+                            tries += 1
+                        }
+                        Err(e) => return Some((Err(e.into()), (task, end))),
+                    }
                 }
-            }
-        });
+            });
         Ok(Box::pin(stream))
     }
 

@@ -26,7 +26,9 @@ impl RateLimiter {
             return;
         }
         let wait = {
-            let Ok(mut st) = self.state.lock() else { return };
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
             let now = Instant::now();
             let rate = self.rate as f64;
             let refill = now.duration_since(st.1).as_secs_f64() * rate;

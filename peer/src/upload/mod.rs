@@ -114,7 +114,12 @@ impl Uploader {
         }
     }
 
-    async fn serve_stream(&self, codec: Codec, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn serve_stream(
+        &self,
+        codec: Codec,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let request = match codec.read::<_, PieceRequest>(&mut recv).await {
             Ok(r) => r,
             Err(e) => {
@@ -128,13 +133,21 @@ impl Uploader {
                 let reply = match self.store.blob_status(&store_digest(&blob)) {
                     Some(status) => match wire_set(&status.held) {
                         Ok(set) => PieceReply::Held(set),
-                        Err(e) => PieceReply::Error(PieceError::new(PieceErrorCode::Internal, e.to_string())),
+                        Err(e) => PieceReply::Error(PieceError::new(
+                            PieceErrorCode::Internal,
+                            e.to_string(),
+                        )),
                     },
-                    None => PieceReply::Error(PieceError::new(PieceErrorCode::NotHeld, format!("{blob} is not held here"))),
+                    None => PieceReply::Error(PieceError::new(
+                        PieceErrorCode::NotHeld,
+                        format!("{blob} is not held here"),
+                    )),
                 };
                 codec.write(&mut send, &reply).await
             }
-            PieceRequest::GetPiece { blob, index } => self.send_piece(&codec, &mut send, blob, index).await,
+            PieceRequest::GetPiece { blob, index } => {
+                self.send_piece(&codec, &mut send, blob, index).await
+            }
         };
         if let Err(e) = outcome {
             tracing::debug!(error = %e, "piece server: reply failed");
@@ -161,14 +174,23 @@ impl Uploader {
         let digest = store_digest(&blob);
         let Some(status) = self.store.blob_status(&digest) else {
             return codec
-                .write(send, &refuse(PieceErrorCode::NotHeld, format!("{blob} is not held here")))
+                .write(
+                    send,
+                    &refuse(PieceErrorCode::NotHeld, format!("{blob} is not held here")),
+                )
                 .await;
         };
         let Some(hash) = status.layout.piece_hash(index).copied() else {
             return codec
                 .write(
                     send,
-                    &refuse(PieceErrorCode::BadRequest, format!("{blob} has {} pieces; no piece {index}", status.layout.piece_count())),
+                    &refuse(
+                        PieceErrorCode::BadRequest,
+                        format!(
+                            "{blob} has {} pieces; no piece {index}",
+                            status.layout.piece_count()
+                        ),
+                    ),
                 )
                 .await;
         };
@@ -177,16 +199,29 @@ impl Uploader {
             Ok(b) => b,
             Err(e) if e.is_not_present() || e.is_corrupt() => {
                 return codec
-                    .write(send, &refuse(PieceErrorCode::NotHeld, format!("piece {index} of {blob} is not held here")))
+                    .write(
+                        send,
+                        &refuse(
+                            PieceErrorCode::NotHeld,
+                            format!("piece {index} of {blob} is not held here"),
+                        ),
+                    )
                     .await
             }
             Err(e) => {
                 tracing::warn!(blob = %blob, piece = index, error = %e, "piece server: store read failed");
-                return codec.write(send, &refuse(PieceErrorCode::Internal, e.to_string())).await;
+                return codec
+                    .write(send, &refuse(PieceErrorCode::Internal, e.to_string()))
+                    .await;
             }
         };
         let Ok(len) = u32::try_from(bytes.len()) else {
-            return codec.write(send, &refuse(PieceErrorCode::Internal, "piece too large".into())).await;
+            return codec
+                .write(
+                    send,
+                    &refuse(PieceErrorCode::Internal, "piece too large".into()),
+                )
+                .await;
         };
         self.limiter.take(u64::from(len)).await;
         let header = PieceHeader {
@@ -206,7 +241,9 @@ impl Uploader {
         };
         write_piece(codec, send, &header, &body).await?;
         self.stats.pieces.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(u64::from(len), Ordering::Relaxed);
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! Fuzz the bootstrap loader: load arbitrary bytes, and walk whatever loads through every accessor.
 //!
 //! The first input byte picks whether the checksum is recomputed first (odd) so mutations reach
-//! the structural checks; the rest is the bootstrap. Seed: `corpus/bootstrap_load/`.
+//! the structural checks; the rest is the bootstrap. Seed the corpus with a real one: byte 0x01
+//! followed by a bootstrap written by `shoal image convert`, in `corpus/bootstrap_load/`.
 
 #![no_main]
 

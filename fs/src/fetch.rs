@@ -1,0 +1,223 @@
+//! Where stored chunk bytes come from when the cache misses: byte ranges of a data blob, from the
+//! local peer's API (the swarm) or straight from the origin (registry, local directory).
+//!
+//! Sources return raw stored bytes; nothing here trusts them. read.rs decompresses and checks every
+//! chunk against its BLAKE3 name before anyone sees it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, BodyStream, Empty};
+use hyper_util::rt::TokioIo;
+use shoal_origin::{ByteRange, Digest, Origin};
+
+/// Which kind of source served bytes (the metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    /// The local peer daemon (the swarm).
+    Peer,
+    /// The origin itself.
+    Origin,
+}
+
+impl SourceKind {
+    /// `peer` or `origin`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceKind::Peer => "peer",
+            SourceKind::Origin => "origin",
+        }
+    }
+}
+
+/// Why a source could not deliver a range.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: reading {blob} bytes {start}..{end}: {reason}")]
+pub struct FetchError {
+    /// The source (`peer /run/shoal/peer.sock`, `registry host/repo`).
+    pub source_name: String,
+    /// The blob.
+    pub blob: String,
+    /// First byte asked for.
+    pub start: u64,
+    /// One past the last byte asked for.
+    pub end: u64,
+    /// What failed.
+    pub reason: String,
+}
+
+/// A place that serves byte ranges of an image's data blobs.
+#[async_trait::async_trait]
+pub trait ChunkSource: Send + Sync {
+    /// Peer or origin.
+    fn kind(&self) -> SourceKind;
+    /// A short name for logs.
+    fn describe(&self) -> String;
+    /// Bytes `start..end` of `blob`; exactly `end - start` bytes or an error.
+    async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError>;
+    /// Told when bytes this source served failed verification (the peer report hook).
+    fn report_bad(&self, blob: &Digest, start: u64, end: u64) {
+        tracing::warn!(source = %self.describe(), %blob, start, end, "source served bytes that failed verification");
+    }
+}
+
+fn fetch_err(
+    src: &dyn ChunkSource,
+    blob: &Digest,
+    start: u64,
+    end: u64,
+    reason: impl ToString,
+) -> FetchError {
+    FetchError {
+        source_name: src.describe(),
+        blob: blob.to_string(),
+        start,
+        end,
+        reason: reason.to_string(),
+    }
+}
+
+/// An origin ([`shoal_origin::Origin`]: registry repository or local blob directory) as a source.
+pub struct OriginSource {
+    origin: Arc<dyn Origin>,
+}
+
+impl OriginSource {
+    /// Reads through `origin`.
+    pub fn new(origin: Arc<dyn Origin>) -> Self {
+        OriginSource { origin }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChunkSource for OriginSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Origin
+    }
+    fn describe(&self) -> String {
+        self.origin.describe()
+    }
+    async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError> {
+        let err = |r: String| fetch_err(self, blob, start, end, r);
+        let want = usize::try_from(end.saturating_sub(start))
+            .map_err(|_| err("range too large".into()))?;
+        let stream = self
+            .origin
+            .read_range(blob, ByteRange::new(start, end))
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let data = shoal_origin::collect_stream(stream, want)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if data.len() != want {
+            return Err(err(format!("got {} of {want} bytes", data.len())));
+        }
+        Ok(Bytes::from(data))
+    }
+}
+
+/// The local peer daemon's API (HTTP/1 over its unix socket, peer/src/api): `GET
+/// /blobs/<digest>?source=<origin>` with a `Range` header, answered 206 from the swarm.
+pub struct PeerSource {
+    socket: PathBuf,
+    /// The origin reference the peer fetches from when no peer has the blob (`docker://HOST/REPO`).
+    origin_ref: Option<String>,
+}
+
+impl PeerSource {
+    /// A client of the peer listening on `socket`; `origin_ref` tells it where the blobs live.
+    pub fn new(socket: impl Into<PathBuf>, origin_ref: Option<String>) -> Self {
+        PeerSource {
+            socket: socket.into(),
+            origin_ref,
+        }
+    }
+
+    fn uri(&self, blob: &Digest) -> String {
+        match &self.origin_ref {
+            Some(r) => format!("/blobs/{blob}?source={}", percent_encode(r)),
+            None => format!("/blobs/{blob}"),
+        }
+    }
+}
+
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl ChunkSource for PeerSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Peer
+    }
+    fn describe(&self) -> String {
+        format!("peer {}", self.socket.display())
+    }
+    async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError> {
+        let err = |r: String| fetch_err(self, blob, start, end, r);
+        if end <= start {
+            return Err(err("empty range".into()));
+        }
+        let want = usize::try_from(end - start).map_err(|_| err("range too large".into()))?;
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| err(format!("connect: {e} (is `shoal peer` running?)")))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| err(format!("HTTP handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "peer API connection ended");
+            }
+        });
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(self.uri(blob))
+            .header(header::HOST, "shoal-peer")
+            .header(header::RANGE, format!("bytes={start}-{}", end - 1))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| err(format!("request: {e}")))?;
+        let status = resp.status();
+        if status != StatusCode::PARTIAL_CONTENT && !(status == StatusCode::OK && start == 0) {
+            let body = http_body_util::Limited::new(resp.into_body(), 4096)
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+                .unwrap_or_default();
+            return Err(err(format!("answered {status}: {body}")));
+        }
+        let mut out = Vec::with_capacity(want);
+        let mut body = BodyStream::new(resp.into_body());
+        while let Some(frame) = body.next().await {
+            let frame = frame.map_err(|e| err(format!("body broke: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > want {
+                    // A 200 with the whole blob: keep only what was asked for.
+                    let take = want - out.len();
+                    out.extend_from_slice(data.get(..take).unwrap_or_default());
+                    break;
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        if out.len() != want {
+            return Err(err(format!("got {} of {want} bytes", out.len())));
+        }
+        Ok(Bytes::from(out))
+    }
+}

@@ -1,0 +1,27 @@
+//! Shoal's lazy image filesystem: mounts a converted image read-only over FUSE as soon as its
+//! small bootstrap is verified, and fetches file data chunk by chunk as it is read — from the
+//! local cache, the local peer (the swarm) or the origin — checking every chunk's BLAKE3 against
+//! the Merkle metadata before any reader sees it.
+//!
+//! Data path by module (README.md draws it): [`mount`] opens the source ([`image`]) and starts
+//! the FUSE session -> [`inode`] answers metadata from the bootstrap and hands reads to a thread
+//! pool -> [`read`] maps offsets to chunks, serves cached ones, fetches the rest through
+//! [`fetch`] (peer, else origin), decompresses and verifies -> the store caches them.
+//! [`prefetch`] warms the cache in the background, [`access_log`] records first reads,
+//! [`metrics`] counts. Configuration: [`config`].
+
+pub mod access_log;
+pub mod config;
+mod error;
+pub mod fetch;
+pub mod image;
+pub mod inode;
+pub mod metrics;
+pub mod mount;
+pub mod prefetch;
+pub mod read;
+
+pub use config::FsConfig;
+pub use error::{FsError, Result};
+pub use metrics::{Metrics, MetricsSnapshot};
+pub use mount::{mount, run, umount, MountHandle};

@@ -1,0 +1,294 @@
+//! Mount and unmount: open the source (image.rs), build the read path, start the FUSE session and
+//! the background prefetch; unmount on drop, on SIGINT/SIGTERM, or by `umount`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fuser::{MountOption, SessionACL};
+use shoal_store::{Store, StoreConfig};
+
+use crate::access_log::AccessLog;
+use crate::config::FsConfig;
+use crate::error::{FsError, Result};
+use crate::fetch::{ChunkSource, OriginSource, PeerSource};
+use crate::inode::ImageFs;
+use crate::metrics::Metrics;
+use crate::prefetch::{self, PrefetchPlan};
+use crate::read::{Reader, ReaderParts};
+
+/// A mounted image; dropping it unmounts.
+pub struct MountHandle {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+    fuse_dev: Option<u64>,
+    reader: Arc<Reader>,
+    stop: Arc<AtomicBool>,
+    prefetch: Option<JoinHandle<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mounts `config.source` at `config.mountpoint` read-only and returns once the kernel has
+/// answered the FUSE handshake. Call it outside any tokio runtime: it runs its own.
+pub fn mount(config: FsConfig) -> Result<MountHandle> {
+    config.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("shoal-fs-io")
+        .enable_all()
+        .build()
+        .map_err(|e| FsError::io("starting I/O runtime for", &config.mountpoint, e))?;
+    let image = rt.block_on(crate::image::open(&config))?;
+    let boot = image.boot;
+    let total_stored = (0..boot.chunk_count())
+        .filter_map(|i| boot.chunk(i))
+        .map(|c| u64::from(c.stored_size))
+        .sum();
+    let metrics = Arc::new(Metrics::new(
+        hex::encode(boot.root_hash()),
+        boot.chunk_count() as usize,
+        total_stored,
+    ));
+    std::fs::create_dir_all(&config.cache_dir)
+        .map_err(|e| FsError::io("creating cache directory", &config.cache_dir, e))?;
+    let store = Store::open(StoreConfig::new(&config.cache_dir, config.cache_quota))?;
+    let peer: Option<Arc<dyn ChunkSource>> = config
+        .peer_socket
+        .as_ref()
+        .map(|s| Arc::new(PeerSource::new(s, image.origin_ref.clone())) as Arc<dyn ChunkSource>);
+    let reader = Arc::new(Reader::new(ReaderParts {
+        boot: Arc::clone(&boot),
+        store,
+        peer,
+        origin: Arc::new(OriginSource::new(image.origin)),
+        rt: rt.handle().clone(),
+        timeout: config.fetch_timeout(),
+        max_request: config.max_request_bytes,
+        max_gap: config.max_gap_bytes,
+        memory_cache_bytes: config.memory_cache_bytes,
+        metrics,
+    })?);
+    let access = match &config.record_access {
+        Some(p) => Some(Arc::new(AccessLog::create(p, boot.inode_count())?)),
+        None => None,
+    };
+    let fs = ImageFs::new(Arc::clone(&reader), config.read_threads, access)
+        .map_err(|e| FsError::io("starting read threads for", &config.mountpoint, e))?;
+
+    let mut fuse = fuser::Config::default();
+    fuse.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(fs_name(&config.source)),
+        MountOption::Subtype("shoal".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    if config.allow_other {
+        fuse.acl = SessionACL::All;
+    }
+    fuse.n_threads = Some(4);
+    let session = fuser::Session::new(fs, &config.mountpoint, &fuse)
+        .and_then(fuser::Session::spawn)
+        .map_err(|e| FsError::Mount {
+            op: "mounting",
+            path: config.mountpoint.clone(),
+            source: e,
+        })?;
+    let fuse_dev = std::fs::metadata(&config.mountpoint).ok().map(|m| m.dev());
+    tracing::info!(source = %config.source, mountpoint = %config.mountpoint.display(), "image mounted");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let plan = PrefetchPlan {
+        listed: config.prefetch,
+        all: config.prefetch_all,
+        bytes_per_sec: config.prefetch_bytes_per_sec,
+    };
+    let prefetch = if plan.listed || plan.all {
+        Some(
+            prefetch::spawn(Arc::clone(&reader), plan, Arc::clone(&stop))
+                .map_err(|e| FsError::io("starting prefetch for", &config.mountpoint, e))?,
+        )
+    } else {
+        None
+    };
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint: config.mountpoint,
+        fuse_dev,
+        reader,
+        stop,
+        prefetch,
+        rt: Some(rt),
+    })
+}
+
+/// `shoal:<source>` without characters that would break the mount table.
+fn fs_name(source: &str) -> String {
+    let clean: String = source
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != ',' && *c != '\\')
+        .take(200)
+        .collect();
+    format!("shoal:{clean}")
+}
+
+impl MountHandle {
+    /// Where the image is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The mount's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.reader.metrics
+    }
+
+    /// Waits until the background prefetch has finished.
+    pub fn wait_prefetch(&mut self) {
+        if let Some(t) = self.prefetch.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Serves until SIGINT or SIGTERM (then unmounts) or until someone unmounts the mountpoint.
+    pub fn wait_for_signal(mut self) -> Result<()> {
+        let Some(rt) = self.rt.take() else {
+            return Ok(());
+        };
+        let finished = || self.session.as_ref().is_none_or(|s| s.guard.is_finished());
+        let r = rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => if finished() { break },
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        self.rt = Some(rt);
+        r.map_err(|e| FsError::io("waiting for signals at", &self.mountpoint, e))?;
+        tracing::info!(mountpoint = %self.mountpoint.display(), "unmounting");
+        self.unmount()
+    }
+
+    /// Unmounts (lazily if busy) and stops the background work.
+    pub fn unmount(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut result = Ok(());
+        if let Some(session) = self.session.take() {
+            // Unmount (lazily: a process with an open file must not block it), then wait for the
+            // session to end; a connection still held after a while is aborted, so nothing hangs.
+            let guard_done = {
+                let mut s = Some(session);
+                let t = std::thread::spawn(move || {
+                    s.take().map(fuser::BackgroundSession::umount_and_join)
+                });
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if !t.is_finished() {
+                    self.abort_connection();
+                }
+                t.join()
+            };
+            match guard_done {
+                Ok(Some(Err(e))) => {
+                    result = Err(FsError::Mount {
+                        op: "unmounting",
+                        path: self.mountpoint.clone(),
+                        source: e,
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => tracing::warn!("FUSE session thread panicked"),
+            }
+        }
+        if let Some(t) = self.prefetch.take() {
+            let _ = t.join();
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+        result
+    }
+
+    /// Aborts the FUSE connection through /sys/fs/fuse/connections (the kernel's way to end a
+    /// stuck FUSE filesystem).
+    fn abort_connection(&self) {
+        let Some(dev) = self.fuse_dev else { return };
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let path = format!("/sys/fs/fuse/connections/{minor}/abort");
+        match std::fs::write(&path, b"1") {
+            Ok(()) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE connection did not end after unmount; aborted it")
+            }
+            Err(e) => tracing::warn!(%path, error = %e, "could not abort the FUSE connection"),
+        }
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(error = %e, "unmount on drop failed");
+        }
+    }
+}
+
+/// Unmounts a Shoal mount (`shoal fs umount MOUNTPOINT`), from any process: `fusermount3 -u`,
+/// else (as root) a lazy `umount2`. The mounting process sees the session end and exits.
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("--")
+        .arg(mountpoint)
+        .output();
+    if let Ok(o) = &out {
+        if o.status.success() {
+            return Ok(());
+        }
+    }
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+        .map_err(|_| FsError::Config("mountpoint contains a NUL byte".into()))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let os = std::io::Error::last_os_error();
+    let detail = match out {
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => format!("fusermount3: {e}"),
+    };
+    Err(FsError::Mount {
+        op: "unmounting",
+        path: mountpoint.to_path_buf(),
+        source: std::io::Error::new(os.kind(), format!("{os}; {detail}")),
+    })
+}
+
+/// `shoal fs mount`: mounts and serves until SIGINT/SIGTERM or an external unmount.
+pub fn run(config: FsConfig) -> Result<()> {
+    mount(config)?.wait_for_signal()
+}

@@ -1,0 +1,525 @@
+//! The read path: file offset -> chunks -> memory/disk cache (verified) -> else byte ranges of the
+//! data blobs that hold the missing chunks (adjacent chunks merged into one request, the gap
+//! between them bounded) from the peer, else the origin -> decompress -> BLAKE3 == chunk name ->
+//! cache -> reply.
+//!
+//! A chunk that fails verification is dropped, its source told, and it is fetched again straight
+//! from the origin; a second failure is an I/O error. Wrong bytes never leave this module. Every
+//! read ends by its deadline (`fetch_timeout_secs`), so an unreachable network means EIO, not a
+//! hang.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
+use shoal_format::model::ChunkEncoding;
+use shoal_origin::Digest;
+use shoal_store::{Blake3Hash, Store};
+
+use crate::fetch::{ChunkSource, FetchError};
+use crate::metrics::Metrics;
+
+/// Largest stored form of a chunk we accept (chunks are at most 16 MiB uncompressed).
+const MAX_STORED: u32 = 32 << 20;
+
+/// Why a read failed (the reader sees EIO).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The inode is not a regular file.
+    #[error("inode {0} is not a regular file")]
+    NotFile(u32),
+    /// The bootstrap's chunk list does not cover the range (a bootstrap bug; it was validated).
+    #[error("inode {ino}: no chunk {index} in its chunk list")]
+    MissingChunk {
+        /// The inode.
+        ino: u32,
+        /// The chunk position.
+        index: u64,
+    },
+    /// The bytes did not arrive in time.
+    #[error(
+        "chunks of blob {blob} did not arrive within {secs} s (network down? origin unreachable?)"
+    )]
+    Timeout {
+        /// The blob.
+        blob: String,
+        /// The deadline in seconds.
+        secs: u64,
+    },
+    /// Every source failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The origin served bytes that do not match the chunk's name, twice.
+    #[error("chunk {chunk} of blob {blob}: {reason}; refetched from the origin and it failed verification again")]
+    Corrupt {
+        /// The chunk hash (hex).
+        chunk: String,
+        /// The blob.
+        blob: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Serves file bytes from the cache and the sources, verifying every chunk.
+pub struct Reader {
+    pub(crate) boot: Arc<Bootstrap>,
+    store: Store,
+    mem: moka::sync::Cache<[u8; 32], Bytes>,
+    peer: Option<Arc<dyn ChunkSource>>,
+    origin: Arc<dyn ChunkSource>,
+    blobs: Vec<Digest>,
+    rt: tokio::runtime::Handle,
+    timeout: Duration,
+    max_request: u64,
+    max_gap: u64,
+    inflight: Mutex<HashMap<[u8; 32], Arc<Mutex<()>>>>,
+    /// The mount's counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a [`Reader`] reads from and how.
+pub struct ReaderParts {
+    /// The verified bootstrap.
+    pub boot: Arc<Bootstrap>,
+    /// The verified-chunk cache.
+    pub store: Store,
+    /// The local peer, if any.
+    pub peer: Option<Arc<dyn ChunkSource>>,
+    /// The origin.
+    pub origin: Arc<dyn ChunkSource>,
+    /// Runtime the sources run on.
+    pub rt: tokio::runtime::Handle,
+    /// Deadline of one read.
+    pub timeout: Duration,
+    /// Largest merged request.
+    pub max_request: u64,
+    /// Largest gap inside a merged request.
+    pub max_gap: u64,
+    /// Bytes of verified chunks kept in memory.
+    pub memory_cache_bytes: u64,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Decompresses a chunk's stored form and checks it against its name.
+pub fn decode_chunk(c: &ChunkView, stored: &[u8]) -> Result<Bytes, String> {
+    let data = match c.encoding {
+        ChunkEncoding::Raw => stored.to_vec(),
+        ChunkEncoding::Zstd => {
+            zstd::bulk::decompress(stored, c.size as usize).map_err(|e| format!("zstd: {e}"))?
+        }
+    };
+    if data.len() != c.size as usize {
+        return Err(format!(
+            "decompressed to {} bytes, expected {}",
+            data.len(),
+            c.size
+        ));
+    }
+    if *blake3::hash(&data).as_bytes() != c.hash {
+        return Err("BLAKE3 of the content does not match the chunk's name".into());
+    }
+    Ok(Bytes::from(data))
+}
+
+/// What one request to a source returned, and from which source.
+type Fetched = Result<(Bytes, Arc<dyn ChunkSource>), FetchError>;
+
+/// One request to a source: a run of chunks of one blob.
+struct Group {
+    blob: u32,
+    start: u64,
+    end: u64,
+    chunks: Vec<ChunkView>,
+}
+
+impl Reader {
+    /// A reader over `parts`.
+    pub fn new(parts: ReaderParts) -> Result<Self, crate::FsError> {
+        let blobs = parts
+            .boot
+            .blobs()
+            .map(|b| shoal_origin::parse_digest(&format!("sha256:{}", hex::encode(b.digest))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mem = moka::sync::Cache::builder()
+            .max_capacity(parts.memory_cache_bytes)
+            .weigher(|_k: &[u8; 32], v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .build();
+        Ok(Reader {
+            boot: parts.boot,
+            store: parts.store,
+            mem,
+            peer: parts.peer,
+            origin: parts.origin,
+            blobs,
+            rt: parts.rt,
+            timeout: parts.timeout,
+            max_request: parts.max_request,
+            max_gap: parts.max_gap,
+            inflight: Mutex::default(),
+            metrics: parts.metrics,
+        })
+    }
+
+    /// The bootstrap.
+    pub fn bootstrap(&self) -> &Bootstrap {
+        &self.boot
+    }
+
+    /// Bytes `offset..offset + size` of regular file `ino` (image inode index), short at EOF.
+    pub fn read(&self, ino: u32, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+        let inode = self.boot.inode(ino).ok_or(ReadError::NotFile(ino))?;
+        if inode.kind() != InodeKind::File {
+            return Err(ReadError::NotFile(ino));
+        }
+        let file_size = inode.size();
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = file_size.min(offset.saturating_add(u64::from(size)));
+        let cs = u64::from(self.boot.chunk_size());
+        let list = self
+            .boot
+            .file_chunks(ino)
+            .map_err(|_| ReadError::NotFile(ino))?;
+        let (k0, k1) = (offset / cs, (end - 1) / cs);
+        let views = (k0..=k1)
+            .map(|k| {
+                usize::try_from(k)
+                    .ok()
+                    .and_then(|k| list.get(k))
+                    .ok_or(ReadError::MissingChunk { ino, index: k })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let datas = self.load(&views, Instant::now() + self.timeout)?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (k, data) in (k0..=k1).zip(&datas) {
+            let base = k * cs;
+            let from = (offset.max(base) - base) as usize;
+            let to = (end.min(base + data.len() as u64)).saturating_sub(base) as usize;
+            out.extend_from_slice(data.get(from..to).unwrap_or_default());
+        }
+        if (out.len() as u64) < end - offset {
+            // A chunk shorter than the file says: never pad with invented bytes.
+            return Err(ReadError::MissingChunk { ino, index: k1 });
+        }
+        self.metrics.read_bytes.inc_by(out.len() as u64);
+        Ok(out)
+    }
+
+    /// Makes sure `chunks` are cached (prefetch), fetching what is missing.
+    pub fn warm(&self, chunks: &[ChunkView]) -> Result<(), ReadError> {
+        self.load(chunks, Instant::now() + self.timeout).map(|_| ())
+    }
+
+    fn cached(&self, c: &ChunkView) -> Option<Bytes> {
+        if let Some(b) = self.mem.get(&c.hash) {
+            return Some(b);
+        }
+        match self.store.get_chunk(&Blake3Hash::from_bytes(c.hash)) {
+            Ok(b) if b.len() == c.size as usize => {
+                self.mem.insert(c.hash, b.clone());
+                Some(b)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                if e.is_corrupt() {
+                    self.metrics.verify_failed("cache");
+                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "cached chunk failed verification; refetching");
+                } else if !e.is_not_present() {
+                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "chunk cache read failed; refetching");
+                }
+                None
+            }
+        }
+    }
+
+    /// The verified bytes of every chunk in `chunks`, in order.
+    fn load(&self, chunks: &[ChunkView], deadline: Instant) -> Result<Vec<Bytes>, ReadError> {
+        let mut out: Vec<Option<Bytes>> = chunks.iter().map(|c| self.cached(c)).collect();
+        let hits = out.iter().filter(|o| o.is_some()).count() as u64;
+        self.metrics.cache_hits.inc_by(hits);
+        if hits as usize == chunks.len() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        let mut missing: Vec<ChunkView> = Vec::new();
+        for (c, o) in chunks.iter().zip(&out) {
+            if o.is_none() && !missing.iter().any(|m| m.hash == c.hash) {
+                missing.push(*c);
+            }
+        }
+        missing.sort_by_key(|c| c.hash);
+        // Single flight: concurrent readers of one chunk (kernel readahead) fetch it once.
+        let locks: Vec<Arc<Mutex<()>>> = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            missing
+                .iter()
+                .map(|c| Arc::clone(map.entry(c.hash).or_default()))
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        for (l, c) in locks.iter().zip(&missing) {
+            guards.push(self.lock_until(l, deadline, c)?);
+        }
+        // Another reader may have fetched some while we waited for their locks.
+        let mut ready = HashMap::new();
+        let mut still = Vec::new();
+        for c in &missing {
+            match self.mem.get(&c.hash) {
+                Some(b) => {
+                    ready.insert(c.hash, b);
+                }
+                None => still.push(*c),
+            }
+        }
+        let fetched = self.fetch(&still, deadline);
+        drop(guards);
+        {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for (l, c) in locks.iter().zip(&missing) {
+                // Two references: the map's and ours. Nobody else waits: forget the lock.
+                if Arc::strong_count(l) <= 2 {
+                    map.remove(&c.hash);
+                }
+            }
+        }
+        let mut fetched = fetched?;
+        fetched.extend(ready);
+        self.metrics.cache_misses.inc_by(still.len() as u64);
+        for (c, o) in chunks.iter().zip(out.iter_mut()) {
+            if o.is_none() {
+                *o = fetched.get(&c.hash).cloned();
+            }
+        }
+        out.into_iter()
+            .zip(chunks)
+            .map(|(o, c)| {
+                o.ok_or_else(|| ReadError::Timeout {
+                    blob: self.blob_name(c.blob),
+                    secs: self.timeout.as_secs(),
+                })
+            })
+            .collect()
+    }
+
+    fn lock_until<'a>(
+        &self,
+        l: &'a Mutex<()>,
+        deadline: Instant,
+        c: &ChunkView,
+    ) -> Result<std::sync::MutexGuard<'a, ()>, ReadError> {
+        loop {
+            match l.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ReadError::Timeout {
+                    blob: self.blob_name(c.blob),
+                    secs: self.timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn blob_name(&self, blob: u32) -> String {
+        self.blobs
+            .get(blob as usize)
+            .map_or_else(|| format!("#{blob}"), |d| d.to_string())
+    }
+
+    /// Runs of chunks of one blob, each one request: gaps at most `max_gap`, span at most
+    /// `max_request` (a single larger chunk is its own request).
+    fn plan(&self, chunks: &[ChunkView]) -> Vec<Group> {
+        let mut sorted = chunks.to_vec();
+        sorted.sort_by_key(|c| (c.blob, c.offset));
+        let mut groups: Vec<Group> = Vec::new();
+        for c in sorted {
+            let end = c.offset + u64::from(c.stored_size);
+            match groups.last_mut() {
+                Some(g)
+                    if g.blob == c.blob
+                        && c.offset >= g.end
+                        && c.offset - g.end <= self.max_gap
+                        && end - g.start <= self.max_request =>
+                {
+                    g.end = end;
+                    g.chunks.push(c);
+                }
+                _ => groups.push(Group {
+                    blob: c.blob,
+                    start: c.offset,
+                    end,
+                    chunks: vec![c],
+                }),
+            }
+        }
+        groups
+    }
+
+    /// Fetches, decompresses and verifies `chunks`; every verified chunk is cached.
+    fn fetch(
+        &self,
+        chunks: &[ChunkView],
+        deadline: Instant,
+    ) -> Result<HashMap<[u8; 32], Bytes>, ReadError> {
+        let mut done = HashMap::new();
+        if chunks.is_empty() {
+            return Ok(done);
+        }
+        if let Some(c) = chunks.iter().find(|c| c.stored_size > MAX_STORED) {
+            return Err(ReadError::Corrupt {
+                chunk: hex::encode(c.hash),
+                blob: self.blob_name(c.blob),
+                reason: format!("stored size {} is over the limit", c.stored_size),
+            });
+        }
+        let groups = self.plan(chunks);
+        let started = Instant::now();
+        let results = self.run_until(deadline, &groups, |g| {
+            self.fetch_range(g.blob, g.start, g.end, true)
+        })?;
+        let mut bad: Vec<ChunkView> = Vec::new();
+        for (g, r) in groups.iter().zip(results) {
+            let (bytes, src) = r?;
+            for c in &g.chunks {
+                let from = (c.offset - g.start) as usize;
+                let stored = bytes
+                    .get(from..from + c.stored_size as usize)
+                    .unwrap_or_default();
+                match decode_chunk(c, stored) {
+                    Ok(data) => {
+                        self.keep(c, &data);
+                        done.insert(c.hash, data);
+                    }
+                    Err(reason) => {
+                        self.metrics.verify_failed(src.kind().label());
+                        src.report_bad(
+                            &self.blobs[c.blob as usize],
+                            c.offset,
+                            c.offset + u64::from(c.stored_size),
+                        );
+                        tracing::warn!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob), source = %src.describe(), %reason,
+                            "fetched chunk failed verification; dropped, refetching from the origin");
+                        bad.push(*c);
+                    }
+                }
+            }
+        }
+        if !bad.is_empty() {
+            let groups: Vec<Group> = bad
+                .iter()
+                .map(|c| Group {
+                    blob: c.blob,
+                    start: c.offset,
+                    end: c.offset + u64::from(c.stored_size),
+                    chunks: vec![*c],
+                })
+                .collect();
+            let results = self.run_until(deadline, &groups, |g| {
+                self.fetch_range(g.blob, g.start, g.end, false)
+            })?;
+            for (c, r) in bad.iter().zip(results) {
+                let (bytes, src) = r?;
+                match decode_chunk(c, &bytes) {
+                    Ok(data) => {
+                        self.keep(c, &data);
+                        done.insert(c.hash, data);
+                    }
+                    Err(reason) => {
+                        self.metrics.verify_failed("origin");
+                        src.report_bad(
+                            &self.blobs[c.blob as usize],
+                            c.offset,
+                            c.offset + u64::from(c.stored_size),
+                        );
+                        tracing::error!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob), source = %src.describe(), %reason,
+                            "chunk failed verification again after refetching from the origin: read fails with EIO");
+                        return Err(ReadError::Corrupt {
+                            chunk: hex::encode(c.hash),
+                            blob: self.blob_name(c.blob),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+        self.metrics
+            .fetch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(done)
+    }
+
+    fn keep(&self, c: &ChunkView, data: &Bytes) {
+        self.metrics
+            .chunk_fetched(c.index, u64::from(c.stored_size));
+        self.mem.insert(c.hash, data.clone());
+        // The disk write (fsync) runs off the reply path; the bytes are already verified.
+        let (store, hash, data) = (
+            self.store.clone(),
+            Blake3Hash::from_bytes(c.hash),
+            data.clone(),
+        );
+        self.rt.spawn_blocking(move || {
+            if let Err(e) = store.put_chunk(&hash, &data) {
+                tracing::warn!(chunk = %hash, error = %e, "could not cache chunk; serving it uncached");
+            }
+        });
+    }
+
+    /// Runs one fetch per group concurrently on the runtime, all bounded by `deadline`.
+    fn run_until<'a, F, Fut>(
+        &'a self,
+        deadline: Instant,
+        groups: &'a [Group],
+        f: F,
+    ) -> Result<Vec<Fetched>, ReadError>
+    where
+        F: Fn(&'a Group) -> Fut,
+        Fut: std::future::Future<Output = Fetched> + 'a,
+    {
+        let all = futures::future::join_all(groups.iter().map(f));
+        let until = tokio::time::Instant::from_std(deadline);
+        self.rt
+            .block_on(async { tokio::time::timeout_at(until, all).await })
+            .map_err(|_| {
+                let blob = groups.first().map_or(0, |g| g.blob);
+                tracing::warn!(blob = %self.blob_name(blob), secs = self.timeout.as_secs(), "read timed out waiting for chunks");
+                ReadError::Timeout {
+                    blob: self.blob_name(blob),
+                    secs: self.timeout.as_secs(),
+                }
+            })
+    }
+
+    /// Bytes `start..end` of blob `blob`: from the peer when `via_peer` and one is configured
+    /// (falling back to the origin on any error), else from the origin.
+    async fn fetch_range(&self, blob: u32, start: u64, end: u64, via_peer: bool) -> Fetched {
+        let digest = self.blobs.get(blob as usize).ok_or_else(|| FetchError {
+            source_name: "bootstrap".into(),
+            blob: format!("#{blob}"),
+            start,
+            end,
+            reason: "chunk refers to a blob the image does not list".into(),
+        })?;
+        if let Some(peer) = self.peer.as_ref().filter(|_| via_peer) {
+            match peer.read_range(digest, start, end).await {
+                Ok(b) => {
+                    self.metrics.fetched(peer.kind(), b.len() as u64);
+                    return Ok((b, Arc::clone(peer)));
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "peer could not serve the range; reading from the origin")
+                }
+            }
+        }
+        let b = self.origin.read_range(digest, start, end).await?;
+        self.metrics.fetched(self.origin.kind(), b.len() as u64);
+        Ok((b, Arc::clone(&self.origin)))
+    }
+}

@@ -1,0 +1,193 @@
+//! The sources behind the read path: reads through a real local peer (the swarm's local API),
+//! the origin taking over when the peer dies, and bad bytes from the first source replaced by
+//! the origin's.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{build_image, compare, flip_byte, fuse_ready, mountpoint, Compared};
+use shoal_format::bootstrap::Bootstrap;
+use shoal_format::oci::{self, LayoutRef};
+use shoal_fs::fetch::{ChunkSource, OriginSource};
+use shoal_fs::read::{Reader, ReaderParts};
+use shoal_fs::{mount, FsConfig, Metrics};
+use shoal_origin::LocalDirOrigin;
+use shoal_store::{Store, StoreConfig};
+
+fn bootstrap(layout: &Path) -> Bootstrap {
+    let r = LayoutRef {
+        dir: layout.to_path_buf(),
+        tag: None,
+    };
+    let (_, manifest) = oci::resolve(&r).unwrap();
+    Bootstrap::load(oci::read_blob(layout, &manifest.layers()[0], 1 << 30).unwrap()).unwrap()
+}
+
+fn ino_of(boot: &Bootstrap, path: &str) -> u32 {
+    path.trim_start_matches('/')
+        .split('/')
+        .fold(0, |dir, name| {
+            boot.lookup(dir, name.as_bytes()).unwrap().unwrap()
+        })
+}
+
+#[test]
+fn bad_bytes_from_the_first_source_are_refetched_from_the_origin() {
+    let img = build_image(false);
+    let work = tempfile::tempdir().unwrap();
+    // A second copy of the blobs with one byte flipped in every chunk of /data/other.bin serves
+    // as the first source; the layout itself is the origin.
+    let bad = work.path().join("bad");
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(img.layout.join("blobs"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let boot = Arc::new(bootstrap(&img.layout));
+    let ino = ino_of(&boot, "/data/other.bin");
+    let chunks: Vec<_> = boot.file_chunks(ino).unwrap().iter().collect();
+    for c in &chunks {
+        let digest = boot.blob(c.blob).unwrap().digest;
+        flip_byte(&bad.join("sha256").join(hex::encode(digest)), c.offset + 7);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = Arc::new(Metrics::new("test".into(), boot.chunk_count() as usize, 1));
+    let reader = Reader::new(ReaderParts {
+        boot: Arc::clone(&boot),
+        store: Store::open(StoreConfig::new(work.path().join("cache"), 1 << 30)).unwrap(),
+        peer: Some(
+            Arc::new(OriginSource::new(Arc::new(LocalDirOrigin::new(&bad))))
+                as Arc<dyn ChunkSource>,
+        ),
+        origin: Arc::new(OriginSource::new(Arc::new(LocalDirOrigin::new(
+            img.layout.join("blobs"),
+        )))),
+        rt: rt.handle().clone(),
+        timeout: Duration::from_secs(5),
+        max_request: 8 << 20,
+        max_gap: 64 << 10,
+        memory_cache_bytes: 16 << 20,
+        metrics: Arc::clone(&metrics),
+    })
+    .unwrap();
+    let want = fs::read(img.tree.join("data/other.bin")).unwrap();
+    // Offsets that cross chunk boundaries, and the whole file.
+    assert_eq!(reader.read(ino, 0, want.len() as u32 + 10).unwrap(), want);
+    let s = metrics.snapshot();
+    assert_eq!(s.verify_failures, chunks.len() as u64, "{s:?}");
+    let got = reader.read(ino, 250_000, 100_000).unwrap();
+    assert_eq!(got, want[250_000..350_000]);
+    assert!(reader.read(ino, want.len() as u64, 10).unwrap().is_empty());
+    // A file the bad copy serves correctly is read from it, and no refetch happens.
+    let big = ino_of(&boot, "/data/big.bin");
+    let before = metrics.snapshot().verify_failures;
+    assert_eq!(
+        reader.read(big, 1 << 20, 4096).unwrap(),
+        fs::read(img.tree.join("data/big.bin")).unwrap()[1 << 20..(1 << 20) + 4096]
+    );
+    assert_eq!(metrics.snapshot().verify_failures, before);
+}
+
+#[test]
+fn reads_go_through_the_local_peer_and_fall_back_to_the_origin() {
+    if !fuse_ready() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(reg) =
+        shoal_testkit::or_skip(rt.block_on(shoal_testkit::Registry::start(Default::default())))
+    else {
+        return;
+    };
+    let img = build_image(false);
+    let (desc, manifest) = oci::resolve(&LayoutRef {
+        dir: img.layout.clone(),
+        tag: None,
+    })
+    .unwrap();
+    for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+        let bytes = fs::read(oci::blob_path(
+            &img.layout,
+            &oci::parse_digest(d.digest()).unwrap(),
+        ))
+        .unwrap();
+        rt.block_on(reg.push_blob("shoal/peer-test", &bytes))
+            .unwrap();
+    }
+    let mbytes = oci::read_blob(&img.layout, &desc, 1 << 20).unwrap();
+    rt.block_on(reg.push_manifest(
+        "shoal/peer-test",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &mbytes,
+    ))
+    .unwrap();
+
+    // A real peer daemon (no scheduler: it goes back to the origin itself) with its local API.
+    shoal_tls::install_crypto_provider();
+    let work = tempfile::tempdir().unwrap();
+    let ca = shoal_tls::ClusterCa::init(&work.path().join("ca"), "fs test CA", 30).unwrap();
+    let mut req = shoal_tls::NodeCertRequest::new("fs-peer", 30);
+    req.ips.push("127.0.0.1".parse().unwrap());
+    let tls = work.path().join("tls");
+    ca.issue(&req).unwrap().write_to(&tls).unwrap();
+    let socket = work.path().join("peer.sock");
+    let peer = rt
+        .block_on(shoal_peer::Peer::start(shoal_peer::PeerConfig {
+            host_id: "fs-peer".into(),
+            data_dir: work.path().join("peer"),
+            tls_dir: tls,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_socket: socket.clone(),
+            cache_bytes: Some(1 << 30),
+            ..shoal_peer::PeerConfig::default()
+        }))
+        .expect("start peer");
+
+    let mnt = mountpoint(work.path(), "mnt");
+    let cfg = FsConfig {
+        cache_dir: work.path().join("cache"),
+        fetch_timeout_secs: 10,
+        prefetch: false,
+        peer_socket: Some(socket),
+        ..FsConfig::new(reg.reference("shoal/peer-test", "v1"), &mnt)
+    };
+    let m = mount(cfg).expect("mount through the peer");
+    let mut c = Compared::default();
+    compare(
+        &img.tree,
+        &mnt,
+        Path::new("etc"),
+        &mut HashMap::new(),
+        &mut c,
+    );
+    assert_eq!(
+        fs::read(mnt.join("data/big.bin")).unwrap(),
+        fs::read(img.tree.join("data/big.bin")).unwrap()
+    );
+    let s = m.metrics().snapshot();
+    assert!(
+        s.fetched_peer > 3 << 20 && s.fetched_origin == 0,
+        "through the peer: {s:?}"
+    );
+
+    // The peer dies: uncached reads go straight to the origin.
+    peer.kill();
+    assert_eq!(
+        fs::read(mnt.join("data/other.bin")).unwrap(),
+        fs::read(img.tree.join("data/other.bin")).unwrap()
+    );
+    let s2 = m.metrics().snapshot();
+    assert!(
+        s2.fetched_origin > 600_000 && s2.fetched_peer == s.fetched_peer,
+        "after the peer died: {s2:?}"
+    );
+    m.unmount().unwrap();
+}

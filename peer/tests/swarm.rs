@@ -1,0 +1,452 @@
+//! The swarm on loopback with real parts: docker-registry as origin, the scheduler's QUIC
+//! service, seeds and peers speaking mutual-TLS QUIC with certificates from a real cluster CA.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use shoal_peer::ApiClient;
+
+const MIB: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_seed_six_peers_share_a_64_mib_blob_fetched_from_origin_once() {
+    let Some(c) = cluster(true).await else { return };
+    let (blob, data) = c.push_blob(64 * MIB, 1).await;
+    let want = sha256(&data);
+    // The seed's uplink is capped (as a real one is), so the peers must share among themselves.
+    let mut seed = c.config("seed-1", true);
+    seed.upload_bytes_per_sec = 96 * MIB as u64;
+    let seed = c.start(seed).await;
+    let mut peers = Vec::new();
+    for i in 0..6 {
+        peers.push(c.start(c.config(&format!("peer-{i}"), false)).await);
+    }
+    // Every peer asks at once; half of them through the local API, half in-process.
+    let mut jobs = Vec::new();
+    for (i, p) in peers.iter().enumerate() {
+        let origin = c.origin();
+        let out = c.dir.path().join(format!("out-{i}"));
+        let sock = c
+            .dir
+            .path()
+            .join("nodes")
+            .join(format!("peer-{i}"))
+            .join("peer.sock");
+        jobs.push(async move {
+            if i % 2 == 0 {
+                let client = ApiClient::new(sock);
+                let n = client
+                    .fetch_to_file(&blob, Some(&origin.reference), &out)
+                    .await
+                    .unwrap();
+                assert_eq!(n, 64 * MIB as u64);
+                file_sha256(&out)
+            } else {
+                sha256(&fetch(p, blob, origin).await)
+            }
+        });
+    }
+    let got = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(jobs))
+        .await
+        .expect("all six downloads finish");
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g, &want, "peer-{i} got other bytes");
+    }
+    let served = c.registry.blob_bytes_served(&blob.to_string()).await;
+    assert_eq!(
+        served,
+        64 * MIB as u64,
+        "the registry served the blob exactly once"
+    );
+    let from_peers: u64 = peers
+        .iter()
+        .map(|p| {
+            p.downloader()
+                .stats()
+                .bytes_from_peers
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    let from_origin: u64 = peers
+        .iter()
+        .map(|p| {
+            p.downloader()
+                .stats()
+                .bytes_from_origin
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(from_origin, 0, "peers never went to the origin");
+    assert_eq!(from_peers, 6 * 64 * MIB as u64);
+    let peer_uploads: u64 = peers
+        .iter()
+        .map(|p| p.upload_stats().bytes.load(Ordering::Relaxed))
+        .sum();
+    let seed_uploads = seed.upload_stats().bytes.load(Ordering::Relaxed);
+    eprintln!(
+        "seed uploaded {} MiB, peers uploaded {} MiB to each other",
+        seed_uploads >> 20,
+        peer_uploads >> 20
+    );
+    assert_eq!(
+        seed_uploads + peer_uploads,
+        6 * 64 * MIB as u64,
+        "every piece moved once per peer"
+    );
+    assert!(peer_uploads > 0, "peers served each other");
+    let status = ApiClient::new(c.dir.path().join("nodes/peer-0/peer.sock"))
+        .cache()
+        .await
+        .unwrap();
+    assert_eq!(status.complete_blobs, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parent_killed_mid_transfer_does_not_stop_the_download() {
+    let Some(c) = cluster(true).await else { return };
+    let (blob, data) = c.push_blob(32 * MIB, 2).await;
+    // Slow parents, so the transfer is still running when one of them dies.
+    let mut slow = c.config("seed-1", true);
+    slow.upload_bytes_per_sec = 12 * MIB as u64;
+    let seed = c.start(slow).await;
+    let mut slow = c.config("peer-a", false);
+    slow.upload_bytes_per_sec = 12 * MIB as u64;
+    let a = c.start(slow).await;
+    assert_eq!(sha256(&fetch(&a, blob, c.origin()).await), sha256(&data));
+
+    let b = c.start(c.config("peer-b", false)).await;
+    let download = {
+        let origin = c.origin();
+        let b = &b;
+        async move { fetch(b, blob, origin).await }
+    };
+    let kill = async {
+        wait_until(Duration::from_secs(20), || {
+            a.upload_stats().pieces.load(Ordering::Relaxed) > 2
+        })
+        .await;
+        a.kill();
+    };
+    let (got, ()) = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join(download, kill),
+    )
+    .await
+    .expect("the download finishes");
+    assert_eq!(sha256(&got), sha256(&data));
+    assert_eq!(
+        c.registry.blob_bytes_served(&blob.to_string()).await,
+        32 * MIB as u64,
+        "only the seed's first fetch"
+    );
+    assert!(seed.upload_stats().pieces.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parent_serving_flipped_bytes_is_detected_and_blocked() {
+    let Some(c) = cluster(true).await else { return };
+    let (blob, data) = c.push_blob(16 * MIB, 3).await;
+    let _seed = c.start(c.config("seed-1", true)).await;
+    let mut bad = c.config("peer-bad", false);
+    bad.test_corrupt_uploads = true;
+    let bad = c.start(bad).await;
+    assert_eq!(
+        sha256(&fetch(&bad, blob, c.origin()).await),
+        sha256(&data),
+        "its own copy is good"
+    );
+
+    let victim = c.start(c.config("peer-b", false)).await;
+    assert_eq!(
+        sha256(&fetch(&victim, blob, c.origin()).await),
+        sha256(&data)
+    );
+    let stats = victim.downloader().stats();
+    let served_bad = bad.upload_stats().pieces.load(Ordering::Relaxed);
+    // The scheduler ranks non-seeds first and the driver prefers them on ties: the bad peer is asked.
+    assert!(served_bad > 0, "the bad parent was asked for pieces");
+    assert!(
+        stats.corrupt_pieces.load(Ordering::Relaxed) >= 1,
+        "flipped bytes were detected"
+    );
+    assert_eq!(
+        stats.parents_dropped.load(Ordering::Relaxed),
+        1,
+        "the bad parent was dropped once"
+    );
+    let per_parent = c.config("x", false).per_parent_concurrency as u64;
+    assert!(
+        served_bad <= per_parent,
+        "dropped after its first bad piece ({served_bad} were in flight)"
+    );
+
+    // Reported as corrupt, it is blocked for the whole task: the next peer never gets its bytes.
+    let before = bad.upload_stats().pieces.load(Ordering::Relaxed);
+    let next = c.start(c.config("peer-c", false)).await;
+    assert_eq!(sha256(&fetch(&next, blob, c.origin()).await), sha256(&data));
+    assert_eq!(
+        bad.upload_stats().pieces.load(Ordering::Relaxed),
+        before,
+        "blocked parent got no requests"
+    );
+    assert_eq!(
+        next.downloader()
+            .stats()
+            .corrupt_pieces
+            .load(Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        c.registry.blob_bytes_served(&blob.to_string()).await,
+        16 * MIB as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_scheduler_killed_peers_fall_back_to_the_origin() {
+    let Some(mut c) = cluster(true).await else {
+        return;
+    };
+    let (blob, data) = c.push_blob(8 * MIB, 4).await;
+    let a = c.start(c.config("peer-a", false)).await;
+    let b = c.start(c.config("peer-b", false)).await;
+    if let Some(s) = c.scheduler.take() {
+        s.shutdown();
+    }
+    wait_until(Duration::from_secs(15), || {
+        !a.scheduler_connected() && !b.scheduler_connected()
+    })
+    .await;
+    let (ga, gb) = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join(fetch(&a, blob, c.origin()), fetch(&b, blob, c.origin())),
+    )
+    .await
+    .expect("both finish without a scheduler");
+    assert_eq!(sha256(&ga), sha256(&data));
+    assert_eq!(sha256(&gb), sha256(&data));
+    assert!(
+        a.downloader()
+            .stats()
+            .bytes_from_origin
+            .load(Ordering::Relaxed)
+            >= 8 * MIB as u64
+    );
+
+    // A scheduler that comes back is found again (reconnect with backoff).
+    c.start_scheduler();
+    let addr = c.scheduler_addr().unwrap();
+    let mut cfg = c.config("peer-late", false);
+    cfg.scheduler = Some(addr);
+    let late = c.start(cfg).await;
+    assert!(late.scheduler_connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_through_the_local_api_fetch_only_their_pieces() {
+    let Some(c) = cluster(true).await else { return };
+    let (blob, data) = c.push_blob(8 * MIB + 123, 5).await;
+    let seed = c.start(c.config("seed-1", true)).await;
+    assert_eq!(sha256(&fetch(&seed, blob, c.origin()).await), sha256(&data));
+    let _peer = c.start(c.config("peer-a", false)).await;
+    let client = ApiClient::new(c.dir.path().join("nodes/peer-a/peer.sock"));
+    let src = c.origin().reference;
+    let size = data.len() as u64;
+    let m = MIB as u64;
+    for (start, end) in [
+        (0, 1),
+        (size / 2, size / 2 + 100),
+        (size - 1, size),
+        (m - 10, m + 10),
+    ] {
+        let got = client
+            .read_range(&blob, Some(&src), start, end)
+            .await
+            .unwrap();
+        assert_eq!(
+            &got[..],
+            &data[start as usize..end as usize],
+            "range {start}..{end}"
+        );
+    }
+    let err = client
+        .get_blob(&blob, Some(&src), Some((size, size + 5)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("416"), "{err}");
+    let tasks = client.tasks().await.unwrap();
+    let t = tasks.iter().find(|t| t.blob == blob.to_string()).unwrap();
+    assert!(!t.complete, "only the covering pieces were fetched: {t:?}");
+    // Pieces 0, 1, 4 and 8 (1 MiB pieces) cover the four ranges.
+    assert_eq!(t.held, 4, "{t:?}");
+    assert_eq!(seed.upload_stats().pieces.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        c.registry.blob_bytes_served(&blob.to_string()).await,
+        size,
+        "only the seed's fetch"
+    );
+    // The whole blob through the API: 200, every byte, sha256 checked by the peer.
+    let out = c.dir.path().join("whole");
+    client.fetch_to_file(&blob, Some(&src), &out).await.unwrap();
+    assert_eq!(file_sha256(&out), sha256(&data));
+    let status = client.fetch(&blob, None).await.unwrap();
+    assert!(status.complete, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_cluster_certificates_get_pieces() {
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let (blob, data) = c.push_blob(2 * MIB, 6).await;
+    let a = c.start(c.config("peer-a", false)).await;
+    assert_eq!(sha256(&fetch(&a, blob, c.origin()).await), sha256(&data));
+    let addr = a.quic_addr();
+
+    // A node of the cluster gets the piece.
+    let friend =
+        shoal_tls::NodeIdentity::load(shoal_tls::IdentityPaths::in_dir(&c.identity("friend")))
+            .unwrap();
+    let cfg = shoal_tls::quic_client_config(&friend, &[shoal_proto::ALPN_PEER]).unwrap();
+    let piece = ask_piece(cfg, addr, "peer-a", "friend", blob)
+        .await
+        .unwrap();
+    assert_eq!(&piece[..], &data[..MIB]);
+    let served = a.upload_stats().pieces.load(Ordering::Relaxed);
+    assert_eq!(served, 1);
+
+    // A certificate from another CA: nothing.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = shoal_tls::ClusterCa::init(&other.path().join("ca"), "Other CA", 30).unwrap();
+    let mut req = shoal_tls::NodeCertRequest::new("intruder", 30);
+    req.ips.push("127.0.0.1".parse().unwrap());
+    other_ca
+        .issue(&req)
+        .unwrap()
+        .write_to(&other.path().join("n"))
+        .unwrap();
+    // It trusts our CA (so only the server's check of its certificate can stop it).
+    std::fs::copy(
+        c.dir.path().join("ca/ca.crt"),
+        other.path().join("n/ca.crt"),
+    )
+    .unwrap();
+    let intruder =
+        shoal_tls::NodeIdentity::load(shoal_tls::IdentityPaths::in_dir(&other.path().join("n")))
+            .unwrap();
+    let cfg = shoal_tls::quic_client_config(&intruder, &[shoal_proto::ALPN_PEER]).unwrap();
+    assert!(ask_piece(cfg, addr, "peer-a", "intruder", blob)
+        .await
+        .is_err());
+
+    // No client certificate at all: nothing.
+    let tls = rustls::ClientConfig::builder_with_provider(shoal_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(friend.roots())
+        .with_no_client_auth();
+    let mut tls = tls;
+    tls.alpn_protocols = vec![shoal_proto::ALPN_PEER.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+    assert!(ask_piece(cfg, addr, "peer-a", "friend", blob)
+        .await
+        .is_err());
+
+    assert_eq!(
+        a.upload_stats().pieces.load(Ordering::Relaxed),
+        served,
+        "no piece left for the refused clients"
+    );
+    assert!(a.upload_stats().refused.load(Ordering::Relaxed) >= 2);
+}
+
+/// Connects with `cfg`, says Hello as `me`, and asks for piece 0 of `blob`.
+async fn ask_piece(
+    cfg: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    server: &str,
+    me: &str,
+    blob: shoal_proto::Digest,
+) -> Result<Vec<u8>, String> {
+    let mut ep =
+        quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
+    ep.set_default_client_config(cfg);
+    let attempt = async {
+        let conn = ep
+            .connect(addr, server)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let hello = shoal_proto::Hello::new(
+            shoal_proto::Role::Peer,
+            shoal_proto::HostId::new(me).unwrap(),
+        );
+        let n = shoal_proto::client_handshake(&mut recv, &mut send, &hello)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        n.codec
+            .write(
+                &mut send,
+                &shoal_proto::PieceRequest::GetPiece { blob, index: 0 },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match shoal_proto::read_piece(&n.codec, &mut recv, &blob, 0, MIB as u32)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            shoal_proto::PieceResponse::Piece { bytes, .. } => Ok(bytes),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+    ep.close(0u32.into(), b"");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_survives_the_scheduler_dying_mid_transfer() {
+    let Some(mut c) = cluster(true).await else {
+        return;
+    };
+    let (blob, data) = c.push_blob(24 * MIB, 7).await;
+    let mut slow = c.config("seed-1", true);
+    slow.upload_bytes_per_sec = 8 * MIB as u64;
+    let seed = c.start(slow).await;
+    assert_eq!(sha256(&fetch(&seed, blob, c.origin()).await), sha256(&data));
+    let a = c.start(c.config("peer-a", false)).await;
+    let download = fetch(&a, blob, c.origin());
+    let kill = async {
+        wait_until(Duration::from_secs(20), || {
+            seed.upload_stats().pieces.load(Ordering::Relaxed) > 2
+        })
+        .await;
+        if let Some(s) = c.scheduler.take() {
+            s.shutdown();
+        }
+    };
+    let (got, ()) = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join(download, kill),
+    )
+    .await
+    .expect("the download finishes without the scheduler");
+    assert_eq!(sha256(&got), sha256(&data));
+    let stats = a.downloader().stats();
+    let total = stats.bytes_from_peers.load(Ordering::Relaxed)
+        + stats.bytes_from_origin.load(Ordering::Relaxed);
+    assert_eq!(
+        total,
+        24 * MIB as u64,
+        "every byte came from the seed or the origin, once"
+    );
+}

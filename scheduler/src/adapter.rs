@@ -1,0 +1,459 @@
+//! Maps `shoal-proto` scheduler messages onto core calls and core answers back onto replies;
+//! the QUIC service reads a request, calls [`ProtoAdapter::handle`], writes the reply and sends
+//! the push (if any) to the named host. No I/O here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shoal_proto as proto;
+use shoal_proto::{
+    ErrorCode, ErrorReply, FailureReason, ParentsReply, PieceReport, SchedulerPush, SchedulerReply,
+    SchedulerRequest,
+};
+
+use crate::clock::Clock;
+use crate::error::SchedulerError;
+use crate::host::{HostLoad, HostRegistration, Locality};
+use crate::ids::{HostId, TaskId};
+use crate::reports::FailureKind;
+use crate::select::{Decision, Parent};
+use crate::state::Scheduler;
+use crate::task::{Held, TaskAnnouncement};
+
+/// The result of one request: the reply to the asker, and an order to push to another host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    /// Reply on the asker's stream.
+    pub reply: SchedulerReply,
+    /// A message for another host (a seed told to fetch from the origin).
+    pub push: Option<(HostId, SchedulerPush)>,
+}
+
+impl Handled {
+    fn reply(reply: SchedulerReply) -> Self {
+        Self { reply, push: None }
+    }
+}
+
+/// Keeps what the core does not: each blob's origin reference (for seed fetch orders).
+/// Bounded by the core's task count: entries of blobs the core dropped go at [`Self::expire`].
+#[derive(Debug, Default)]
+pub struct ProtoAdapter {
+    origins: HashMap<TaskId, proto::OriginRef>,
+}
+
+fn error_reply(e: &SchedulerError) -> SchedulerReply {
+    let code = match e {
+        SchedulerError::UnknownHost { .. } => ErrorCode::UnknownHost,
+        SchedulerError::NotInTask { .. } => ErrorCode::UnknownTask,
+        SchedulerError::LimitReached { .. } => ErrorCode::Busy,
+        _ => ErrorCode::BadRequest,
+    };
+    SchedulerReply::Error(ErrorReply::new(code, e.to_string()))
+}
+
+fn host_id(id: &proto::HostId) -> Result<HostId, SchedulerError> {
+    HostId::new(id.as_str())
+}
+
+fn task_id(blob: &proto::Digest) -> Result<TaskId, SchedulerError> {
+    TaskId::new(&blob.to_string())
+}
+
+fn failure_kind(reason: FailureReason) -> Option<FailureKind> {
+    match reason {
+        FailureReason::Connect => Some(FailureKind::Unreachable),
+        FailureReason::Refused | FailureReason::Protocol => Some(FailureKind::Refused),
+        FailureReason::Timeout => Some(FailureKind::Stalled),
+        FailureReason::Corrupt => Some(FailureKind::BadData),
+        // Busy is transient: the slot is released, the parent is not blocked.
+        FailureReason::Busy => None,
+    }
+}
+
+impl ProtoAdapter {
+    /// An adapter with no origins known.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one request from `from` (the host id its certificate and Hello proved).
+    pub fn handle<C: Clock>(
+        &mut self,
+        s: &mut Scheduler<C>,
+        from: &proto::HostId,
+        req: SchedulerRequest,
+    ) -> Handled {
+        match self.dispatch(s, from, req) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(host = %from.as_str(), error = %e, "scheduler request refused");
+                Handled::reply(error_reply(&e))
+            }
+        }
+    }
+
+    /// Expires silent hosts and forgets origins of blobs no peer takes part in any more.
+    pub fn expire<C: Clock>(&mut self, s: &mut Scheduler<C>) -> Vec<HostId> {
+        let gone = s.expire_hosts();
+        self.origins.retain(|t, _| s.task_peer_count(t) > 0);
+        gone
+    }
+
+    fn dispatch<C: Clock>(
+        &mut self,
+        s: &mut Scheduler<C>,
+        from: &proto::HostId,
+        req: SchedulerRequest,
+    ) -> Result<Handled, SchedulerError> {
+        let me = host_id(from)?;
+        let ok = || Ok(Handled::reply(SchedulerReply::Ok));
+        match req {
+            SchedulerRequest::RegisterHost(r) => {
+                if r.host_id.as_str() != me.as_str() {
+                    return Ok(Handled::reply(SchedulerReply::Error(ErrorReply::new(
+                        ErrorCode::Refused,
+                        format!(
+                            "host {me} may not register as {}: the id must match its certificate",
+                            r.host_id.as_str()
+                        ),
+                    ))));
+                }
+                s.register_host(HostRegistration {
+                    id: me,
+                    addresses: r.addresses,
+                    locality: Locality {
+                        zone: r.locality.zone.unwrap_or_default(),
+                        rack: r.locality.rack.unwrap_or_default(),
+                    },
+                    upload_slots: r.upload_slots,
+                    is_seed: r.is_seed,
+                })?;
+                let timeout = s.config().host_timeout();
+                let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+                Ok(Handled::reply(SchedulerReply::Registered(
+                    proto::Registered {
+                        heartbeat_interval_ms: ms(timeout / 3),
+                        host_timeout_ms: ms(timeout),
+                    },
+                )))
+            }
+            SchedulerRequest::Heartbeat(h) => {
+                s.heartbeat(
+                    &me,
+                    HostLoad {
+                        free_upload_slots: Some(h.free_upload_slots),
+                    },
+                )?;
+                ok()
+            }
+            SchedulerRequest::LeaveHost => {
+                s.leave_host(&me);
+                ok()
+            }
+            SchedulerRequest::RegisterTask(t) => {
+                let task = task_id(&t.task.blob)?;
+                let held = match &t.held {
+                    Some(set) => Held::Bitmap(set.as_bytes().to_vec()),
+                    None => Held::Nothing,
+                };
+                s.announce_task(
+                    &me,
+                    TaskAnnouncement {
+                        task: task.clone(),
+                        size: t.task.size,
+                        piece_size: t.task.piece_size,
+                        held,
+                    },
+                )?;
+                if let Some(table) = t.piece_table {
+                    s.publish_piece_table(&me, &task, table)?;
+                }
+                if let Some(origin) = t.origin {
+                    self.origins.insert(task.clone(), origin);
+                }
+                Ok(Handled::reply(SchedulerReply::Task(proto::TaskInfo {
+                    task: t.task,
+                    piece_table: s.piece_table(&task).map(|p| p.to_vec()),
+                })))
+            }
+            SchedulerRequest::PiecesHeld(p) => {
+                let task = task_id(&p.blob)?;
+                match p.pieces {
+                    PieceReport::Full(set) => s.report_held(&me, &task, set.as_bytes())?,
+                    PieceReport::Added(i) => {
+                        s.report_pieces(&me, &task, &i)?;
+                    }
+                    PieceReport::Removed(i) => {
+                        s.report_pieces_removed(&me, &task, &i)?;
+                    }
+                }
+                ok()
+            }
+            SchedulerRequest::RequestParents(r) => {
+                let task = task_id(&r.blob)?;
+                let exclude: Vec<HostId> =
+                    r.exclude.iter().filter_map(|h| host_id(h).ok()).collect();
+                s.block_parents(&me, &task, &exclude)?;
+                let decision = s.decide(&me, &task)?;
+                Ok(self.answer(s, &task, r.blob, decision))
+            }
+            SchedulerRequest::ReportPieceFailure(f) => {
+                let task = task_id(&f.blob)?;
+                let parent = host_id(&f.parent)?;
+                // Busy is not held against the parent: the child asks again and its edges go.
+                if let Some(kind) = failure_kind(f.reason) {
+                    s.report_failure(&me, &task, &parent, kind)?;
+                }
+                ok()
+            }
+            SchedulerRequest::DownloadFinished(d) => {
+                let task = task_id(&d.blob)?;
+                let Some(summary) = s.task_summary(&task) else {
+                    return Err(SchedulerError::NotInTask { host: me, task });
+                };
+                let all: Vec<u32> = (0..summary.piece_count).collect();
+                s.report_pieces(&me, &task, &all)?;
+                ok()
+            }
+            SchedulerRequest::DownloadFailed(d) => {
+                let task = task_id(&d.blob)?;
+                tracing::info!(host = %me, blob = %task, reason = %d.reason, "download given up");
+                s.leave_task(&me, &task)?;
+                ok()
+            }
+            SchedulerRequest::ListHosts { limit } => {
+                let limit = (limit as usize).min(proto::MAX_HOST_LIST);
+                let hosts = s
+                    .list_hosts(limit)
+                    .into_iter()
+                    .filter_map(|h| {
+                        Some(proto::HostInfo {
+                            host_id: proto::HostId::new(h.id.as_str()).ok()?,
+                            addresses: h
+                                .addresses
+                                .iter()
+                                .copied()
+                                .take(proto::MAX_ADDRESSES)
+                                .collect(),
+                            locality: proto::Locality {
+                                zone: Some(h.locality.zone).filter(|z| !z.is_empty()),
+                                rack: Some(h.locality.rack).filter(|r| !r.is_empty()),
+                            },
+                            is_seed: h.is_seed,
+                        })
+                    })
+                    .collect();
+                Ok(Handled::reply(SchedulerReply::Hosts(proto::HostList {
+                    hosts,
+                })))
+            }
+        }
+    }
+
+    /// Turns a decision into the reply (and, for a seed fetch, the order to the seed).
+    fn answer<C: Clock>(
+        &self,
+        s: &Scheduler<C>,
+        task: &TaskId,
+        blob: proto::Digest,
+        decision: Decision,
+    ) -> Handled {
+        let parents = |list: &[Parent]| -> Vec<proto::Parent> {
+            list.iter()
+                .filter_map(|p| {
+                    let bitmap = s.held_bitmap(&p.host, task)?;
+                    let summary = s.task_summary(task)?;
+                    let mut pieces = proto::PieceSet::empty(summary.piece_count).ok()?;
+                    for i in 0..summary.piece_count {
+                        if bitmap
+                            .get(i as usize / 8)
+                            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+                        {
+                            pieces.insert(i).ok()?;
+                        }
+                    }
+                    Some(proto::Parent {
+                        host_id: proto::HostId::new(p.host.as_str()).ok()?,
+                        addresses: p
+                            .addresses
+                            .iter()
+                            .copied()
+                            .take(proto::MAX_ADDRESSES)
+                            .collect(),
+                        pieces,
+                        is_seed: p.is_seed,
+                    })
+                })
+                .collect()
+        };
+        match decision {
+            Decision::Parents(list) => Handled::reply(SchedulerReply::Parents(
+                ParentsReply::Parents(parents(&list)),
+            )),
+            Decision::Done => {
+                Handled::reply(SchedulerReply::Parents(ParentsReply::Parents(vec![])))
+            }
+            Decision::BackToSource => {
+                Handled::reply(SchedulerReply::Parents(ParentsReply::BackToSource {
+                    reason: format!("nobody holds some pieces of {task} and no seed can fetch it"),
+                }))
+            }
+            Decision::Wait { retry_after } => {
+                Handled::reply(SchedulerReply::Parents(ParentsReply::WaitForSeed {
+                    retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
+                }))
+            }
+            Decision::SeedFetch {
+                seed,
+                parents: list,
+            } => {
+                let reply = SchedulerReply::Parents(ParentsReply::Parents(parents(&list)));
+                let push = match (self.origins.get(task), s.task_summary(task)) {
+                    (Some(origin), Some(summary)) => Some((
+                        seed.host.clone(),
+                        SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin {
+                            task: proto::TaskMeta {
+                                blob,
+                                size: summary.size,
+                                piece_size: summary.piece_size,
+                            },
+                            origin: origin.clone(),
+                        }),
+                    )),
+                    _ => {
+                        tracing::warn!(blob = %task, seed = %seed.host,
+                            "seed fetch ordered but no peer announced the blob's origin");
+                        None
+                    }
+                };
+                Handled { reply, push }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::SchedulerConfig;
+    use prometheus_client::registry::Registry;
+
+    fn pid(name: &str) -> proto::HostId {
+        proto::HostId::new(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn register(a: &mut ProtoAdapter, s: &mut Scheduler<ManualClock>, name: &str, seed: bool) {
+        let req = SchedulerRequest::RegisterHost(proto::RegisterHost {
+            host_id: pid(name),
+            addresses: vec!["127.0.0.1:4470".parse().unwrap_or_else(|e| panic!("{e}"))],
+            locality: proto::Locality::default(),
+            upload_slots: 8,
+            upload_bytes_per_sec: 0,
+            is_seed: seed,
+        });
+        let h = a.handle(s, &pid(name), req);
+        assert!(matches!(h.reply, SchedulerReply::Registered(_)), "{h:?}");
+    }
+
+    #[test]
+    fn a_request_for_an_unheld_blob_orders_the_seed_to_fetch_it() {
+        let mut registry = Registry::default();
+        let mut s = Scheduler::new(
+            SchedulerConfig::default(),
+            ManualClock::new(),
+            &mut registry,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut a = ProtoAdapter::new();
+        register(&mut a, &mut s, "seed-1", true);
+        register(&mut a, &mut s, "peer-1", false);
+        let meta = proto::TaskMeta {
+            blob: proto::Digest::from_bytes([7; 32]),
+            size: 10 << 20,
+            piece_size: 1 << 20,
+        };
+        let origin = proto::OriginRef {
+            reference: "docker://registry.invalid/app".into(),
+            authorization: None,
+        };
+        let h = a.handle(
+            &mut s,
+            &pid("peer-1"),
+            SchedulerRequest::RegisterTask(proto::RegisterTask {
+                task: meta,
+                piece_table: None,
+                held: None,
+                origin: Some(origin.clone()),
+            }),
+        );
+        assert!(matches!(h.reply, SchedulerReply::Task(_)), "{h:?}");
+        let h = a.handle(
+            &mut s,
+            &pid("peer-1"),
+            SchedulerRequest::RequestParents(proto::RequestParents {
+                blob: meta.blob,
+                wanted: proto::PieceSet::full(10).unwrap_or_else(|e| panic!("{e}")),
+                exclude: vec![],
+            }),
+        );
+        match &h.reply {
+            SchedulerReply::Parents(ParentsReply::Parents(p)) => {
+                assert_eq!(p.len(), 1);
+                assert_eq!(p[0].host_id.as_str(), "seed-1");
+                assert!(p[0].is_seed);
+            }
+            other => panic!("expected parents, got {other:?}"),
+        }
+        let expected =
+            SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin { task: meta, origin });
+        assert_eq!(
+            h.push,
+            Some((
+                HostId::new("seed-1").unwrap_or_else(|e| panic!("{e}")),
+                expected
+            ))
+        );
+    }
+
+    #[test]
+    fn errors_map_to_codes_the_peer_acts_on() {
+        let mut registry = Registry::default();
+        let mut s = Scheduler::new(
+            SchedulerConfig::default(),
+            ManualClock::new(),
+            &mut registry,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut a = ProtoAdapter::new();
+        let beat = SchedulerRequest::Heartbeat(proto::Heartbeat {
+            free_upload_slots: 1,
+            upload_bytes_per_sec: 0,
+            download_bytes_per_sec: 0,
+        });
+        let h = a.handle(&mut s, &pid("ghost"), beat);
+        assert!(
+            matches!(&h.reply, SchedulerReply::Error(e) if e.code == ErrorCode::UnknownHost),
+            "{h:?}"
+        );
+        register(&mut a, &mut s, "peer-1", false);
+        let impostor = SchedulerRequest::RegisterHost(proto::RegisterHost {
+            host_id: pid("peer-2"),
+            addresses: vec![],
+            locality: proto::Locality::default(),
+            upload_slots: 1,
+            upload_bytes_per_sec: 0,
+            is_seed: true,
+        });
+        let h = a.handle(&mut s, &pid("peer-1"), impostor);
+        assert!(matches!(&h.reply, SchedulerReply::Error(e) if e.code == ErrorCode::Refused));
+        let ask = SchedulerRequest::RequestParents(proto::RequestParents {
+            blob: proto::Digest::from_bytes([1; 32]),
+            wanted: proto::PieceSet::full(1).unwrap_or_else(|e| panic!("{e}")),
+            exclude: vec![],
+        });
+        let h = a.handle(&mut s, &pid("peer-1"), ask);
+        assert!(matches!(&h.reply, SchedulerReply::Error(e) if e.code == ErrorCode::UnknownTask));
+    }
+}
