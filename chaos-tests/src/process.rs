@@ -152,8 +152,8 @@ impl Proc {
         tracing::info!(name = %self.name, pid = child.id(), cmd = %self.cmd.display(), "chaos: started");
         let pid = child.id();
         self.child = Some(child);
-        if let Some(ns) = &self.cmd.netns {
-            self.wait_in_netns(pid, ns)?;
+        if let Some(ns) = self.cmd.netns.clone() {
+            self.wait_in_netns(pid, &ns)?;
         }
         Ok(())
     }

@@ -20,26 +20,33 @@ rootless=()
 echo "== building a three-layer OCI image from this machine's files (umoci)"
 umoci init --layout "$work/oci"
 umoci new --image "$work/oci:demo"
-umoci unpack "${rootless[@]}" --image "$work/oci:demo" "$work/bundle"
 rootfs="$work/bundle/rootfs"
-# Layer 1: programs and their documentation.
-mkdir -p "$rootfs/usr/bin" "$rootfs/usr/share"
-cp -a /usr/bin/. "$rootfs/usr/bin/"
-cp -a /usr/share/doc "$rootfs/usr/share/doc"
-umoci repack --image "$work/oci:demo" "$work/bundle"
-# Layer 2: a language runtime's library tree, a deletion (a whiteout), and a hardlink.
-python_lib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-mkdir -p "$rootfs/usr/lib/python3"
-cp -a "$python_lib/." "$rootfs/usr/lib/python3/"
-rm -rf "$rootfs/usr/share/doc/git"
-ln -f "$rootfs/usr/bin/env" "$rootfs/usr/bin/env-hardlink"
-umoci repack --image "$work/oci:demo" "$work/bundle"
-# Layer 3: an opaque directory replacement and a changed file.
-rm -rf "$rootfs/usr/share/doc"
-mkdir -p "$rootfs/usr/share/doc"
-echo "replaced in layer 3" > "$rootfs/usr/share/doc/README"
-date -u > "$rootfs/etc-build-date"
-umoci repack --image "$work/oci:demo" "$work/bundle"
+# umoci repack adds one layer over the image the bundle was unpacked from: unpack before each layer.
+layer() {
+    rm -rf "$work/bundle"
+    umoci unpack "${rootless[@]}" --image "$work/oci:demo" "$work/bundle" >/dev/null
+    "$@"
+    umoci repack --image "$work/oci:demo" "$work/bundle"
+}
+layer1() { # programs and their documentation
+    mkdir -p "$rootfs/usr/bin" "$rootfs/usr/share"
+    cp -a /usr/bin/. "$rootfs/usr/bin/"
+    cp -a /usr/share/doc "$rootfs/usr/share/doc"
+}
+layer2() { # a deletion (a whiteout), a hardlink, a symlink, a new file
+    rm -rf "$rootfs/usr/share/doc/git"
+    ln -f "$rootfs/usr/bin/env" "$rootfs/usr/bin/env-hardlink"
+    ln -sf ../bin/env "$rootfs/usr/share/env-link"
+    date -u > "$rootfs/build-date"
+}
+layer3() { # a directory replaced wholesale
+    rm -rf "$rootfs/usr/share/doc"
+    mkdir -p "$rootfs/usr/share/doc"
+    echo "replaced in layer 3" > "$rootfs/usr/share/doc/README"
+}
+layer layer1
+layer layer2
+layer layer3
 
 echo "== shoal image convert"
 "$shoal" image convert --source "oci:$work/oci:demo" --output "oci:$work/shoal:demo"

@@ -115,3 +115,35 @@ impl FsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_uses_defaults_and_rejects_unknown_fields() {
+        let c: FsConfig = toml::from_str(
+            "source = \"oci:/img\"\nmountpoint = \"/mnt\"\nfetch_timeout_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.fetch_timeout_secs, 5);
+        assert_eq!(c.max_request_bytes, FsConfig::default().max_request_bytes);
+        c.validate().unwrap();
+        assert!(toml::from_str::<FsConfig>("source = \"x\"\nfetch_timout_secs = 5\n").is_err());
+    }
+
+    #[test]
+    fn reads_can_never_wait_forever() {
+        assert!(FsConfig::default().fetch_timeout_secs <= 30);
+        let c = FsConfig {
+            fetch_timeout_secs: 0,
+            ..FsConfig::new("oci:/img", "/mnt")
+        };
+        assert!(c.validate().is_err());
+        let c = FsConfig {
+            max_gap_bytes: 1 << 30,
+            ..FsConfig::new("oci:/img", "/mnt")
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -304,6 +304,18 @@ impl Filesystem for ImageFs {
         reply.ok();
     }
 
+    /// Nothing is buffered for writing (the image is read-only), so a close has nothing to flush.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.view(ino) {
             Ok(v) if v.kind() == InodeKind::Directory => reply.opened(

@@ -6,7 +6,7 @@
 //! Data path by module (README.md draws it): [`mount`] opens the source ([`image`]) and starts
 //! the FUSE session -> [`inode`] answers metadata from the bootstrap and hands reads to a thread
 //! pool -> [`read`] maps offsets to chunks, serves cached ones, fetches the rest through
-//! [`fetch`] (peer, else origin), decompresses and verifies -> the store caches them.
+//! [`fetch`] (peer, else origin), decompresses and verifies ([`verify`]) -> the store caches them.
 //! [`prefetch`] warms the cache in the background, [`access_log`] records first reads,
 //! [`metrics`] counts. Configuration: [`config`].
 
@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mount;
 pub mod prefetch;
 pub mod read;
+pub mod verify;
 
 pub use config::FsConfig;
 pub use error::{FsError, Result};

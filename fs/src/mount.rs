@@ -45,10 +45,13 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Cache writes (fsync) go to the blocking pool: keep it small.
+        .max_blocking_threads(8)
         .thread_name("shoal-fs-io")
         .enable_all()
         .build()
         .map_err(|e| FsError::io("starting I/O runtime for", &config.mountpoint, e))?;
+    clear_stale_mount(&config.mountpoint);
     let image = rt.block_on(crate::image::open(&config))?;
     let boot = image.boot;
     let total_stored = (0..boot.chunk_count())
@@ -135,6 +138,18 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
     })
 }
 
+/// A FUSE mount left by a process that died answers ENOTCONN: detach it so we can mount again.
+fn clear_stale_mount(mountpoint: &Path) {
+    if let Err(e) = std::fs::metadata(mountpoint) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::warn!(mountpoint = %mountpoint.display(), "detaching a stale FUSE mount left by a dead process");
+            if let Err(e) = umount(mountpoint) {
+                tracing::warn!(error = %e, "could not detach the stale mount");
+            }
+        }
+    }
+}
+
 /// `shoal:<source>` without characters that would break the mount table.
 fn fs_name(source: &str) -> String {
     let clean: String = source
@@ -202,7 +217,14 @@ impl MountHandle {
             let guard_done = {
                 let mut s = Some(session);
                 let t = std::thread::spawn(move || {
-                    s.take().map(fuser::BackgroundSession::umount_and_join)
+                    s.take().map(|s| {
+                        if s.guard.is_finished() {
+                            // Unmounted from outside (`shoal fs umount`): only collect the thread.
+                            s.join()
+                        } else {
+                            s.umount_and_join()
+                        }
+                    })
                 });
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while !t.is_finished() && Instant::now() < deadline {
@@ -214,7 +236,8 @@ impl MountHandle {
                 t.join()
             };
             match guard_done {
-                Ok(Some(Err(e))) => {
+                // EINVAL: no longer mounted (someone unmounted it meanwhile).
+                Ok(Some(Err(e))) if e.raw_os_error() != Some(libc::EINVAL) => {
                     result = Err(FsError::Mount {
                         op: "unmounting",
                         path: self.mountpoint.clone(),

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
-use shoal_format::model::ChunkEncoding;
 use shoal_origin::Digest;
 use shoal_store::{Blake3Hash, Store};
 
 use crate::fetch::{ChunkSource, FetchError};
 use crate::metrics::Metrics;
+use crate::verify::decode_chunk;
 
 /// Largest stored form of a chunk we accept (chunks are at most 16 MiB uncompressed).
 const MAX_STORED: u32 = 32 << 20;
@@ -102,27 +102,6 @@ pub struct ReaderParts {
     pub memory_cache_bytes: u64,
     /// Counters.
     pub metrics: Arc<Metrics>,
-}
-
-/// Decompresses a chunk's stored form and checks it against its name.
-pub fn decode_chunk(c: &ChunkView, stored: &[u8]) -> Result<Bytes, String> {
-    let data = match c.encoding {
-        ChunkEncoding::Raw => stored.to_vec(),
-        ChunkEncoding::Zstd => {
-            zstd::bulk::decompress(stored, c.size as usize).map_err(|e| format!("zstd: {e}"))?
-        }
-    };
-    if data.len() != c.size as usize {
-        return Err(format!(
-            "decompressed to {} bytes, expected {}",
-            data.len(),
-            c.size
-        ));
-    }
-    if *blake3::hash(&data).as_bytes() != c.hash {
-        return Err("BLAKE3 of the content does not match the chunk's name".into());
-    }
-    Ok(Bytes::from(data))
 }
 
 /// What one request to a source returned, and from which source.

@@ -27,8 +27,27 @@ pub struct PeerConfig {
     pub scheduler: Option<SocketAddr>,
     /// The scheduler's certificate name (TLS server name checked on connect).
     pub scheduler_name: String,
+    /// Several schedulers' QUIC addresses (with `scheduler`, if set); each blob goes to one of
+    /// them by rendezvous hashing, and to the next one when that one does not answer.
+    pub schedulers: Vec<SocketAddr>,
+    /// `name:port` whose addresses are the schedulers (a Kubernetes headless Service);
+    /// resolved again every `scheduler_dns_refresh_secs`. Not together with a static list.
+    pub scheduler_dns: Option<String>,
+    /// How often `scheduler_dns` is resolved again, in seconds.
+    pub scheduler_dns_refresh_secs: u64,
+    /// Join the peers' Kademlia DHT (TCP, same port number as `listen`) to find holders of a
+    /// blob when no scheduler answers.
+    pub dht: bool,
+    /// Peers' addresses (their `listen`/`advertise` address: the DHT uses the same port over
+    /// TCP) to join the DHT through, besides the hosts the schedulers list.
+    pub dht_bootstrap: Vec<SocketAddr>,
+    /// `name:port` whose addresses are peers to join the DHT through (a headless Service of
+    /// the peer DaemonSet).
+    pub dht_bootstrap_dns: Option<String>,
     /// Unix socket of the local API (HTTP over UDS).
     pub api_socket: PathBuf,
+    /// TCP address `shoal peer` serves `/metrics`, `/healthz` and `/readyz` on.
+    pub metrics_listen: SocketAddr,
     /// Run as a seed: register as one, fetch from origin when the scheduler asks, keep more cache.
     pub seed: bool,
     /// Store quota in bytes (high watermark); `None`: 20 GiB for a peer, 200 GiB for a seed.
@@ -63,6 +82,8 @@ pub struct PeerConfig {
     /// FOR TESTS ONLY: flip one byte of every piece this peer uploads (to test corruption
     /// detection in a real swarm). Never set this in production.
     pub test_corrupt_uploads: bool,
+    /// The registry proxy for container runtimes (`[proxy]`).
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl Default for PeerConfig {
@@ -75,7 +96,14 @@ impl Default for PeerConfig {
             advertise: Vec::new(),
             scheduler: None,
             scheduler_name: "shoal-scheduler".into(),
+            schedulers: Vec::new(),
+            scheduler_dns: None,
+            scheduler_dns_refresh_secs: 30,
+            dht: true,
+            dht_bootstrap: Vec::new(),
+            dht_bootstrap_dns: None,
             api_socket: PathBuf::from("/run/shoal/peer.sock"),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 4490)),
             seed: false,
             cache_bytes: None,
             cache_ttl_secs: 0,
@@ -92,6 +120,7 @@ impl Default for PeerConfig {
             piece_size: None,
             plain_http_registries: Vec::new(),
             test_corrupt_uploads: false,
+            proxy: crate::proxy::ProxyConfig::default(),
         }
     }
 }
@@ -115,12 +144,14 @@ impl PeerConfig {
             ("piece_timeout_ms", self.piece_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("scheduler_timeout_ms", self.scheduler_timeout_ms),
+            ("scheduler_dns_refresh_secs", self.scheduler_dns_refresh_secs),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(PeerError::Config(format!("{name} must be at least 1")));
             }
         }
+        crate::scheduler_ring::check_config(self)?;
         if let Some(ps) = self.piece_size {
             if !ps.is_power_of_two()
                 || !(shoal_proto::MIN_PIECE_SIZE..=shoal_proto::MAX_PIECE_SIZE).contains(&ps)

@@ -14,9 +14,13 @@
 pub mod api;
 mod config;
 mod convert;
+pub mod discovery;
 pub mod download;
 mod error;
+pub mod metrics;
+pub mod proxy;
 pub mod scheduler_client;
+pub mod scheduler_ring;
 mod seed;
 mod transport;
 pub mod upload;
@@ -28,14 +32,15 @@ use shoal_proto::{Heartbeat, HostId, Locality, RegisterHost, Role, SchedulerPush
 use shoal_store::{AsyncStore, StoreConfig};
 use shoal_tls::{IdentityPaths, NodeIdentity};
 
-pub use api::{ApiClient, BlobResponse, CacheStatus};
+pub use api::{ApiClient, BlobResponse, CacheStatus, NodeStatus};
 pub use config::PeerConfig;
 pub use download::{DownloadStats, Downloader, RangeStream, Task, TaskStatus};
 pub use error::PeerError;
 pub use upload::UploadStats;
 
 use download::{Ctx, Origins};
-use scheduler_client::{SchedEvent, SchedulerClient};
+use scheduler_client::SchedEvent;
+use scheduler_ring::SchedulerRing;
 use transport::Transport;
 use upload::Uploader;
 
@@ -45,10 +50,12 @@ pub struct Peer {
     store: AsyncStore,
     uploader: Arc<Uploader>,
     transport: Arc<Transport>,
-    sched: Option<Arc<SchedulerClient>>,
+    sched: Option<Arc<SchedulerRing>>,
+    dht: Option<Arc<discovery::Discovery>>,
     quic_addr: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _identity_watch: tokio::task::JoinHandle<()>,
+    proxy: Option<proxy::ProxyServer>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -88,9 +95,26 @@ impl Peer {
             config.test_corrupt_uploads,
         ));
         let mut tasks = vec![uploader.spawn(Arc::clone(&transport))];
+        let advertised = if config.advertise.is_empty() {
+            vec![quic_addr]
+        } else {
+            config.advertise.clone()
+        };
+        let dht = if config.dht {
+            Some(discovery::Discovery::start(
+                &identity,
+                host_id.clone(),
+                advertised.clone(),
+                config.listen.ip(),
+                quic_addr.port(),
+                store.clone(),
+            )?)
+        } else {
+            None
+        };
 
-        let (sched, events) = match config.scheduler {
-            Some(addr) => {
+        let (sched, events) = match scheduler_ring::source_of(&config) {
+            Some(source) => {
                 let advertise = if config.advertise.is_empty() {
                     vec![quic_addr]
                 } else {
@@ -113,9 +137,9 @@ impl Peer {
                     upload_bytes_per_sec: 0,
                     download_bytes_per_sec: 0,
                 });
-                let (client, events) = SchedulerClient::new(
+                let (client, events) = SchedulerRing::new(
                     Arc::clone(&transport),
-                    addr,
+                    source,
                     config.scheduler_name.clone(),
                     config.scheduler_timeout(),
                     registration,
@@ -132,6 +156,7 @@ impl Peer {
             store: store.clone(),
             transport: Arc::clone(&transport),
             sched: sched.clone(),
+            dht: dht.clone(),
             origins,
             config: config.clone(),
             me: host_id,
@@ -142,7 +167,7 @@ impl Peer {
             tasks.push(tokio::spawn(async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
-                        SchedEvent::Registered => d.announce_all(),
+                        SchedEvent::Registered | SchedEvent::Lost => d.announce_all(),
                         SchedEvent::Push(SchedulerPush::FetchFromOrigin(order)) => {
                             seed::fetch_from_origin(&d, order)
                         }
@@ -151,11 +176,29 @@ impl Peer {
                 }
             }));
         }
+        if let Some(d) = &dht {
+            tasks.push(d.spawn_bootstrap(
+                sched.clone(),
+                config.dht_bootstrap.clone(),
+                config.dht_bootstrap_dns.clone(),
+            ));
+        }
         let api_state = Arc::new(api::ApiState {
             downloader: Arc::clone(&downloader),
             store: store.clone(),
         });
         tasks.push(api::serve(&config.api_socket, api_state)?);
+        let proxy = if config.proxy.enabled {
+            let p = proxy::start(
+                config.proxy.clone(),
+                &config.plain_http_registries,
+                Arc::clone(&downloader),
+                &identity,
+            );
+            Some(p.await?)
+        } else {
+            None
+        };
         if config.cache_ttl_secs > 0 {
             tasks.push(store.spawn_sweeper(std::time::Duration::from_secs(
                 config.cache_ttl_secs.clamp(1, 600),
@@ -168,15 +211,22 @@ impl Peer {
             uploader,
             transport,
             sched,
+            dht,
             quic_addr,
             tasks,
             _identity_watch: identity_watch,
+            proxy,
         })
     }
 
     /// The piece server's bound UDP address.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The registry proxy's bound address, when `proxy.enabled`.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(|p| p.local_addr())
     }
 
     /// The downloads (for in-process users such as the registry proxy).
@@ -194,13 +244,26 @@ impl Peer {
         &self.uploader.stats
     }
 
-    /// Whether the scheduler connection is up.
+    /// Whether a scheduler connection is up (any of them).
     pub fn scheduler_connected(&self) -> bool {
-        self.sched.as_ref().is_some_and(|s| s.is_connected())
+        self.schedulers_connected() > 0
+    }
+
+    /// The DHT node, when `dht` is on.
+    pub fn discovery(&self) -> Option<&Arc<discovery::Discovery>> {
+        self.dht.as_ref()
+    }
+
+    /// How many schedulers this peer is registered with now.
+    pub fn schedulers_connected(&self) -> usize {
+        self.sched.as_ref().map_or(0, |s| s.connected())
     }
 
     /// Leaves the scheduler (best effort), then stops serving and closes every connection.
     pub async fn shutdown(self) {
+        if let Some(p) = &self.proxy {
+            p.shutdown().await; // requests in flight finish first
+        }
         if let Some(s) = &self.sched {
             s.leave().await;
         }
@@ -217,6 +280,9 @@ impl Peer {
             t.abort();
         }
         self._identity_watch.abort();
+        if let Some(p) = &self.proxy {
+            p.abort();
+        }
         self.transport.close();
     }
 }

@@ -1,4 +1,5 @@
-//! The peer's side of the scheduler protocol: one QUIC connection, registered with RegisterHost,
+//! The peer's side of the scheduler protocol, one client per scheduler (scheduler_ring.rs
+//! chooses among them per blob): one QUIC connection, registered with RegisterHost,
 //! kept alive with heartbeats, re-dialled with backoff when it breaks; one stream per request;
 //! pushes from the scheduler (FetchFromOrigin, PiecesUpdate) handed to the peer as events.
 //!
@@ -30,6 +31,9 @@ pub(crate) enum SchedEvent {
     Registered,
     /// The scheduler pushed a message (already accepted).
     Push(SchedulerPush),
+    /// A registered connection was lost: its blobs now belong to other schedulers, which are
+    /// told about every task again.
+    Lost,
 }
 
 /// Where the load figures of heartbeats come from.
@@ -58,7 +62,8 @@ impl std::fmt::Debug for SchedulerClient {
 }
 
 impl SchedulerClient {
-    /// A client for the scheduler at `addr` (certificate name `name`); call [`Self::spawn`].
+    /// A client for the scheduler at `addr` (certificate name `name`) that reports to
+    /// `events`; call [`Self::spawn`].
     pub fn new(
         transport: Arc<Transport>,
         addr: SocketAddr,
@@ -66,9 +71,9 @@ impl SchedulerClient {
         timeout: Duration,
         registration: RegisterHost,
         load: LoadFn,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<SchedEvent>) {
-        let (events, rx) = mpsc::unbounded_channel();
-        let client = Arc::new(SchedulerClient {
+        events: mpsc::UnboundedSender<SchedEvent>,
+    ) -> Arc<Self> {
+        Arc::new(SchedulerClient {
             transport,
             addr,
             name,
@@ -78,8 +83,7 @@ impl SchedulerClient {
             events,
             load,
             stopped: AtomicBool::new(false),
-        });
-        (client, rx)
+        })
     }
 
     /// Whether a registered connection is up now.
@@ -196,6 +200,9 @@ impl SchedulerClient {
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
         let result = loop {
+            if self.stopped.load(Ordering::Relaxed) {
+                break Ok(());
+            }
             tokio::select! {
                 reason = link.conn.closed() => break Err(PeerError::Scheduler(format!("connection closed: {reason}"))),
                 _ = tick.tick() => {
@@ -208,7 +215,21 @@ impl SchedulerClient {
             }
         };
         pushes.abort();
+        if let Ok(mut l) = self.link.lock() {
+            *l = None;
+        }
+        let _ = self.events.send(SchedEvent::Lost);
         result
+    }
+
+    /// Stops re-dialling and closes the connection without a goodbye (the scheduler was
+    /// dropped from the list).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        if let Some(link) = self.current() {
+            link.conn
+                .close(shoal_proto::close_code::OK.into(), b"removed");
+        }
     }
 
     /// Tells the scheduler this host leaves (best effort) and stops re-dialling.

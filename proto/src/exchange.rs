@@ -24,6 +24,22 @@ pub enum PieceRequest {
         /// The blob.
         blob: Digest,
     },
+    /// Send your geometry and piece table of `blob`; reply [`PieceReply::Table`]. Used when no
+    /// scheduler answers (holders found through the DHT); the table is trusted no more than a
+    /// scheduler-published one: the whole blob is checked against its sha256 before it counts.
+    PieceTable {
+        /// The blob.
+        blob: Digest,
+    },
+}
+
+/// A holder's geometry and piece table of one blob (answer to [`PieceRequest::PieceTable`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceTableReply {
+    /// Size and piece size.
+    pub task: crate::TaskMeta,
+    /// One BLAKE3 hash per piece.
+    pub table: Vec<Blake3Hash>,
 }
 
 /// Announces the raw piece bytes that follow this frame on the stream.
@@ -73,6 +89,8 @@ pub enum PieceReply {
     Held(PieceSet),
     /// Refused.
     Error(PieceError),
+    /// The geometry and piece table asked for.
+    Table(PieceTableReply),
 }
 
 impl PieceError {
@@ -101,6 +119,10 @@ impl Message for PieceReply {
             PieceReply::Piece(_) => Ok(()),
             PieceReply::Held(set) => set.validate(),
             PieceReply::Error(e) => check_text("piece error message", &e.message, MAX_TEXT_LEN),
+            PieceReply::Table(t) => {
+                t.task.validate()?;
+                t.task.validate_piece_table(&t.table)
+            }
         }
     }
 }
@@ -179,5 +201,9 @@ where
         }
         PieceReply::Held(set) => Ok(PieceResponse::Held(set)),
         PieceReply::Error(e) => Ok(PieceResponse::Error(e)),
+        PieceReply::Table(_) => Err(ProtoError::invalid(
+            "piece reply",
+            format!("asked for piece {index} of {blob}, got a piece table"),
+        )),
     }
 }

@@ -21,7 +21,7 @@ pub use digest::{Blake3Hash, Digest};
 pub use error::ProtoError;
 pub use exchange::{
     read_piece, write_piece, PieceError, PieceErrorCode, PieceHeader, PieceReply, PieceRequest,
-    PieceResponse,
+    PieceResponse, PieceTableReply,
 };
 pub use frame::{Codec, FrameHeader, Message, HEADER_LEN, MAGIC};
 pub use hello::{
@@ -32,9 +32,11 @@ pub use pieces::{default_piece_size, PieceSet, TaskMeta};
 pub use push::{FetchFromOrigin, PiecesUpdate, PushReply, SchedulerPush};
 pub use scheduler::{
     DownloadFailed, DownloadFinished, ErrorCode, ErrorReply, FailureReason, Heartbeat, HostInfo,
-    HostList, Locality, OriginRef, Parent, ParentsReply, PieceReport, PiecesHeld, RegisterHost,
+    HostList, Locality, OriginRef, Parent, ParentsReply, PieceReport, PiecesHeld, Preheat,
+    PreheatOutcome, PreheatReply, RegisterHost,
     RegisterTask, Registered, ReportPieceFailure, RequestParents, SchedulerReply, SchedulerRequest,
     TaskInfo, MAX_AUTHORIZATION_LEN, MAX_HOST_LIST, MAX_LABEL_LEN, MAX_ORIGIN_REF_LEN,
+    MAX_PREHEAT_BLOBS,
 };
 
 /// Lowest protocol version this build speaks.

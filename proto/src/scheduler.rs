@@ -18,6 +18,8 @@ pub const MAX_ORIGIN_REF_LEN: usize = 4096;
 pub const MAX_AUTHORIZATION_LEN: usize = 16 * 1024;
 /// Most hosts one [`HostList`] carries.
 pub const MAX_HOST_LIST: usize = 1024;
+/// Most blobs one [`Preheat`] names (an image's config and layers, or several images).
+pub const MAX_PREHEAT_BLOBS: usize = 1024;
 
 /// Where a host sits, for locality-aware parent selection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -246,6 +248,40 @@ pub struct HostList {
     pub hosts: Vec<HostInfo>,
 }
 
+/// Operator (`shoal preheat`) -> scheduler: have seeds fetch these blobs from `origin` now,
+/// before any peer asks. Sent on a connection with a cluster certificate; no registration needed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preheat {
+    /// Blob, size and piece size of each blob (1 to [`MAX_PREHEAT_BLOBS`]).
+    pub blobs: Vec<TaskMeta>,
+    /// Where the seeds fetch them (`docker://HOST/REPO`).
+    pub origin: OriginRef,
+}
+
+/// What the scheduler did with one blob of a [`Preheat`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PreheatOutcome {
+    /// This seed was ordered to fetch the blob from the origin.
+    Ordered {
+        /// The seed.
+        seed: HostId,
+    },
+    /// A seed holds the blob already or is fetching it.
+    AlreadyWarm,
+    /// No registered seed can take the blob (none, all full, or limits reached).
+    NoSeed {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
+
+/// Scheduler -> operator: the answer to [`Preheat`], one outcome per blob in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreheatReply {
+    /// (blob, outcome) for every blob asked for.
+    pub outcomes: Vec<(Digest, PreheatOutcome)>,
+}
+
 /// Every request a peer sends the scheduler: one per bidirectional stream, one
 /// [`SchedulerReply`] each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +309,8 @@ pub enum SchedulerRequest {
         /// Most hosts wanted (capped at [`MAX_HOST_LIST`]).
         limit: u32,
     },
+    /// Have seeds fetch blobs ahead of time; reply [`SchedulerReply::Preheated`].
+    Preheat(Preheat),
 }
 
 /// The scheduler's answer to one [`SchedulerRequest`].
@@ -288,6 +326,8 @@ pub enum SchedulerReply {
     Parents(ParentsReply),
     /// Answer to ListHosts.
     Hosts(HostList),
+    /// Answer to Preheat.
+    Preheated(PreheatReply),
     /// The request failed.
     Error(ErrorReply),
 }
@@ -421,6 +461,25 @@ impl RegisterTask {
     }
 }
 
+fn check_preheat_count(n: usize) -> Result<(), ProtoError> {
+    if n == 0 || n > MAX_PREHEAT_BLOBS {
+        return Err(ProtoError::invalid(
+            "preheat blobs",
+            format!("{n} blobs; 1 to {MAX_PREHEAT_BLOBS} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+impl Preheat {
+    /// Checks the blob count, every blob's geometry and the origin.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        check_preheat_count(self.blobs.len())?;
+        self.blobs.iter().try_for_each(TaskMeta::validate)?;
+        self.origin.validate()
+    }
+}
+
 impl Message for SchedulerRequest {
     const NAME: &'static str = "SchedulerRequest";
     fn validate(&self) -> Result<(), ProtoError> {
@@ -459,6 +518,7 @@ impl Message for SchedulerRequest {
             SchedulerRequest::DownloadFailed(f) => {
                 check_text("failure reason", &f.reason, MAX_TEXT_LEN)
             }
+            SchedulerRequest::Preheat(p) => p.validate(),
         }
     }
 }
@@ -492,6 +552,19 @@ impl Message for SchedulerReply {
                     check_addresses(&h.addresses, false)?;
                     check_label("zone", &h.locality.zone)?;
                     check_label("rack", &h.locality.rack)?;
+                }
+                Ok(())
+            }
+            SchedulerReply::Preheated(r) => {
+                check_preheat_count(r.outcomes.len())?;
+                for (_, outcome) in &r.outcomes {
+                    match outcome {
+                        PreheatOutcome::Ordered { seed } => seed.validate()?,
+                        PreheatOutcome::AlreadyWarm => {}
+                        PreheatOutcome::NoSeed { reason } => {
+                            check_text("reason", reason, MAX_TEXT_LEN)?
+                        }
+                    }
                 }
                 Ok(())
             }

@@ -115,6 +115,10 @@ fn scheduler_requests() -> Vec<SchedulerRequest> {
             reason: "origin returned 404".into(),
         }),
         SchedulerRequest::ListHosts { limit: 50 },
+        SchedulerRequest::Preheat(Preheat {
+            blobs: vec![task()],
+            origin: origin(),
+        }),
     ]
 }
 
@@ -144,8 +148,39 @@ fn scheduler_replies() -> Vec<SchedulerReply> {
                 is_seed: true,
             }],
         }),
+        SchedulerReply::Preheated(PreheatReply {
+            outcomes: vec![
+                (
+                    digest(1),
+                    PreheatOutcome::Ordered {
+                        seed: host("seed-a"),
+                    },
+                ),
+                (digest(2), PreheatOutcome::AlreadyWarm),
+                (
+                    digest(3),
+                    PreheatOutcome::NoSeed {
+                        reason: "no seed registered".into(),
+                    },
+                ),
+            ],
+        }),
         SchedulerReply::Error(ErrorReply::new(ErrorCode::UnknownHost, "register again")),
     ]
+}
+
+#[tokio::test]
+async fn a_preheat_with_no_blobs_or_too_many_is_refused_on_the_wire() {
+    let codec = Codec::default();
+    for n in [0usize, MAX_PREHEAT_BLOBS + 1] {
+        let req = SchedulerRequest::Preheat(Preheat {
+            blobs: vec![task(); n],
+            origin: origin(),
+        });
+        let frame = codec.encode(&req).unwrap();
+        let err = codec.decode::<SchedulerRequest>(&frame).unwrap_err();
+        assert!(err.to_string().contains("preheat blobs"), "{n} blobs: {err}");
+    }
 }
 
 async fn round_trip<M>(msgs: Vec<M>)

@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::error::SchedulerError;
 use crate::host::{HostLoad, HostRegistration, Locality};
 use crate::ids::{HostId, TaskId};
+use crate::preheat::PreheatDecision;
 use crate::reports::FailureKind;
 use crate::select::{Decision, Parent};
 use crate::state::Scheduler;
@@ -25,13 +26,16 @@ use crate::task::{Held, TaskAnnouncement};
 pub struct Handled {
     /// Reply on the asker's stream.
     pub reply: SchedulerReply,
-    /// A message for another host (a seed told to fetch from the origin).
-    pub push: Option<(HostId, SchedulerPush)>,
+    /// Messages for other hosts (seeds told to fetch from the origin).
+    pub pushes: Vec<(HostId, SchedulerPush)>,
 }
 
 impl Handled {
     fn reply(reply: SchedulerReply) -> Self {
-        Self { reply, push: None }
+        Self {
+            reply,
+            pushes: Vec::new(),
+        }
     }
 }
 
@@ -58,6 +62,17 @@ fn host_id(id: &proto::HostId) -> Result<HostId, SchedulerError> {
 
 fn task_id(blob: &proto::Digest) -> Result<TaskId, SchedulerError> {
     TaskId::new(&blob.to_string())
+}
+
+fn no_seed(mut reason: String) -> proto::PreheatOutcome {
+    if reason.len() > proto::MAX_TEXT_LEN {
+        let mut cut = proto::MAX_TEXT_LEN;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    proto::PreheatOutcome::NoSeed { reason }
 }
 
 fn failure_kind(reason: FailureReason) -> Option<FailureKind> {
@@ -248,6 +263,46 @@ impl ProtoAdapter {
                     hosts,
                 })))
             }
+            SchedulerRequest::Preheat(p) => Ok(self.preheat(s, p)),
+        }
+    }
+
+    /// Orders a seed to fetch each blob of a preheat that no seed holds or fetches yet.
+    fn preheat<C: Clock>(&mut self, s: &mut Scheduler<C>, p: proto::Preheat) -> Handled {
+        let mut outcomes = Vec::with_capacity(p.blobs.len());
+        let mut pushes = Vec::new();
+        for meta in p.blobs {
+            let decision =
+                task_id(&meta.blob).and_then(|t| Ok((s.preheat(&t, meta.size, meta.piece_size)?, t)));
+            let outcome = match decision {
+                Ok((PreheatDecision::Ordered(seed), task)) => {
+                    self.origins.insert(task, p.origin.clone());
+                    match proto::HostId::new(seed.as_str()) {
+                        Ok(wire) => {
+                            pushes.push((
+                                seed,
+                                SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin {
+                                    task: meta,
+                                    origin: p.origin.clone(),
+                                }),
+                            ));
+                            proto::PreheatOutcome::Ordered { seed: wire }
+                        }
+                        Err(e) => no_seed(e.to_string()),
+                    }
+                }
+                Ok((PreheatDecision::AlreadyWarm, task)) => {
+                    self.origins.entry(task).or_insert_with(|| p.origin.clone());
+                    proto::PreheatOutcome::AlreadyWarm
+                }
+                Ok((PreheatDecision::NoSeed(reason), _)) => no_seed(reason),
+                Err(e) => no_seed(e.to_string()),
+            };
+            outcomes.push((meta.blob, outcome));
+        }
+        Handled {
+            reply: SchedulerReply::Preheated(proto::PreheatReply { outcomes }),
+            pushes,
         }
     }
 
@@ -309,8 +364,8 @@ impl ProtoAdapter {
                 parents: list,
             } => {
                 let reply = SchedulerReply::Parents(ParentsReply::Parents(parents(&list)));
-                let push = match (self.origins.get(task), s.task_summary(task)) {
-                    (Some(origin), Some(summary)) => Some((
+                let pushes = match (self.origins.get(task), s.task_summary(task)) {
+                    (Some(origin), Some(summary)) => vec![(
                         seed.host.clone(),
                         SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin {
                             task: proto::TaskMeta {
@@ -320,14 +375,14 @@ impl ProtoAdapter {
                             },
                             origin: origin.clone(),
                         }),
-                    )),
+                    )],
                     _ => {
                         tracing::warn!(blob = %task, seed = %seed.host,
                             "seed fetch ordered but no peer announced the blob's origin");
-                        None
+                        Vec::new()
                     }
                 };
-                Handled { reply, push }
+                Handled { reply, pushes }
             }
         }
     }
@@ -409,11 +464,11 @@ mod tests {
         let expected =
             SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin { task: meta, origin });
         assert_eq!(
-            h.push,
-            Some((
+            h.pushes,
+            vec![(
                 HostId::new("seed-1").unwrap_or_else(|e| panic!("{e}")),
                 expected
-            ))
+            )]
         );
     }
 

@@ -217,18 +217,10 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: Wire
         return;
     };
     let codec = negotiated.codec;
-    if let Ok(mut links) = shared.links.lock() {
-        links.insert(
-            host.clone(),
-            PeerLink {
-                conn: conn.clone(),
-                codec,
-            },
-        );
-    }
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let shared = Arc::clone(&shared);
         let host = host.clone();
+        let conn = conn.clone();
         let wire_host = hello.host_id.clone();
         tokio::spawn(async move {
             let req = match codec.read::<_, SchedulerRequest>(&mut recv).await {
@@ -249,6 +241,13 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: Wire
                 let (core, adapter) = &mut *guard;
                 adapter.handle(core, &wire_host, req)
             };
+            // Pushes go only to a connection that registered a host: an operator's connection
+            // (e.g. `shoal preheat` with the same certificate) never takes a peer's link.
+            if matches!(handled.reply, SchedulerReply::Registered(_)) {
+                if let Ok(mut links) = shared.links.lock() {
+                    links.insert(host.clone(), PeerLink { conn, codec });
+                }
+            }
             let _ = codec.write(&mut send, &handled.reply).await;
             let _ = send.finish();
             if leaving {
@@ -256,7 +255,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: Wire
                     links.remove(&host);
                 }
             }
-            if let Some((to, push)) = handled.push {
+            for (to, push) in handled.pushes {
                 push_to(&shared, to, push);
             }
         });

@@ -1,6 +1,7 @@
 //! The `shoal` binary: parses arguments and dispatches into the Shoal crates.
 
 mod ca;
+mod fs;
 mod image;
 mod registry;
 
@@ -24,6 +25,9 @@ enum Command {
     /// Create the cluster CA and issue node certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Mount images lazily through FUSE, verifying every chunk.
+    #[command(subcommand)]
+    Fs(fs::FsCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Ca(cmd) => ca::run(cmd),
+        Command::Fs(cmd) => fs::run(cmd),
     }
 }

@@ -246,6 +246,14 @@ impl ApiClient {
         self.json(req).await
     }
 
+    /// The node's state: scheduler connection, store figures, tasks.
+    pub async fn status(&self) -> Result<super::NodeStatus, PeerError> {
+        let req = Self::request(Method::GET, "/status")?
+            .body(Empty::new())
+            .map_err(|e| PeerError::BadRequest(e.to_string()))?;
+        self.json(req).await
+    }
+
     /// Store figures.
     pub async fn cache(&self) -> Result<CacheStatus, PeerError> {
         let req = Self::request(Method::GET, "/cache")?

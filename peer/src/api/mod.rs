@@ -7,9 +7,10 @@
 //!   once it is complete and verified.
 //! - `GET /tasks`, `GET /tasks/sha256:<hex>` — download status (JSON).
 //! - `GET /cache` — store figures (JSON).
+//! - `GET /status` — host id, seed mode, scheduler connection, store figures, tasks (JSON).
 
 mod client;
-mod range;
+pub(crate) mod range;
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,23 @@ pub struct CacheStatus {
     pub bytes_from_peers: u64,
     /// Bytes received from origins by this process.
     pub bytes_from_origin: u64,
+}
+
+/// The node's state, as `GET /status` answers it (`shoal status`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// This host's id.
+    pub host_id: String,
+    /// Whether it runs as a seed.
+    pub seed: bool,
+    /// Scheduler addresses it knows (static or resolved).
+    pub schedulers: Vec<std::net::SocketAddr>,
+    /// Schedulers it is registered with now.
+    pub schedulers_connected: usize,
+    /// Store figures.
+    pub cache: CacheStatus,
+    /// Every download it knows.
+    pub tasks: Vec<crate::download::TaskStatus>,
 }
 
 /// Binds the socket (replacing a stale one; the parent directory is created 0755) and serves
@@ -204,6 +222,17 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
             Err(e) => Err(e),
         },
         (&Method::GET, ["cache"]) => Ok(json(&cache_status(state))),
+        (&Method::GET, ["status"]) => {
+            let (host_id, seed, schedulers, schedulers_connected) = state.downloader.node();
+            Ok(json(&NodeStatus {
+                host_id,
+                seed,
+                schedulers,
+                schedulers_connected,
+                cache: cache_status(state),
+                tasks: state.downloader.statuses(),
+            }))
+        }
         _ => Ok(full(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {} {path}\n", req.method()),

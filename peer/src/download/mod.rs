@@ -8,10 +8,13 @@
 //! piece are woken and stream it out. A whole blob is checked against its sha256 before it is
 //! marked complete.
 
+mod dht;
 mod driver;
 mod parents;
 mod source;
+mod swarm;
 mod task;
+mod tee;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +29,7 @@ use shoal_store::AsyncStore;
 use crate::config::PeerConfig;
 use crate::error::PeerError;
 use crate::scheduler_client::SchedulerClient;
+use crate::scheduler_ring::SchedulerRing;
 use crate::transport::Transport;
 
 pub(crate) use source::Origins;
@@ -45,13 +49,17 @@ pub struct DownloadStats {
     pub parents_dropped: AtomicU64,
     /// Pieces from parents that failed verification.
     pub corrupt_pieces: AtomicU64,
+    /// Time to fetch a piece from a parent (served on `/metrics`).
+    #[serde(skip)]
+    pub piece_latency: crate::metrics::PieceLatency,
 }
 
 /// What every download shares.
 pub(crate) struct Ctx {
     pub store: AsyncStore,
     pub transport: Arc<Transport>,
-    pub sched: Option<Arc<SchedulerClient>>,
+    pub sched: Option<Arc<SchedulerRing>>,
+    pub dht: Option<Arc<crate::discovery::Discovery>>,
     pub origins: Origins,
     pub config: PeerConfig,
     pub me: HostId,
@@ -59,15 +67,33 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// The scheduler client, if one is configured and connected now.
-    pub fn scheduler(&self) -> Option<&Arc<SchedulerClient>> {
-        self.sched.as_ref().filter(|s| s.is_connected())
+    /// The connected scheduler that owns `blob` now (scheduler_ring.rs), if any.
+    pub fn scheduler(&self, blob: &Digest) -> Option<Arc<SchedulerClient>> {
+        self.sched.as_ref().and_then(|r| r.for_blob(blob))
     }
 
-    /// Sends a request to the scheduler in the background (reports need no answer).
+    /// Sends a request to the scheduler owning its blob in the background (reports need no
+    /// answer); requests about no blob go to any connected scheduler.
     pub fn report(&self, req: SchedulerRequest) {
-        if let Some(s) = self.scheduler() {
-            let s = Arc::clone(s);
+        // Held pieces are also what the DHT publishes: one provider record per blob.
+        if let Some(d) = &self.dht {
+            match &req {
+                SchedulerRequest::PiecesHeld(h)
+                    if matches!(&h.pieces, shoal_proto::PieceReport::Added(p) if !p.is_empty()) =>
+                {
+                    d.provide(h.blob)
+                }
+                SchedulerRequest::RegisterTask(t) if t.held.as_ref().is_some_and(|h| h.count() > 0) => {
+                    d.provide(t.task.blob)
+                }
+                _ => {}
+            }
+        }
+        let target = match request_blob(&req) {
+            Some(blob) => self.scheduler(&blob),
+            None => self.sched.as_ref().and_then(|r| r.any()),
+        };
+        if let Some(s) = target {
             tokio::spawn(async move {
                 if let Err(e) = s.request(&req).await {
                     tracing::debug!(error = %e, "scheduler report failed");
@@ -106,6 +132,20 @@ impl Downloader {
     /// Byte counters of all downloads.
     pub fn stats(&self) -> &DownloadStats {
         &self.ctx.stats
+    }
+
+    /// This node's id, seed mode, scheduler addresses configured, and schedulers connected now
+    /// (local API `GET /status`).
+    pub(crate) fn node(&self) -> (String, bool, Vec<std::net::SocketAddr>, usize) {
+        let c = &self.ctx.config;
+        let addrs = self
+            .ctx
+            .sched
+            .as_ref()
+            .map(|r| r.addresses())
+            .unwrap_or_default();
+        let connected = self.ctx.sched.as_ref().map_or(0, |r| r.connected());
+        (c.host_id.clone(), c.seed, addrs, connected)
     }
 
     fn task(&self, blob: Digest, origin: Option<OriginRef>) -> Arc<Task> {
@@ -189,6 +229,19 @@ impl Downloader {
                 self.ctx.report(SchedulerRequest::RegisterTask(req));
             }
         }
+    }
+}
+
+/// The blob a scheduler request is about, if any (it decides which scheduler gets it).
+fn request_blob(req: &SchedulerRequest) -> Option<Digest> {
+    match req {
+        SchedulerRequest::RegisterTask(r) => Some(r.task.blob),
+        SchedulerRequest::PiecesHeld(r) => Some(r.blob),
+        SchedulerRequest::RequestParents(r) => Some(r.blob),
+        SchedulerRequest::ReportPieceFailure(r) => Some(r.blob),
+        SchedulerRequest::DownloadFinished(r) => Some(r.blob),
+        SchedulerRequest::DownloadFailed(r) => Some(r.blob),
+        _ => None,
     }
 }
 

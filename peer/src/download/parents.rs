@@ -265,8 +265,8 @@ pub(crate) async fn fetch_held(
                 Ok(Some(set))
             }
             Ok(shoal_proto::PieceReply::Error(_)) => Ok(None),
-            Ok(shoal_proto::PieceReply::Piece(_)) => {
-                Err(io("answered HeldPieces with a piece".into()))
+            Ok(shoal_proto::PieceReply::Piece(_) | shoal_proto::PieceReply::Table(_)) => {
+                Err(io("answered HeldPieces with something else".into()))
             }
             Err(e) => Err(io(e.to_string())),
         }
@@ -277,5 +277,42 @@ pub(crate) async fn fetch_held(
             FailureReason::Timeout,
             format!("no answer within {timeout:?}"),
         )),
+    }
+}
+
+/// Asks `host` for its geometry and piece table of `blob` (a holder found through the DHT);
+/// `None` when it has none.
+pub(crate) async fn fetch_table(
+    transport: &Transport,
+    host: &HostId,
+    addrs: &[SocketAddr],
+    blob: Digest,
+    timeout: Duration,
+) -> Result<Option<shoal_proto::PieceTableReply>, String> {
+    let attempt = async {
+        let link = transport
+            .parent(host, addrs)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
+        link.codec
+            .write(&mut send, &PieceRequest::PieceTable { blob })
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match link
+            .codec
+            .read::<_, shoal_proto::PieceReply>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            shoal_proto::PieceReply::Table(t) if t.task.blob == blob => Ok(Some(t)),
+            shoal_proto::PieceReply::Error(_) => Ok(None),
+            _ => Err(format!("{host} answered PieceTable for {blob} with something else")),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{host}: no piece table within {timeout:?}")),
     }
 }

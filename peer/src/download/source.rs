@@ -15,7 +15,7 @@ use crate::convert::origin_digest;
 use crate::error::PeerError;
 
 /// Chunks of origin bytes queued between the network and the blocking import.
-const IMPORT_QUEUE: usize = 16;
+pub(super) const IMPORT_QUEUE: usize = 16;
 
 /// Origins by reference, sharing one registry client (connection pool, tokens).
 #[derive(Debug)]
@@ -37,14 +37,15 @@ impl Origins {
         })
     }
 
-    /// The origin named by `origin` (`docker://HOST/REPO`).
+    /// The origin named by `origin` (`docker://HOST/REPO`); requests carry the client's
+    /// forwarded Authorization when `origin` has one, else this peer's own credentials.
     pub fn get(&self, origin: &OriginRef) -> Result<Arc<RegistryOrigin>, PeerError> {
-        if let Some(o) = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&origin.reference).cloned())
-        {
+        // Keyed by reference and credential: one client's Authorization never serves another.
+        let key = match &origin.authorization {
+            Some(a) => format!("{}\n{}", origin.reference, blake3::hash(a.as_bytes()).to_hex()),
+            None => origin.reference.clone(),
+        };
+        if let Some(o) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(o);
         }
         if !origin.reference.starts_with("docker://") {
@@ -54,12 +55,15 @@ impl Origins {
             )));
         }
         let reference = Reference::parse(&origin.reference)?;
-        let o = Arc::new(RegistryOrigin::new(self.client.clone(), reference));
+        let client = self
+            .client
+            .with_authorization(origin.authorization.clone());
+        let o = Arc::new(RegistryOrigin::new(client, reference));
         if let Ok(mut c) = self.cache.lock() {
             if c.len() > 1024 {
                 c.clear(); // bounded: references are cheap to rebuild
             }
-            c.insert(origin.reference.clone(), Arc::clone(&o));
+            c.insert(key, Arc::clone(&o));
         }
         Ok(o)
     }
@@ -140,13 +144,13 @@ where
 
 /// A blocking `Read` over chunks sent from async code (the store's import runs on a blocking
 /// thread; the origin stream is async).
-struct ChannelReader {
+pub(super) struct ChannelReader {
     rx: mpsc::Receiver<std::io::Result<Bytes>>,
     current: Bytes,
 }
 
 impl ChannelReader {
-    fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Self {
+    pub(super) fn new(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Self {
         ChannelReader {
             rx,
             current: Bytes::new(),

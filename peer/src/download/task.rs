@@ -181,7 +181,8 @@ impl Task {
         };
         meta.validate()?;
         let mut table = None;
-        if let Some(s) = self.ctx.scheduler() {
+        let mut answered = false;
+        if let Some(s) = self.ctx.scheduler(&self.blob) {
             let req = SchedulerRequest::RegisterTask(register_task(meta, None, None, Some(origin)));
             match s.request(&req).await {
                 Ok(SchedulerReply::Task(info))
@@ -189,6 +190,7 @@ impl Task {
                 {
                     meta = info.task;
                     table = info.piece_table;
+                    answered = true;
                 }
                 Ok(other) => {
                     tracing::warn!(blob = %self.blob, reply = ?other, "scheduler did not take the task")
@@ -196,6 +198,13 @@ impl Task {
                 Err(e) => {
                     tracing::info!(blob = %self.blob, error = %e, "scheduler unreachable; going on without it")
                 }
+            }
+        }
+        if !answered {
+            // No scheduler: a holder the DHT names may know the blob's geometry and table.
+            if let Some((m, t)) = self.table_from_holders(|m| m.size == size).await? {
+                meta = m;
+                table = Some(t);
             }
         }
         self.lock().meta = Some(meta);
@@ -247,7 +256,7 @@ impl Task {
         self.start();
     }
 
-    fn start(self: &Arc<Self>) {
+    pub(super) fn start(self: &Arc<Self>) {
         let spawn = {
             let mut inner = self.lock();
             let spawn = !inner.running;

@@ -148,6 +148,30 @@ impl Uploader {
             PieceRequest::GetPiece { blob, index } => {
                 self.send_piece(&codec, &mut send, blob, index).await
             }
+            PieceRequest::PieceTable { blob } => {
+                let reply = match self.store.blob_status(&store_digest(&blob)) {
+                    Some(status) if !status.held.is_empty() => {
+                        PieceReply::Table(shoal_proto::PieceTableReply {
+                            task: shoal_proto::TaskMeta {
+                                blob,
+                                size: status.layout.size(),
+                                piece_size: status.layout.piece_size(),
+                            },
+                            table: status
+                                .layout
+                                .pieces()
+                                .iter()
+                                .map(|h| *h.as_bytes())
+                                .collect(),
+                        })
+                    }
+                    _ => PieceReply::Error(PieceError::new(
+                        PieceErrorCode::NotHeld,
+                        format!("{blob} is not held here"),
+                    )),
+                };
+                codec.write(&mut send, &reply).await
+            }
         };
         if let Err(e) = outcome {
             tracing::debug!(error = %e, "piece server: reply failed");

@@ -94,6 +94,9 @@ pub struct RegistryClient {
     tokens: Arc<std::sync::Mutex<HashMap<(String, String), auth::Token>>>,
     /// One token fetch at a time, so concurrent first requests share one token.
     token_fetch: Arc<AsyncMutex<()>>,
+    /// A caller's own Authorization value sent as is instead of this client's credentials
+    /// (see [`RegistryClient::with_authorization`]).
+    authorization: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -148,7 +151,19 @@ impl RegistryClient {
             challenges: Arc::default(),
             tokens: Arc::default(),
             token_fetch: Arc::default(),
+            authorization: None,
         })
+    }
+
+    /// A clone (same connection pool) that sends `authorization` (a client's `Authorization`
+    /// header value, e.g. forwarded by the registry proxy) verbatim to the registry host instead
+    /// of this client's credentials and tokens. A 401 is then final: the token flow belongs to
+    /// whoever issued the value. Redirects to another host still carry no credential.
+    pub fn with_authorization(&self, authorization: Option<String>) -> RegistryClient {
+        RegistryClient {
+            authorization: authorization.map(Arc::from),
+            ..self.clone()
+        }
     }
 
     /// The options this client was built with.

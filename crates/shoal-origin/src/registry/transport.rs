@@ -100,7 +100,9 @@ impl RegistryClient {
         loop {
             attempt += 1;
             let same_origin = url.origin() == ep.base.origin();
-            let auth = if same_origin {
+            let auth = if same_origin && self.authorization.is_some() {
+                self.authorization.as_deref().map(str::to_string)
+            } else if same_origin {
                 self.auth_header(ep, &req.scope, &req.what).await?
             } else {
                 // Redirected to blob storage: its URL carries its own authorization.
@@ -124,6 +126,9 @@ impl RegistryClient {
                 }
             };
             let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && same_origin && self.authorization.is_some() {
+                return Err(self.auth_error(ep, req, true, status));
+            }
             if status == StatusCode::UNAUTHORIZED && same_origin {
                 let challenge = resp
                     .headers()

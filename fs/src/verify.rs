@@ -1,0 +1,75 @@
+//! The check between the network and the reader: decompress a chunk's stored form and compare
+//! its BLAKE3 with the chunk's name from the (verified) bootstrap.
+
+use bytes::Bytes;
+use shoal_format::bootstrap::ChunkView;
+use shoal_format::model::ChunkEncoding;
+
+/// Decompresses a chunk's stored form and checks it against its name.
+pub fn decode_chunk(c: &ChunkView, stored: &[u8]) -> Result<Bytes, String> {
+    let data = match c.encoding {
+        ChunkEncoding::Raw => stored.to_vec(),
+        ChunkEncoding::Zstd => {
+            zstd::bulk::decompress(stored, c.size as usize).map_err(|e| format!("zstd: {e}"))?
+        }
+    };
+    if data.len() != c.size as usize {
+        return Err(format!(
+            "decompressed to {} bytes, expected {}",
+            data.len(),
+            c.size
+        ));
+    }
+    if *blake3::hash(&data).as_bytes() != c.hash {
+        return Err("BLAKE3 of the content does not match the chunk's name".into());
+    }
+    Ok(Bytes::from(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(data: &[u8], encoding: ChunkEncoding, stored: &[u8]) -> ChunkView {
+        ChunkView {
+            index: 0,
+            hash: *blake3::hash(data).as_bytes(),
+            blob: 0,
+            offset: 0,
+            stored_size: stored.len() as u32,
+            size: data.len() as u32,
+            encoding,
+        }
+    }
+
+    #[test]
+    fn good_chunks_pass_and_any_flipped_byte_fails() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let packed = zstd::bulk::compress(&data, 3).unwrap();
+        for (enc, stored) in [
+            (ChunkEncoding::Raw, data.clone()),
+            (ChunkEncoding::Zstd, packed),
+        ] {
+            let c = view(&data, enc, &stored);
+            assert_eq!(decode_chunk(&c, &stored).unwrap().as_ref(), &data[..]);
+            for at in [0, stored.len() / 2, stored.len() - 1] {
+                let mut bad = stored.clone();
+                bad[at] ^= 1;
+                assert!(
+                    decode_chunk(&c, &bad).is_err(),
+                    "{enc:?} flip at {at} passed"
+                );
+            }
+            assert!(decode_chunk(&c, &stored[..stored.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn a_bomb_is_refused_at_the_declared_size() {
+        let data = vec![0u8; 4 << 20];
+        let packed = zstd::bulk::compress(&data, 3).unwrap();
+        let mut c = view(&data[..1024], ChunkEncoding::Zstd, &packed);
+        c.size = 1024;
+        assert!(decode_chunk(&c, &packed).is_err());
+    }
+}

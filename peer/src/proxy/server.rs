@@ -1,0 +1,238 @@
+//! The proxy's listener: HTTP/1.1 and h2c on one port (hyper-util's auto builder), or HTTPS with
+//! ALPN h2/http1.1 when `tls` is set; keep-alive, bounded request heads and bodies, a header
+//! timeout, and a graceful shutdown that lets requests in flight finish within a grace period.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::authz::Authz;
+use super::mirror::{blob_route, Upstream};
+use super::{blobs, passthrough, registry_error, Body, ProxyConfig};
+use crate::download::Downloader;
+use crate::error::PeerError;
+
+/// Largest request head (HTTP/1 read buffer, HTTP/2 header list) accepted.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+/// A TLS handshake must finish within this long.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every request of the proxy shares.
+pub(crate) struct State {
+    pub cfg: ProxyConfig,
+    pub downloader: Arc<Downloader>,
+    /// Upstream client for pass-through and permission checks: redirects go back to the client.
+    pub http: reqwest::Client,
+    /// Upstream client for the swarm's fallback reads: follows redirects to blob storage
+    /// (reqwest drops the Authorization header on a redirect to another host).
+    pub http_follow: reqwest::Client,
+    pub plain_http: HashSet<String>,
+    pub authz: Authz,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+    /// Closed once every connection task has ended.
+    drained: tokio::sync::Mutex<mpsc::Receiver<()>>,
+    grace: Duration,
+}
+
+impl ProxyServer {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, asks every connection to finish its requests in flight, and waits for
+    /// them up to the configured grace period.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let mut drained = self.drained.lock().await;
+        if tokio::time::timeout(self.grace, drained.recv()).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "proxy connections still open after the grace period");
+        }
+        self.accept.abort();
+    }
+
+    /// Stops at once.
+    pub fn abort(&self) {
+        let _ = self.stop.send(true);
+        self.accept.abort();
+    }
+}
+
+/// Binds the proxy and serves it until shut down.
+pub(crate) async fn start(
+    cfg: ProxyConfig,
+    plain_http: &[String],
+    downloader: Arc<Downloader>,
+    identity: &Arc<shoal_tls::NodeIdentity>,
+) -> Result<ProxyServer, PeerError> {
+    let tls = if cfg.tls {
+        let c = shoal_tls::https_server_config(identity)?;
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+    } else {
+        None
+    };
+    let client = |follow: bool| {
+        reqwest::Client::builder()
+            .redirect(if follow {
+                reqwest::redirect::Policy::limited(10)
+            } else {
+                reqwest::redirect::Policy::none()
+            })
+            .connect_timeout(Duration::from_millis(cfg.upstream_connect_timeout_ms))
+            .read_timeout(Duration::from_millis(cfg.upstream_read_timeout_ms))
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("shoal-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| PeerError::Config(format!("proxy upstream HTTP client: {e}")))
+    };
+    let state = Arc::new(State {
+        http: client(false)?,
+        http_follow: client(true)?,
+        plain_http: plain_http.iter().cloned().collect(),
+        authz: Authz::new(Duration::from_secs(cfg.authz_cache_secs)),
+        downloader,
+        cfg: cfg.clone(),
+    });
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| PeerError::io("bind registry proxy on", cfg.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PeerError::io("read address of", cfg.listen, e))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (alive, drained) = mpsc::channel::<()>(1);
+    let accept = tokio::spawn(accept_loop(listener, state, tls, stop_rx, alive));
+    tracing::info!(%addr, tls = cfg.tls, "registry proxy listening");
+    Ok(ProxyServer {
+        addr,
+        stop,
+        accept,
+        drained: tokio::sync::Mutex::new(drained),
+        grace: Duration::from_millis(cfg.shutdown_grace_ms),
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (state, tls, stop, alive) = (
+            Arc::clone(&state),
+            tls.clone(),
+            stop.clone(),
+            alive.clone(),
+        );
+        tokio::spawn(async move {
+            connection(tcp, peer, state, tls, stop).await;
+            drop(alive);
+        });
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: watch::Receiver<bool>,
+) {
+    match tls {
+        None => serve(TokioIo::new(tcp), peer, state, stop).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => serve(TokioIo::new(s), peer, state, stop).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "proxy TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "proxy TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve<I>(io: I, peer: SocketAddr, state: Arc<State>, mut stop: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let header_timeout = Duration::from_millis(state.cfg.header_timeout_ms);
+    let svc = hyper::service::service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .keep_alive_interval(Some(header_timeout))
+        .keep_alive_timeout(header_timeout);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    if *stop.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "proxy connection ended with an error");
+    }
+}
+
+/// Routes one request: blobs by digest through the swarm, everything else to the upstream.
+async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let up = match Upstream::of(
+        req.uri().query(),
+        req.headers(),
+        state.cfg.default_upstream.as_deref(),
+        &state.plain_http,
+    ) {
+        Ok(u) => u,
+        Err(why) => return registry_error(StatusCode::BAD_REQUEST, "UNSUPPORTED", &why),
+    };
+    let is_read = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+    let path = req.uri().path().to_string();
+    match blob_route(&path) {
+        Some((name, blob)) if is_read => blobs::serve(state, req, &up, name, blob).await,
+        _ => passthrough::forward(state, req, &up).await,
+    }
+}
