@@ -22,6 +22,10 @@ install_deps() {
         echo "== installing moto (S3-compatible test server)"
         python3 -m pip install -q 'moto[server]'
     fi
+    if ! python3 -m kubernetes_validate --version >/dev/null 2>&1; then
+        echo "== installing kubernetes-validate (Kubernetes schemas for the deploy/ manifests)"
+        python3 -m pip install -q kubernetes-validate
+    fi
 }
 
 # A build cache outside the clone, so repeated runs on one machine build once.

@@ -144,7 +144,10 @@ impl PeerConfig {
             ("piece_timeout_ms", self.piece_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("scheduler_timeout_ms", self.scheduler_timeout_ms),
-            ("scheduler_dns_refresh_secs", self.scheduler_dns_refresh_secs),
+            (
+                "scheduler_dns_refresh_secs",
+                self.scheduler_dns_refresh_secs,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -100,8 +100,18 @@ impl Collector for PeerCollector {
             d.corrupt_pieces.load(Relaxed),
         )?;
         let u = peer.upload_stats();
-        counter(&mut e, "shoal_peer_upload_pieces", "Pieces served to other peers", u.pieces.load(Relaxed))?;
-        counter(&mut e, "shoal_peer_upload_bytes", "Piece bytes served to other peers", u.bytes.load(Relaxed))?;
+        counter(
+            &mut e,
+            "shoal_peer_upload_pieces",
+            "Pieces served to other peers",
+            u.pieces.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "shoal_peer_upload_bytes",
+            "Piece bytes served to other peers",
+            u.bytes.load(Relaxed),
+        )?;
         counter(
             &mut e,
             "shoal_peer_upload_busy",
@@ -115,19 +125,54 @@ impl Collector for PeerCollector {
             u.refused.load(Relaxed),
         )?;
         let s = peer.store().stats();
-        gauge(&mut e, "shoal_peer_cache_used_bytes", "Bytes the store uses", as_i64(s.used_bytes))?;
-        gauge(&mut e, "shoal_peer_cache_quota_bytes", "The store's high watermark", as_i64(s.high_watermark))?;
-        gauge(&mut e, "shoal_peer_cache_blobs", "Blobs in the store, partial or complete", as_i64(s.blobs))?;
+        gauge(
+            &mut e,
+            "shoal_peer_cache_used_bytes",
+            "Bytes the store uses",
+            as_i64(s.used_bytes),
+        )?;
+        gauge(
+            &mut e,
+            "shoal_peer_cache_quota_bytes",
+            "The store's high watermark",
+            as_i64(s.high_watermark),
+        )?;
+        gauge(
+            &mut e,
+            "shoal_peer_cache_blobs",
+            "Blobs in the store, partial or complete",
+            as_i64(s.blobs),
+        )?;
         gauge(
             &mut e,
             "shoal_peer_cache_complete_blobs",
             "Blobs in the store whose sha256 was verified",
             as_i64(s.complete_blobs),
         )?;
-        gauge(&mut e, "shoal_peer_cache_pieces", "Pieces in the store", as_i64(s.pieces))?;
-        counter(&mut e, "shoal_peer_cache_hits", "Store reads answered from the store", s.hits)?;
-        counter(&mut e, "shoal_peer_cache_misses", "Store reads of things not in the store", s.misses)?;
-        counter(&mut e, "shoal_peer_cache_evictions", "Store entries evicted (LRU or TTL)", s.evictions)?;
+        gauge(
+            &mut e,
+            "shoal_peer_cache_pieces",
+            "Pieces in the store",
+            as_i64(s.pieces),
+        )?;
+        counter(
+            &mut e,
+            "shoal_peer_cache_hits",
+            "Store reads answered from the store",
+            s.hits,
+        )?;
+        counter(
+            &mut e,
+            "shoal_peer_cache_misses",
+            "Store reads of things not in the store",
+            s.misses,
+        )?;
+        counter(
+            &mut e,
+            "shoal_peer_cache_evictions",
+            "Store entries evicted (LRU or TTL)",
+            s.evictions,
+        )?;
         counter(
             &mut e,
             "shoal_peer_cache_corruptions",
@@ -135,7 +180,11 @@ impl Collector for PeerCollector {
             s.corruptions,
         )?;
         let lookups = s.hits + s.misses;
-        let ratio = if lookups == 0 { 0.0 } else { s.hits as f64 / lookups as f64 };
+        let ratio = if lookups == 0 {
+            0.0
+        } else {
+            s.hits as f64 / lookups as f64
+        };
         ConstGauge::new(ratio).encode(e.encode_descriptor(
             "shoal_peer_cache_hit_ratio",
             "Share of store reads answered from the store since start",

@@ -260,7 +260,12 @@ pub(crate) fn source_of(cfg: &PeerConfig) -> Option<SchedulerSource> {
             refresh: Duration::from_secs(cfg.scheduler_dns_refresh_secs.max(1)),
         });
     }
-    let mut addrs: Vec<SocketAddr> = cfg.scheduler.iter().chain(&cfg.schedulers).copied().collect();
+    let mut addrs: Vec<SocketAddr> = cfg
+        .scheduler
+        .iter()
+        .chain(&cfg.schedulers)
+        .copied()
+        .collect();
     addrs.sort();
     addrs.dedup();
     (!addrs.is_empty()).then_some(SchedulerSource::Static(addrs))

@@ -33,10 +33,9 @@ pub use push::{FetchFromOrigin, PiecesUpdate, PushReply, SchedulerPush};
 pub use scheduler::{
     DownloadFailed, DownloadFinished, ErrorCode, ErrorReply, FailureReason, Heartbeat, HostInfo,
     HostList, Locality, OriginRef, Parent, ParentsReply, PieceReport, PiecesHeld, Preheat,
-    PreheatOutcome, PreheatReply, RegisterHost,
-    RegisterTask, Registered, ReportPieceFailure, RequestParents, SchedulerReply, SchedulerRequest,
-    TaskInfo, MAX_AUTHORIZATION_LEN, MAX_HOST_LIST, MAX_LABEL_LEN, MAX_ORIGIN_REF_LEN,
-    MAX_PREHEAT_BLOBS,
+    PreheatOutcome, PreheatReply, RegisterHost, RegisterTask, Registered, ReportPieceFailure,
+    RequestParents, SchedulerReply, SchedulerRequest, TaskInfo, MAX_AUTHORIZATION_LEN,
+    MAX_HOST_LIST, MAX_LABEL_LEN, MAX_ORIGIN_REF_LEN, MAX_PREHEAT_BLOBS,
 };
 
 /// Lowest protocol version this build speaks.

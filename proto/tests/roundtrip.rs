@@ -179,7 +179,10 @@ async fn a_preheat_with_no_blobs_or_too_many_is_refused_on_the_wire() {
         });
         let frame = codec.encode(&req).unwrap();
         let err = codec.decode::<SchedulerRequest>(&frame).unwrap_err();
-        assert!(err.to_string().contains("preheat blobs"), "{n} blobs: {err}");
+        assert!(
+            err.to_string().contains("preheat blobs"),
+            "{n} blobs: {err}"
+        );
     }
 }
 

@@ -272,8 +272,8 @@ impl ProtoAdapter {
         let mut outcomes = Vec::with_capacity(p.blobs.len());
         let mut pushes = Vec::new();
         for meta in p.blobs {
-            let decision =
-                task_id(&meta.blob).and_then(|t| Ok((s.preheat(&t, meta.size, meta.piece_size)?, t)));
+            let decision = task_id(&meta.blob)
+                .and_then(|t| Ok((s.preheat(&t, meta.size, meta.piece_size)?, t)));
             let outcome = match decision {
                 Ok((PreheatDecision::Ordered(seed), task)) => {
                     self.origins.insert(task, p.origin.clone());

@@ -220,6 +220,9 @@ mod tests {
         let err = toml::from_str::<SchedulerServiceConfig>("listen_addr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
         let round = toml::to_string(&cfg).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(toml::from_str::<SchedulerServiceConfig>(&round).ok(), Some(cfg));
+        assert_eq!(
+            toml::from_str::<SchedulerServiceConfig>(&round).ok(),
+            Some(cfg)
+        );
     }
 }

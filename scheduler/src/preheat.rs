@@ -77,7 +77,11 @@ impl<C: Clock> Scheduler<C> {
                 // Spread preheats: the seed with the most free slots and fewest tasks wins.
                 let free = h.free_slots() as f32 / h.upload_slots.max(1) as f32;
                 let load = 1.0 / (1.0 + h.tasks.len() as f32);
-                (s, h.id.clone(), (free + load) / (1.0 + h.failures(now, half_life)))
+                (
+                    s,
+                    h.id.clone(),
+                    (free + load) / (1.0 + h.failures(now, half_life)),
+                )
             })
             .max_by(|a, b| a.2.total_cmp(&b.2));
         let Some((key, seed, _)) = best else {
@@ -94,7 +98,11 @@ impl<C: Clock> Scheduler<C> {
                 held: Held::Nothing,
             },
         )?;
-        if let Some(t) = self.task_ids.get(task).and_then(|&tk| self.tasks.get_mut(tk)) {
+        if let Some(t) = self
+            .task_ids
+            .get(task)
+            .and_then(|&tk| self.tasks.get_mut(tk))
+        {
             if let Some(p) = t.peer_mut(key) {
                 p.state = PeerState::Origin;
             }
@@ -123,8 +131,12 @@ mod tests {
 
     fn scheduler() -> Scheduler<ManualClock> {
         let mut registry = Registry::default();
-        Scheduler::new(SchedulerConfig::default(), ManualClock::new(), &mut registry)
-            .unwrap_or_else(|e| panic!("{e}"))
+        Scheduler::new(
+            SchedulerConfig::default(),
+            ManualClock::new(),
+            &mut registry,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn register(s: &mut Scheduler<ManualClock>, name: &str, seed: bool) {
@@ -148,8 +160,11 @@ mod tests {
     fn without_a_seed_nothing_is_ordered() {
         let mut s = scheduler();
         register(&mut s, "peer-1", false);
-        let task = TaskId::new(&format!("sha256:{}", "ab".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
-        let d = s.preheat(&task, 4 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let task =
+            TaskId::new(&format!("sha256:{}", "ab".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
+        let d = s
+            .preheat(&task, 4 << 20, 1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(d, PreheatDecision::NoSeed(_)), "{d:?}");
     }
 
@@ -158,12 +173,20 @@ mod tests {
         let mut s = scheduler();
         register(&mut s, "seed-1", true);
         register(&mut s, "peer-1", false);
-        let task = TaskId::new(&format!("sha256:{}", "cd".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
-        let d = s.preheat(&task, 4 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let task =
+            TaskId::new(&format!("sha256:{}", "cd".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
+        let d = s
+            .preheat(&task, 4 << 20, 1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d, PreheatDecision::Ordered(id("seed-1")));
-        let again = s.preheat(&task, 4 << 20, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        let again = s
+            .preheat(&task, 4 << 20, 1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again, PreheatDecision::AlreadyWarm);
-        assert!(s.preheat(&task, 5 << 20, 1 << 20).is_err(), "other geometry is refused");
+        assert!(
+            s.preheat(&task, 5 << 20, 1 << 20).is_err(),
+            "other geometry is refused"
+        );
         s.announce_task(
             &id("peer-1"),
             TaskAnnouncement {
@@ -174,7 +197,10 @@ mod tests {
             },
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        match s.decide(&id("peer-1"), &task).unwrap_or_else(|e| panic!("{e}")) {
+        match s
+            .decide(&id("peer-1"), &task)
+            .unwrap_or_else(|e| panic!("{e}"))
+        {
             Decision::Parents(p) => assert_eq!(p.first().map(|p| p.host.as_str()), Some("seed-1")),
             other => panic!("expected the seed as parent, got {other:?}"),
         }

@@ -13,7 +13,7 @@ const DEFAULT_PEER_SOCKET: &str = "/run/shoal/peer.sock";
 #[derive(Subcommand)]
 pub enum FsCommand {
     /// Mount an image read-only and lazily; serves until unmounted, SIGINT or SIGTERM.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a Shoal mount.
     Umount {
         /// The mountpoint.

@@ -176,7 +176,10 @@ fn convert(a: ConvertArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
     let target = a
         .target
         .as_deref()
-        .map(|t| registry::parse_reference(t).with_context(|| format!("--target {t:?}: expected docker://REF")))
+        .map(|t| {
+            registry::parse_reference(t)
+                .with_context(|| format!("--target {t:?}: expected docker://REF"))
+        })
         .transpose()?
         .transpose()?;
     let mut _out_tmp = None;
@@ -220,7 +223,9 @@ fn convert(a: ConvertArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
     let pushed = match &target {
         Some(t) => {
             let client = reg.client(t)?;
-            Some(registry::block_on(registry::push_layout(&client, &out, t, &progress))??)
+            Some(registry::block_on(registry::push_layout(
+                &client, &out, t, &progress,
+            ))??)
         }
         None => None,
     };

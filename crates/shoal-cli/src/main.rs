@@ -1,9 +1,15 @@
 //! The `shoal` binary: parses arguments and dispatches into the Shoal crates.
 
 mod ca;
+mod containerd;
 mod fs;
+mod get;
 mod image;
+mod peer;
+mod preheat;
 mod registry;
+mod scheduler;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -14,10 +20,15 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `shoal=debug`.
     #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]
     log: String,
+    /// Log line format: `human` or `json` (one object per line).
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", default_value = "human")]
+    log_format: shoal_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (the daemons' flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Convert, inspect, verify and unpack Shoal images.
@@ -28,19 +39,34 @@ enum Command {
     /// Mount images lazily through FUSE, verifying every chunk.
     #[command(subcommand)]
     Fs(fs::FsCommand),
+    /// Run the scheduler (QUIC service, metrics and health).
+    Scheduler(scheduler::SchedulerArgs),
+    /// Run the peer daemon (`--seed` on super-nodes).
+    Peer(peer::PeerArgs),
+    /// Fetch a blob through the local peer into a file.
+    Get(get::GetArgs),
+    /// Have seeds fetch every blob of an image ahead of time.
+    Preheat(preheat::PreheatArgs),
+    /// Print the local peer's state: scheduler connection, cache, tasks.
+    Status(status::StatusArgs),
+    /// Point containerd at the local peer's registry proxy (hosts.toml per registry).
+    ContainerdConfig(containerd::ContainerdConfigArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One crypto provider (ring) for every TLS user in the process, installed before any.
     shoal_tls::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
-        .with_writer(std::io::stderr)
-        .init();
+    shoal_telemetry::init_tracing(&cli.log, cli.log_format)?;
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Fs(cmd) => fs::run(cmd),
+        Command::Scheduler(args) => scheduler::run(args),
+        Command::Peer(args) => peer::run(args),
+        Command::Get(args) => get::run(args),
+        Command::Preheat(args) => preheat::run(args),
+        Command::Status(args) => status::run(args),
+        Command::ContainerdConfig(args) => containerd::run(args),
     }
 }

@@ -100,6 +100,28 @@ config_flags! {
         piece_table_wait_ms: u64 => set piece_table_wait_ms,
         /// Piece size for blobs this peer fetches first from origin (power of two).
         piece_size: u32 => some piece_size,
+        /// Serve the registry proxy for containerd.
+        #[arg(num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+        proxy_enabled: bool => set proxy.enabled,
+        /// TCP address of the registry proxy [default: 127.0.0.1:4480].
+        proxy_listen: std::net::SocketAddr => set proxy.listen,
+        /// Registry for proxy requests that name none (e.g. registry-1.docker.io).
+        proxy_default_upstream: String => some proxy.default_upstream,
+        /// Serve the proxy over HTTPS with this node's certificate.
+        #[arg(num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+        proxy_tls: bool => set proxy.tls,
+        /// Reuse a successful upstream permission check this long (s).
+        proxy_authz_cache_secs: u64 => set proxy.authz_cache_secs,
+        /// Connecting to the upstream registry gives up after this long (ms).
+        proxy_upstream_connect_timeout_ms: u64 => set proxy.upstream_connect_timeout_ms,
+        /// An upstream response silent this long fails (ms).
+        proxy_upstream_read_timeout_ms: u64 => set proxy.upstream_read_timeout_ms,
+        /// A client must send request headers within this long (ms).
+        proxy_header_timeout_ms: u64 => set proxy.header_timeout_ms,
+        /// Largest request body the proxy accepts (bytes).
+        proxy_max_request_body: usize => set proxy.max_request_body,
+        /// On shutdown, proxy requests in flight get this long to finish (ms).
+        proxy_shutdown_grace_ms: u64 => set proxy.shutdown_grace_ms,
         /// FOR TESTS ONLY: corrupt every piece this peer uploads.
         #[arg(hide = true, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
         test_corrupt_uploads: bool => set test_corrupt_uploads,
@@ -200,9 +222,9 @@ async fn serve(cfg: PeerConfig) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use clap::{Args as _, Command};
+    use clap::Command;
 
     /// Every key of a config serialised to TOML, nested tables as `table-key`, in flag spelling.
     pub(crate) fn config_keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
@@ -237,6 +259,8 @@ mod tests {
             piece_size: Some(1 << 20),
             ..PeerConfig::default()
         };
+        let mut cfg = cfg;
+        cfg.proxy.default_upstream = Some("registry.example".into());
         let value = toml::Value::try_from(&cfg).unwrap();
         let cmd = PeerArgs::augment_args(Command::new("peer"));
         assert_eq!(missing_flags(&cmd, &value), Vec::<String>::new());
@@ -246,7 +270,11 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("peer.toml");
-        std::fs::write(&file, "host_id = \"from-file\"\nupload_slots = 3\nzone = \"a\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "host_id = \"from-file\"\nupload_slots = 3\nzone = \"a\"\n",
+        )
+        .unwrap();
         let args = PeerArgs::augment_args(Command::new("peer")).get_matches_from([
             "peer",
             "--config",

@@ -26,7 +26,12 @@ pub struct RegistryArgs {
     #[arg(long, env = "SHOAL_REGISTRY_USER", global = true)]
     registry_user: Option<String>,
     /// Password for `--registry-user`.
-    #[arg(long, env = "SHOAL_REGISTRY_PASSWORD", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SHOAL_REGISTRY_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
     registry_password: Option<String>,
     /// A registry host[:port] to speak plain HTTP to (loopback hosts always do); repeatable.
     #[arg(long, global = true)]
@@ -47,7 +52,9 @@ impl RegistryArgs {
                     Credentials::new(user.clone(), pass.clone()),
                 );
             }
-            (Some(_), None) => bail!("--registry-user needs --registry-password (or SHOAL_REGISTRY_PASSWORD)"),
+            (Some(_), None) => {
+                bail!("--registry-user needs --registry-password (or SHOAL_REGISTRY_PASSWORD)")
+            }
             _ => {}
         }
         opts.plain_http.extend(self.plain_http.iter().cloned());
@@ -61,9 +68,8 @@ impl RegistryArgs {
 
 /// Parses `docker://HOST/REPO[:TAG|@DIGEST]`, or `None` when `s` is not a registry reference.
 pub fn parse_reference(s: &str) -> Option<anyhow::Result<Reference>> {
-    s.starts_with(SCHEME).then(|| {
-        Reference::parse(s).with_context(|| format!("{s:?} is not a registry reference"))
-    })
+    s.starts_with(SCHEME)
+        .then(|| Reference::parse(s).with_context(|| format!("{s:?} is not a registry reference")))
 }
 
 /// Runs `fut` to completion on a runtime made for this one command.
@@ -97,8 +103,10 @@ impl Progress {
     fn bar(&self, what: &str, len: u64) -> ProgressBar {
         let bar = self.bars.add(ProgressBar::new(len));
         bar.set_style(
-            ProgressStyle::with_template("{msg:24} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{msg:24} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(what.to_string());
         bar
@@ -118,8 +126,12 @@ pub async fn pull_to_layout(
         .pull_manifest(reference)
         .await
         .with_context(|| format!("pulling the manifest of {reference}"))?;
-    let manifest = ImageManifest::from_reader(&pulled.bytes[..])
-        .with_context(|| format!("{reference}: manifest {} is not an image manifest", pulled.digest))?;
+    let manifest = ImageManifest::from_reader(&pulled.bytes[..]).with_context(|| {
+        format!(
+            "{reference}: manifest {} is not an image manifest",
+            pulled.digest
+        )
+    })?;
     oci::init_layout(dir)?;
     for desc in std::iter::once(manifest.config()).chain(manifest.layers()) {
         fetch_blob(client, reference, dir, desc, progress).await?;
@@ -154,10 +166,15 @@ async fn fetch_blob(
         .await
         .with_context(|| format!("fetching blob {} of {reference}", desc.digest()))?;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("reading blob {} of {reference}", desc.digest()))?;
+        let chunk =
+            chunk.with_context(|| format!("reading blob {} of {reference}", desc.digest()))?;
         received += chunk.len() as u64;
         if received > desc.size() {
-            bail!("{reference}: blob {} is longer than the {} bytes its descriptor says", desc.digest(), desc.size());
+            bail!(
+                "{reference}: blob {} is longer than the {} bytes its descriptor says",
+                desc.digest(),
+                desc.size()
+            );
         }
         hasher.update(&chunk);
         tmp.write_all(&chunk).context("writing a blob to disk")?;

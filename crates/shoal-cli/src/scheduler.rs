@@ -126,7 +126,7 @@ pub async fn wait_for_signal() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{Args as _, Command};
+    use clap::Command;
 
     #[test]
     fn every_config_field_has_a_flag_and_flags_override_the_file() {
@@ -138,7 +138,11 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s.toml");
-        std::fs::write(&file, "host_id = \"s1\"\n[core]\nmax_parents = 2\nmax_hosts = 10\n").unwrap();
+        std::fs::write(
+            &file,
+            "host_id = \"s1\"\n[core]\nmax_parents = 2\nmax_hosts = 10\n",
+        )
+        .unwrap();
         let m = cmd.get_matches_from([
             "scheduler",
             "--config",

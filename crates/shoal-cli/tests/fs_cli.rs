@@ -74,7 +74,11 @@ fn mount_run_a_program_and_umount() {
     shell_tree(&tree);
     let layout = tmp.path().join("image");
     shoal_ok(&[
-        "image", "convert", "--source", tree.to_str().expect("utf-8"), "--output",
+        "image",
+        "convert",
+        "--source",
+        tree.to_str().expect("utf-8"),
+        "--output",
         &oci(&layout, "v1"),
     ]);
     let mountpoint = tmp.path().join("mnt");
@@ -107,10 +111,18 @@ fn mount_run_a_program_and_umount() {
     );
     let out = Command::new("chroot")
         .arg(&mountpoint)
-        .args(["/bin/sh", "-c", "read line < /greeting; echo \"$line ($0)\""])
+        .args([
+            "/bin/sh",
+            "-c",
+            "read line < /greeting; echo \"$line ($0)\"",
+        ])
         .output()
         .expect("chroot");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "hello from a lazy mount (/bin/sh)\n"
@@ -126,7 +138,10 @@ fn mount_run_a_program_and_umount() {
         if let Some(s) = served.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(Instant::now() < deadline, "shoal fs mount still running after umount");
+        assert!(
+            Instant::now() < deadline,
+            "shoal fs mount still running after umount"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "shoal fs mount exited with {status}");

@@ -56,8 +56,15 @@ async fn convert_from_registry_push_and_pull_back() {
     let layout = tmp.path().join("layout");
 
     let first = json(&shoal_ok(&[
-        "image", "convert", "--source", &source, "--output", &oci(&layout, "v1"),
-        "--target", &target, "--json",
+        "image",
+        "convert",
+        "--source",
+        &source,
+        "--output",
+        &oci(&layout, "v1"),
+        "--target",
+        &target,
+        "--json",
     ]));
     let pushed = &first["pushed"];
     assert_eq!(pushed["skipped"], 0, "{first}");
@@ -86,7 +93,9 @@ async fn convert_from_registry_push_and_pull_back() {
     run(
         "skopeo",
         &[
-            "copy", "--src-tls-verify=false", &target,
+            "copy",
+            "--src-tls-verify=false",
+            &target,
             &format!("oci:{}:v1", copied.display()),
         ],
     );
@@ -115,13 +124,31 @@ async fn registry_credentials_come_from_flags() {
         .expect("pushing the source image");
     let source = format!("docker://{}/private:v1", reg.host());
     let anonymous = shoal_err(&["image", "inspect", &source]);
-    assert!(anonymous.contains("credentials") || anonymous.contains("401"), "{anonymous}");
+    assert!(
+        anonymous.contains("credentials") || anonymous.contains("401"),
+        "{anonymous}"
+    );
     let wrong = shoal_err(&[
-        "image", "inspect", &source, "--registry-user", "alice", "--registry-password", "nope",
+        "image",
+        "inspect",
+        &source,
+        "--registry-user",
+        "alice",
+        "--registry-password",
+        "nope",
     ]);
-    assert!(wrong.contains("401") || wrong.contains("rejected"), "{wrong}");
+    assert!(
+        wrong.contains("401") || wrong.contains("rejected"),
+        "{wrong}"
+    );
     let out = shoal_ok(&[
-        "image", "inspect", &source, "--registry-user", "alice", "--registry-password", "s3cret",
+        "image",
+        "inspect",
+        &source,
+        "--registry-user",
+        "alice",
+        "--registry-password",
+        "s3cret",
     ]);
     assert!(out.contains("files"), "{out}");
 }

@@ -16,7 +16,9 @@ pub use server::{serve, ReadyFn, TelemetryServer, DEFAULT_METRICS_ADDR};
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// The log filter does not parse.
-    #[error("log filter {filter:?} is invalid: {reason} (use e.g. `info` or `shoal_peer=debug,warn`)")]
+    #[error(
+        "log filter {filter:?} is invalid: {reason} (use e.g. `info` or `shoal_peer=debug,warn`)"
+    )]
     Filter {
         /// The filter text.
         filter: String,

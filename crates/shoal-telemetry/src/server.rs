@@ -92,7 +92,9 @@ pub async fn serve(
                 http.max_headers(MAX_HEADERS);
                 let conn = http.serve_connection(TokioIo::new(stream), svc);
                 match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
-                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended with an error"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "metrics connection ended with an error")
+                    }
                     Err(_) => tracing::debug!("metrics connection timed out"),
                     Ok(Ok(())) => {}
                 }
@@ -103,11 +105,17 @@ pub async fn serve(
     Ok(TelemetryServer { addr: bound, task })
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 

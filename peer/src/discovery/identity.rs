@@ -127,13 +127,17 @@ impl Verifier {
             .split(',')
             .filter(|a| !a.is_empty())
             .take(shoal_proto::MAX_ADDRESSES)
-            .map(|a| a.parse::<SocketAddr>().map_err(|e| format!("address {a}: {e}")))
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| format!("address {a}: {e}"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let scheme = SignatureScheme::from(
             u16::from_str_radix(scheme, 16).map_err(|e| format!("scheme: {e}"))?,
         );
         let sig = hex::decode(sig).map_err(|e| format!("signature: {e}"))?;
-        let cert = CertificateDer::from(hex::decode(cert).map_err(|e| format!("certificate: {e}"))?);
+        let cert =
+            CertificateDer::from(hex::decode(cert).map_err(|e| format!("certificate: {e}"))?);
         self.chain
             .verify_client_cert(&cert, &[], UnixTime::now())
             .map_err(|e| format!("certificate not issued by the cluster CA: {e}"))?;
@@ -185,7 +189,7 @@ mod tests {
         let peer = key.public().to_peer_id();
         assert_eq!(peer, again.public().to_peer_id(), "stable PeerId");
         let claim = Claim {
-            host_id: HostId::new("node-a".into()).unwrap(),
+            host_id: HostId::new("node-a").unwrap(),
             addresses: vec!["127.0.0.1:4470".parse().unwrap()],
         };
         let v = Verifier::new(&a).unwrap();
@@ -201,7 +205,7 @@ mod tests {
         assert!(v.verify(&peer, &forged).is_err());
         // A certificate from another CA is refused.
         let x_claim = Claim {
-            host_id: HostId::new("node-x".into()).unwrap(),
+            host_id: HostId::new("node-x").unwrap(),
             addresses: vec![],
         };
         let x_agent = attest(&outsider, &peer, &x_claim).unwrap();

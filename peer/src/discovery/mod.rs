@@ -236,7 +236,9 @@ impl Discovery {
                 if let Some(name) = &dns {
                     match crate::scheduler_ring::resolve(name).await {
                         Ok(a) => addrs.extend(a),
-                        Err(e) => tracing::debug!(error = %e, "DHT: bootstrap name did not resolve"),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "DHT: bootstrap name did not resolve")
+                        }
                     }
                 }
                 if let Some(s) = ring.as_ref().and_then(|r| r.any()) {

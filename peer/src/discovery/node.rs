@@ -189,7 +189,9 @@ impl Node {
 
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } if self.refused.contains(&peer_id) => {
+            SwarmEvent::ConnectionEstablished { peer_id, .. }
+                if self.refused.contains(&peer_id) =>
+            {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -285,7 +287,12 @@ impl Node {
     fn add_provider(&mut self, record: ProviderRecord) {
         let who = record.provider;
         if self.verified.contains_key(&who) {
-            let _ = self.swarm.behaviour_mut().kad.store_mut().add_provider(record);
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .store_mut()
+                .add_provider(record);
         } else if self.refused.contains(&who) {
             self.ignored_records += 1;
             tracing::debug!(peer = %who, "DHT: ignored a provider record from a refused node");

@@ -53,14 +53,16 @@ impl Task {
         &self,
         fits: impl Fn(&TaskMeta) -> bool,
     ) -> Result<Option<(TaskMeta, Vec<[u8; 32]>)>, PeerError> {
-        let timeout = self
-            .ctx
-            .config
-            .piece_timeout()
-            .min(Duration::from_secs(5));
+        let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(5));
         for h in self.dht_holders().await.into_iter().take(TABLE_TRIES) {
-            match fetch_table(&self.ctx.transport, &h.host_id, &h.addresses, self.blob, timeout)
-                .await
+            match fetch_table(
+                &self.ctx.transport,
+                &h.host_id,
+                &h.addresses,
+                self.blob,
+                timeout,
+            )
+            .await
             {
                 Ok(Some(reply)) if fits(&reply.task) => {
                     tracing::info!(blob = %self.blob, holder = %h.host_id, "piece table from a DHT holder");

@@ -178,7 +178,9 @@ impl Task {
                 }
             }
             // No scheduler (or it lost the table): a DHT holder may have one.
-            if self.ctx.scheduler(&self.blob).is_none() && self.adopt_table_from_holders(meta).await? {
+            if self.ctx.scheduler(&self.blob).is_none()
+                && self.adopt_table_from_holders(meta).await?
+            {
                 return Ok(());
             }
         }

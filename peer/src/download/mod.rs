@@ -78,12 +78,10 @@ impl Ctx {
         // Held pieces are also what the DHT publishes: one provider record per blob.
         if let Some(d) = &self.dht {
             match &req {
-                SchedulerRequest::PiecesHeld(h)
-                    if matches!(&h.pieces, shoal_proto::PieceReport::Added(p) if !p.is_empty()) =>
+                SchedulerRequest::PiecesHeld(h) if added_any(&h.pieces) => d.provide(h.blob),
+                SchedulerRequest::RegisterTask(t)
+                    if t.held.as_ref().is_some_and(|h| h.count() > 0) =>
                 {
-                    d.provide(h.blob)
-                }
-                SchedulerRequest::RegisterTask(t) if t.held.as_ref().is_some_and(|h| h.count() > 0) => {
                     d.provide(t.task.blob)
                 }
                 _ => {}
@@ -230,6 +228,10 @@ impl Downloader {
             }
         }
     }
+}
+
+fn added_any(report: &shoal_proto::PieceReport) -> bool {
+    matches!(report, shoal_proto::PieceReport::Added(p) if !p.is_empty())
 }
 
 /// The blob a scheduler request is about, if any (it decides which scheduler gets it).

@@ -308,7 +308,9 @@ pub(crate) async fn fetch_table(
         {
             shoal_proto::PieceReply::Table(t) if t.task.blob == blob => Ok(Some(t)),
             shoal_proto::PieceReply::Error(_) => Ok(None),
-            _ => Err(format!("{host} answered PieceTable for {blob} with something else")),
+            _ => Err(format!(
+                "{host} answered PieceTable for {blob} with something else"
+            )),
         }
     };
     match tokio::time::timeout(timeout, attempt).await {

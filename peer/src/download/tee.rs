@@ -48,7 +48,9 @@ impl Task {
         let (tx, mut rx) = mpsc::channel(TEE_QUEUE);
         let task = Arc::clone(self);
         tokio::spawn(async move { task.tee(meta, origin, start, end, tx).await });
-        Ok(Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx))))
+        Ok(Box::pin(futures::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+        })))
     }
 
     /// Takes the first origin fetch for a streaming reader; false when someone else fetches
@@ -146,7 +148,8 @@ impl Task {
         tx: &mpsc::Sender<Result<Bytes, PeerError>>,
     ) -> Result<(PieceLayout, Option<Bytes>), PeerError> {
         let o = self.ctx.origins.get(origin)?;
-        let mut stream = shoal_origin::Origin::read(o.as_ref(), &origin_digest(&self.blob)?).await?;
+        let mut stream =
+            shoal_origin::Origin::read(o.as_ref(), &origin_digest(&self.blob)?).await?;
         let (itx, irx) = mpsc::channel::<std::io::Result<Bytes>>(IMPORT_QUEUE);
         let import = self.ctx.store.import_blob(
             store_digest(&self.blob),
@@ -227,8 +230,14 @@ mod tests {
     fn slices() {
         let c = Bytes::from_static(b"0123456789");
         assert_eq!(slice_of(&c, 100, 0, 1000).unwrap(), c);
-        assert_eq!(slice_of(&c, 100, 103, 105).unwrap(), Bytes::from_static(b"34"));
-        assert_eq!(slice_of(&c, 100, 108, 200).unwrap(), Bytes::from_static(b"89"));
+        assert_eq!(
+            slice_of(&c, 100, 103, 105).unwrap(),
+            Bytes::from_static(b"34")
+        );
+        assert_eq!(
+            slice_of(&c, 100, 108, 200).unwrap(),
+            Bytes::from_static(b"89")
+        );
         assert!(slice_of(&c, 100, 110, 200).is_none());
         assert!(slice_of(&c, 100, 0, 100).is_none());
         assert!(slice_of(&c, 100, 105, 105).is_none());

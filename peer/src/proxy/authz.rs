@@ -98,7 +98,12 @@ impl Authz {
 
 /// The upstream's refusal as the client gets it: its status and challenge; a registry error
 /// body on GET (a HEAD answer has none).
-fn refusal(status: StatusCode, upstream: &HeaderMap, method: &Method, blob: &Digest) -> Response<Body> {
+fn refusal(
+    status: StatusCode,
+    upstream: &HeaderMap,
+    method: &Method,
+    blob: &Digest,
+) -> Response<Body> {
     let (code, message) = match status {
         StatusCode::UNAUTHORIZED => ("UNAUTHORIZED", "authentication required"),
         StatusCode::FORBIDDEN => ("DENIED", "requested access to the resource is denied"),
@@ -123,7 +128,12 @@ fn refusal(status: StatusCode, upstream: &HeaderMap, method: &Method, blob: &Dig
 }
 
 /// BLAKE3 of credential, registry, repository and blob: the cache holds no credential itself.
-fn cache_key(authorization: Option<&HeaderValue>, up: &Upstream, name: &str, blob: &Digest) -> [u8; 32] {
+fn cache_key(
+    authorization: Option<&HeaderValue>,
+    up: &Upstream,
+    name: &str,
+    blob: &Digest,
+) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     for part in [
         authorization.map_or(&b""[..], HeaderValue::as_bytes),

@@ -30,14 +30,14 @@ pub(crate) async fn serve(
     blob: Digest,
 ) -> Response<Body> {
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
-    match state
+    let upstream_size = match state
         .authz
         .check(state, up, name, &blob, auth.as_ref(), req.method())
         .await
     {
         Verdict::Denied(resp) => return resp,
-        Verdict::Allowed(_) => {}
-    }
+        Verdict::Allowed(size) => size,
+    };
     let authorization = auth
         .as_ref()
         .and_then(|v| v.to_str().ok())
@@ -54,8 +54,14 @@ pub(crate) async fn serve(
             return passthrough::forward(state, req, up).await;
         }
     };
-    let Some(size) = task.size() else {
-        return passthrough::forward(state, req, up).await;
+    let size = match (task.size(), upstream_size) {
+        (Some(ours), Some(theirs)) if ours != theirs => {
+            // Cannot be for one digest; trust neither the task nor our cache: pass through.
+            tracing::warn!(%blob, ours, theirs, "blob size differs from the upstream's");
+            return passthrough::forward(state, req, up).await;
+        }
+        (Some(size), _) => size,
+        (None, _) => return passthrough::forward(state, req, up).await,
     };
     let range = req
         .headers()
@@ -66,7 +72,11 @@ pub(crate) async fn serve(
         RangeAsk::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
         RangeAsk::Unsatisfiable => {
             let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "");
-            set(r.headers_mut(), header::CONTENT_RANGE, format!("bytes */{size}"));
+            set(
+                r.headers_mut(),
+                header::CONTENT_RANGE,
+                format!("bytes */{size}"),
+            );
             return r;
         }
     };
@@ -98,7 +108,11 @@ pub(crate) async fn serve(
     set(h, header::CONTENT_TYPE, "application/octet-stream".into());
     set(h, header::ACCEPT_RANGES, "bytes".into());
     set(h, header::ETAG, format!("\"{blob}\""));
-    set(h, header::HeaderName::from_static("docker-content-digest"), blob.to_string());
+    set(
+        h,
+        header::HeaderName::from_static("docker-content-digest"),
+        blob.to_string(),
+    );
     set(
         h,
         header::HeaderName::from_static("docker-distribution-api-version"),

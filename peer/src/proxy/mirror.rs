@@ -102,8 +102,9 @@ pub(crate) fn blob_route(path: &str) -> Option<(&str, Digest)> {
 fn valid_name(name: &str) -> bool {
     name.split('/').all(|c| {
         !c.is_empty()
-            && c.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+            && c.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            })
     })
 }
 

@@ -30,8 +30,8 @@ use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use serde::{Deserialize, Serialize};
 
-pub use server::ProxyServer;
 pub(crate) use server::start;
+pub use server::ProxyServer;
 
 /// Response body of the proxy: streamed, boxed.
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;

@@ -46,15 +46,25 @@ fn request_headers(from: &HeaderMap) -> HeaderMap {
 }
 
 /// Sends `req` to the upstream and streams its answer back unchanged.
-pub(crate) async fn forward(state: &State, req: Request<Incoming>, up: &Upstream) -> Response<Body> {
+pub(crate) async fn forward(
+    state: &State,
+    req: Request<Incoming>,
+    up: &Upstream,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, state.cfg.max_request_body).collect().await {
+    let body = match Limited::new(body, state.cfg.max_request_body)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             return registry_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "SIZE_INVALID",
-                &format!("request body refused (the proxy takes at most {} bytes): {e}", state.cfg.max_request_body),
+                &format!(
+                    "request body refused (the proxy takes at most {} bytes): {e}",
+                    state.cfg.max_request_body
+                ),
             )
         }
     };
@@ -107,10 +117,10 @@ pub(crate) async fn upstream_range(
     start: u64,
     end: u64,
 ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>, String> {
-    let mut rb = state
-        .http_follow
-        .get(url)
-        .header(header::RANGE, format!("bytes={start}-{}", end.saturating_sub(1)));
+    let mut rb = state.http_follow.get(url).header(
+        header::RANGE,
+        format!("bytes={start}-{}", end.saturating_sub(1)),
+    );
     if let Some(a) = authorization {
         rb = rb.header(header::AUTHORIZATION, a);
     }

@@ -60,7 +60,10 @@ impl ProxyServer {
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let mut drained = self.drained.lock().await;
-        if tokio::time::timeout(self.grace, drained.recv()).await.is_err() {
+        if tokio::time::timeout(self.grace, drained.recv())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?self.grace, "proxy connections still open after the grace period");
         }
         self.accept.abort();
@@ -147,12 +150,8 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let (state, tls, stop, alive) = (
-            Arc::clone(&state),
-            tls.clone(),
-            stop.clone(),
-            alive.clone(),
-        );
+        let (state, tls, stop, alive) =
+            (Arc::clone(&state), tls.clone(), stop.clone(), alive.clone());
         tokio::spawn(async move {
             connection(tcp, peer, state, tls, stop).await;
             drop(alive);

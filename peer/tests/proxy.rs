@@ -1,0 +1,518 @@
+//! The registry proxy with real clients: curl (ranges, auth), skopeo, and containerd's `ctr`
+//! pulling and running an image through the proxies of two nodes, all against docker-registry.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{cluster, sha256, REPO};
+use shoal_peer::{Peer, PeerConfig};
+use shoal_testkit::{need_binaries, or_skip, Registry, RegistryAuth, RegistryOpts};
+
+fn with_proxy(mut cfg: PeerConfig, default_upstream: Option<String>) -> PeerConfig {
+    cfg.proxy.enabled = true;
+    cfg.proxy.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.proxy.default_upstream = default_upstream;
+    cfg
+}
+
+/// What curl got: status, headers (lower-case names), body.
+struct Got {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn curl(url: &str, extra: &[&str]) -> Got {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, b) = (dir.path().join("h"), dir.path().join("b"));
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "60", "-D"])
+        .arg(&h)
+        .arg("-o")
+        .arg(&b)
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = std::fs::read_to_string(&h).unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Got {
+        status,
+        headers,
+        body: std::fs::read(&b).unwrap_or_default(),
+    }
+}
+
+fn blob_gets(log: &[shoal_testkit::AccessEntry], digest: &str) -> usize {
+    log.iter()
+        .filter(|e| e.method == "GET" && e.path.contains(&format!("/blobs/{digest}")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_ranges_manifests_and_first_fetch_streaming() {
+    if need_binaries(&["curl"]).is_err() {
+        return;
+    }
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let img = c
+        .registry
+        .push_random_image(REPO, "v1", 3 << 20, 7)
+        .await
+        .unwrap();
+    let peer = c.start(with_proxy(c.config("p1", false), None)).await;
+    let proxy = peer.proxy_addr().unwrap();
+    let ns = c.registry.host();
+    let url = |path: &str| format!("http://{proxy}/v2/{path}?ns={ns}");
+
+    // Pass-through: /v2/, manifest by tag (not cached), tags list; 400 without an upstream.
+    assert_eq!(curl(&url(""), &[]).status, 200);
+    let m = curl(
+        &url(&format!("{REPO}/manifests/v1")),
+        &["-H", "Accept: application/vnd.oci.image.manifest.v1+json"],
+    );
+    assert_eq!(m.status, 200);
+    assert_eq!(m.body, img.manifest);
+    assert_eq!(
+        m.header("docker-content-digest"),
+        Some(img.manifest_digest.as_str())
+    );
+    let tags = curl(&url(&format!("{REPO}/tags/list")), &[]);
+    assert!(String::from_utf8_lossy(&tags.body).contains("v1"));
+    assert_eq!(curl(&format!("http://{proxy}/v2/"), &[]).status, 400);
+    assert_eq!(curl(&url("nope/manifests/x"), &[]).status, 404);
+
+    // First fetch of a plain blob, asked with a range: streamed from the origin while imported.
+    let layer = &img.layer;
+    let size = layer.len() as u64;
+    let d = &img.layer_digest;
+    let blob = url(&format!("{REPO}/blobs/{d}"));
+    let g = curl(&blob, &["-r", "1000-1999"]);
+    assert_eq!(g.status, 206);
+    assert_eq!(g.body, &layer[1000..2000]);
+    assert_eq!(
+        g.header("content-range"),
+        Some(format!("bytes 1000-1999/{size}").as_str())
+    );
+
+    // Whole blob, now from the verified cache.
+    let g = curl(&blob, &[]);
+    assert_eq!(g.status, 200);
+    assert_eq!(sha256(&g.body), *d);
+    assert_eq!(g.header("content-length"), Some(size.to_string().as_str()));
+    assert_eq!(g.header("docker-content-digest"), Some(d.as_str()));
+    assert_eq!(g.header("etag"), Some(format!("\"{d}\"").as_str()));
+    let h = curl(&blob, &["-I"]);
+    assert_eq!(h.status, 200);
+    assert_eq!(h.header("content-length"), Some(size.to_string().as_str()));
+    // (curl -I writes the head where the body would go: no body bytes to check.)
+
+    // Ranges: first byte, middle, last byte, open-ended, several (whole), unsatisfiable.
+    let mid = size / 2;
+    let cases = [
+        ("0-0".to_string(), 0, 1),
+        (format!("{mid}-{}", mid + 99), mid, mid + 100),
+        ("-1".to_string(), size - 1, size),
+        (format!("{}-", size - 4096), size - 4096, size),
+    ];
+    for (r, s, e) in cases {
+        let g = curl(&blob, &["-r", &r]);
+        assert_eq!(g.status, 206, "range {r}");
+        assert_eq!(g.body, &layer[s as usize..e as usize], "range {r}");
+        assert_eq!(
+            g.header("content-range"),
+            Some(format!("bytes {s}-{}/{size}", e - 1).as_str())
+        );
+        assert_eq!(
+            g.header("content-length"),
+            Some((e - s).to_string().as_str())
+        );
+    }
+    // h2c (prior knowledge) on the same port.
+    let g = curl(&blob, &["--http2-prior-knowledge", "-r", "10-19"]);
+    assert_eq!((g.status, g.body.as_slice()), (206, &layer[10..20]));
+    let g = curl(&blob, &["-r", "0-1,5-6"]);
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body.len() as u64, size);
+    let g = curl(&blob, &["-r", &format!("{size}-")]);
+    assert_eq!(g.status, 416);
+    assert_eq!(
+        g.header("content-range"),
+        Some(format!("bytes */{size}").as_str())
+    );
+    assert!(g.body.is_empty());
+
+    // The origin sent the layer once (the teed first fetch); every other answer was the cache.
+    let log = c.registry.access_log().await;
+    assert_eq!(blob_gets(&log, d), 1, "{log:?}");
+    peer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn private_blobs_need_the_clients_credentials() {
+    if need_binaries(&["curl"]).is_err() {
+        return;
+    }
+    common::init_logs();
+    let auth = RegistryAuth::Basic {
+        user: "alice".into(),
+        password: "s3cret".into(),
+    };
+    let Some(registry) = or_skip(Registry::start(RegistryOpts { auth }).await) else {
+        return;
+    };
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let img = registry
+        .push_random_image(REPO, "v1", 1 << 20, 9)
+        .await
+        .unwrap();
+    let peer = c
+        .start(with_proxy(c.config("p1", false), Some(registry.host())))
+        .await;
+    let proxy = peer.proxy_addr().unwrap();
+    let d = &img.layer_digest;
+    let blob = format!("http://{proxy}/v2/{REPO}/blobs/{d}");
+
+    // Without credentials: the registry's challenge, no data (before and after caching).
+    let g = curl(&blob, &[]);
+    assert_eq!(g.status, 401);
+    assert!(g.header("www-authenticate").unwrap().starts_with("Basic"));
+    assert!(!g
+        .body
+        .windows(64)
+        .any(|w| img.layer.windows(64).next() == Some(w)));
+    let g = curl(&blob, &["-u", "alice:s3cret"]);
+    assert_eq!(g.status, 200);
+    assert_eq!(sha256(&g.body), *d);
+    assert!(peer.store().stats().complete_blobs >= 1);
+    for extra in [
+        &[][..],
+        &["-I"][..],
+        &["-u", "alice:wrong"][..],
+        &["-r", "0-9"][..],
+    ] {
+        let g = curl(&blob, extra);
+        assert_eq!(g.status, 401, "{extra:?}");
+        assert!(
+            g.body.len() < 200 && !g.body.starts_with(&img.layer[..16]),
+            "{extra:?}"
+        );
+    }
+    // A manifest without credentials: the challenge passes back unchanged.
+    let m = curl(&format!("http://{proxy}/v2/{REPO}/manifests/v1"), &[]);
+    assert_eq!(m.status, 401);
+    assert!(m.header("www-authenticate").is_some());
+    // With them, again from the cache.
+    let g = curl(&blob, &["-u", "alice:s3cret", "-r", "100-199"]);
+    assert_eq!((g.status, g.body.as_slice()), (206, &img.layer[100..200]));
+    assert_eq!(blob_gets(&registry.access_log().await, d), 1);
+    peer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_copies_through_the_proxy() {
+    if need_binaries(&["skopeo"]).is_err() {
+        return;
+    }
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let img = c
+        .registry
+        .push_random_image(REPO, "v1", 2 << 20, 11)
+        .await
+        .unwrap();
+    let peer = c
+        .start(with_proxy(c.config("p1", false), Some(c.registry.host())))
+        .await;
+    let proxy = peer.proxy_addr().unwrap();
+    let out_dir = c.dir.path().join("skopeo-out");
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--src-tls-verify=false",
+            "--override-os",
+            "linux",
+            "--override-arch",
+            "amd64",
+        ])
+        .arg(format!("docker://{proxy}/{REPO}:v1"))
+        .arg(format!("dir:{}", out_dir.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let layer_file = out_dir.join(img.layer_digest.trim_start_matches("sha256:"));
+    assert_eq!(common::file_sha256(&layer_file), img.layer_digest);
+    let status = peer
+        .downloader()
+        .status(&shoal_proto::Digest::parse(&img.layer_digest).unwrap())
+        .expect("the layer went through the proxy's swarm task");
+    assert!(status.complete);
+    peer.shutdown().await;
+}
+
+/// A containerd with its own root, state and socket, stopped on drop.
+struct Containerd {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Containerd {
+        std::fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        let cfg = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n\
+             [debug]\n  address = \"{d}/debug.sock\"\n[metrics]\n  address = \"\"\n"
+        );
+        std::fs::write(dir.join("config.toml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Containerd {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let start = std::time::Instant::now();
+        while c.ctr(&["version"]).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "containerd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.dir.join("c.sock"))
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "ctr {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// A hosts directory sending `registry` to the proxy at `proxy`.
+    fn hosts_dir(&self, registry: &str, proxy: std::net::SocketAddr) -> PathBuf {
+        let hosts = self.dir.join("certs.d");
+        std::fs::create_dir_all(hosts.join(registry)).unwrap();
+        std::fs::write(
+            hosts.join(registry).join("hosts.toml"),
+            format!(
+                "server = \"http://{registry}\"\n\n[host.\"http://{proxy}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .unwrap();
+        hosts
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", "shoal-run"]);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Snapshots may leave mounts; unmount anything left under our root.
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("root"))
+            .status();
+    }
+}
+
+/// An uncompressed tar layer holding a static busybox as /bin/busybox and /bin/sh.
+fn busybox_layer(busybox: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let data = std::fs::read(busybox).unwrap();
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    b.append_data(&mut dir, "bin/", std::io::empty()).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, "bin/busybox", data.as_slice())
+        .unwrap();
+    let mut l = tar::Header::new_gnu();
+    l.set_entry_type(tar::EntryType::Symlink);
+    l.set_size(0);
+    l.set_mode(0o777);
+    b.append_link(&mut l, "bin/sh", "busybox").unwrap();
+    b.into_inner().unwrap()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containerd_pulls_and_runs_through_two_nodes() {
+    if need_binaries(&["containerd", "ctr", "runc"]).is_err() {
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root || !busybox.exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI runs as root with busybox-static"
+        );
+        eprintln!("SKIP: needs root and busybox-static (/bin/busybox)");
+        return;
+    }
+    let Some(c) = cluster(true).await else { return };
+    let img = c
+        .registry
+        .push_image_for(
+            "shoal/busybox",
+            "1",
+            busybox_layer(busybox),
+            "linux",
+            "amd64",
+        )
+        .await
+        .unwrap();
+    let reg = c.registry.host();
+    let image = format!("{reg}/shoal/busybox:1");
+    let nodes: Vec<(Peer, Containerd)> = {
+        let mut v = Vec::new();
+        for name in ["n1", "n2"] {
+            let peer = c.start(with_proxy(c.config(name, false), None)).await;
+            let dir = c.dir.path().join("ctrd").join(name);
+            let ctrd = blocking(move || Containerd::start(&dir)).await;
+            v.push((peer, ctrd));
+        }
+        v
+    };
+
+    let pull = |i: usize| {
+        let (peer, ctrd) = &nodes[i];
+        let hosts = ctrd.hosts_dir(&reg, peer.proxy_addr().unwrap());
+        let hosts = hosts.display().to_string();
+        ctrd.ctr(&[
+            "image",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            &hosts,
+            &image,
+        ])
+    };
+    pull(0).unwrap();
+    let out = nodes[0]
+        .1
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            &image,
+            "shoal-run",
+            "/bin/busybox",
+            "echo",
+            "hello-from-shoal",
+        ])
+        .unwrap();
+    assert!(out.contains("hello-from-shoal"), "{out}");
+    let layer = shoal_proto::Digest::parse(&img.layer_digest).unwrap();
+    let s1 = nodes[0]
+        .0
+        .downloader()
+        .status(&layer)
+        .expect("layer came through n1's proxy");
+    assert!(s1.complete);
+
+    pull(1).unwrap();
+    let s2 = nodes[1]
+        .0
+        .downloader()
+        .status(&layer)
+        .expect("layer came through n2's proxy");
+    assert!(s2.complete);
+    assert!(
+        s2.bytes_from_peers > 0 && s2.bytes_from_origin == 0,
+        "{s2:?}"
+    );
+    let log = c.registry.access_log().await;
+    for d in [&img.layer_digest, &img.config_digest] {
+        assert_eq!(
+            blob_gets(&log, d),
+            1,
+            "one GET of {d} at the registry: {log:?}"
+        );
+    }
+    let out = nodes[1]
+        .1
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            &image,
+            "shoal-run",
+            "/bin/sh",
+            "-c",
+            "echo second-node",
+        ])
+        .unwrap();
+    assert!(out.contains("second-node"), "{out}");
+    assert_eq!(sha256(&img.layer), img.layer_digest);
+    drop(nodes);
+}
