@@ -3,32 +3,16 @@
 
 use bytes::Bytes;
 use shoal_format::bootstrap::ChunkView;
-use shoal_format::model::ChunkEncoding;
 
 /// Decompresses a chunk's stored form and checks it against its name.
 pub fn decode_chunk(c: &ChunkView, stored: &[u8]) -> Result<Bytes, String> {
-    let data = match c.encoding {
-        ChunkEncoding::Raw => stored.to_vec(),
-        ChunkEncoding::Zstd => {
-            zstd::bulk::decompress(stored, c.size as usize).map_err(|e| format!("zstd: {e}"))?
-        }
-    };
-    if data.len() != c.size as usize {
-        return Err(format!(
-            "decompressed to {} bytes, expected {}",
-            data.len(),
-            c.size
-        ));
-    }
-    if *blake3::hash(&data).as_bytes() != c.hash {
-        return Err("BLAKE3 of the content does not match the chunk's name".into());
-    }
-    Ok(Bytes::from(data))
+    shoal_format::image::decode_chunk(&c.hash, c.size, c.encoding, stored.to_vec()).map(Bytes::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_format::model::ChunkEncoding;
 
     fn view(data: &[u8], encoding: ChunkEncoding, stored: &[u8]) -> ChunkView {
         ChunkView {

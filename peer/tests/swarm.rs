@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use shoal_peer::ApiClient;
+use shoal_peer::{ApiClient, PeerConfig};
 
 const MIB: usize = 1 << 20;
 
@@ -211,8 +211,14 @@ async fn with_the_scheduler_killed_peers_fall_back_to_the_origin() {
         return;
     };
     let (blob, data) = c.push_blob(8 * MIB, 4).await;
-    let a = c.start(c.config("peer-a", false)).await;
-    let b = c.start(c.config("peer-b", false)).await;
+    // This story is about the origin fallback alone: without the DHT one peer cannot find the
+    // other's copy, so both must go to the origin.
+    let no_dht = |name| PeerConfig {
+        dht: false,
+        ..c.config(name, false)
+    };
+    let a = c.start(no_dht("peer-a")).await;
+    let b = c.start(no_dht("peer-b")).await;
     if let Some(s) = c.scheduler.take() {
         s.shutdown();
     }

@@ -211,20 +211,30 @@ pub fn read_chunk(
     let mut stored = vec![0u8; c.stored_size as usize];
     file.read_exact_at(&mut stored, c.offset)
         .map_err(|e| format!("reading {} bytes at {}: {e}", c.stored_size, c.offset))?;
-    let data = match c.encoding {
+    decode_chunk(&c.hash, c.size, c.encoding, stored)
+}
+
+/// Decodes a chunk's stored form (`stored`, as read from its blob) and checks that it is `size`
+/// bytes whose BLAKE3 is `hash`, the chunk's name. The one check between any source and a reader.
+pub fn decode_chunk(
+    hash: &crate::model::Blake3,
+    size: u32,
+    encoding: crate::model::ChunkEncoding,
+    stored: Vec<u8>,
+) -> std::result::Result<Vec<u8>, String> {
+    let data = match encoding {
         crate::model::ChunkEncoding::Raw => stored,
         crate::model::ChunkEncoding::Zstd => {
-            zstd::bulk::decompress(&stored, c.size as usize).map_err(|e| format!("zstd: {e}"))?
+            zstd::bulk::decompress(&stored, size as usize).map_err(|e| format!("zstd: {e}"))?
         }
     };
-    if data.len() != c.size as usize {
+    if data.len() != size as usize {
         return Err(format!(
-            "decompressed to {} bytes, expected {}",
-            data.len(),
-            c.size
+            "decompressed to {} bytes, expected {size}",
+            data.len()
         ));
     }
-    if *blake3::hash(&data).as_bytes() != c.hash {
+    if *blake3::hash(&data).as_bytes() != *hash {
         return Err("BLAKE3 of the content does not match the chunk's name".into());
     }
     Ok(data)

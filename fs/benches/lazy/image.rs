@@ -84,7 +84,14 @@ pub fn build_layer(dir: &Path, min_bytes: u64) -> Res<Layer> {
     // The workload's files, and the merged-/usr links that let `chroot` find the loader.
     let mut extra: Vec<String> = startup_list();
     extra.extend(
-        ["bin", "lib", "lib64", "usr/lib64", "usr/lib64/ld-linux-x86-64.so.2"].map(String::from),
+        [
+            "bin",
+            "lib",
+            "lib64",
+            "usr/lib64",
+            "usr/lib64/ld-linux-x86-64.so.2",
+        ]
+        .map(String::from),
     );
     for p in extra {
         let rel = PathBuf::from(&p);
@@ -102,7 +109,9 @@ pub fn build_layer(dir: &Path, min_bytes: u64) -> Res<Layer> {
         .collect();
     set.extend(parents);
     if bytes < min_bytes {
-        return Err(format!("only {bytes} bytes of files found, the image needs {min_bytes}").into());
+        return Err(
+            format!("only {bytes} bytes of files found, the image needs {min_bytes}").into(),
+        );
     }
     let list = dir.join("layer.list");
     let mut f = fs::File::create(&list)?;

@@ -45,7 +45,9 @@ pub fn check(cmd: &mut Command) -> Res<()> {
 
 fn env_u64(key: &str, default: u64) -> Res<u64> {
     match std::env::var(key) {
-        Ok(v) => Ok(v.parse().map_err(|_| format!("{key}={v} is not a number"))?),
+        Ok(v) => Ok(v
+            .parse()
+            .map_err(|_| format!("{key}={v} is not a number"))?),
         Err(_) => Ok(default),
     }
 }

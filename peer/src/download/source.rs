@@ -42,7 +42,11 @@ impl Origins {
     pub fn get(&self, origin: &OriginRef) -> Result<Arc<RegistryOrigin>, PeerError> {
         // Keyed by reference and credential: one client's Authorization never serves another.
         let key = match &origin.authorization {
-            Some(a) => format!("{}\n{}", origin.reference, blake3::hash(a.as_bytes()).to_hex()),
+            Some(a) => format!(
+                "{}\n{}",
+                origin.reference,
+                blake3::hash(a.as_bytes()).to_hex()
+            ),
             None => origin.reference.clone(),
         };
         if let Some(o) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
@@ -55,9 +59,7 @@ impl Origins {
             )));
         }
         let reference = Reference::parse(&origin.reference)?;
-        let client = self
-            .client
-            .with_authorization(origin.authorization.clone());
+        let client = self.client.with_authorization(origin.authorization.clone());
         let o = Arc::new(RegistryOrigin::new(client, reference));
         if let Ok(mut c) = self.cache.lock() {
             if c.len() > 1024 {
