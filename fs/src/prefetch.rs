@@ -41,19 +41,23 @@ fn run(reader: &Reader, plan: PrefetchPlan, stop: &AtomicBool) {
     if plan.listed {
         let started = Instant::now();
         let mut files = 0;
+        // The chunks of all listed files in list order, fetched in batches that span files:
+        // one batch is several requests in flight at once (small files would otherwise cost a
+        // round trip each).
+        let mut chunks: Vec<ChunkView> = Vec::new();
         for ino in boot.prefetch() {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
             if boot.inode(ino).is_none_or(|i| i.kind() != InodeKind::File) {
                 continue;
             }
             let Ok(list) = boot.file_chunks(ino) else {
                 continue;
             };
-            let chunks: Vec<ChunkView> = list.iter().collect();
-            warm(reader, &chunks, stop, 0, Instant::now());
+            chunks.extend(list.iter());
             files += 1;
+        }
+        warm(reader, &chunks, stop, 0, started);
+        if stop.load(Ordering::Relaxed) {
+            return;
         }
         tracing::info!(
             files,

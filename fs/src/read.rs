@@ -218,7 +218,9 @@ impl Reader {
 
     /// The verified bytes of every chunk in `chunks`, in order.
     fn load(&self, chunks: &[ChunkView], deadline: Instant) -> Result<Vec<Bytes>, ReadError> {
-        let mut out: Vec<Option<Bytes>> = chunks.iter().map(|c| self.cached(c)).collect();
+        // Memory first; the disk cache only under the chunk's single-flight lock below, so
+        // concurrent readers of one chunk (kernel readahead) read and verify it from disk once.
+        let mut out: Vec<Option<Bytes>> = chunks.iter().map(|c| self.mem.get(&c.hash)).collect();
         let hits = out.iter().filter(|o| o.is_some()).count() as u64;
         self.metrics.cache_hits.inc_by(hits);
         if hits as usize == chunks.len() {
@@ -243,17 +245,18 @@ impl Reader {
         for (l, c) in locks.iter().zip(&missing) {
             guards.push(self.lock_until(l, deadline, c)?);
         }
-        // Another reader may have fetched some while we waited for their locks.
+        // In memory by now (another reader held the lock), or on disk (verified)?
         let mut ready = HashMap::new();
         let mut still = Vec::new();
         for c in &missing {
-            match self.mem.get(&c.hash) {
+            match self.cached(c) {
                 Some(b) => {
                     ready.insert(c.hash, b);
                 }
                 None => still.push(*c),
             }
         }
+        self.metrics.cache_hits.inc_by(ready.len() as u64);
         let fetched = self.fetch(&still, deadline);
         drop(guards);
         {

@@ -49,9 +49,7 @@ impl Swarm {
                 .map_err(|e| e.to_string())?;
         }
         let origin = net.host(ORIGIN);
-        let listener = origin
-            .tcp_listener(RELAY_PORT)
-            .map_err(|e| e.to_string())?;
+        let listener = origin.tcp_listener(RELAY_PORT).map_err(|e| e.to_string())?;
         let relay = FaultRelay::start_on(listener, registry_url).map_err(|e| e.to_string())?;
         let relay_host = format!("{}:{RELAY_PORT}", origin.addr());
         let origin_ref = format!("docker://{relay_host}/{REPO}");
@@ -118,9 +116,9 @@ impl Swarm {
         let mut all = swarm.sockets.clone();
         all.push(seed_sock);
         for s in &all {
-            wait_api(s, Duration::from_secs(20)).await.map_err(|e| {
-                format!("{e}\n--- seed log ---\n{}", swarm.seed.log_tail(20))
-            })?;
+            wait_api(s, Duration::from_secs(20))
+                .await
+                .map_err(|e| format!("{e}\n--- seed log ---\n{}", swarm.seed.log_tail(20)))?;
         }
         if !swarm.scheduler.is_running() {
             return Err(format!(
@@ -141,6 +139,11 @@ impl Swarm {
     /// The relay's `HOST:PORT` as the peer hosts reach it.
     pub fn relay_addr(&self) -> SocketAddr {
         self.net.host(ORIGIN).sock(RELAY_PORT)
+    }
+
+    /// The seed's host.
+    pub fn seed_host(&self) -> &Host {
+        self.net.host(SEED)
     }
 
     /// Directory of logs and node data.
@@ -184,4 +187,19 @@ async fn wait_api(sock: &Path, limit: Duration) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Bytes and packets `host` has sent so far and packets its tbf dropped
+/// (`tc -s qdisc show dev eth0` in the host: the egress cap).
+pub fn egress(host: &Host) -> (u64, u64) {
+    let Ok(out) = host.run("tc", &["-s", "qdisc", "show", "dev", "eth0"]) else {
+        return (0, 0);
+    };
+    let after = |key: &str| -> u64 {
+        out.split_once(key)
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .and_then(|v| v.trim_end_matches(',').parse().ok())
+            .unwrap_or(0)
+    };
+    (after("Sent "), after("dropped "))
 }

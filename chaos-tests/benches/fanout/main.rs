@@ -163,6 +163,14 @@ struct RunFigures {
     seed_cpu: f64,
     /// The scheduler's CPU seconds during the run (until it was killed).
     sched_cpu: f64,
+    /// Bytes the seed's host sent (its uploads to peers).
+    seed_sent: u64,
+    /// Bytes all peer hosts sent (their uploads to each other).
+    peers_sent: u64,
+    /// Packets the tbf caps of the seed and the peers dropped on the way out.
+    dropped: u64,
+    /// (seconds since start, percent of all peers' pieces held), every 5 s.
+    samples: Vec<(u64, f64)>,
 }
 
 async fn bench(opts: Opts) -> Result<(), String> {
@@ -231,7 +239,16 @@ async fn swarm_run(
     let sched_pid = swarm.scheduler.pid().unwrap_or(0);
     let cpu0: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
     let (seed0, sched0) = (cpu_secs(seed_pid), cpu_secs(sched_pid));
+    let egress_of = |swarm: &Swarm| -> Vec<(u64, u64)> {
+        std::iter::once(swarm.seed_host())
+            .chain((0..opts.peers).map(|i| swarm.peer_host(i)))
+            .map(cluster::egress)
+            .collect()
+    };
+    let eg0 = egress_of(swarm);
     let start = Instant::now();
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let progress = tokio::spawn(progress(swarm.sockets.clone(), start, samples.clone()));
     let mut jobs = Vec::new();
     for sock in &swarm.sockets {
         let (sock, blob, origin) = (sock.clone(), *blob, swarm.origin_ref.clone());
@@ -269,6 +286,16 @@ async fn swarm_run(
     let seed_cpu = cpu_secs(seed_pid) - seed0;
     let sched_cpu = sched_cpu.unwrap_or_else(|| cpu_secs(sched_pid) - sched0);
     let origin_bytes = swarm.relay.blob_bytes_served(digest);
+    progress.abort();
+    let samples = samples.lock().map(|v| v.clone()).unwrap_or_default();
+    let eg: Vec<(u64, u64)> = egress_of(swarm)
+        .iter()
+        .zip(&eg0)
+        .map(|(a, b)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)))
+        .collect();
+    let seed_sent = eg.first().map_or(0, |e| e.0);
+    let peers_sent = eg.iter().skip(1).map(|e| e.0).sum();
+    let dropped = eg.iter().map(|e| e.1).sum();
     // Every peer's copy, read back through its API and hashed here.
     for (i, sock) in swarm.sockets.iter().enumerate() {
         let got = sha256_via_api(sock, blob).await?;
@@ -287,7 +314,40 @@ async fn swarm_run(
         peer_cpu,
         seed_cpu,
         sched_cpu,
+        seed_sent,
+        peers_sent,
+        dropped,
+        samples,
     })
+}
+
+/// Samples every 5 s how much of the blob the peers hold together (from their task status)
+/// into `out` as (seconds, percent).
+async fn progress(
+    sockets: Vec<std::path::PathBuf>,
+    start: Instant,
+    out: std::sync::Arc<std::sync::Mutex<Vec<(u64, f64)>>>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (mut held, mut total) = (0u64, 0u64);
+        for s in &sockets {
+            if let Ok(tasks) = ApiClient::new(s).tasks().await {
+                for t in tasks {
+                    held += u64::from(t.held);
+                    total += u64::from(t.pieces.unwrap_or(0));
+                }
+            }
+        }
+        let pct = if total == 0 {
+            0.0
+        } else {
+            held as f64 * 100.0 / total as f64
+        };
+        if let Ok(mut v) = out.lock() {
+            v.push((start.elapsed().as_secs(), pct));
+        }
+    }
 }
 
 fn report(what: &str, opts: &Opts, f: &RunFigures) {
@@ -310,6 +370,18 @@ fn report(what: &str, opts: &Opts, f: &RunFigures) {
         "  origin egress {} MiB = {:.3} x S   target <= 1.05",
         f.origin_bytes >> 20,
         f.origin_bytes as f64 / opts.blob_bytes as f64
+    );
+    let timeline: Vec<String> = f
+        .samples
+        .iter()
+        .map(|(t, p)| format!("{t}s:{p:.0}%"))
+        .collect();
+    println!("  pieces held, all peers: {}", timeline.join(" "));
+    println!(
+        "  uploads: seed {:.2} x S, peers {:.2} x S; packets dropped by the tbf caps: {}",
+        f.seed_sent as f64 / opts.blob_bytes as f64,
+        f.peers_sent as f64 / opts.blob_bytes as f64,
+        f.dropped
     );
     println!(
         "  peer CPU per GiB received: mean {mean:.2} s, max {max:.2} s; seed {:.2} s/GiB; scheduler {:.2} s total",
@@ -352,7 +424,10 @@ async fn baseline(swarm: &Swarm, opts: &Opts, digest: &str) -> Result<(), String
     let limit = opts.physical_limit().as_secs_f64();
     let last = times.last().copied().unwrap_or(0.0);
     let served = swarm.relay.blob_bytes_served(digest);
-    println!("baseline, {} hosts straight from the origin (curl):", opts.peers);
+    println!(
+        "baseline, {} hosts straight from the origin (curl):",
+        opts.peers
+    );
     println!(
         "  last host {last:.2} s = {:.2} x S/B (first {:.2} s); origin egress {} MiB = {:.3} x S",
         last / limit,

@@ -265,26 +265,29 @@ fn warm_reads(work: &Path) -> Res<()> {
 
     let mut rows = Vec::new();
     for (label, drop) in [("page cache dropped", true), ("page cache hot", false)] {
-        let mut seq = Vec::new();
-        for p in [&native, &through] {
-            if drop {
-                warm::drop_caches()?;
-            } else {
-                warm::seq_read(p)?;
-            }
-            seq.push(warm::seq_read(p)?.0);
-        }
+        // Best of three, native and mount alternating: other builds share the two cores.
+        let (mut seq, mut iops) = (vec![0f64; 2], vec![(0f64, 0usize); 2]);
         let (ops, limit) = if drop {
-            (20_000, Duration::from_secs(15))
+            (20_000, Duration::from_secs(8))
         } else {
             (200_000, Duration::from_secs(10))
         };
-        let mut iops = Vec::new();
-        for p in [&native, &through] {
-            if drop {
-                warm::drop_caches()?;
+        for _ in 0..3 {
+            for (i, p) in [&native, &through].into_iter().enumerate() {
+                if drop {
+                    warm::drop_caches()?;
+                } else {
+                    warm::seq_read(p)?;
+                }
+                seq[i] = seq[i].max(warm::seq_read(p)?.0);
+                if drop {
+                    warm::drop_caches()?;
+                }
+                let r = warm::random_reads(p, ops, limit, 11)?;
+                if r.0 > iops[i].0 {
+                    iops[i] = r;
+                }
             }
-            iops.push(warm::random_reads(p, ops, limit, 11)?);
         }
         rows.push((label, seq, iops));
     }

@@ -118,6 +118,19 @@ impl ParentTable {
             .any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
     }
 
+    /// How many parents are known to hold each of the blob's `piece_count` pieces.
+    pub fn holder_counts(&self, piece_count: u32) -> Vec<u16> {
+        let mut counts = vec![0u16; piece_count as usize];
+        for set in self.parents.values().filter_map(|p| p.pieces.as_ref()) {
+            for i in set.iter() {
+                if let Some(c) = counts.get_mut(i as usize) {
+                    *c = c.saturating_add(1);
+                }
+            }
+        }
+        counts
+    }
+
     /// The parent fastest for `index` now: holds it, has room, and has the best measured
     /// throughput shared by what is already in flight to it. Non-seeds win ties so seeds are
     /// spared while peers can serve.

@@ -69,6 +69,8 @@ impl Task {
         let stall_limit = cfg.piece_timeout() * 2;
         let want_all = self.lock().want_all;
         let rotate = fastrand::usize(..layout.piece_count().max(1) as usize);
+        let mut holders: Vec<u16> = Vec::new();
+        let mut holders_at: Option<Instant> = None;
         loop {
             for p in std::mem::take(&mut self.lock().new_parents) {
                 table.add(p.host_id, p.addresses, Some(p.pieces), p.is_seed, &me);
@@ -79,6 +81,14 @@ impl Task {
                 // and could only get them from the seed; a per-download rotation lets them trade.
                 let at = rotate % missing.len();
                 missing.rotate_left(at);
+                // Rarest first (the rotation breaks ties): the seed's uplink goes to pieces
+                // nobody else has yet, and peers soon hold different pieces to trade. Counts
+                // are refreshed as often as the parents' held sets.
+                if holders_at.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY) {
+                    holders = table.holder_counts(layout.piece_count());
+                    holders_at = Some(Instant::now());
+                }
+                missing.sort_by_key(|i| holders.get(*i as usize).copied().unwrap_or(0));
             }
             if missing.is_empty() && inflight.is_empty() {
                 self.flush(&mut report);

@@ -141,7 +141,8 @@ mod tests {
 
     #[test]
     fn blob_routes() {
-        let (name, d) = blob_route(&format!("/v2/library/busybox/blobs/{D}")).unwrap();
+        let path = format!("/v2/library/busybox/blobs/{D}");
+        let (name, d) = blob_route(&path).unwrap();
         assert_eq!(name, "library/busybox");
         assert_eq!(d.to_string(), D);
         assert!(blob_route("/v2/a/blobs/uploads/").is_none());
