@@ -13,4 +13,6 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
+# Multi-process tests (chaos-tests) run the `shoal` binary of this build.
+cargo build --locked -p shoal-cli
 cargo test --workspace --locked

@@ -20,6 +20,9 @@ use shoal_format::bootstrap::{Bootstrap, InodeKind, InodeView};
 use crate::access_log::AccessLog;
 use crate::read::Reader;
 
+/// Readahead asked of the kernel (and set on the mount's bdi by mount.rs).
+pub const MAX_READAHEAD: u32 = 1 << 20;
+
 /// The image is immutable: the kernel may cache names and attributes for a long time.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -219,7 +222,7 @@ impl Filesystem for ImageFs {
         ] {
             let _ = config.add_capabilities(flag);
         }
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
         Ok(())
     }
 
