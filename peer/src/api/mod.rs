@@ -10,7 +10,7 @@
 //! - `GET /status` — host id, seed mode, scheduler connection, store figures, tasks (JSON).
 
 mod client;
-pub(crate) mod range;
+pub mod range;
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};

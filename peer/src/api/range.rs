@@ -2,7 +2,7 @@
 
 /// What a Range header asks for, resolved against a blob of known size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RangeAsk {
+pub enum RangeAsk {
     /// No Range header (or one we answer whole, e.g. several ranges): the whole blob, 200.
     Whole,
     /// Bytes `start..end` (end exclusive), 206.
@@ -13,7 +13,7 @@ pub(crate) enum RangeAsk {
 
 /// Resolves a `Range` header value against `size` (RFC 9110 section 14.1.2). Several ranges are
 /// answered whole, as the RFC allows; a header that is not a bytes range is ignored.
-pub(crate) fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
+pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return RangeAsk::Whole;
     };
@@ -68,5 +68,17 @@ mod tests {
         assert_eq!(parse_range(Some("items=0-1"), 10), RangeAsk::Whole);
         assert_eq!(parse_range(Some("bytes=x-1"), 10), RangeAsk::Whole);
         assert_eq!(parse_range(Some("bytes=0-"), 0), RangeAsk::Unsatisfiable);
+    }
+
+    proptest::proptest! {
+        /// Whatever the header says, a granted range lies inside the blob and is not empty.
+        #[test]
+        fn granted_ranges_fit_the_blob(header in ".{0,40}", first in 0u64..2000, last in 0u64..2000, size in 0u64..1500) {
+            for h in [header, format!("bytes={first}-{last}"), format!("bytes=-{last}"), format!("bytes={first}-")] {
+                if let RangeAsk::Part(start, end) = parse_range(Some(&h), size) {
+                    proptest::prop_assert!(start < end && end <= size, "{h:?} on {size}: {start}..{end}");
+                }
+            }
+        }
     }
 }
