@@ -192,14 +192,7 @@ impl<C: Clock> Scheduler<C> {
         let Some(t) = self.tasks.get_mut(tk) else {
             return Ok(0);
         };
-        if let Some(&piece) = pieces.iter().find(|&&i| i >= t.piece_count) {
-            return Err(SchedulerError::PieceOutOfRange {
-                task: task.clone(),
-                host: host.clone(),
-                piece,
-                count: t.piece_count,
-            });
-        }
+        check_pieces(host, task, t.piece_count, pieces)?;
         let mut new = 0;
         for &i in pieces {
             // The slot moves when the peer first becomes a holder, so look it up each time.
@@ -223,14 +216,7 @@ impl<C: Clock> Scheduler<C> {
         let Some(t) = self.tasks.get_mut(tk) else {
             return Ok(0);
         };
-        if let Some(&piece) = pieces.iter().find(|&&i| i >= t.piece_count) {
-            return Err(SchedulerError::PieceOutOfRange {
-                task: task.clone(),
-                host: host.clone(),
-                piece,
-                count: t.piece_count,
-            });
-        }
+        check_pieces(host, task, t.piece_count, pieces)?;
         let mut gone = 0;
         for &i in pieces {
             if let Some(slot) = t.slot(hk) {
@@ -421,5 +407,24 @@ impl<C: Clock> Scheduler<C> {
         let (hk, tk) = self.member(host, task)?;
         self.remove_peer_task(hk, tk);
         Ok(())
+    }
+}
+
+/// Every index in `pieces` names a piece of a task of `count` pieces; checked before any is
+/// recorded or removed, so a bad report changes nothing.
+fn check_pieces(
+    host: &HostId,
+    task: &TaskId,
+    count: u32,
+    pieces: &[u32],
+) -> Result<(), SchedulerError> {
+    match pieces.iter().find(|&&i| i >= count) {
+        Some(&piece) => Err(SchedulerError::PieceOutOfRange {
+            task: task.clone(),
+            host: host.clone(),
+            piece,
+            count,
+        }),
+        None => Ok(()),
     }
 }
