@@ -67,11 +67,21 @@ fn validate(cmd: &[String], version: Option<&str>, files: &[PathBuf]) -> Result<
 
 /// Every manifest file (not kustomization.yaml, not patches) under `dir`.
 fn manifests(dir: &Path) -> Vec<PathBuf> {
+    // Patches are partial objects: they are checked in the rendered output instead.
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap_or_default();
+    let patches: Vec<&str> = kustomization
+        .lines()
+        .filter_map(|l| l.trim().trim_start_matches("- ").strip_prefix("path:"))
+        .map(str::trim)
+        .collect();
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.expect("directory entry").path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if path.extension().is_some_and(|e| e == "yaml") && name != "kustomization.yaml" {
+        if path.extension().is_some_and(|e| e == "yaml")
+            && name != "kustomization.yaml"
+            && !patches.contains(&name)
+        {
             out.push(path);
         }
     }
@@ -292,4 +302,61 @@ fn dockerfile_builds_in_one_stage_and_runs_unprivileged() {
         .find(|l| l.starts_with("ENTRYPOINT "))
         .expect("an ENTRYPOINT");
     assert!(entry.contains("/usr/local/bin/shoal"), "{entry}");
+}
+
+/// The `rust-version` the workspace declares, from the root Cargo.toml.
+fn workspace_rust_version() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let text = std::fs::read_to_string(&root).expect("root Cargo.toml");
+    let manifest: toml::Value = toml::from_str(&text).expect("root Cargo.toml parses");
+    manifest["workspace"]["package"]["rust-version"]
+        .as_str()
+        .expect("workspace.package.rust-version")
+        .to_string()
+}
+
+fn version_tuple(v: &str) -> (u64, u64) {
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[test]
+fn dockerfile_toolchain_builds_the_locked_dependencies() {
+    let declared = workspace_rust_version();
+    // The oldest compiler every locked dependency accepts.
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let needed = meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .filter_map(|p| Some((p["rust_version"].as_str()?, p["name"].as_str()?)))
+        .max_by_key(|(v, _)| version_tuple(v))
+        .expect("some package declares a rust-version");
+    assert!(
+        version_tuple(&declared) >= version_tuple(needed.0),
+        "workspace rust-version {declared} is older than {} needs ({})",
+        needed.1,
+        needed.0
+    );
+    let dockerfile =
+        std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("deploy/Dockerfile");
+    let arg = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG RUST_VERSION="))
+        .expect("ARG RUST_VERSION in the Dockerfile");
+    assert_eq!(
+        arg.trim(),
+        declared,
+        "the builder image's Rust is the declared rust-version"
+    );
 }

@@ -60,6 +60,26 @@ fn shoal_bin() -> Option<PathBuf> {
     None
 }
 
+/// A log line or error message without colour codes and backtrace, on one line.
+fn brief(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for ch in s.chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            _ => out.push(ch),
+        }
+    }
+    out.lines()
+        .take_while(|l| !l.to_lowercase().contains("stack backtrace"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 fn sha256(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
@@ -78,7 +98,7 @@ struct Cluster {
     // Field order is drop order: processes before the net that holds them.
     peers: Vec<Proc>,
     seed: Option<Proc>,
-    _scheduler: Proc,
+    schedulers: Vec<Proc>,
     relay: FaultRelay,
     registry: Registry,
     rt: tokio::runtime::Runtime,
@@ -88,6 +108,10 @@ struct Cluster {
     relay_host: String,
     sockets: Vec<PathBuf>,
     seed_socket: PathBuf,
+    /// Hosts of the schedulers, in `schedulers` order.
+    sched_hosts: Vec<usize>,
+    /// The DHT bootstrap list when the nodes join the DHT.
+    dht: Option<Vec<SocketAddr>>,
 }
 
 /// How a cluster is built.
@@ -96,16 +120,34 @@ struct Opts {
     peers: usize,
     /// Extra hosts with no process, for a scenario's own nodes.
     spare: usize,
+    /// Schedulers: the first in host 1, more in hosts after the peers and spares.
+    schedulers: usize,
+    /// Every node joins the DHT (bootstrapped through the seed and the peers).
+    dht: bool,
     /// Changes every peer's config (the seed's too) before it starts.
     tweak: fn(&mut PeerConfig),
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            name: "",
+            peers: 1,
+            spare: 0,
+            schedulers: 1,
+            dht: false,
+            tweak: |_| {},
+        }
+    }
 }
 
 impl Cluster {
     fn start(opts: Opts) -> Option<Cluster> {
         let bin = shoal_bin()?;
+        let extra_scheds = opts.schedulers.saturating_sub(1);
         let net = or_skip(TestNet::create(
             opts.name,
-            FIRST_PEER + opts.peers + opts.spare,
+            FIRST_PEER + opts.peers + opts.spare + extra_scheds,
         ))?;
         shoal_tls::install_crypto_provider();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -135,23 +177,37 @@ impl Cluster {
         let dir = net.dir().to_path_buf();
         let ca = ClusterCa::init(&dir.join("ca"), "Shoal chaos CA", 1).expect("CA");
 
-        let sched_host = net.host(SCHED);
-        let tls = identity(&ca, &dir.join("tls"), "shoal-scheduler", sched_host.addr());
-        let scheduler = sched_host
-            .spawn(
-                "scheduler",
-                Cmd::new(&bin)
-                    .args(["--log", "info", "scheduler", "--host-id", "shoal-scheduler"])
-                    .args(["--listen", &format!("0.0.0.0:{SCHED_PORT}")])
-                    .args(["--metrics-listen", &format!("0.0.0.0:{METRICS_PORT}")])
-                    .arg("--tls-dir")
-                    .arg(&tls),
-            )
-            .expect("scheduler");
+        let sched_hosts: Vec<usize> = std::iter::once(SCHED)
+            .chain((0..extra_scheds).map(|k| FIRST_PEER + opts.peers + opts.spare + k))
+            .collect();
+        let schedulers = sched_hosts
+            .iter()
+            .enumerate()
+            .map(|(k, &h)| {
+                let host = net.host(h);
+                let id = match k {
+                    0 => "shoal-scheduler".to_string(),
+                    _ => format!("shoal-scheduler-{k}"),
+                };
+                // Every scheduler answers to the TLS name the peers expect.
+                let tls = dir.join("tls").join(&id);
+                identity_named(&ca, &tls, "shoal-scheduler", host.addr());
+                host.spawn(
+                    &format!("scheduler-{k}"),
+                    Cmd::new(&bin)
+                        .args(["--log", "info", "scheduler", "--host-id", &id])
+                        .args(["--listen", &format!("0.0.0.0:{SCHED_PORT}")])
+                        .args(["--metrics-listen", &format!("0.0.0.0:{METRICS_PORT}")])
+                        .arg("--tls-dir")
+                        .arg(&tls),
+                )
+                .expect("scheduler")
+            })
+            .collect();
         let mut c = Cluster {
             peers: Vec::new(),
             seed: None,
-            _scheduler: scheduler,
+            schedulers,
             relay,
             registry,
             rt,
@@ -161,7 +217,13 @@ impl Cluster {
             relay_host,
             sockets: Vec::new(),
             seed_socket: PathBuf::new(),
+            sched_hosts,
+            dht: None,
         };
+        if opts.dht {
+            let nodes = std::iter::once(SEED).chain(FIRST_PEER..FIRST_PEER + opts.peers);
+            c.dht = Some(nodes.map(|h| c.net.host(h).sock(PEER_PORT)).collect());
+        }
         let (seed, seed_socket) = c.spawn_peer(SEED, "seed", true, &opts.tweak);
         c.seed = Some(seed);
         c.seed_socket = seed_socket;
@@ -201,6 +263,10 @@ impl Cluster {
             listen: SocketAddr::from(([0, 0, 0, 0], PEER_PORT)),
             advertise: vec![host.sock(PEER_PORT)],
             scheduler: Some(self.net.host(SCHED).sock(SCHED_PORT)),
+            schedulers: self.sched_hosts[1..]
+                .iter()
+                .map(|&h| self.net.host(h).sock(SCHED_PORT))
+                .collect(),
             scheduler_name: "shoal-scheduler".into(),
             api_socket: home.join("peer.sock"),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], METRICS_PORT)),
@@ -215,6 +281,14 @@ impl Cluster {
             plain_http_registries: vec![self.relay_host.clone()],
             ..PeerConfig::default()
         };
+        if let Some(all) = &self.dht {
+            cfg.dht = true;
+            cfg.dht_bootstrap = all
+                .iter()
+                .filter(|a| !cfg.advertise.contains(a))
+                .copied()
+                .collect();
+        }
         tweak(&mut cfg);
         if !cfg.tls_dir.join("tls.crt").exists() {
             identity(&self.ca, &self.dir().join("tls"), name, host.addr());
@@ -299,6 +373,25 @@ impl Cluster {
         get_with(&self.bin, &self.blob_ref(digest), socket, out, bound)
     }
 
+    /// `shoal get` of `digest` through peer `i` into `<dir>/<out>`, on a thread.
+    fn pull_async(&self, i: usize, digest: &str, out: &str) -> std::thread::JoinHandle<Got> {
+        let (bin, blob, sock) = (
+            self.bin.clone(),
+            self.blob_ref(digest),
+            self.sockets[i].clone(),
+        );
+        let out = self.dir().join(out);
+        std::thread::spawn(move || get_with(&bin, &blob, &sock, &out, GET_BOUND))
+    }
+
+    /// Bytes peer `i` kept from `source` (`peer` or `origin`).
+    fn downloaded(&self, i: usize, source: &str) -> f64 {
+        self.metric(
+            FIRST_PEER + i,
+            &format!("shoal_peer_download_bytes_total{{source=\"{source}\"}}"),
+        )
+    }
+
     fn origin_bytes(&self, digest: &str) -> u64 {
         self.relay.blob_bytes_served(digest)
     }
@@ -381,12 +474,17 @@ fn get_with(bin: &Path, blob: &str, socket: &Path, out: &Path, bound: Duration) 
 /// Issues `name`'s certificate (DNS `name`, IP `ip`) from `ca` into `<dir>/<name>`.
 fn identity(ca: &ClusterCa, dir: &Path, name: &str, ip: IpAddr) -> PathBuf {
     let out = dir.join(name);
+    identity_named(ca, &out, name, ip);
+    out
+}
+
+/// Issues a certificate for `name` (and IP `ip`) from `ca` into `out` itself.
+fn identity_named(ca: &ClusterCa, out: &Path, name: &str, ip: IpAddr) {
     let mut req = NodeCertRequest::new(name, 1);
     req.ips.push(ip);
     ca.issue(&req)
-        .and_then(|c| c.write_to(&out))
+        .and_then(|c| c.write_to(out))
         .expect("certificate");
-    out
 }
 
 fn assert_ok(got: &Got, digest: &str, what: &str, c: &Cluster) {
@@ -409,6 +507,7 @@ fn seed_killed_mid_pull_peers_complete_from_peers_or_origin() {
         peers: 3,
         spare: 0,
         tweak: |cfg| cfg.piece_timeout_ms = 5_000,
+        ..Opts::default()
     }) else {
         return;
     };
@@ -474,7 +573,7 @@ fn seed_killed_mid_pull_peers_complete_from_peers_or_origin() {
     for p in &c.peers {
         let log = std::fs::read_to_string(p.log_path()).unwrap_or_default();
         for l in log.lines().filter(|l| l.contains("back to source")) {
-            eprintln!("FIGURES seed-killed {}: {l}", p.name());
+            eprintln!("FIGURES seed-killed {}: {}", p.name(), brief(l));
         }
     }
     assert!(
@@ -497,6 +596,7 @@ fn piece_corrupted_on_parents_disk_child_detects_and_gets_right_bytes() {
         peers: 2,
         spare: 0,
         tweak: |_| {},
+        ..Opts::default()
     }) else {
         return;
     };
@@ -529,8 +629,9 @@ fn piece_corrupted_on_parents_disk_child_detects_and_gets_right_bytes() {
     assert!(refetched <= len as u64, "refetched {refetched} B");
 }
 
-/// Scenario 9: the registry behind the relay returns 500s, truncated bodies and flipped bytes.
-/// Every pull ends with the right sha256 or a clear failure within the bound; no wrong byte.
+/// Scenario 9: the registry behind the relay returns 500s, truncated bodies, flipped bytes and
+/// slow bodies. Every pull ends with the right sha256 or a clear failure within the bound; no
+/// wrong byte.
 #[test]
 fn registry_faults_end_in_right_bytes_or_a_clear_bounded_failure() {
     let Some(c) = Cluster::start(Opts {
@@ -538,6 +639,7 @@ fn registry_faults_end_in_right_bytes_or_a_clear_bounded_failure() {
         peers: 1,
         spare: 0,
         tweak: |_| {},
+        ..Opts::default()
     }) else {
         return;
     };
@@ -546,6 +648,13 @@ fn registry_faults_end_in_right_bytes_or_a_clear_bounded_failure() {
         ("errors50", Fault::Errors { percent: 50 }),
         ("truncate", Fault::Truncate { after: 300_000 }),
         ("flip", Fault::FlipBytes { every: 65_536 }),
+        // 4 MiB at 1 MB/s: a slow body that keeps coming is waited for, not abandoned.
+        (
+            "slow",
+            Fault::Slow {
+                bytes_per_sec: 1_000_000,
+            },
+        ),
     ];
     for (i, (name, fault)) in cases.into_iter().enumerate() {
         let (_, digest) = c.push(len, 90 + i as u64);
@@ -557,7 +666,7 @@ fn registry_faults_end_in_right_bytes_or_a_clear_bounded_failure() {
             "FIGURES origin {name}: ok={} in {:.1} s, origin egress {egress} B, stderr: {}",
             got.ok,
             got.secs,
-            got.stderr.trim()
+            brief(&got.stderr)
         );
         if got.ok {
             assert_eq!(got.file_sha.as_deref(), Some(digest.as_str()), "{name}");
@@ -566,11 +675,13 @@ fn registry_faults_end_in_right_bytes_or_a_clear_bounded_failure() {
             assert!(!got.stderr.trim().is_empty(), "{name}: no reason given");
         }
         // Flipped bytes and truncation at a fixed offset leave no correct source.
-        if name != "errors50" {
+        if matches!(name, "truncate" | "flip") {
             assert!(
                 !got.ok,
                 "{name}: no correct source exists, yet the get succeeded"
             );
+        } else if name == "slow" {
+            assert_ok(&got, &digest, "a slow origin body", &c);
         }
         assert!(
             egress <= 40 * len as u64,
@@ -592,6 +703,7 @@ fn partition_each_half_completes_from_what_it_can_reach() {
         peers: 3,
         spare: 0,
         tweak: |_| {},
+        ..Opts::default()
     }) else {
         return;
     };
@@ -640,6 +752,7 @@ fn parent_sigstopped_download_completes_within_a_bound() {
         peers: 2,
         spare: 0,
         tweak: |_| {},
+        ..Opts::default()
     }) else {
         return;
     };
@@ -686,18 +799,19 @@ fn parent_sigstopped_download_completes_within_a_bound() {
     assert!(refetched <= len as u64, "refetched {refetched} B");
 }
 
-/// Scenario 13: a node whose certificate comes from another CA (while it trusts the cluster's
-/// CA) gets nothing. The origin then fails every blob request, so the swarm is the only source:
-/// a member that joins now gets the blob from it (the control), the outsider (pointed at the
-/// members through the DHT as well as the scheduler) gets a clear failure within the bound and
-/// no member uploads a byte to it.
+/// Scenario 13: nodes without a valid cluster certificate get nothing: one whose certificate
+/// comes from another CA (while it trusts the cluster's CA), one whose cluster certificate has
+/// expired, and one with no certificate at all. The origin then fails every blob request, so the
+/// swarm is the only source: a member that joins now gets the blob from it (the control); each
+/// outsider (pointed at the members through the DHT as well as the scheduler) is refused at start
+/// or gets a clear failure within the bound, and no member uploads a byte to it.
 #[test]
-fn peer_with_a_certificate_from_another_ca_gets_nothing() {
+fn peers_without_a_valid_certificate_get_nothing() {
     let Some(mut c) = Cluster::start(Opts {
         name: "rogue",
         peers: 1,
-        spare: 2,
-        tweak: |_| {},
+        spare: 4,
+        ..Opts::default()
     }) else {
         return;
     };
@@ -706,7 +820,7 @@ fn peer_with_a_certificate_from_another_ca_gets_nothing() {
     let got = c.get(&c.sockets[0], &digest, &c.dir().join("out-0"), GET_BOUND);
     assert_ok(&got, &digest, "peer-0", &c);
     c.relay.set_fault(Fault::Errors { percent: 100 });
-    let (member_host, rogue_host) = (FIRST_PEER + 1, FIRST_PEER + 2);
+    let member_host = FIRST_PEER + 1;
 
     // The control: a member started now gets the blob from the swarm alone.
     let (member, member_sock) = c.spawn_peer(member_host, "member", false, &|_| {});
@@ -716,15 +830,6 @@ fn peer_with_a_certificate_from_another_ca_gets_nothing() {
     let got = c.get(&member_sock, &digest, &c.dir().join("out-m"), GET_BOUND);
     assert_ok(&got, &digest, "a member while the origin fails", &c);
 
-    let other = ClusterCa::init(&c.dir().join("other-ca"), "Another CA", 1).expect("other CA");
-    let tls = identity(
-        &other,
-        &c.dir().join("rogue-tls"),
-        "rogue",
-        c.net.host(rogue_host).addr(),
-    );
-    // Trusts the cluster (so it could talk to it) but holds a certificate it does not sign.
-    std::fs::copy(c.dir().join("tls/peer-0/ca.crt"), tls.join("ca.crt")).expect("cluster CA");
     let members = [SEED, FIRST_PEER, member_host];
     let uploaded = |c: &Cluster| -> f64 {
         members
@@ -732,42 +837,576 @@ fn peer_with_a_certificate_from_another_ca_gets_nothing() {
             .map(|&h| c.metric(h, "shoal_peer_upload_bytes_total"))
             .sum()
     };
-    let before = uploaded(&c);
     let bootstrap: Vec<SocketAddr> = members
         .iter()
         .map(|&h| c.net.host(h).sock(PEER_PORT))
         .collect();
-    let (rogue, sock) = c.spawn_peer(rogue_host, "rogue", false, &|cfg| {
-        cfg.tls_dir = tls.clone();
-        cfg.dht = true;
-        cfg.dht_bootstrap = bootstrap.clone();
-    });
-    c.peers.push(rogue);
-    let start = Instant::now();
-    while !sock.exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
+    let cluster_ca = c.dir().join("tls/peer-0/ca.crt");
+    for (k, kind) in ["other-ca", "expired", "no-cert"].into_iter().enumerate() {
+        let h = member_host + 1 + k;
+        let addr = c.net.host(h).addr();
+        let tls = c.dir().join("outsider-tls").join(kind);
+        match kind {
+            "other-ca" => {
+                let other =
+                    ClusterCa::init(&c.dir().join("other-ca"), "Another CA", 1).expect("other CA");
+                identity_named(&other, &tls, kind, addr);
+                // Trusts the cluster (so it could talk to it) but holds a certificate it
+                // does not sign.
+                std::fs::copy(&cluster_ca, tls.join("ca.crt")).expect("cluster CA");
+            }
+            "expired" => {
+                let mut req = NodeCertRequest::new(kind, 1);
+                req.ips.push(addr);
+                req.not_before -= Duration::from_secs(3 * 86_400);
+                req.not_after = req.not_before + Duration::from_secs(86_400);
+                c.ca.issue(&req)
+                    .and_then(|cert| cert.write_to(&tls))
+                    .expect("expired certificate");
+            }
+            _ => {
+                // The cluster's CA only: no certificate and key of its own.
+                std::fs::create_dir_all(&tls).expect("tls dir");
+                std::fs::copy(&cluster_ca, tls.join("ca.crt")).expect("cluster CA");
+            }
+        }
+        let before = uploaded(&c);
+        let (mut outsider, sock) = c.spawn_peer(h, kind, false, &|cfg| {
+            cfg.tls_dir = tls.clone();
+            cfg.dht = true;
+            cfg.dht_bootstrap = bootstrap.clone();
+        });
+        // Either it refuses to start (with a reason in its log), or its get fails.
+        let start = Instant::now();
+        let mut exited = None;
+        while !sock.exists() && start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(st)) = outsider.wait_timeout(Duration::from_millis(100)) {
+                exited = Some(st);
+                break;
+            }
+        }
+        let result = if let Some(st) = exited {
+            let log = std::fs::read_to_string(outsider.log_path()).unwrap_or_default();
+            let reason = log
+                .lines()
+                .skip_while(|l| !l.starts_with("Error"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(!st.success(), "{kind}: exited 0 without serving");
+            assert!(
+                !reason.trim().is_empty(),
+                "{kind}: exited with no reason: {log}"
+            );
+            format!("refused to start ({st}): {}", brief(&reason))
+        } else {
+            std::thread::sleep(Duration::from_millis(1500));
+            let out = c.dir().join(format!("out-{kind}"));
+            let got = c.get(&sock, &digest, &out, GET_BOUND);
+            assert!(!got.ok, "{kind}: the outsider got the blob");
+            assert!(got.file_sha.is_none(), "{kind}: a failed get left a file");
+            assert!(!got.stderr.trim().is_empty(), "{kind}: no reason given");
+            format!("get failed in {:.1} s: {}", got.secs, brief(&got.stderr))
+        };
+        let refused: f64 = members
+            .iter()
+            .map(|&h| c.metric(h, "shoal_peer_connections_refused_total"))
+            .sum();
+        eprintln!(
+            "FIGURES outsider {kind}: {result}; members refused {refused} connections so far"
+        );
+        assert_eq!(
+            uploaded(&c),
+            before,
+            "{kind}: a member uploaded bytes to the outsider"
+        );
+        c.peers.push(outsider);
     }
+}
+
+/// The host of whichever of the seed and peer-0 uploaded more since `before` (seed, peer-0).
+fn busier_parent(c: &Cluster, before: (f64, f64)) -> (usize, f64, f64) {
+    let seed = c.metric(SEED, "shoal_peer_upload_bytes_total") - before.0;
+    let peer0 = c.metric(FIRST_PEER, "shoal_peer_upload_bytes_total") - before.1;
+    let h = if peer0 >= seed { FIRST_PEER } else { SEED };
+    (h, seed, peer0)
+}
+
+/// Waits up to `bound` for `cond`, polling every 50 ms; panics with `what` otherwise.
+fn wait_for(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < bound, "{what}: not within {bound:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Scenario 1: the parent serving a pull SIGKILLed mid-transfer; the pull completes within the
+/// bound from the other holder or the origin, with at most one blob refetched from the origin.
+#[test]
+fn parent_killed_mid_transfer_download_completes() {
+    let Some(mut c) = Cluster::start(Opts {
+        name: "pkill",
+        peers: 2,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 16 * MIB;
+    let (_, digest) = c.push(len, 1);
+    let got = c.get(&c.sockets[0], &digest, &c.dir().join("out-0"), GET_BOUND);
+    assert_ok(&got, &digest, "peer-0", &c);
+    let before = c.origin_bytes(&digest);
+    let up_before = (
+        c.metric(SEED, "shoal_peer_upload_bytes_total"),
+        c.metric(FIRST_PEER, "shoal_peer_upload_bytes_total"),
+    );
+    // Both holders capped so peer-1's pull is in flight when its parent dies.
+    c.net.set_bandwidth(SEED, Some(24_000_000)).expect("tbf");
+    c.net
+        .set_bandwidth(FIRST_PEER, Some(24_000_000))
+        .expect("tbf");
+    let pull = c.pull_async(1, &digest, "out-1");
     std::thread::sleep(Duration::from_millis(1500));
-    let got = c.get(&sock, &digest, &c.dir().join("out-rogue"), GET_BOUND);
-    let refused: f64 = members
-        .iter()
-        .map(|&h| c.metric(h, "shoal_peer_connections_refused_total"))
-        .sum();
+    let (h, seed_sent, peer0_sent) = busier_parent(&c, up_before);
+    assert!(seed_sent + peer0_sent > 0.0, "nobody served peer-1 yet");
+    let victim = if h == SEED { c.seed() } else { &mut c.peers[0] };
+    let victim_name = victim.name().to_string();
+    victim.kill().expect("SIGKILL the parent");
+    let killed = Instant::now();
+    let got = pull.join().expect("pull");
+    let after_kill = killed.elapsed().as_secs_f64();
+    assert_ok(
+        &got,
+        &digest,
+        &format!("peer-1 with {victim_name} killed"),
+        &c,
+    );
+    let refetched = c.origin_bytes(&digest) - before;
+    let dropped = c.metric(FIRST_PEER + 1, "shoal_peer_parents_dropped_total");
     eprintln!(
-        "FIGURES rogue: ok={} in {:.1} s, members refused {refused} connections, stderr: {}",
-        got.ok,
+        "FIGURES parent-killed: {victim_name} killed, pull {:.1} s, done {after_kill:.1} s after SIGKILL, before it the seed sent {seed_sent} B and peer-0 {peer0_sent} B, {dropped} parents dropped, peer-1 got {} B from peers and {} B from origin, origin refetch {refetched} B",
         got.secs,
-        got.stderr.trim()
+        c.downloaded(1, "peer"),
+        c.downloaded(1, "origin"),
     );
-    assert!(!got.ok, "the outsider got the blob");
-    assert!(
-        got.file_sha.is_none(),
-        "the outsider's failed get left a file"
+    assert!(after_kill < 15.0, "took {after_kill:.1} s after the kill");
+    assert!(refetched <= len as u64, "refetched {refetched} B");
+}
+
+/// Scenario 3: every scheduler (two) killed while two pulls are in flight, then new pulls
+/// (the same blob on a third peer, a fresh blob) started while they are down. The nodes find
+/// each other through the DHT or go to the origin; every pull ends sha256-correct in the bound.
+#[test]
+fn every_scheduler_killed_pulls_in_flight_and_new_pulls_complete() {
+    let Some(mut c) = Cluster::start(Opts {
+        name: "schedkill",
+        peers: 3,
+        schedulers: 2,
+        dht: true,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 16 * MIB;
+    let (_, a) = c.push(len, 3);
+    let (_, b) = c.push(8 * MIB, 33);
+    // The seed's uplink capped so the first pulls are in flight when the schedulers die.
+    c.net
+        .set_bandwidth_dirs(SEED, Some(40_000_000), None)
+        .expect("tbf");
+    let first: Vec<_> = (0..2)
+        .map(|i| c.pull_async(i, &a, &format!("out-a{i}")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    for s in &mut c.schedulers {
+        s.kill().expect("kill a scheduler");
+    }
+    let killed = Instant::now();
+    let new_a = c.pull_async(2, &a, "out-a2");
+    let new_b = c.pull_async(0, &b, "out-b0");
+    let mut in_flight = 0.0f64;
+    for (i, p) in first.into_iter().enumerate() {
+        let got = p.join().expect("pull");
+        assert_ok(&got, &a, &format!("peer-{i}, in flight at the kill"), &c);
+        in_flight = in_flight.max(killed.elapsed().as_secs_f64());
+    }
+    let got_a = new_a.join().expect("pull");
+    assert_ok(&got_a, &a, "peer-2, started with no scheduler", &c);
+    let got_b = new_b.join().expect("pull");
+    assert_ok(&got_b, &b, "peer-0, a new blob with no scheduler", &c);
+    let (oa, ob) = (c.origin_bytes(&a), c.origin_bytes(&b));
+    eprintln!(
+        "FIGURES schedulers-killed: in-flight pulls done {in_flight:.1} s after the kill; new pulls: same blob {:.1} s ({} B from peers), fresh blob {:.1} s; origin egress {oa} B ({:.2} x blob) and {ob} B ({:.2} x blob)",
+        got_a.secs,
+        c.downloaded(2, "peer"),
+        got_b.secs,
+        oa as f64 / len as f64,
+        ob as f64 / (8 * MIB) as f64,
     );
-    assert!(!got.stderr.trim().is_empty(), "no reason given");
+    // At most one copy per node (seed + 3 peers).
+    assert!(oa <= 4 * len as u64, "origin egress {oa} B");
+    assert!(ob <= 4 * 8 * MIB as u64, "origin egress {ob} B");
+}
+
+/// Scenario 4: the scheduler restarted with empty state. Peers register again and announce
+/// what they hold; a new pull of a blob only peer-0 holds (the seed is dead) comes from peer-0,
+/// not the origin.
+#[test]
+fn scheduler_restarted_rebuilds_state_from_announcements() {
+    let Some(mut c) = Cluster::start(Opts {
+        name: "schedrst",
+        peers: 2,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 8 * MIB;
+    let (_, digest) = c.push(len, 4);
+    let got = c.get(&c.sockets[0], &digest, &c.dir().join("out-0"), GET_BOUND);
+    assert_ok(&got, &digest, "peer-0", &c);
+    let before = c.origin_bytes(&digest);
+    c.seed().kill().expect("kill the seed");
+    let tasks_before = c.metric(SCHED, "shoal_scheduler_peer_tasks");
+    c.schedulers[0].restart().expect("restart the scheduler");
+    let restarted = Instant::now();
+    c.wait_ready(SCHED);
+    let ready = restarted.elapsed().as_secs_f64();
+    wait_for(
+        Duration::from_secs(20),
+        "peer-0 announcing its blob to the restarted scheduler",
+        || c.metric(SCHED, "shoal_scheduler_peer_tasks") >= 1.0,
+    );
+    let rebuilt = restarted.elapsed().as_secs_f64();
+    // peer-1 must be registered again too, or its request goes nowhere and it uses the origin.
+    wait_for(
+        Duration::from_secs(20),
+        "both peers registered again",
+        || c.metric(SCHED, "shoal_scheduler_hosts") >= 2.0,
+    );
+    let hosts = restarted.elapsed().as_secs_f64();
+    let got = c.get(&c.sockets[1], &digest, &c.dir().join("out-1"), GET_BOUND);
+    assert_ok(&got, &digest, "peer-1 after the restart", &c);
+    let refetched = c.origin_bytes(&digest) - before;
+    let from_peer = c.downloaded(1, "peer");
+    eprintln!(
+        "FIGURES scheduler-restarted: {tasks_before} peer-tasks before; ready {ready:.1} s after the restart, peer-0's blob announced after {rebuilt:.1} s, both peers registered after {hosts:.1} s; peer-1's pull {:.1} s, {from_peer} B from peers, origin refetch {refetched} B",
+        got.secs
+    );
     assert_eq!(
-        uploaded(&c),
-        before,
-        "a member uploaded bytes to the outsider"
+        refetched, 0,
+        "the restarted scheduler sent peer-1 to the origin"
+    );
+    assert!(
+        from_peer >= len as f64,
+        "peer-1 got {from_peer} B from peers"
+    );
+}
+
+/// Scenario 7: 1 % random packet loss on every link (both directions, links capped at
+/// 80 Mbit/s). Three peers pull at once;
+/// every pull ends sha256-correct, the origin serves at most one copy per node. A run without
+/// loss first gives the baseline.
+#[test]
+fn one_percent_packet_loss_on_every_link() {
+    let Some(c) = Cluster::start(Opts {
+        name: "loss",
+        peers: 3,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 16 * MIB;
+    // Every link capped at 80 Mbit/s, so transfers last long enough for loss to cost something.
+    for h in 0..c.net.hosts().len() {
+        c.net.set_bandwidth(h, Some(80_000_000)).expect("tbf");
+    }
+    let round = |seed: u64, what: &str| -> (f64, u64) {
+        let (_, digest) = c.push(len, seed);
+        let start = Instant::now();
+        let pulls: Vec<_> = (0..3)
+            .map(|i| c.pull_async(i, &digest, &format!("out-{what}-{i}")))
+            .collect();
+        for (i, p) in pulls.into_iter().enumerate() {
+            let got = p.join().expect("pull");
+            assert_ok(&got, &digest, &format!("peer-{i} ({what})"), &c);
+        }
+        (start.elapsed().as_secs_f64(), c.origin_bytes(&digest))
+    };
+    let (base, base_origin) = round(70, "no-loss");
+    for h in 0..c.net.hosts().len() {
+        c.net.set_loss(h, 0.01).expect("loss");
+    }
+    let (lossy, origin) = round(71, "loss");
+    eprintln!(
+        "FIGURES loss: 3 pulls of {len} B in {lossy:.1} s with 1 % loss on every link ({base:.1} s without), origin egress {origin} B ({:.2} x blob; {base_origin} B without loss)",
+        origin as f64 / len as f64
+    );
+    assert!(origin <= 4 * len as u64, "origin egress {origin} B");
+}
+
+/// Scenario 11: a peer SIGKILLed while it writes a blob into its store, then restarted. The
+/// interrupted get fails without leaving a file; after the restart the pull completes, the
+/// stored copy has the right sha256, and a second peer pulling from it gets no corrupt piece.
+#[test]
+fn peer_killed_while_writing_then_restarted_recovers() {
+    let Some(mut c) = Cluster::start(Opts {
+        name: "crash",
+        peers: 2,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 16 * MIB;
+    let (_, digest) = c.push(len, 11);
+    // peer-0 receives at 24 Mbit/s: its pull is still writing when it dies.
+    c.net
+        .set_bandwidth(FIRST_PEER, Some(24_000_000))
+        .expect("tbf");
+    let pull = c.pull_async(0, &digest, "out-0");
+    let kept = |c: &Cluster| c.downloaded(0, "peer") + c.downloaded(0, "origin");
+    wait_for(Duration::from_secs(15), "peer-0 keeping 4 MiB", || {
+        kept(&c) >= (4 * MIB) as f64
+    });
+    let before_kill = kept(&c);
+    c.peers[0].kill().expect("SIGKILL peer-0");
+    let got = pull.join().expect("pull");
+    assert!(!got.ok, "the get through a killed peer succeeded");
+    assert!(got.file_sha.is_none(), "the interrupted get left a file");
+    let restarted = Instant::now();
+    c.peers[0].restart().expect("restart peer-0");
+    c.wait_ready(FIRST_PEER);
+    let ready = restarted.elapsed().as_secs_f64();
+    c.net.set_bandwidth(FIRST_PEER, None).expect("tbf off");
+    let got = c.get(&c.sockets[0], &digest, &c.dir().join("out-0b"), GET_BOUND);
+    assert_ok(&got, &digest, "peer-0 after its restart", &c);
+    let refetched = kept(&c);
+    let stored = std::fs::read(c.data_file("peer-0", &digest)).expect("peer-0's stored copy");
+    assert_eq!(sha256(&stored), digest, "peer-0 stored wrong bytes");
+    // peer-0 is now the only live holder besides the origin: the seed dies.
+    let origin_before = c.origin_bytes(&digest);
+    c.seed().kill().expect("kill the seed");
+    let got1 = c.get(&c.sockets[1], &digest, &c.dir().join("out-1"), GET_BOUND);
+    assert_ok(&got1, &digest, "peer-1 from the restarted peer", &c);
+    let corrupt = c.metric(FIRST_PEER + 1, "shoal_peer_corrupt_pieces_total");
+    let from_peer = c.downloaded(1, "peer");
+    let origin_after = c.origin_bytes(&digest) - origin_before;
+    eprintln!(
+        "FIGURES crash: peer-0 had kept {before_kill} B when killed; ready {ready:.1} s after the restart; its pull then took {:.1} s and fetched {refetched} B again; peer-1 got {from_peer} B from peers and the origin sent {origin_after} B more, {corrupt} corrupt pieces; origin egress in all {} B",
+        got.secs,
+        c.origin_bytes(&digest)
+    );
+    assert_eq!(corrupt, 0.0, "a corrupt piece was served after the crash");
+    assert!(refetched <= len as f64, "refetched {refetched} B");
+}
+
+/// Scenario 12: a peer whose data directory is a small tmpfs that fills up. A pull either
+/// completes with the right bytes (eviction) or fails with a message and no file; the peer
+/// keeps running, serves what it holds correctly, and pulls again once space is free.
+#[test]
+fn peer_disk_full_gives_a_clear_error_or_evicts_never_wrong_bytes() {
+    let Some(mut c) = Cluster::start(Opts {
+        name: "diskfull",
+        peers: 2,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    // peer-0's data directory becomes a 24 MiB tmpfs; its quota (1 GiB) is no help.
+    c.peers[0].kill().expect("stop peer-0");
+    let data = c.dir().join("nodes/peer-0/data");
+    let _ = std::fs::remove_dir_all(&data);
+    let disk = or_skip(shoal_chaos::Tmpfs::mount(&data, 24 * MIB as u64)).expect("tmpfs");
+    c.peers[0].restart().expect("restart peer-0");
+    c.wait_ready(FIRST_PEER);
+    std::thread::sleep(Duration::from_millis(1000));
+    let len = 6 * MIB;
+    let (_, a) = c.push(len, 12);
+    let (_, b) = c.push(len, 120);
+    let got = c.get(&c.sockets[0], &a, &c.dir().join("out-a"), GET_BOUND);
+    assert_ok(&got, &a, "peer-0 with room", &c);
+    let filled = disk.fill(512 << 10).expect("fill the disk");
+    let got = c.get(&c.sockets[0], &b, &c.dir().join("out-b"), GET_BOUND);
+    let outcome = if got.ok {
+        assert_eq!(got.file_sha.as_deref(), Some(b.as_str()), "wrong bytes");
+        "completed".to_string()
+    } else {
+        assert!(got.file_sha.is_none(), "a failed get left a file");
+        assert!(!got.stderr.trim().is_empty(), "no reason given");
+        format!("failed: {}", brief(&got.stderr))
+    };
+    assert!(c.peers[0].is_running(), "peer-0 died on a full disk");
+    let log = std::fs::read_to_string(c.peers[0].log_path()).unwrap_or_default();
+    let space_lines: Vec<String> = log
+        .lines()
+        .filter(|l| {
+            l.contains("No space left")
+                || l.contains("ENOSPC")
+                || l.contains("quota")
+                || l.contains("evict")
+        })
+        .map(brief)
+        .collect();
+    let a_still_held = c.data_file("peer-0", &a).exists();
+    // The first blob is still served right (by whoever holds it after the eviction).
+    let got_a = c.get(&c.sockets[1], &a, &c.dir().join("out-a1"), GET_BOUND);
+    assert_ok(&got_a, &a, "peer-1 pulling a blob peer-0 holds", &c);
+    let corrupt = c.metric(FIRST_PEER + 1, "shoal_peer_corrupt_pieces_total");
+    let (a_peer, a_origin) = (c.downloaded(1, "peer"), c.downloaded(1, "origin"));
+    std::fs::remove_file(data.join("shoal-chaos-filler")).expect("free the space");
+    let again = c.get(&c.sockets[0], &b, &c.dir().join("out-b2"), GET_BOUND);
+    assert_ok(&again, &b, "peer-0 once space is free", &c);
+    eprintln!(
+        "FIGURES disk-full: {filled} B of filler; the pull {outcome} in {:.1} s; peer-0 still holds the first blob: {a_still_held}; log about space: {space_lines:?}; peer-1 got the first blob right ({a_peer} B from peers, {a_origin} B from origin, {corrupt} corrupt pieces); after freeing space the pull took {:.1} s; origin egress {} B and {} B",
+        got.secs,
+        again.secs,
+        c.origin_bytes(&a),
+        c.origin_bytes(&b)
+    );
+    assert_eq!(corrupt, 0.0, "a corrupt piece was served");
+    drop(c);
+    drop(disk);
+}
+
+/// Unmounts a FUSE mount (lazily) when dropped, also after a panic.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Scenario 10: the registry down under a `shoal fs mount` (origin only, through a relay).
+/// Reads of cached files keep working; uncached reads fail with EIO within the configured
+/// fetch timeout, first with the origin hung (a body that never comes), then with it gone.
+#[test]
+fn registry_down_under_a_fuse_mount_cached_reads_work_uncached_fail_in_bound() {
+    let Some(bin) = shoal_bin() else {
+        return;
+    };
+    if or_skip(shoal_chaos::require_root_tools()).is_none() {
+        return;
+    }
+    let missing =
+        !Path::new("/dev/fuse").exists() || shoal_testkit::need_binaries(&["fusermount3"]).is_err();
+    if missing {
+        let reason = "needs /dev/fuse and fusermount3 (fuse3)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{reason}");
+        }
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let registry = match rt.block_on(Registry::start(RegistryOpts::default())) {
+        Ok(r) => r,
+        Err(e) => panic!("docker-registry: {e}"),
+    };
+    let relay = rt
+        .block_on(FaultRelay::start(&registry.url()))
+        .expect("relay");
+    let work = tempfile::tempdir().expect("temp dir");
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("tree");
+    let files = ["cached.bin", "hung.bin", "gone.bin"];
+    let mut want = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let data = shoal_testkit::random_bytes(2 * MIB, 100 + i as u64);
+        std::fs::write(tree.join(f), &data).expect("write");
+        want.push(data);
+    }
+    let target = format!("docker://{}/chaos/fs:v1", registry.host());
+    let out = Command::new(&bin)
+        .args(["image", "convert", "--chunk-size", "64K", "--source"])
+        .arg(&tree)
+        .args(["--target", &target])
+        .output()
+        .expect("shoal image convert");
+    assert!(
+        out.status.success(),
+        "convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mountpoint");
+    let timeout = 3u64;
+    let _fs = Proc::spawn(
+        "fs",
+        Cmd::new(&bin)
+            .args(["--log", "info", "fs", "mount"])
+            .arg(format!("docker://{}/chaos/fs:v1", relay.addr()))
+            .arg(&mnt)
+            .args(["--no-peer", "--no-prefetch", "--cache-dir"])
+            .arg(work.path().join("cache"))
+            .args(["--fetch-timeout-secs", &timeout.to_string()]),
+        work.path(),
+    )
+    .expect("shoal fs mount");
+    let _unmount = Unmount(mnt.clone());
+    wait_for(Duration::from_secs(20), "the mount", || {
+        mnt.join("cached.bin").exists()
+    });
+    let first = Instant::now();
+    assert_eq!(
+        std::fs::read(mnt.join("cached.bin")).expect("read"),
+        want[0],
+        "first read"
+    );
+    let first_secs = first.elapsed().as_secs_f64();
+    let egress = relay.stats().body_bytes;
+
+    // A hung origin: bodies that never come (1 byte/s).
+    relay.set_scope(shoal_chaos::FaultScope::All);
+    relay.set_fault(Fault::Slow { bytes_per_sec: 1 });
+    let check = |what: &str, name: &str, data: &[u8]| -> (f64, f64) {
+        let t = Instant::now();
+        let cached = std::fs::read(mnt.join("cached.bin")).expect("a cached read");
+        let cached_secs = t.elapsed().as_secs_f64();
+        assert!(cached == want[0], "{what}: a cached read gave wrong bytes");
+        let t = Instant::now();
+        let r = std::fs::read(mnt.join(name));
+        let secs = t.elapsed().as_secs_f64();
+        match r {
+            Ok(got) if got == data => panic!("{what}: an uncached read succeeded"),
+            Ok(_) => panic!("{what}: an uncached read gave wrong bytes"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
+        }
+        assert!(
+            secs <= 2.0 * timeout as f64 + 2.0,
+            "{what}: the uncached read took {secs:.1} s (fetch timeout {timeout} s)"
+        );
+        // Metadata comes from the bootstrap: listing and stat still work.
+        let names: Vec<_> = std::fs::read_dir(&mnt)
+            .expect("readdir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), files.len(), "{what}: listing");
+        (cached_secs, secs)
+    };
+    let log_before = std::fs::read_to_string(work.path().join("fs.log")).unwrap_or_default();
+    let (c1, hung) = check("origin hung", "hung.bin", &want[1]);
+    let log = std::fs::read_to_string(work.path().join("fs.log")).unwrap_or_default();
+    // The kernel asks again (a smaller read) after a failed one: each waits the full timeout.
+    let failed_reads = log[log_before.len().min(log.len())..]
+        .lines()
+        .filter(|l| l.contains("read failed"))
+        .count();
+    // The registry gone: connections refused behind the relay.
+    relay.set_fault(Fault::Pass);
+    drop(registry);
+    let (c2, gone) = check("registry gone", "gone.bin", &want[2]);
+    eprintln!(
+        "FIGURES fuse: first read of 2 MiB {first_secs:.2} s ({egress} B from origin); origin hung: cached read {c1:.3} s, uncached EIO after {hung:.1} s ({failed_reads} FUSE reads failed); registry gone: cached read {c2:.3} s, uncached EIO after {gone:.1} s (fetch timeout {timeout} s)"
     );
 }

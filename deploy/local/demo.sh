@@ -23,6 +23,10 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # A container shim of ours left by a failed run, then mounts left under the work directory.
+    pkill -KILL -f -- "containerd-shim.*-address $work/" 2>/dev/null || true
+    findmnt -rn -o TARGET | awk -v w="$work/" 'index($0, w) == 1' | sort -r |
+        xargs -r -n1 umount -l 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -137,12 +141,16 @@ sched_metrics=$(free_port tcp)
     2> "$work/logs/scheduler.log" &
 pids+=($!)
 wait_http "http://127.0.0.1:$sched_metrics/readyz" "$work/logs/scheduler.log"
-declare -A metrics_of
+declare -A metrics_of proxy_of
 for name in seed-1 peer-1 peer-2; do
-    seed=()
+    seed=() proxy=()
     [[ $name == seed-* ]] && seed=(--seed)
+    if [[ $name == peer-* ]]; then # the registry proxy, for the containerd stage below
+        proxy_of[$name]=127.0.0.1:$(free_port tcp)
+        proxy=(--proxy-enabled --proxy-listen "${proxy_of[$name]}")
+    fi
     metrics_of[$name]=$(free_port tcp)
-    "$shoal" --log info peer "${seed[@]}" --data-dir "$work/$name" --tls-dir "$work/tls/$name" \
+    "$shoal" --log info peer "${seed[@]}" "${proxy[@]}" --data-dir "$work/$name" --tls-dir "$work/tls/$name" \
         --listen "127.0.0.1:$(free_port udp)" --scheduler "127.0.0.1:$sched_port" \
         --api-socket "$work/$name/peer.sock" --metrics-listen "127.0.0.1:${metrics_of[$name]}" \
         --cache-bytes $((4 << 30)) 2> "$work/logs/$name.log" &
@@ -183,3 +191,106 @@ done
 echo "registry served $served bytes of the $blob_size-byte blob (two peers fetched it)"
 echo "peer-2 received $from_peers bytes from peers and $from_origin from the origin"
 [[ $ok == yes && $served == "$blob_size" ]] || { echo "the swarm demo did not hold up" >&2; exit 1; }
+
+echo "== containerd pulls the three-layer image through peer 1's registry proxy, then peer 2's"
+image=127.0.0.1:$reg_port/demo-oci:1
+skopeo copy --quiet --dest-tls-verify=false "oci:$work/oci:demo" "docker://$image"
+# Each node: a private containerd (its own root, state and sockets; no CRI) and a hosts directory
+# from `shoal containerd-config` that sends the registry's pulls to that node's proxy.
+for n in 1 2; do
+    dir=$work/ctrd/$n
+    mkdir -p "$dir"
+    cat > "$dir/config.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/c.sock"
+[ttrpc]
+  address = "$dir/c.sock.ttrpc"
+[debug]
+  address = "$dir/debug.sock"
+[metrics]
+  address = ""
+TOML
+    containerd --config "$dir/config.toml" > "$work/logs/containerd-$n.log" 2>&1 &
+    pids+=($!)
+    "$shoal" containerd-config "127.0.0.1:$reg_port" --proxy "http://${proxy_of[peer-$n]}" \
+        --config-path "$dir/certs.d"
+done
+ctr_of() { local n=$1; shift; ctr --address "$work/ctrd/$n/c.sock" "$@"; }
+for n in 1 2; do
+    for _ in $(seq 200); do ctr_of "$n" version >/dev/null 2>&1 && break; sleep 0.1; done
+    ctr_of "$n" version >/dev/null || { tail -n 30 "$work/logs/containerd-$n.log" >&2; exit 1; }
+done
+cat "$work/ctrd/1/certs.d/127.0.0.1:$reg_port/hosts.toml"
+before_peers=$(metric peer-2 'shoal_peer_download_bytes_total{source="peer"}')
+before_origin=$(metric peer-2 'shoal_peer_download_bytes_total{source="origin"}')
+for n in 1 2; do
+    echo "-- node $n: ctr image pull through ${proxy_of[peer-$n]}, then ctr run"
+    start=$(date +%s.%N)
+    ctr_of "$n" image pull --snapshotter native --hosts-dir "$work/ctrd/$n/certs.d" "$image" >/dev/null
+    echo "pulled in $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" \
+        "$start" "$(date +%s.%N)") s"
+    timeout 60 ctr --address "$work/ctrd/$n/c.sock" run --rm --snapshotter native "$image" "demo-$n" \
+        /usr/bin/busybox sh -c "echo hello from node $n: \$(ls /usr/bin | wc -l) programs in /usr/bin"
+done
+sleep 0.5 # the registry writes its access log line after the response
+# GETs of each of the image's blobs (config and layers) at the registry, from its access log.
+gets=$(python3 - "$work/oci" "$work/logs/registry.log" <<'PY'
+import json, re, sys
+root, log = sys.argv[1], sys.argv[2]
+index = json.load(open(f"{root}/index.json"))
+algo, hexd = index["manifests"][0]["digest"].split(":")
+manifest = json.load(open(f"{root}/blobs/{algo}/{hexd}"))
+blobs = [manifest["config"]["digest"]] + [l["digest"] for l in manifest["layers"]]
+count = dict.fromkeys(blobs, 0)
+for line in open(log, errors="replace"):
+    m = re.search(r'\] "GET (\S+) [^"]*" (\d{3})', line)
+    if m and m.group(2).startswith("2"):
+        d = m.group(1).split("?")[0].rsplit("/blobs/", 1)[-1]
+        if m.group(1).startswith("/v2/demo-oci/blobs/") and d in count:
+            count[d] += 1
+print("\n".join(f"{d} {n}" for d, n in count.items()))
+PY
+)
+from_peers=$(($(metric peer-2 'shoal_peer_download_bytes_total{source="peer"}') - before_peers))
+from_origin=$(($(metric peer-2 'shoal_peer_download_bytes_total{source="origin"}') - before_origin))
+echo "registry GETs per blob of the image (two nodes pulled it):"
+sed 's/^/  /' <<< "$gets"
+echo "peer-2 received $from_peers bytes of the image from peers and $from_origin from the origin"
+[[ -n $gets && -z $(awk '$2 != 1' <<< "$gets") && $from_origin == 0 && $from_peers -gt 0 ]] ||
+    { echo "the containerd demo did not hold up" >&2; exit 1; }
+
+echo "== shoal fs mount: the Shoal image from the registry, mounted lazily through peer 1; a program from it run with chroot"
+if [[ $(id -u) -ne 0 ]]; then
+    echo "(this stage needs root for chroot; skipped)"
+    exit 0
+fi
+mnt=$work/mnt
+mkdir -p "$mnt"
+"$shoal" --log info fs mount "docker://127.0.0.1:$reg_port/demo:1" "$mnt" \
+    --peer-socket "$work/peer-1/peer.sock" --cache-dir "$work/fs-cache" 2> "$work/logs/fs.log" &
+fs_pid=$!
+pids+=("$fs_pid")
+for _ in $(seq 300); do mountpoint -q "$mnt" && break; sleep 0.1; done
+mountpoint -q "$mnt" || { echo "the image did not mount; last lines of the fs log:" >&2; tail -n 30 "$work/logs/fs.log" >&2; exit 1; }
+findmnt -n -o TARGET,SOURCE,FSTYPE "$mnt"
+# busybox is static: it runs from the image alone (no loader or libraries needed from the host).
+chroot "$mnt" /usr/bin/busybox sh -c \
+    'echo "hello from the lazy mount: $(/usr/bin/busybox ls /usr/bin | /usr/bin/busybox wc -l) programs in /usr/bin, built $(/usr/bin/busybox cat /build-date)"'
+[[ $(sha256sum < "$mnt/usr/bin/busybox") == $(sha256sum < /usr/bin/busybox) ]] &&
+    echo "/usr/bin/busybox in the mount matches this machine's copy (sha256)"
+"$shoal" fs umount "$mnt"
+wait "$fs_pid"
+# The mount logs what it read and fetched when it ends (key=value fields of its last line).
+summary=$(sed 's/\x1b\[[0-9;]*m//g' "$work/logs/fs.log" | grep ' unmounted' | tail -n 1)
+field() { grep -o "$1=[0-9.]*" <<< "$summary" | cut -d= -f2; }
+read_bytes=$(field read_bytes) fetched_peer=$(field fetched_peer_bytes)
+fetched_origin=$(field fetched_origin_bytes) image_bytes=$(field image_stored_bytes)
+echo "the mount read $read_bytes bytes of files; it fetched $fetched_peer bytes through peer 1 and" \
+    "$fetched_origin from the origin, of the image's $image_bytes stored bytes ($(field image_fetched_percent) %)"
+[[ -n $fetched_peer && $fetched_peer -gt 0 && $((fetched_peer + fetched_origin)) -lt $image_bytes ]] ||
+    { echo "the lazy mount demo did not hold up" >&2; exit 1; }
+echo "== done"

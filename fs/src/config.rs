@@ -35,6 +35,12 @@ pub struct FsConfig {
     pub max_request_bytes: u64,
     /// Largest gap of unneeded bytes between two chunks that are still merged into one request.
     pub max_gap_bytes: u64,
+    /// Stored bytes of a file loaded ahead of a sequential read of it (0 = off): fetched in
+    /// the background when not cached, read and verified from the disk cache when cached.
+    pub fetch_ahead_bytes: u64,
+    /// Stored bytes following a file in its data blob, fetched when a read that missed the
+    /// caches reaches the file's end (the neighbouring small files; 0 = off).
+    pub blob_ahead_bytes: u64,
     /// Fetch the bootstrap's prefetch list in the background after mount.
     pub prefetch: bool,
     /// Also fetch every blob of the image to completion in the background.
@@ -65,6 +71,8 @@ impl Default for FsConfig {
             fetch_timeout_secs: 20,
             max_request_bytes: 8 << 20,
             max_gap_bytes: 64 << 10,
+            fetch_ahead_bytes: 2 << 20,
+            blob_ahead_bytes: 128 << 10,
             prefetch: true,
             prefetch_all: false,
             prefetch_bytes_per_sec: 0,
@@ -108,6 +116,9 @@ impl FsConfig {
         }
         if self.max_gap_bytes > self.max_request_bytes {
             return bad("max_gap_bytes must not exceed max_request_bytes");
+        }
+        if self.fetch_ahead_bytes > 64 << 20 || self.blob_ahead_bytes > 64 << 20 {
+            return bad("fetch_ahead_bytes and blob_ahead_bytes must be at most 64 MiB");
         }
         if !(1..=256).contains(&self.read_threads) {
             return bad("read_threads must be 1..=256");

@@ -18,10 +18,11 @@ use fuser::{
 use shoal_format::bootstrap::{Bootstrap, InodeKind, InodeView};
 
 use crate::access_log::AccessLog;
+use crate::ahead::{Ahead, AheadConfig};
 use crate::read::Reader;
 
 /// Readahead asked of the kernel (and set on the mount's bdi by mount.rs).
-pub const MAX_READAHEAD: u32 = 1 << 20;
+pub const MAX_READAHEAD: u32 = 4 << 20;
 
 /// The image is immutable: the kernel may cache names and attributes for a long time.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -31,6 +32,9 @@ pub struct ImageFs {
     reader: Arc<Reader>,
     parents: Arc<Vec<u32>>,
     pool: rayon::ThreadPool,
+    /// Fetch-ahead work, apart from `pool` so that it never delays a read's own chunks.
+    ahead_pool: rayon::ThreadPool,
+    ahead: Ahead,
     access: Option<Arc<AccessLog>>,
     file_bytes: u64,
 }
@@ -142,10 +146,12 @@ fn attr(v: &InodeView<'_>) -> FileAttr {
 }
 
 impl ImageFs {
-    /// A filesystem over `reader`'s image; reads run on `read_threads` threads.
+    /// A filesystem over `reader`'s image; reads run on `read_threads` threads, fetch-ahead
+    /// (`ahead`) on two more.
     pub fn new(
         reader: Arc<Reader>,
         read_threads: usize,
+        ahead: AheadConfig,
         access: Option<Arc<AccessLog>>,
     ) -> std::io::Result<Self> {
         let boot = reader.bootstrap();
@@ -158,12 +164,23 @@ impl ImageFs {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(read_threads)
             .thread_name(|i| format!("shoal-fs-read-{i}"))
+            .panic_handler(|_| tracing::error!("a read thread panicked"))
             .build()
             .map_err(std::io::Error::other)?;
+        // Two threads: the machine's other core verifies the next chunks while this one replies.
+        let ahead_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .thread_name(|i| format!("shoal-fs-ahead-{i}"))
+            .panic_handler(|_| tracing::error!("a fetch-ahead thread panicked"))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let ahead = Ahead::new(boot, ahead);
         Ok(ImageFs {
             reader,
             parents,
             pool,
+            ahead_pool,
+            ahead,
             access,
             file_bytes,
         })
@@ -282,6 +299,7 @@ impl Filesystem for ImageFs {
             let (reader, parents) = (&self.reader, &self.parents);
             log.record(idx, || path_of(reader.bootstrap(), parents, idx));
         }
+        let next = self.ahead.plan(&self.reader, idx, offset, size);
         let reader = Arc::clone(&self.reader);
         self.pool
             .spawn(move || match reader.read(idx, offset, size) {
@@ -292,6 +310,10 @@ impl Filesystem for ImageFs {
                     reply.error(Errno::EIO);
                 }
             });
+        if !next.is_empty() {
+            let reader = Arc::clone(&self.reader);
+            self.ahead_pool.spawn(move || reader.load_ahead(&next));
+        }
     }
 
     fn release(

@@ -7,13 +7,16 @@
 //! the FUSE session -> [`inode`] answers metadata from the bootstrap and hands reads to a thread
 //! pool -> [`read`] maps offsets to chunks, serves cached ones, fetches the rest through
 //! [`fetch`] (peer, else origin), decompresses and verifies ([`verify`]) -> the store caches them.
+//! [`ahead`] picks what a sequential read will want next (loaded in the background),
 //! [`prefetch`] warms the cache in the background, [`access_log`] records first reads,
 //! [`metrics`] counts. Configuration: [`config`].
 
 pub mod access_log;
+pub mod ahead;
 pub mod config;
 mod error;
 pub mod fetch;
+mod flight;
 pub mod image;
 pub mod inode;
 pub mod metrics;

@@ -151,6 +151,11 @@ impl Metrics {
         }
     }
 
+    /// Stored bytes of the whole image (every chunk once).
+    pub fn image_stored_bytes(&self) -> u64 {
+        self.total_stored
+    }
+
     /// Figures for tests and `shoal fs` status lines.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let by = |k: SourceKind| {

@@ -86,7 +86,14 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
         Some(p) => Some(Arc::new(AccessLog::create(p, boot.inode_count())?)),
         None => None,
     };
-    let fs = ImageFs::new(Arc::clone(&reader), config.read_threads, access)
+    // An image with a prefetch list being fetched has a better guess than the blob's next
+    // files: neighbour fetches would only compete with it for the link.
+    let listed = config.prefetch && boot.prefetch().len() > 0;
+    let ahead = crate::ahead::AheadConfig {
+        file_bytes: config.fetch_ahead_bytes,
+        blob_bytes: if listed { 0 } else { config.blob_ahead_bytes },
+    };
+    let fs = ImageFs::new(Arc::clone(&reader), config.read_threads, ahead, access)
         .map_err(|e| FsError::io("starting read threads for", &config.mountpoint, e))?;
 
     let mut fuse = fuser::Config::default();
@@ -266,6 +273,8 @@ impl MountHandle {
         if let Some(t) = self.prefetch.take() {
             let _ = t.join();
         }
+        // Fetch-ahead work still running uses the runtime: let it end first.
+        self.reader.close(Duration::from_secs(5));
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
         }
@@ -326,7 +335,23 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     })
 }
 
-/// `shoal fs mount`: mounts and serves until SIGINT/SIGTERM or an external unmount.
+/// `shoal fs mount`: mounts and serves until SIGINT/SIGTERM or an external unmount, then logs
+/// what the mount read and fetched.
 pub fn run(config: FsConfig) -> Result<()> {
-    mount(config)?.wait_for_signal()
+    let handle = mount(config)?;
+    let metrics = Arc::clone(handle.metrics());
+    let result = handle.wait_for_signal();
+    let s = metrics.snapshot();
+    tracing::info!(
+        read_bytes = s.read_bytes,
+        fetched_peer_bytes = s.fetched_peer,
+        fetched_origin_bytes = s.fetched_origin,
+        image_stored_bytes = metrics.image_stored_bytes(),
+        image_fetched_percent = %format_args!("{:.2}", 100.0 * s.image_fetched_ratio),
+        cache_hits = s.cache_hits,
+        cache_misses = s.cache_misses,
+        verify_failures = s.verify_failures,
+        "unmounted"
+    );
+    result
 }

@@ -9,15 +9,16 @@
 //! hang.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
 use shoal_origin::Digest;
 use shoal_store::{Blake3Hash, Store};
 
 use crate::fetch::{ChunkSource, FetchError};
+use crate::flight::Flights;
 use crate::metrics::Metrics;
 use crate::verify::decode_chunk;
 
@@ -75,7 +76,11 @@ pub struct Reader {
     timeout: Duration,
     max_request: u64,
     max_gap: u64,
-    inflight: Mutex<HashMap<[u8; 32], Arc<Mutex<()>>>>,
+    inflight: Flights,
+    /// Set at unmount: no new fetch-ahead work starts.
+    closed: std::sync::atomic::AtomicBool,
+    /// Fetch-ahead loads running now (unmount waits for them before stopping the runtime).
+    ahead_running: std::sync::atomic::AtomicUsize,
     /// The mount's counters.
     pub metrics: Arc<Metrics>,
 }
@@ -138,7 +143,9 @@ impl Reader {
             timeout: parts.timeout,
             max_request: parts.max_request,
             max_gap: parts.max_gap,
-            inflight: Mutex::default(),
+            inflight: Flights::default(),
+            closed: Default::default(),
+            ahead_running: Default::default(),
             metrics: parts.metrics,
         })
     }
@@ -149,14 +156,15 @@ impl Reader {
     }
 
     /// Bytes `offset..offset + size` of regular file `ino` (image inode index), short at EOF.
-    pub fn read(&self, ino: u32, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+    /// A read inside one chunk is a slice of the cached chunk (no copy).
+    pub fn read(&self, ino: u32, offset: u64, size: u32) -> Result<Bytes, ReadError> {
         let inode = self.boot.inode(ino).ok_or(ReadError::NotFile(ino))?;
         if inode.kind() != InodeKind::File {
             return Err(ReadError::NotFile(ino));
         }
         let file_size = inode.size();
         if offset >= file_size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = file_size.min(offset.saturating_add(u64::from(size)));
         let cs = u64::from(self.boot.chunk_size());
@@ -174,19 +182,75 @@ impl Reader {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let datas = self.load(&views, Instant::now() + self.timeout)?;
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (k, data) in (k0..=k1).zip(&datas) {
+        let mut parts = Vec::with_capacity(datas.len());
+        for (k, data) in (k0..=k1).zip(datas) {
             let base = k * cs;
-            let from = (offset.max(base) - base) as usize;
-            let to = (end.min(base + data.len() as u64)).saturating_sub(base) as usize;
-            out.extend_from_slice(data.get(from..to).unwrap_or_default());
+            let to = ((end - base) as usize).min(data.len());
+            let from = ((offset.max(base) - base) as usize).min(to);
+            parts.push(data.slice(from..to));
         }
+        let out = match parts.len() {
+            1 => parts.pop().unwrap_or_default(),
+            _ => {
+                let mut out = BytesMut::with_capacity((end - offset) as usize);
+                for p in &parts {
+                    out.extend_from_slice(p);
+                }
+                out.freeze()
+            }
+        };
         if (out.len() as u64) < end - offset {
             // A chunk shorter than the file says: never pad with invented bytes.
             return Err(ReadError::MissingChunk { ino, index: k1 });
         }
         self.metrics.read_bytes.inc_by(out.len() as u64);
         Ok(out)
+    }
+
+    /// Loads `chunks` ahead of the reads that will want them (read-ahead.rs picks them): the
+    /// ones neither in memory nor being loaded already are read from the disk cache or fetched,
+    /// verified either way. Failures only log: the read that wants the chunk tries again.
+    pub fn load_ahead(&self, chunks: &[ChunkView]) {
+        use std::sync::atomic::Ordering;
+        self.ahead_running.fetch_add(1, Ordering::SeqCst);
+        if !self.closed.load(Ordering::SeqCst) {
+            self.load_ahead_now(chunks);
+        }
+        self.ahead_running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Stops fetch-ahead: none starts from now on; waits up to `wait` for running ones.
+    pub fn close(&self, wait: Duration) {
+        use std::sync::atomic::Ordering;
+        self.closed.store(true, Ordering::SeqCst);
+        let until = Instant::now() + wait;
+        while self.ahead_running.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn load_ahead_now(&self, chunks: &[ChunkView]) {
+        let todo: Vec<ChunkView> = chunks
+            .iter()
+            .filter(|c| !self.mem.contains_key(&c.hash) && !self.inflight.busy(&c.hash))
+            .copied()
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        if let Err(e) = self.load(&todo, Instant::now() + self.timeout) {
+            tracing::debug!(error = %e, "fetch-ahead failed; the chunks are fetched when read");
+        }
+    }
+
+    /// True when the chunk is in memory.
+    pub(crate) fn in_memory(&self, c: &ChunkView) -> bool {
+        self.mem.contains_key(&c.hash)
+    }
+
+    /// True when the chunk is in memory or in the disk cache.
+    pub(crate) fn in_cache(&self, c: &ChunkView) -> bool {
+        self.in_memory(c) || self.store.has_chunk(&Blake3Hash::from_bytes(c.hash))
     }
 
     /// Makes sure `chunks` are cached (prefetch), fetching what is missing.
@@ -232,20 +296,22 @@ impl Reader {
                 missing.push(*c);
             }
         }
+        // Hash order: two loaders never wait for each other's flights crosswise.
         missing.sort_by_key(|c| c.hash);
         // Single flight: concurrent readers of one chunk (kernel readahead) fetch it once.
-        let locks: Vec<Arc<Mutex<()>>> = {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            missing
-                .iter()
-                .map(|c| Arc::clone(map.entry(c.hash).or_default()))
-                .collect()
-        };
-        let mut guards = Vec::with_capacity(locks.len());
-        for (l, c) in locks.iter().zip(&missing) {
-            guards.push(self.lock_until(l, deadline, c)?);
+        let mut guards = Vec::with_capacity(missing.len());
+        for c in &missing {
+            match self.inflight.take(c.hash, deadline) {
+                Some(g) => guards.push(g),
+                None => {
+                    return Err(ReadError::Timeout {
+                        blob: self.blob_name(c.blob),
+                        secs: self.timeout.as_secs(),
+                    })
+                }
+            }
         }
-        // In memory by now (another reader held the lock), or on disk (verified)?
+        // In memory by now (another reader held the flight), or on disk (verified)?
         let mut ready = HashMap::new();
         let mut still = Vec::new();
         for c in &missing {
@@ -259,15 +325,6 @@ impl Reader {
         self.metrics.cache_hits.inc_by(ready.len() as u64);
         let fetched = self.fetch(&still, deadline);
         drop(guards);
-        {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            for (l, c) in locks.iter().zip(&missing) {
-                // Two references: the map's and ours. Nobody else waits: forget the lock.
-                if Arc::strong_count(l) <= 2 {
-                    map.remove(&c.hash);
-                }
-            }
-        }
         let mut fetched = fetched?;
         fetched.extend(ready);
         self.metrics.cache_misses.inc_by(still.len() as u64);
@@ -285,28 +342,6 @@ impl Reader {
                 })
             })
             .collect()
-    }
-
-    fn lock_until<'a>(
-        &self,
-        l: &'a Mutex<()>,
-        deadline: Instant,
-        c: &ChunkView,
-    ) -> Result<std::sync::MutexGuard<'a, ()>, ReadError> {
-        loop {
-            match l.try_lock() {
-                Ok(g) => return Ok(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(ReadError::Timeout {
-                    blob: self.blob_name(c.blob),
-                    secs: self.timeout.as_secs(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
     }
 
     fn blob_name(&self, blob: u32) -> String {

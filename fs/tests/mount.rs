@@ -187,6 +187,8 @@ fn corrupted_cache_is_refetched_and_corrupted_origin_is_eio() {
     let want = fs::read(img.tree.join("data/other.bin")).unwrap();
     let mut cfg = config(img.oci_ref(), &mnt, &cache);
     cfg.prefetch = false;
+    // Only other.bin's chunks in the cache (no neighbouring files fetched ahead).
+    cfg.blob_ahead_bytes = 0;
 
     let m = mount(cfg.clone()).unwrap();
     assert_eq!(fs::read(mnt.join("data/other.bin")).unwrap(), want);
@@ -364,4 +366,61 @@ fn whole_image_prefetch_completes_under_the_bandwidth_limit() {
     compare(&img.tree, &mnt, Path::new(""), &mut HashMap::new(), &mut c);
     assert_eq!(m.metrics().snapshot().fetched_origin, fetched);
     m.unmount().unwrap();
+}
+
+#[test]
+fn sequential_reads_fetch_ahead_and_random_reads_do_not() {
+    use std::os::unix::fs::FileExt;
+    if !fuse_ready() {
+        return;
+    }
+    let img = build_image(false);
+    // 3 MiB of noise: thirteen 256 KiB chunks stored raw.
+    let want = fs::read(img.tree.join("data/big.bin")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mnt = mountpoint(work.path(), "mnt");
+    // Chunks fetched after one 4 KiB read at `offset`, each time with a fresh cache.
+    let fetched_after = |fetch_ahead: u64, offset: u64, cache: &str| {
+        let mut cfg = config(img.oci_ref(), &mnt, &work.path().join(cache));
+        cfg.prefetch = false;
+        cfg.blob_ahead_bytes = 0;
+        cfg.fetch_ahead_bytes = fetch_ahead;
+        let m = mount(cfg).unwrap();
+        let f = fs::File::open(mnt.join("data/big.bin")).unwrap();
+        let mut buf = [0u8; 4096];
+        f.read_exact_at(&mut buf, offset).unwrap();
+        let at = offset as usize;
+        assert!(buf[..] == want[at..at + 4096], "wrong bytes at {offset}");
+        // Fetch-ahead runs in the background: wait until the count stays put for a while.
+        let t = Instant::now();
+        let mut misses = m.metrics().snapshot().cache_misses;
+        let mut still_since = Instant::now();
+        while still_since.elapsed() < Duration::from_millis(700)
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = m.metrics().snapshot().cache_misses;
+            if now != misses {
+                misses = now;
+                still_since = Instant::now();
+            }
+        }
+        drop(f);
+        m.unmount().unwrap();
+        misses
+    };
+    let without = fetched_after(0, 0, "c0");
+    let sequential = fetched_after(1 << 20, 0, "c1");
+    let random = fetched_after(1 << 20, 1_500_000, "c2");
+    assert!(without >= 1, "the read itself fetched nothing");
+    // From the start of the file: the next 1 MiB (four chunks) arrives too.
+    assert!(
+        sequential >= without + 4,
+        "with fetch-ahead {sequential} chunks, without {without}"
+    );
+    // A read in the middle that continues nothing: no fetch-ahead.
+    assert!(
+        random <= without,
+        "a random read fetched {random} chunks, a read without fetch-ahead {without}"
+    );
 }

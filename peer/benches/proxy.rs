@@ -2,7 +2,7 @@
 //! 1. a cached blob served through the proxy beside docker-registry serving it from its disk,
 //!    same run, same client: throughput of each and their ratio;
 //! 2. the latency a pass-through manifest request adds (proxy minus direct), p50/p99, with 1 and
-//!    64 concurrent clients.
+//!    64 concurrent clients, direct and proxied requests interleaved so both see the same load.
 //!
 //! Run: `cargo bench -p shoal-peer --bench proxy` (SHOAL_BENCH_BLOB_MIB sets the blob size,
 //! default 1024; SHOAL_BENCH_REQUESTS the manifest requests per client count, default 4000).
@@ -36,35 +36,48 @@ async fn download(http: &reqwest::Client, url: &str) -> (u64, f64) {
     (n, start.elapsed().as_secs_f64())
 }
 
-/// Latencies (µs) of `total` GETs of `url` spread over `clients` concurrent clients.
-async fn latencies(http: &reqwest::Client, url: &str, clients: usize, total: usize) -> Vec<u64> {
+/// Latencies (µs) of `total` GETs of `direct` and as many of `via`, spread over `clients`
+/// concurrent clients. Each client alternates the two (which goes first alternates too), so both
+/// see the same load on a shared host.
+async fn latencies(
+    http: &reqwest::Client,
+    direct: &str,
+    via: &str,
+    clients: usize,
+    total: usize,
+) -> (Vec<u64>, Vec<u64>) {
     let per = total / clients;
-    let jobs = (0..clients).map(|_| {
+    let jobs = (0..clients).map(|c| {
         let http = http.clone();
-        let url = url.to_string();
+        let urls = [direct.to_string(), via.to_string()];
         tokio::spawn(async move {
-            let mut out = Vec::with_capacity(per);
-            for _ in 0..per {
-                let t = Instant::now();
-                let r = http
-                    .get(&url)
-                    .header("accept", "application/vnd.oci.image.manifest.v1+json")
-                    .send()
-                    .await
-                    .expect("GET manifest");
-                assert!(r.status().is_success());
-                let _ = r.bytes().await.expect("manifest body");
-                out.push(t.elapsed().as_micros() as u64);
+            let mut out = [Vec::with_capacity(per), Vec::with_capacity(per)];
+            for i in 0..per {
+                for k in [(i + c) % 2, (i + c + 1) % 2] {
+                    let t = Instant::now();
+                    let r = http
+                        .get(&urls[k])
+                        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                        .send()
+                        .await
+                        .expect("GET manifest");
+                    assert!(r.status().is_success());
+                    let _ = r.bytes().await.expect("manifest body");
+                    out[k].push(t.elapsed().as_micros() as u64);
+                }
             }
             out
         })
     });
-    let mut all = Vec::with_capacity(total);
+    let (mut d, mut p) = (Vec::with_capacity(total), Vec::with_capacity(total));
     for j in futures::future::join_all(jobs).await {
-        all.extend(j.expect("client task"));
+        let [jd, jp] = j.expect("client task");
+        d.extend(jd);
+        p.extend(jp);
     }
-    all.sort_unstable();
-    all
+    d.sort_unstable();
+    p.sort_unstable();
+    (d, p)
 }
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -103,7 +116,18 @@ async fn main() {
     cfg.proxy.enabled = true;
     cfg.proxy.listen = "127.0.0.1:0".parse().expect("addr");
     cfg.proxy.default_upstream = Some(registry.host());
-    let peer = Peer::start(cfg).await.expect("peer");
+    // The peer gets its own runtime (worker threads), as `shoal peer` runs in its own process
+    // beside containerd: the proxy and this client must not take turns on the same workers.
+    let peer_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("peer")
+        .enable_all()
+        .build()
+        .expect("peer runtime");
+    let peer = peer_rt
+        .spawn(Peer::start(cfg))
+        .await
+        .expect("peer task")
+        .expect("peer");
     let proxy = peer.proxy_addr().expect("proxy");
 
     let data = shoal_testkit::random_bytes((mib << 20) as usize, 1);
@@ -150,10 +174,8 @@ async fn main() {
     let m_via = format!("http://{proxy}/v2/{REPO}/manifests/v1");
     let _ = img;
     for clients in [1usize, 64] {
-        let _ = latencies(&http, &m_direct, clients, clients * 4).await; // warm connections
-        let _ = latencies(&http, &m_via, clients, clients * 4).await;
-        let d = latencies(&http, &m_direct, clients, requests).await;
-        let p = latencies(&http, &m_via, clients, requests).await;
+        let _ = latencies(&http, &m_direct, &m_via, clients, clients * 4).await; // warm connections
+        let (d, p) = latencies(&http, &m_direct, &m_via, clients, requests).await;
         let ms = |us: u64| us as f64 / 1000.0;
         println!(
             "manifest, {clients:>2} clients: direct p50 {:.3} ms p99 {:.3} ms | proxy p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms",
@@ -166,5 +188,9 @@ async fn main() {
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    peer.shutdown().await;
+    peer_rt
+        .spawn(async move { peer.shutdown().await })
+        .await
+        .expect("peer shutdown");
+    peer_rt.shutdown_background();
 }

@@ -64,10 +64,22 @@ pub struct PeerConfig {
     pub upload_bytes_per_sec: u64,
     /// Pieces fetched at once per download.
     pub download_concurrency: usize,
-    /// Most piece requests in flight to one parent.
+    /// Piece bytes held in memory at once by the whole peer (downloads, origin reads and
+    /// uploads together; downloads at most half of it). Bounds the peer's memory however many
+    /// downloads run (docs/operations.md).
+    pub piece_memory_bytes: u64,
+    /// Most piece requests in flight to one parent (few, so a parent's uplink is shared by
+    /// more children and each piece arrives, and can be passed on, sooner).
     pub per_parent_concurrency: usize,
-    /// A piece fetch from a parent that takes longer than this is a stall: the parent is dropped.
+    /// A piece fetch from a parent that receives no byte for this long is a stall: the parent is
+    /// dropped. A slow parent that keeps sending is not.
     pub piece_timeout_ms: u64,
+    /// An origin read (a HEAD, or a body) that receives nothing for this long fails, naming the
+    /// origin, instead of waiting on a black-holed connection.
+    pub origin_idle_timeout_ms: u64,
+    /// Verified pieces of plain blobs whose piece table is not whole yet, kept in memory until
+    /// it is (docs/protocol.md, "Streamed piece hashes"); beyond it downloads wait for the table.
+    pub staging_bytes: u64,
     /// Connecting (QUIC + TLS + Hello) to a parent or the scheduler gives up after this long.
     pub connect_timeout_ms: u64,
     /// One scheduler request gives up after this long; the download then goes on without it.
@@ -112,8 +124,11 @@ impl Default for PeerConfig {
             upload_slots: 32,
             upload_bytes_per_sec: 0,
             download_concurrency: 16,
-            per_parent_concurrency: 4,
+            piece_memory_bytes: 128 << 20,
+            per_parent_concurrency: 2,
             piece_timeout_ms: 30_000,
+            origin_idle_timeout_ms: 15_000,
+            staging_bytes: 256 << 20,
             connect_timeout_ms: 5_000,
             scheduler_timeout_ms: 5_000,
             piece_table_wait_ms: 120_000,
@@ -142,6 +157,7 @@ impl PeerConfig {
             ("download_concurrency", self.download_concurrency as u64),
             ("per_parent_concurrency", self.per_parent_concurrency as u64),
             ("piece_timeout_ms", self.piece_timeout_ms),
+            ("origin_idle_timeout_ms", self.origin_idle_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("scheduler_timeout_ms", self.scheduler_timeout_ms),
             (
@@ -153,6 +169,13 @@ impl PeerConfig {
             if v == 0 {
                 return Err(PeerError::Config(format!("{name} must be at least 1")));
             }
+        }
+        if self.piece_memory_bytes < crate::budget::MIN_BUDGET {
+            return Err(PeerError::Config(format!(
+                "piece_memory_bytes {} must be at least {} (one piece of the largest size)",
+                self.piece_memory_bytes,
+                crate::budget::MIN_BUDGET
+            )));
         }
         crate::scheduler_ring::check_config(self)?;
         if let Some(ps) = self.piece_size {
@@ -177,6 +200,10 @@ impl PeerConfig {
 
     pub(crate) fn piece_timeout(&self) -> Duration {
         Duration::from_millis(self.piece_timeout_ms)
+    }
+
+    pub(crate) fn origin_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.origin_idle_timeout_ms)
     }
 
     pub(crate) fn connect_timeout(&self) -> Duration {
@@ -221,5 +248,8 @@ mod tests {
         cfg.piece_size = None;
         cfg.upload_slots = 0;
         assert!(cfg.validate().is_err());
+        cfg.upload_slots = 1;
+        cfg.piece_memory_bytes = 1 << 20;
+        assert!(cfg.validate().is_err(), "a budget smaller than one piece");
     }
 }

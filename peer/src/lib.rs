@@ -12,6 +12,7 @@
 //! for components that embed the peer, like the registry proxy).
 
 pub mod api;
+mod budget;
 mod config;
 mod convert;
 pub mod discovery;
@@ -80,12 +81,15 @@ impl Peer {
         }
         let store = AsyncStore::open(store_cfg).await?;
         let role = if config.seed { Role::Seed } else { Role::Peer };
+        // One cap on piece bytes in memory for downloads, origin reads and uploads (budget.rs).
+        let budget = budget::PieceBudget::new(config.piece_memory_bytes);
         let transport = Arc::new(Transport::bind(
             &identity,
             config.listen,
             role,
             host_id.clone(),
             config.connect_timeout(),
+            budget.clone(),
         )?);
         let quic_addr = transport.local_addr()?;
         let uploader = Arc::new(Uploader::new(
@@ -93,6 +97,7 @@ impl Peer {
             config.upload_slots,
             config.upload_bytes_per_sec,
             config.test_corrupt_uploads,
+            budget,
         ));
         let mut tasks = vec![uploader.spawn(Arc::clone(&transport))];
         let advertised = if config.advertise.is_empty() {
@@ -152,6 +157,8 @@ impl Peer {
         };
 
         let origins = Origins::new(&config.plain_http_registries)?;
+        let staging = Arc::new(download::Staging::new(config.staging_bytes));
+        uploader.serve_staged(Arc::clone(&staging));
         let downloader = Arc::new(Downloader::new(Ctx {
             store: store.clone(),
             transport: Arc::clone(&transport),
@@ -161,6 +168,7 @@ impl Peer {
             config: config.clone(),
             me: host_id,
             stats: Arc::default(),
+            staging,
         }));
         if let Some(mut events) = events {
             let d = Arc::clone(&downloader);
@@ -193,6 +201,7 @@ impl Peer {
                 config.proxy.clone(),
                 &config.plain_http_registries,
                 Arc::clone(&downloader),
+                store.clone(),
                 &identity,
             );
             Some(p.await?)
@@ -227,6 +236,11 @@ impl Peer {
     /// The registry proxy's bound address, when `proxy.enabled`.
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy.as_ref().map(|p| p.local_addr())
+    }
+
+    /// The registry proxy's request counters, when `proxy.enabled`.
+    pub fn proxy_stats(&self) -> Option<&proxy::ProxyStats> {
+        self.proxy.as_ref().map(|p| p.stats())
     }
 
     /// The downloads (for in-process users such as the registry proxy).

@@ -1,6 +1,6 @@
 //! The peer's Prometheus metrics, read at scrape time from the counters the peer keeps anyway
 //! (downloads, uploads, store) plus the piece fetch latency histogram: bytes from peers vs the
-//! origin, piece latency, cache usage and hit ratio, uploads, scheduler connection. `shoal peer`
+//! origin (in all and per blob), proxy answers by status, piece latency, cache usage and hit ratio, uploads, scheduler connection. `shoal peer`
 //! serves them on `/metrics` (shoal-telemetry).
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,6 +43,13 @@ pub fn register(registry: &mut Registry, peer: &Arc<Peer>) {
         "Time to fetch one piece from a parent, verified and stored",
         peer.downloader().stats().piece_latency.0.clone(),
     );
+    if let Some(stats) = peer.proxy_stats() {
+        registry.register(
+            "shoal_proxy_requests",
+            "Registry proxy answers, by route (blob, passthrough, invalid) and status class",
+            stats.requests.clone(),
+        );
+    }
     registry.register_collector(Box::new(PeerCollector {
         peer: Arc::downgrade(peer),
     }));
@@ -87,6 +94,27 @@ impl Collector for PeerCollector {
                 ConstCounter::new(v).encode(m.encode_family(&[("source", source)])?)?;
             }
         }
+        {
+            // Per blob, for the tasks this peer still knows (at most the downloader's task
+            // table, so the series stay bounded).
+            let mut m = e.encode_descriptor(
+                "shoal_peer_task_bytes",
+                "Bytes of one blob received, by source (other peers or the origin)",
+                None,
+                MetricType::Counter,
+            )?;
+            for t in peer.downloader().statuses() {
+                for (source, v) in [
+                    ("peer", t.bytes_from_peers),
+                    ("origin", t.bytes_from_origin),
+                ] {
+                    if v > 0 {
+                        let labels = [("blob", t.blob.as_str()), ("source", source)];
+                        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
         counter(
             &mut e,
             "shoal_peer_parents_dropped",
@@ -115,8 +143,21 @@ impl Collector for PeerCollector {
         counter(
             &mut e,
             "shoal_peer_upload_busy",
-            "Piece requests answered busy (every upload slot in use)",
+            "Piece requests answered busy (every upload slot in use, or piece memory full)",
             u.busy.load(Relaxed),
+        )?;
+        let budget = peer.transport.budget();
+        gauge(
+            &mut e,
+            "shoal_peer_piece_memory_bytes",
+            "Piece bytes held in memory now (downloads, origin reads, uploads)",
+            as_i64(budget.in_use()),
+        )?;
+        gauge(
+            &mut e,
+            "shoal_peer_piece_memory_budget_bytes",
+            "The cap on piece bytes in memory (piece_memory_bytes)",
+            as_i64(budget.bytes()),
         )?;
         counter(
             &mut e,

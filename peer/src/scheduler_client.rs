@@ -86,6 +86,11 @@ impl SchedulerClient {
         })
     }
 
+    /// The protocol version negotiated on the current connection (0 when not connected).
+    pub fn version(&self) -> u8 {
+        self.current().map_or(0, |l| l.codec.version())
+    }
+
     /// Whether a registered connection is up now.
     pub fn is_connected(&self) -> bool {
         self.current().is_some()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use shoal_proto::{client_handshake, Codec, Hello, HostId, Role, ALPN_PEER, ALPN_SCHEDULER};
 use shoal_tls::NodeIdentity;
 
+use crate::budget::PieceBudget;
 use crate::error::PeerError;
 
 /// A connection after a successful Hello: the connection and the negotiated codec.
@@ -27,6 +28,7 @@ pub(crate) struct Transport {
     hello: Hello,
     links: Mutex<HashMap<HostId, Link>>,
     connect_timeout: Duration,
+    budget: PieceBudget,
 }
 
 /// Transport parameters shared by every connection: keep-alive so idle links survive NAT and
@@ -53,6 +55,7 @@ impl Transport {
         role: Role,
         host_id: HostId,
         connect_timeout: Duration,
+        budget: PieceBudget,
     ) -> Result<Self, PeerError> {
         let mut server = shoal_tls::quic_server_config(identity, &[ALPN_PEER])?;
         server.transport_config(transport_config());
@@ -69,6 +72,7 @@ impl Transport {
             hello: Hello::new(role, host_id),
             links: Mutex::new(HashMap::new()),
             connect_timeout,
+            budget,
         })
     }
 
@@ -87,6 +91,12 @@ impl Transport {
     /// This node's host id.
     pub fn host_id(&self) -> &HostId {
         &self.hello.host_id
+    }
+
+    /// The peer's piece memory budget (budget.rs): every piece moved over this endpoint or
+    /// read from the origin holds room in it.
+    pub fn budget(&self) -> &PieceBudget {
+        &self.budget
     }
 
     /// A connection to parent `host` (cached), trying its addresses in order.
@@ -124,13 +134,14 @@ impl Transport {
         }
     }
 
-    /// Forgets (and closes) the cached connection to `host`, e.g. after it failed.
+    /// Forgets the cached connection to `host`, e.g. after one download dropped it: the next
+    /// request dials afresh. The connection itself is not closed here: other downloads share it
+    /// and their requests in flight finish on it (closing it failed all of them at once, and each
+    /// then dropped a healthy parent: docs/benchmarks.md, "Peer memory"). A dead connection
+    /// closes itself (idle timeout), a live one when its last user lets go of it.
     pub fn forget(&self, host: &HostId) {
         let link = self.links.lock().ok().and_then(|mut l| l.remove(host));
-        if let Some(link) = link {
-            link.conn
-                .close(shoal_proto::close_code::CANCELLED.into(), b"dropped");
-        }
+        drop(link);
     }
 
     /// A new connection to the scheduler at `addr`, whose certificate must name `name`.

@@ -176,6 +176,82 @@ async fn curl_ranges_manifests_and_first_fetch_streaming() {
     peer.shutdown().await;
 }
 
+/// A cached blob of many pieces is read ahead from the store in runs (api/cached.rs): whole and
+/// ranged answers are exact across run boundaries, and a piece changed on disk behind the
+/// store's back is never served: the rest of the answer comes through the swarm task instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_reads_run_ahead_and_never_serve_a_bad_piece() {
+    if need_binaries(&["curl"]).is_err() {
+        return;
+    }
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    // 1 MiB pieces (the test cluster's), 10 of them, the last one short.
+    let size = (9 << 20) + 12_345;
+    let img = c
+        .registry
+        .push_random_image(REPO, "v1", size, 11)
+        .await
+        .unwrap();
+    let cfg = with_proxy(c.config("p1", false), None);
+    let data_dir = cfg.data_dir.clone();
+    let peer = c.start(cfg).await;
+    let proxy = peer.proxy_addr().unwrap();
+    let d = &img.layer_digest;
+    let blob = format!(
+        "http://{proxy}/v2/{REPO}/blobs/{d}?ns={}",
+        c.registry.host()
+    );
+    let layer = &img.layer;
+    let first = curl(&blob, &[]); // teed from the origin into the store
+    assert_eq!(sha256(&first.body), *d);
+    for _ in 0..2 {
+        let g = curl(&blob, &[]);
+        assert_eq!(g.status, 200);
+        assert_eq!(sha256(&g.body), *d, "whole blob from the cache");
+    }
+    for (s, e) in [
+        ((4 << 20) - 10, (8 << 20) + 10),
+        (1, size - 1),
+        (size - 12_346, size),
+    ] {
+        let g = curl(&blob, &["-r", &format!("{s}-{}", e - 1)]);
+        assert_eq!(g.status, 206);
+        assert_eq!(g.body, &layer[s..e], "range {s}-{e}");
+    }
+    let hits = peer.store().stats().hits;
+    assert!(
+        hits >= 20,
+        "answers came from the store ({hits} piece reads)"
+    );
+
+    // Flip one byte of piece 6 in the store's data file.
+    let hex = d.trim_start_matches("sha256:");
+    let file = data_dir
+        .join("store")
+        .join("blobs")
+        .join(&hex[..2])
+        .join(format!("{hex}.data"));
+    let at = (6 << 20) + 777;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&[layer[at] ^ 0x01], at as u64).unwrap();
+    }
+    let g = curl(&blob, &[]);
+    assert_eq!(g.status, 200);
+    assert_eq!(
+        sha256(&g.body),
+        *d,
+        "the bad piece was refetched, never served"
+    );
+    assert_eq!(peer.store().stats().corruptions, 1);
+    let g = curl(&blob, &["-r", &format!("{}-{}", at - 5, at + 5)]);
+    assert_eq!(g.body, &layer[at - 5..at + 6]);
+    peer.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn private_blobs_need_the_clients_credentials() {
     if need_binaries(&["curl"]).is_err() {

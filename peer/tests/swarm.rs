@@ -91,10 +91,15 @@ async fn one_seed_six_peers_share_a_64_mib_blob_fetched_from_origin_once() {
         seed_uploads >> 20,
         peer_uploads >> 20
     );
-    assert_eq!(
-        seed_uploads + peer_uploads,
-        6 * 64 * MIB as u64,
-        "every piece moved once per peer"
+    // Every piece moved once per peer, plus at most the endgame's duplicates: the last few
+    // pieces of each download are also asked of a second parent, and the loser may have sent
+    // its copy before it was cancelled.
+    let once = 6 * 64 * MIB as u64;
+    let endgame = 6 * 4 * MIB as u64;
+    let uploaded = seed_uploads + peer_uploads;
+    assert!(
+        (once..=once + endgame).contains(&uploaded),
+        "every piece moved once per peer (plus endgame duplicates): {uploaded} bytes"
     );
     assert!(peer_uploads > 0, "peers served each other");
     let status = ApiClient::new(c.dir.path().join("nodes/peer-0/peer.sock"))

@@ -32,16 +32,21 @@ pub use pieces::{default_piece_size, PieceSet, TaskMeta};
 pub use push::{FetchFromOrigin, PiecesUpdate, PushReply, SchedulerPush};
 pub use scheduler::{
     DownloadFailed, DownloadFinished, ErrorCode, ErrorReply, FailureReason, Heartbeat, HostInfo,
-    HostList, Locality, OriginRef, Parent, ParentsReply, PieceReport, PiecesHeld, Preheat,
-    PreheatOutcome, PreheatReply, RegisterHost, RegisterTask, Registered, ReportPieceFailure,
-    RequestParents, SchedulerReply, SchedulerRequest, TaskInfo, MAX_AUTHORIZATION_LEN,
-    MAX_HOST_LIST, MAX_LABEL_LEN, MAX_ORIGIN_REF_LEN, MAX_PREHEAT_BLOBS,
+    HostList, Locality, OriginRef, Parent, ParentsReply, PieceHashes, PieceHashesReply,
+    PieceReport, PiecesHeld, Preheat, PreheatOutcome, PreheatReply, RegisterHost, RegisterTask,
+    Registered, ReportPieceFailure, RequestParents, SchedulerReply, SchedulerRequest, TaskInfo,
+    MAX_AUTHORIZATION_LEN, MAX_HASHES_PER_MESSAGE, MAX_HOST_LIST, MAX_LABEL_LEN,
+    MAX_ORIGIN_REF_LEN, MAX_PREHEAT_BLOBS,
 };
 
 /// Lowest protocol version this build speaks.
 pub const MIN_VERSION: u8 = 1;
-/// Highest protocol version this build speaks (the one it prefers).
-pub const MAX_VERSION: u8 = 1;
+/// Highest protocol version this build speaks (the one it prefers). Version 2 appends
+/// `SchedulerRequest::{PieceHashes, GetPieceHashes}` and `SchedulerReply::PieceHashes`; every
+/// version-1 message encodes the same in both, and a version-1 connection never carries them.
+pub const MAX_VERSION: u8 = 2;
+/// First version with streamed piece hashes ([`PieceHashes`]).
+pub const PIECE_HASHES_VERSION: u8 = 2;
 
 /// ALPN of a peer's piece server (peer <-> peer connections), version 1.
 pub const ALPN_PEER: &[u8] = b"shoal-peer/1";

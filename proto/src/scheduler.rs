@@ -20,6 +20,8 @@ pub const MAX_AUTHORIZATION_LEN: usize = 16 * 1024;
 pub const MAX_HOST_LIST: usize = 1024;
 /// Most blobs one [`Preheat`] names (an image's config and layers, or several images).
 pub const MAX_PREHEAT_BLOBS: usize = 1024;
+/// Most piece hashes one [`PieceHashes`] or [`PieceHashesReply`] carries (page by `first`).
+pub const MAX_HASHES_PER_MESSAGE: usize = 4096;
 
 /// Where a host sits, for locality-aware parent selection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -228,6 +230,43 @@ pub struct DownloadFailed {
     pub reason: String,
 }
 
+/// Back-to-source peer -> scheduler (version 2): BLAKE3 of pieces `first..first+len` of a plain
+/// blob, computed as they arrive from the origin, before the whole blob's sha256 could be
+/// checked. The scheduler takes them only from a host it sent to the origin for the blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceHashes {
+    /// The blob.
+    pub blob: Digest,
+    /// Index of the first hash.
+    pub first: u32,
+    /// One hash per piece from `first` on (1 to [`MAX_HASHES_PER_MESSAGE`]).
+    pub hashes: Vec<Blake3Hash>,
+}
+
+/// Scheduler -> peer (version 2): the piece hashes published so far, from `first` on; `None`
+/// where none is known yet. Answer to [`SchedulerRequest::GetPieceHashes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceHashesReply {
+    /// The blob.
+    pub blob: Digest,
+    /// Index of the first entry.
+    pub first: u32,
+    /// The host that published them (to report if the blob's sha256 later fails).
+    pub publisher: Option<HostId>,
+    /// At most [`MAX_HASHES_PER_MESSAGE`] entries.
+    pub hashes: Vec<Option<Blake3Hash>>,
+}
+
+fn check_hash_count(field: &'static str, n: usize, need_one: bool) -> Result<(), ProtoError> {
+    if n > MAX_HASHES_PER_MESSAGE || (need_one && n == 0) {
+        return Err(ProtoError::invalid(
+            field,
+            format!("{n} hashes; at most {MAX_HASHES_PER_MESSAGE} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
 /// One known host, for DHT bootstrap and diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {
@@ -311,6 +350,16 @@ pub enum SchedulerRequest {
     },
     /// Have seeds fetch blobs ahead of time; reply [`SchedulerReply::Preheated`].
     Preheat(Preheat),
+    /// Version 2: piece hashes a back-to-source peer computed; reply `Ok`.
+    PieceHashes(PieceHashes),
+    /// Version 2: ask for published piece hashes from `first` on; reply
+    /// [`SchedulerReply::PieceHashes`].
+    GetPieceHashes {
+        /// The blob.
+        blob: Digest,
+        /// First piece index wanted.
+        first: u32,
+    },
 }
 
 /// The scheduler's answer to one [`SchedulerRequest`].
@@ -330,6 +379,8 @@ pub enum SchedulerReply {
     Preheated(PreheatReply),
     /// The request failed.
     Error(ErrorReply),
+    /// Version 2: answer to GetPieceHashes.
+    PieceHashes(PieceHashesReply),
 }
 
 /// What kind of failure an [`ErrorReply`] reports.
@@ -461,6 +512,20 @@ impl RegisterTask {
     }
 }
 
+/// `first..first+n` stays within [`crate::MAX_PIECES`].
+fn check_hash_range(first: u32, n: usize) -> Result<(), ProtoError> {
+    if u64::from(first) + n as u64 > u64::from(crate::MAX_PIECES) {
+        return Err(ProtoError::invalid(
+            "piece hashes",
+            format!(
+                "pieces {first}..+{n} pass the limit of {}",
+                crate::MAX_PIECES
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_preheat_count(n: usize) -> Result<(), ProtoError> {
     if n == 0 || n > MAX_PREHEAT_BLOBS {
         return Err(ProtoError::invalid(
@@ -519,6 +584,11 @@ impl Message for SchedulerRequest {
                 check_text("failure reason", &f.reason, MAX_TEXT_LEN)
             }
             SchedulerRequest::Preheat(p) => p.validate(),
+            SchedulerRequest::PieceHashes(h) => {
+                check_hash_count("piece hashes", h.hashes.len(), true)?;
+                check_hash_range(h.first, h.hashes.len())
+            }
+            SchedulerRequest::GetPieceHashes { first, .. } => check_hash_range(*first, 0),
         }
     }
 }
@@ -569,6 +639,13 @@ impl Message for SchedulerReply {
                 Ok(())
             }
             SchedulerReply::Error(e) => e.validate(),
+            SchedulerReply::PieceHashes(r) => {
+                check_hash_count("piece hashes", r.hashes.len(), false)?;
+                if let Some(p) = &r.publisher {
+                    p.validate()?;
+                }
+                check_hash_range(r.first, r.hashes.len())
+            }
         }
     }
 }

@@ -119,6 +119,15 @@ fn scheduler_requests() -> Vec<SchedulerRequest> {
             blobs: vec![task()],
             origin: origin(),
         }),
+        SchedulerRequest::PieceHashes(PieceHashes {
+            blob: digest(1),
+            first: 2,
+            hashes: vec![[7; 32], [8; 32]],
+        }),
+        SchedulerRequest::GetPieceHashes {
+            blob: digest(1),
+            first: 1,
+        },
     ]
 }
 
@@ -166,7 +175,46 @@ fn scheduler_replies() -> Vec<SchedulerReply> {
             ],
         }),
         SchedulerReply::Error(ErrorReply::new(ErrorCode::UnknownHost, "register again")),
+        SchedulerReply::PieceHashes(PieceHashesReply {
+            blob: digest(1),
+            first: 0,
+            publisher: Some(host("seed-a")),
+            hashes: vec![Some([1; 32]), None, Some([3; 32])],
+        }),
     ]
+}
+
+#[test]
+fn piece_hashes_are_bounded() {
+    let codec = Codec::new(MAX_VERSION);
+    let check = |m: &SchedulerRequest| {
+        let bytes = codec.encode(m).unwrap();
+        codec.decode::<SchedulerRequest>(&bytes).map(|_| ())
+    };
+    let too_many = SchedulerRequest::PieceHashes(PieceHashes {
+        blob: digest(1),
+        first: 0,
+        hashes: vec![[0; 32]; MAX_HASHES_PER_MESSAGE + 1],
+    });
+    assert!(check(&too_many).is_err());
+    let none = SchedulerRequest::PieceHashes(PieceHashes {
+        blob: digest(1),
+        first: 0,
+        hashes: vec![],
+    });
+    assert!(check(&none).is_err());
+    let past_the_end = SchedulerRequest::PieceHashes(PieceHashes {
+        blob: digest(1),
+        first: MAX_PIECES - 1,
+        hashes: vec![[0; 32]; 2],
+    });
+    assert!(check(&past_the_end).is_err());
+    let fine = SchedulerRequest::PieceHashes(PieceHashes {
+        blob: digest(1),
+        first: MAX_PIECES - 2,
+        hashes: vec![[0; 32]; 2],
+    });
+    assert!(check(&fine).is_ok());
 }
 
 #[tokio::test]

@@ -264,6 +264,25 @@ impl ProtoAdapter {
                 })))
             }
             SchedulerRequest::Preheat(p) => Ok(self.preheat(s, p)),
+            SchedulerRequest::PieceHashes(h) => {
+                let task = task_id(&h.blob)?;
+                s.publish_piece_hashes(&me, &task, h.first, &h.hashes)?;
+                ok()
+            }
+            SchedulerRequest::GetPieceHashes { blob, first } => {
+                let task = task_id(&blob)?;
+                s.member(&me, &task)?;
+                let (publisher, hashes) =
+                    s.piece_hashes(&task, first, proto::MAX_HASHES_PER_MESSAGE);
+                Ok(Handled::reply(SchedulerReply::PieceHashes(
+                    proto::PieceHashesReply {
+                        blob,
+                        first,
+                        publisher: publisher.and_then(|p| proto::HostId::new(p.as_str()).ok()),
+                        hashes,
+                    },
+                )))
+            }
         }
     }
 
@@ -510,5 +529,95 @@ mod tests {
         });
         let h = a.handle(&mut s, &pid("peer-1"), ask);
         assert!(matches!(&h.reply, SchedulerReply::Error(e) if e.code == ErrorCode::UnknownTask));
+    }
+
+    #[test]
+    fn only_the_origin_fetcher_streams_piece_hashes_and_they_go_with_it() {
+        let mut registry = Registry::default();
+        let mut s = Scheduler::new(
+            SchedulerConfig::default(),
+            ManualClock::new(),
+            &mut registry,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut a = ProtoAdapter::new();
+        register(&mut a, &mut s, "seed-1", true);
+        register(&mut a, &mut s, "peer-1", false);
+        register(&mut a, &mut s, "peer-2", false);
+        let meta = proto::TaskMeta {
+            blob: proto::Digest::from_bytes([9; 32]),
+            size: 4 << 20,
+            piece_size: 1 << 20,
+        };
+        for peer in ["peer-1", "peer-2"] {
+            let h = a.handle(
+                &mut s,
+                &pid(peer),
+                SchedulerRequest::RegisterTask(proto::RegisterTask {
+                    task: meta,
+                    piece_table: None,
+                    held: None,
+                    origin: Some(proto::OriginRef {
+                        reference: "docker://registry.invalid/app".into(),
+                        authorization: None,
+                    }),
+                }),
+            );
+            assert!(matches!(h.reply, SchedulerReply::Task(_)), "{h:?}");
+        }
+        let ask = SchedulerRequest::RequestParents(proto::RequestParents {
+            blob: meta.blob,
+            wanted: proto::PieceSet::full(4).unwrap_or_else(|e| panic!("{e}")),
+            exclude: vec![],
+        });
+        let h = a.handle(&mut s, &pid("peer-1"), ask);
+        assert_eq!(h.pushes.len(), 1, "the seed is sent to the origin: {h:?}");
+        let publish = |first: u32, hashes: Vec<[u8; 32]>| {
+            SchedulerRequest::PieceHashes(proto::PieceHashes {
+                blob: meta.blob,
+                first,
+                hashes,
+            })
+        };
+        // A peer that was not sent to the origin may not publish hashes.
+        let h = a.handle(&mut s, &pid("peer-2"), publish(0, vec![[1; 32]]));
+        assert!(matches!(h.reply, SchedulerReply::Error(_)), "{h:?}");
+        let h = a.handle(&mut s, &pid("seed-1"), publish(0, vec![[1; 32], [2; 32]]));
+        assert_eq!(h.reply, SchedulerReply::Ok);
+        // A hash that changes is refused.
+        let h = a.handle(&mut s, &pid("seed-1"), publish(1, vec![[5; 32]]));
+        assert!(matches!(h.reply, SchedulerReply::Error(_)), "{h:?}");
+        let get = SchedulerRequest::GetPieceHashes {
+            blob: meta.blob,
+            first: 1,
+        };
+        let h = a.handle(&mut s, &pid("peer-2"), get.clone());
+        match &h.reply {
+            SchedulerReply::PieceHashes(r) => {
+                assert_eq!(r.first, 1);
+                assert_eq!(r.hashes, vec![Some([2; 32]), None, None]);
+                assert_eq!(r.publisher.as_ref().map(|p| p.as_str()), Some("seed-1"));
+            }
+            other => panic!("expected hashes, got {other:?}"),
+        }
+        // Its pieces turn out bad: the seed is blocked and its hashes are forgotten.
+        let bad = SchedulerRequest::ReportPieceFailure(proto::ReportPieceFailure {
+            blob: meta.blob,
+            parent: pid("seed-1"),
+            piece: None,
+            reason: FailureReason::Corrupt,
+            detail: "whole blob failed its sha256".into(),
+        });
+        assert_eq!(
+            a.handle(&mut s, &pid("peer-2"), bad).reply,
+            SchedulerReply::Ok
+        );
+        match a.handle(&mut s, &pid("peer-2"), get).reply {
+            SchedulerReply::PieceHashes(r) => {
+                assert_eq!(r.hashes, vec![None, None, None]);
+                assert!(r.publisher.is_none());
+            }
+            other => panic!("expected hashes, got {other:?}"),
+        }
     }
 }

@@ -396,6 +396,59 @@ impl<C: Clock> Scheduler<C> {
             })
     }
 
+    /// Records piece hashes `first..` that `host` computed while fetching `task` from the origin.
+    /// Only a host the scheduler sent to the origin for the task (a seed or a back-to-source
+    /// peer) may publish them, and only one at a time.
+    pub fn publish_piece_hashes(
+        &mut self,
+        host: &HostId,
+        task: &TaskId,
+        first: u32,
+        hashes: &[PieceDigest],
+    ) -> Result<(), SchedulerError> {
+        let (hk, tk) = self.member(host, task)?;
+        let Some(t) = self.tasks.get_mut(tk) else {
+            return Ok(());
+        };
+        let refuse = |reason: String| SchedulerError::TaskMismatch {
+            task: task.clone(),
+            host: host.clone(),
+            reason,
+        };
+        if !t.origin_fetchers.contains(&hk) {
+            return Err(refuse(
+                "only a host sent to the origin for this blob may publish its piece hashes".into(),
+            ));
+        }
+        t.add_hashes(hk, first, hashes).map_err(refuse)
+    }
+
+    /// Up to `max` piece hashes of `task` from `first` on (`None` where none is known), and who
+    /// published them: the whole table once there is one, else the streamed hashes.
+    pub fn piece_hashes(
+        &self,
+        task: &TaskId,
+        first: u32,
+        max: usize,
+    ) -> (Option<HostId>, Vec<Option<PieceDigest>>) {
+        let Some(t) = self.task_ids.get(task).and_then(|tk| self.tasks.get(*tk)) else {
+            return (None, Vec::new());
+        };
+        let from = first as usize;
+        let to = (t.piece_count as usize).min(from.saturating_add(max));
+        if let Some(table) = &t.piece_table {
+            let hashes = table.get(from..to).unwrap_or(&[]);
+            return (None, hashes.iter().copied().map(Some).collect());
+        }
+        match &t.partial {
+            Some(p) => (
+                self.hosts.get(p.from).map(|h| h.id.clone()),
+                p.hashes.get(from..to).unwrap_or(&[]).to_vec(),
+            ),
+            None => (None, vec![None; to.saturating_sub(from)]),
+        }
+    }
+
     /// The blob's piece table, once published.
     pub fn piece_table(&self, task: &TaskId) -> Option<Arc<[PieceDigest]>> {
         let tk = self.task_ids.get(task)?;

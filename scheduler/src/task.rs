@@ -160,6 +160,19 @@ pub(crate) struct Task {
     pub origin_fetchers: Vec<HostKey>,
     /// Hosts blocked for the whole task.
     pub blocked: Vec<HostKey>,
+    /// Piece hashes streamed by the origin fetcher before the whole table exists.
+    pub partial: Option<Box<PartialTable>>,
+}
+
+/// Piece hashes one origin fetcher published as the pieces arrived (docs/protocol.md,
+/// "Streamed piece hashes"); trusted like a table from that host until the blob's sha256 says
+/// otherwise, and dropped with the host.
+#[derive(Debug)]
+pub(crate) struct PartialTable {
+    /// The host that published them.
+    pub from: HostKey,
+    /// One entry per piece; `None` until published.
+    pub hashes: Vec<Option<PieceDigest>>,
 }
 
 impl Task {
@@ -179,6 +192,7 @@ impl Task {
             unavailable: piece_count,
             origin_fetchers: Vec::new(),
             blocked: Vec::new(),
+            partial: None,
         })
     }
 
@@ -345,7 +359,67 @@ impl Task {
             self.count_out(&gone.pieces);
         }
         self.origin_fetchers.retain(|&h| h != host);
+        self.forget_hashes_of(host);
         Some(gone)
+    }
+
+    /// Drops streamed hashes `host` published (it left or was blocked before the table was whole).
+    pub fn forget_hashes_of(&mut self, host: HostKey) {
+        if self.partial.as_ref().is_some_and(|p| p.from == host) {
+            self.partial = None;
+        }
+    }
+
+    /// Records hashes of pieces `first..` from `host`, an origin fetcher of this task. Another
+    /// host's hashes are refused while the first one's stand; a hash that differs from one
+    /// already known is refused (the set is left unchanged).
+    pub fn add_hashes(
+        &mut self,
+        host: HostKey,
+        first: u32,
+        hashes: &[PieceDigest],
+    ) -> Result<(), String> {
+        let end = u64::from(first) + hashes.len() as u64;
+        if end > u64::from(self.piece_count) {
+            return Err(format!(
+                "hashes for pieces {first}..{end}; the blob has {}",
+                self.piece_count
+            ));
+        }
+        if let Some(table) = &self.piece_table {
+            let same = table
+                .get(first as usize..end as usize)
+                .is_some_and(|known| known == hashes);
+            return match same {
+                true => Ok(()),
+                false => Err("hashes differ from the published piece table".into()),
+            };
+        }
+        let count = self.piece_count as usize;
+        let partial = self.partial.get_or_insert_with(|| {
+            Box::new(PartialTable {
+                from: host,
+                hashes: vec![None; count],
+            })
+        });
+        if partial.from != host {
+            return Err("another origin fetcher publishes this blob's hashes".into());
+        }
+        let slots = partial
+            .hashes
+            .get_mut(first as usize..end as usize)
+            .ok_or("hash range out of bounds")?;
+        if slots
+            .iter()
+            .zip(hashes)
+            .any(|(old, new)| old.is_some_and(|o| o != *new))
+        {
+            return Err("a piece hash differs from the one published before".into());
+        }
+        for (slot, h) in slots.iter_mut().zip(hashes) {
+            *slot = Some(*h);
+        }
+        Ok(())
     }
 
     /// Blocks `host` for the whole task: its pieces stop counting and it is never a parent.
@@ -357,6 +431,7 @@ impl Task {
             self.blocked.push(host);
         }
         self.origin_fetchers.retain(|&h| h != host);
+        self.forget_hashes_of(host);
         let Some(slot) = self.slot(host) else {
             return;
         };
@@ -392,6 +467,9 @@ impl Task {
             }
             Some(_) => Ok(()),
             None => {
+                // The whole table supersedes streamed hashes; a streamed hash it contradicts
+                // means the publisher's pieces were wrong (the sha256 decides, at every peer).
+                self.partial = None;
                 self.piece_table = Some(table.into());
                 Ok(())
             }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use shoal_chaos::{Cmd, FaultRelay, Host, Proc, TestNet};
+use shoal_chaos::{Cmd, FaultRelay, Host, Proc, TestNet, Tmpfs};
 use shoal_peer::{ApiClient, PeerConfig};
 use shoal_tls::{ClusterCa, NodeCertRequest};
 
@@ -28,6 +28,9 @@ const FIRST_PEER: usize = 3;
 
 /// A running swarm; every process, namespace and file goes on drop.
 pub struct Swarm {
+    /// The nodes' data on a tmpfs (`--tmpfs`); first, so it is unmounted first. Held only to
+    /// be dropped with the swarm.
+    pub _tmpfs: Option<Tmpfs>,
     pub net: TestNet,
     pub relay: FaultRelay,
     pub scheduler: Proc,
@@ -55,6 +58,17 @@ impl Swarm {
         let origin_ref = format!("docker://{relay_host}/{REPO}");
 
         let dir = net.dir().to_path_buf();
+        // Every node's store and the blob's copies: (N + 1) x 2 x S, plus room.
+        let tmpfs = match opts.tmpfs {
+            true => Some(
+                Tmpfs::mount(
+                    &dir.join("nodes"),
+                    (opts.peers as u64 + 1) * (opts.blob_bytes * 2 + (256 << 20)),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+            false => None,
+        };
         let ca = ClusterCa::init(&dir.join("ca"), "Shoal fan-out bench CA", 1)
             .map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
@@ -105,6 +119,7 @@ impl Swarm {
             sockets.push(s);
         }
         let mut swarm = Swarm {
+            _tmpfs: tmpfs,
             net,
             relay,
             scheduler,

@@ -15,7 +15,9 @@
 //!
 //! Flags (or env): `--peers N` (FANOUT_PEERS, 8), `--mbit B` (FANOUT_MBIT, 100), `--mib S`
 //! (FANOUT_MIB, 256), `--piece-kib K` (FANOUT_PIECE_KIB, peer default), `--kill-scheduler`
-//! (FANOUT_KILL_SCHEDULER=1), `--no-baseline`. Not root or a tool missing: prints `SKIP:`.
+//! (FANOUT_KILL_SCHEDULER=1), `--no-baseline`, `--tmpfs` (FANOUT_TMPFS=1: the nodes' data
+//! directories on one tmpfs, because on one VM all hosts share one disk, where a real host has
+//! its own). Not root or a tool missing: prints `SKIP:`.
 
 mod cluster;
 mod node;
@@ -44,6 +46,8 @@ pub struct Opts {
     pub kill_scheduler: bool,
     /// Measure the straight-from-origin baseline.
     pub baseline: bool,
+    /// Put the nodes' data directories on a tmpfs.
+    pub tmpfs: bool,
 }
 
 impl Opts {
@@ -55,6 +59,7 @@ impl Opts {
         let mut piece_kib = env("FANOUT_PIECE_KIB");
         let mut kill = env("FANOUT_KILL_SCHEDULER").is_some_and(|v| v == "1");
         let mut baseline = true;
+        let mut tmpfs = env("FANOUT_TMPFS").is_some_and(|v| v == "1");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut val = |name: &str| {
@@ -69,6 +74,7 @@ impl Opts {
                 "--piece-kib" => piece_kib = Some(val(a)?),
                 "--kill-scheduler" => kill = true,
                 "--no-baseline" => baseline = false,
+                "--tmpfs" => tmpfs = true,
                 // cargo bench passes `--bench`; anything else is a mistake worth naming.
                 "--bench" => {}
                 other => return Err(format!("unknown argument {other}")),
@@ -98,6 +104,7 @@ impl Opts {
             piece_size,
             kill_scheduler: kill,
             baseline,
+            tmpfs,
         })
     }
 
@@ -196,9 +203,14 @@ async fn bench(opts: Opts) -> Result<(), String> {
         limit.as_secs_f64()
     );
     println!(
-        "machine: {} cores, {}",
+        "machine: {} cores, {}; node data on {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model()
+        cpu_model(),
+        if opts.tmpfs {
+            "one tmpfs"
+        } else {
+            "the shared disk"
+        }
     );
 
     let mut swarm = Swarm::start("fanout", &opts, &registry.url()).await?;

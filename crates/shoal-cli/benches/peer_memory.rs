@@ -5,7 +5,9 @@
 //! Run: `cargo bench -p shoal-cli --bench peer_memory`. SHOAL_BENCH_BLOBS (default 100) sets the
 //! number of distinct blobs (one download each, all at once), SHOAL_BENCH_BLOB_MIB (default 4)
 //! their size, SHOAL_BENCH_SEED_RATE (bytes/s, default 48 MiB/s) the seed's upload cap that keeps
-//! the downloads overlapping.
+//! the downloads overlapping. Besides VmRSS it prints the most piece bytes the peer held
+//! (its `shoal_peer_piece_memory_bytes` gauge), where its bytes came from, per-download times,
+//! and the warnings each process logged (a stalled download shows there).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -106,6 +108,28 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     buf.split(' ').nth(1)?.parse().ok()
 }
 
+/// The value of one series (`name` or `name{labels}`) from `GET addr/metrics` (Prometheus
+/// text), if it answered.
+fn gauge(addr: SocketAddr, name: &str) -> Option<u64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let line = buf
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
 /// A field of /proc/PID/status in bytes (e.g. VmRSS, VmHWM), if readable.
 fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -164,7 +188,7 @@ impl Bench {
         let log = self.path(&format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["--log", "warn"])
+            .args(["--log", "warn", "--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -195,7 +219,7 @@ impl Bench {
         name: &str,
         scheduler: SocketAddr,
         extra: &[String],
-    ) -> (u32, PathBuf) {
+    ) -> (u32, PathBuf, SocketAddr) {
         let tls = self.issue(name);
         let socket = self.path(&format!("{name}/peer.sock"));
         let metrics = free_tcp();
@@ -224,7 +248,7 @@ impl Bench {
         .collect();
         args.extend(extra.iter().cloned());
         let i = self.spawn(name, &args, metrics);
-        (self.procs[i].pid(), socket)
+        (self.procs[i].pid(), socket, metrics)
     }
 }
 
@@ -300,7 +324,7 @@ fn main() {
     .map(|a| a.to_string())
     .collect();
     bench.spawn("scheduler", &sched_args, sched_metrics);
-    let (seed_pid, _) = bench.start_peer(
+    let (seed_pid, _, _) = bench.start_peer(
         "seed-1",
         scheduler,
         &[
@@ -309,7 +333,7 @@ fn main() {
             seed_rate.to_string(),
         ],
     );
-    let (peer_pid, socket) = bench.start_peer("peer-1", scheduler, &[]);
+    let (peer_pid, socket, peer_metrics) = bench.start_peer("peer-1", scheduler, &[]);
 
     // Idle: registered, nothing asked yet.
     std::thread::sleep(Duration::from_secs(2));
@@ -322,8 +346,10 @@ fn main() {
         let (in_flight, done) = (in_flight.clone(), done.clone());
         std::thread::spawn(move || {
             let (mut peer_max, mut seed_max, mut flight_at_peak, mut max_flight) = (0, 0, 0, 0);
-            let mut peer_threads = 0;
+            let (mut peer_threads, mut piece_max) = (0, 0);
             while !done.load(Ordering::Relaxed) {
+                let piece = gauge(peer_metrics, "shoal_peer_piece_memory_bytes").unwrap_or(0);
+                piece_max = u64::max(piece_max, piece);
                 let n = in_flight.load(Ordering::Relaxed);
                 let p = rss(peer_pid);
                 if p > peer_max {
@@ -335,17 +361,25 @@ fn main() {
                 peer_threads = peer_threads.max(threads(peer_pid));
                 std::thread::sleep(Duration::from_millis(50));
             }
-            (peer_max, seed_max, flight_at_peak, max_flight, peer_threads)
+            (
+                peer_max,
+                seed_max,
+                flight_at_peak,
+                max_flight,
+                peer_threads,
+                piece_max,
+            )
         })
     };
     let start = Instant::now();
-    let results: Vec<(String, String, u64)> = rt.block_on(async {
+    let results: Vec<(String, String, u64, f64)> = rt.block_on(async {
         let tasks: Vec<_> = digests
             .iter()
             .map(|d| {
                 let (api, src, d) = (ApiClient::new(&socket), source.clone(), d.clone());
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
+                    let began = Instant::now();
                     let digest = Digest::parse(&d).expect("pushed digests parse");
                     in_flight.fetch_add(1, Ordering::Relaxed);
                     let resp = api
@@ -361,7 +395,8 @@ fn main() {
                         h.update(&c);
                     }
                     in_flight.fetch_sub(1, Ordering::Relaxed);
-                    (d, format!("sha256:{}", hex::encode(h.finalize())), n)
+                    let secs = began.elapsed().as_secs_f64();
+                    (d, format!("sha256:{}", hex::encode(h.finalize())), n, secs)
                 })
             })
             .collect();
@@ -373,9 +408,9 @@ fn main() {
     });
     let secs = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
-    let (peer_busy, seed_busy, flight_at_peak, max_flight, peer_threads) =
+    let (peer_busy, seed_busy, flight_at_peak, max_flight, peer_threads, piece_max) =
         sampler.join().expect("sampler");
-    for (want, got, n) in &results {
+    for (want, got, n, _) in &results {
         assert_eq!(want, got, "the peer delivered other bytes ({n} bytes)");
         assert_eq!(*n, blob_mib * MIB, "{want}: short body");
     }
@@ -389,6 +424,21 @@ fn main() {
         seed_rate as f64 / MIB as f64,
         results.len(),
         secs
+    );
+    let budget = gauge(peer_metrics, "shoal_peer_piece_memory_budget_bytes").unwrap_or(0);
+    let from = |source: &str| {
+        let series = format!("shoal_peer_download_bytes_total{{source=\"{source}\"}}");
+        gauge(peer_metrics, &series).unwrap_or(0) as f64 / MIB as f64
+    };
+    println!(
+        "peer  received {:.0} MiB from peers, {:.0} MiB from the origin",
+        from("peer"),
+        from("origin")
+    );
+    println!(
+        "peer  piece bytes in memory at most {:.1} MB of its {:.1} MB budget (piece_memory_bytes)",
+        piece_max as f64 / MB,
+        budget as f64 / MB
     );
     let (pi, si) = (idle[0] as f64 / MB, idle[1] as f64 / MB);
     let (pb, sb) = (peer_busy as f64 / MB, seed_busy as f64 / MB);
@@ -410,6 +460,45 @@ fn main() {
         verdict(sb, BUSY_TARGET_MB),
         hwm(seed_pid)
     );
+    let mut took: Vec<f64> = results.iter().map(|r| r.3).collect();
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize];
+    println!(
+        "per download: median {:.1} s, p90 {:.1} s, slowest {:.1} s",
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    );
+    for p in &bench.procs {
+        for (n, msg) in warnings(&p.log) {
+            println!("{} logged {n} x \"{msg}\"", p.name);
+        }
+    }
     drop(bench);
     drop(registry);
+}
+
+/// Warnings and errors a process logged (JSON lines), counted by message.
+fn warnings(log: &Path) -> Vec<(usize, String)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        // Fields are flattened into the event object (shoal-telemetry's JSON format).
+        let field = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        let (level, msg, reason, detail) = (
+            field("level"),
+            field("message"),
+            field("reason"),
+            field("detail"),
+        );
+        let key = format!("{level} {msg} {reason} {detail}");
+        *counts.entry(key.trim().to_string()).or_default() += 1;
+    }
+    let mut out: Vec<(usize, String)> = counts.into_iter().map(|(k, n)| (n, k)).collect();
+    out.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    out.truncate(8);
+    out
 }

@@ -62,6 +62,13 @@ pub struct MountArgs {
     /// Largest gap of unneeded bytes bridged when merging chunk requests.
     #[arg(long)]
     max_gap_bytes: Option<u64>,
+    /// Stored bytes of a file loaded ahead of a sequential read of it (0 = off).
+    #[arg(long)]
+    fetch_ahead_bytes: Option<u64>,
+    /// Stored bytes following a file in its blob, fetched when a cold read reaches the file's
+    /// end (0 = off).
+    #[arg(long)]
+    blob_ahead_bytes: Option<u64>,
     /// Do not fetch the image's prefetch list after mount.
     #[arg(long)]
     no_prefetch: bool,
@@ -105,6 +112,8 @@ impl MountArgs {
         set(&mut c.fetch_timeout_secs, self.fetch_timeout_secs);
         set(&mut c.max_request_bytes, self.max_request_bytes);
         set(&mut c.max_gap_bytes, self.max_gap_bytes);
+        set(&mut c.fetch_ahead_bytes, self.fetch_ahead_bytes);
+        set(&mut c.blob_ahead_bytes, self.blob_ahead_bytes);
         set(&mut c.prefetch_bytes_per_sec, self.prefetch_bytes_per_sec);
         set(&mut c.record_access, self.record_access.map(Some));
         set(&mut c.read_threads, self.read_threads);

@@ -54,6 +54,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    pin_mmap_threshold();
     let cli = Cli::parse();
     // One crypto provider (ring) for every TLS user in the process, installed before any.
     shoal_tls::install_crypto_provider();
@@ -70,3 +71,23 @@ fn main() -> anyhow::Result<()> {
         Command::ContainerdConfig(args) => containerd::run(args),
     }
 }
+
+/// Pins glibc's mmap threshold. Left dynamic, glibc raises it past the size of the first large
+/// buffer freed (a 4 MiB piece), after which every piece buffer comes from the malloc arenas
+/// and stays resident after it is freed: the peer then held 100 to 160 MB more than the pieces
+/// in flight (docs/benchmarks.md, "Peer memory"). Pinning it also stops the raising.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn pin_mmap_threshold() {
+    /// Buffers from this size up are mmap'd, and so go back to the OS when freed.
+    const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only changes allocator tuning; it is called first thing in main, before
+    // any other thread exists, and a refused value (return 0) just leaves glibc's default.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+    if ok == 0 {
+        eprintln!("warning: could not pin the allocator's mmap threshold; memory may stay high");
+    }
+}
+
+/// Other allocators (musl, other systems) do not keep freed large buffers this way.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn pin_mmap_threshold() {}

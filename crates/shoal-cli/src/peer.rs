@@ -88,10 +88,17 @@ config_flags! {
         upload_bytes_per_sec: u64 => set upload_bytes_per_sec,
         /// Pieces fetched at once per download.
         download_concurrency: usize => set download_concurrency,
+        /// Piece bytes held in memory at once by the whole peer [default: 128 MiB].
+        piece_memory_bytes: u64 => set piece_memory_bytes,
         /// Most piece requests in flight to one parent.
         per_parent_concurrency: usize => set per_parent_concurrency,
-        /// A piece fetch slower than this (ms) drops the parent.
+        /// A piece fetch that receives no byte for this long (ms) drops the parent.
         piece_timeout_ms: u64 => set piece_timeout_ms,
+        /// An origin read that receives nothing for this long (ms) fails [default: 15000].
+        origin_idle_timeout_ms: u64 => set origin_idle_timeout_ms,
+        /// Bytes of verified pieces kept in memory while a plain blob's piece table is not
+        /// whole yet [default: 256 MiB].
+        staging_bytes: u64 => set staging_bytes,
         /// Connect timeout to parents and the scheduler (ms).
         connect_timeout_ms: u64 => set connect_timeout_ms,
         /// One scheduler request gives up after this long (ms).

@@ -331,6 +331,12 @@ async fn get_through_two_peers_moves_the_blob_out_of_the_registry_once_and_prehe
         Some(0.0),
         "peer 2 never went to the origin"
     );
+    // The same, per blob.
+    let per_task = metric(
+        &text,
+        &format!("shoal_peer_task_bytes_total{{blob=\"{digest}\",source=\"peer\"}}"),
+    );
+    assert!(per_task >= Some((32 * MIB) as f64), "{text}");
     assert!(
         text.contains("shoal_peer_piece_fetch_seconds_count"),
         "{text}"

@@ -10,7 +10,6 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use sha2::Digest;
 
 use crate::error::{Error, Result};
@@ -20,9 +19,6 @@ use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
 use crate::paths::sync_dir;
 use crate::pieceset::PieceSet;
 use crate::store::{Counters, Store};
-
-/// Largest range one `read_range` call returns (64 MiB); stream longer ranges piece by piece.
-pub const MAX_RANGE: u64 = 64 << 20;
 
 /// What a put did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,7 +41,10 @@ pub struct BlobStatus {
 }
 
 impl Store {
-    fn blob_entry(&self, digest: &BlobDigest) -> Result<(Arc<Entry>, PinGuard, Arc<PieceLayout>)> {
+    pub(crate) fn blob_entry(
+        &self,
+        digest: &BlobDigest,
+    ) -> Result<(Arc<Entry>, PinGuard, Arc<PieceLayout>)> {
         let unknown = || Error::UnknownBlob {
             blob: digest.to_string(),
         };
@@ -188,137 +187,6 @@ impl Store {
         self.put_piece_verified(digest, &entry, &layout, index, data, pin)
     }
 
-    /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
-    /// as [`Error::Corrupt`], never returned.
-    pub fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes> {
-        let (entry, _pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
-        self.read_piece_pinned(digest, &entry, &layout, index)
-    }
-
-    fn read_piece_pinned(
-        &self,
-        digest: &BlobDigest,
-        entry: &Arc<Entry>,
-        layout: &PieceLayout,
-        index: u32,
-    ) -> Result<Bytes> {
-        let item = || format!("piece {index} of {digest}");
-        let len = layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
-            item: item(),
-            reason: format!("the blob has {} pieces", layout.piece_count()),
-        })?;
-        let generation = {
-            let st = lock(&entry.state);
-            match st.blob.as_ref() {
-                Some(b) if b.held.contains(index) => b.generation,
-                _ => {
-                    self.miss();
-                    return Err(Error::NotPresent { item: item() });
-                }
-            }
-        };
-        let path = self.inner.paths.data(digest);
-        let mut buf = vec![0u8; len as usize];
-        let read =
-            File::open(&path).and_then(|f| f.read_exact_at(&mut buf, layout.piece_offset(index)));
-        let good = match read {
-            Ok(()) => layout.piece_hash(index) == Some(&Blake3Hash::of(&buf)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
-                ) =>
-            {
-                false
-            }
-            Err(e) => return Err(Error::io("read", &path, e)),
-        };
-        if !good {
-            self.drop_piece(digest, entry, index, generation, len);
-            return Err(Error::Corrupt { item: item(), path });
-        }
-        self.hit();
-        entry.touch();
-        Ok(Bytes::from(buf))
-    }
-
-    /// Forgets a piece that failed verification (only if nobody rewrote it since it was read).
-    fn drop_piece(
-        &self,
-        digest: &BlobDigest,
-        entry: &Arc<Entry>,
-        index: u32,
-        generation: u64,
-        len: u64,
-    ) {
-        Counters::bump(&self.inner.counters.corruptions);
-        tracing::warn!(blob = %digest, piece = index, "stored piece failed verification; dropped");
-        let mut st = lock(&entry.state);
-        let Some(blob) = st.blob.as_mut() else { return };
-        if blob.generation != generation || !blob.held.remove(index) {
-            return;
-        }
-        blob.complete = false;
-        let record = journal::encode_record(&blob.check, RecordKind::Dropped, index);
-        let meta_path = self.inner.paths.meta(digest);
-        let appended = OpenOptions::new()
-            .append(true)
-            .open(&meta_path)
-            .and_then(|mut f| f.write_all(&record).and_then(|()| f.sync_data()));
-        if let Err(e) = appended {
-            // The journal still says held; the next read verifies again and never serves it.
-            tracing::warn!(path = %meta_path.display(), error = %e, "could not journal a dropped piece");
-        }
-        st.bytes = st.bytes.saturating_sub(len);
-        drop(st);
-        self.sub_used(len);
-    }
-
-    /// Reads `len` bytes at `offset` (at most [`MAX_RANGE`]) from held pieces, each verified.
-    /// Fails with [`Error::NotPresent`] if a covering piece is missing.
-    pub fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
-        let (entry, _pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
-        let item = || format!("bytes {offset}+{len} of {digest}");
-        if len > MAX_RANGE {
-            return Err(Error::OutOfRange {
-                item: item(),
-                reason: format!("ranges are read at most {MAX_RANGE} bytes at a time"),
-            });
-        }
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > layout.size())
-        {
-            return Err(Error::OutOfRange {
-                item: item(),
-                reason: format!("the blob is {} bytes", layout.size()),
-            });
-        }
-        let pieces = layout.pieces_for_range(offset, len);
-        let missing = lock(&entry.state)
-            .blob
-            .as_ref()
-            .and_then(|b| b.held.first_missing(pieces.clone()));
-        if let Some(index) = missing {
-            self.miss();
-            return Err(Error::NotPresent {
-                item: format!("piece {index} of {digest} (for bytes {offset}+{len})"),
-            });
-        }
-        let mut out = Vec::new();
-        for index in pieces {
-            let piece = self.read_piece_pinned(digest, &entry, &layout, index)?;
-            let start = layout.piece_offset(index);
-            let from = offset.saturating_sub(start) as usize;
-            let to = ((offset + len - start) as usize).min(piece.len());
-            if len as usize == to - from {
-                return Ok(piece.slice(from..to)); // the whole range lies in one piece
-            }
-            out.extend_from_slice(&piece[from..to]);
-        }
-        Ok(Bytes::from(out))
-    }
-
     /// What the store holds of a blob, if it knows the blob.
     pub fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
         let entry = self.entry(&EntryKey::Blob(*digest))?;
@@ -349,8 +217,21 @@ impl Store {
             });
         }
         let mut sha = sha2::Sha256::new();
+        let path = self.inner.paths.data(digest);
+        let file = match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let mut buf = vec![0u8; layout.piece_size() as usize];
         for index in 0..layout.piece_count() {
-            sha.update(self.read_piece_pinned(digest, &entry, &layout, index)?);
+            let len = layout.piece_len(index).unwrap_or(0) as usize;
+            let piece = buf.get_mut(..len).ok_or_else(|| Error::InvalidLayout {
+                blob: digest.to_string(),
+                reason: format!("piece {index} is longer than the piece size"),
+            })?;
+            self.read_verified(digest, &entry, &layout, file.as_ref(), index, piece)?;
+            sha.update(&*piece);
         }
         let actual: [u8; 32] = sha.finalize().into();
         if &actual != digest.as_bytes() {

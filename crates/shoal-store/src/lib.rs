@@ -25,12 +25,13 @@ mod key;
 mod paths;
 mod pieceset;
 mod quota;
+mod read;
 mod recover;
 mod store;
 
 pub use async_store::AsyncStore;
 pub use backend::ContentStore;
-pub use blob::{verify_piece, BlobStatus, PutOutcome, MAX_RANGE};
+pub use blob::{verify_piece, BlobStatus, PutOutcome};
 pub use chunk::{verify_chunk, MAX_CHUNK_SIZE};
 pub use error::{Error, Result};
 pub use flight::FetchError;
@@ -39,4 +40,5 @@ pub use key::{
     Blake3Hash, BlobDigest, Item, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE,
 };
 pub use pieceset::PieceSet;
+pub use read::{BlobReader, MAX_RANGE};
 pub use store::{Store, StoreConfig, StoreStats};

@@ -73,7 +73,7 @@ fn crash_writer_child() {
         let _ = store.complete_blob(&d);
         let c = chunk(round % CHUNKS);
         let _ = store.put_chunk(&Blake3Hash::of(&c), &c);
-        if round % 5 == 0 {
+        if round.is_multiple_of(5) {
             let _ = store.remove_blob(&blob((round / 5) % BLOBS).1);
         }
     }

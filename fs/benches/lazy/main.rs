@@ -16,18 +16,21 @@
 //! 2. Warm reads: a 1 GiB file through a mount whose cache holds it, beside the native file:
 //!    sequential MiB/s and random 4 KiB IOPS, page cache dropped and hot.
 //!
-//! Flags: `--no-cold`, `--no-warm`. Files go under `SHOAL_BENCH_DIR` (or the temp dir).
+//! Flags: `--no-cold`, `--no-warm`; `LAZY_AHEAD` / `LAZY_BLOB_AHEAD` override the mount's
+//! fetch-ahead windows (bytes), `LAZY_SWEEP=FILE:BLOB,...` compares several in one cold run,
+//! `LAZY_REPEAT` repeats each lazy run. Files go under `SHOAL_BENCH_DIR` (or the temp dir).
 //! Not root or a tool missing: prints `SKIP:` and exits 0.
 
 mod cold;
 mod image;
+mod relay;
 mod warm;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shoal_chaos::{ChaosError, FaultRelay, TestNet};
+use shoal_chaos::{ChaosError, TestNet};
 use shoal_format::build::Source;
 use shoal_fs::{mount, FsConfig};
 
@@ -50,6 +53,15 @@ fn env_u64(key: &str, default: u64) -> Res<u64> {
             .map_err(|_| format!("{key}={v} is not a number"))?),
         Err(_) => Ok(default),
     }
+}
+
+/// `cfg` with `LAZY_AHEAD` / `LAZY_BLOB_AHEAD` (bytes) as its fetch-ahead windows, when set.
+pub fn ahead_from_env(cfg: FsConfig) -> Res<FsConfig> {
+    Ok(FsConfig {
+        fetch_ahead_bytes: env_u64("LAZY_AHEAD", cfg.fetch_ahead_bytes)?,
+        blob_ahead_bytes: env_u64("LAZY_BLOB_AHEAD", cfg.blob_ahead_bytes)?,
+        ..cfg
+    })
 }
 
 fn mib(b: u64) -> f64 {
@@ -172,12 +184,15 @@ fn cold_start(work: &Path) -> Res<()> {
     let client = net.host(1);
     let relay = {
         let _enter = rt.enter();
-        FaultRelay::start_on(origin.tcp_listener(5000)?, &reg.url())?
+        relay::Relay::start(origin.tcp_listener(5000)?, &reg.url())?
     };
     let host = format!("{}:5000", origin.addr());
-    println!("link: client host capped at {mbit} Mbit/s (tbf, both directions); relay at {host}");
+    println!(
+        "link: client host capped at {mbit} Mbit/s (tbf, both directions); {} at {host}",
+        relay.kind()
+    );
 
-    let before = relay.stats().body_bytes;
+    let before = relay.bytes();
     let (copy, unpack) = cold::full_pull(client, &format!("{host}/bench/plain:v1"), work)?;
     let full = copy + unpack;
     println!(
@@ -185,39 +200,61 @@ fn cold_start(work: &Path) -> Res<()> {
         copy.as_secs_f64(),
         unpack.as_secs_f64(),
         full.as_secs_f64(),
-        (relay.stats().body_bytes - before) as f64 / 1e6
+        (relay.bytes() - before) as f64 / 1e6
     );
 
+    // LAZY_SWEEP="FILE:BLOB,...": fetch-ahead windows (bytes) to compare; LAZY_REPEAT: runs each.
+    let defaults = ahead_from_env(FsConfig::default())?;
+    let sweep = match std::env::var("LAZY_SWEEP") {
+        Ok(v) => v
+            .split(',')
+            .map(|p| {
+                let (f, b) = p.split_once(':').ok_or("LAZY_SWEEP wants FILE:BLOB,...")?;
+                Ok((f.trim().parse()?, b.trim().parse()?))
+            })
+            .collect::<Res<Vec<(u64, u64)>>>()?,
+        Err(_) => vec![(defaults.fetch_ahead_bytes, defaults.blob_ahead_bytes)],
+    };
+    let repeat = env_u64("LAZY_REPEAT", 1)?;
     for (label, repo, prefetch) in [
         ("lazy", "bench/lazy", false),
         ("lazy + prefetch list", "bench/lazy-prefetch", true),
     ] {
-        let r = cold::lazy_run(
-            client,
-            &relay,
-            format!("docker://{host}/{repo}:v1"),
-            host.clone(),
-            work,
-            prefetch,
-            &list,
-        )?;
-        let fetched = r.metrics.fetched_origin + r.metrics.fetched_peer;
-        println!(
-            "{label}: mount {:.3} s, workload done {:.3} s = {:.2} % of full pull; \
-             {} files ({} missing), read {:.2} MiB (fs counted {:.2} MiB), \
-             chunks fetched {:.2} MiB (fetched/read {:.2}); over the link {:.2} MiB (link/read {:.2})",
-            r.mount.as_secs_f64(),
-            r.total.as_secs_f64(),
-            100.0 * r.total.as_secs_f64() / full.as_secs_f64(),
-            list.len(),
-            r.missing,
-            mib(r.workload_bytes),
-            mib(r.metrics.read_bytes),
-            mib(fetched),
-            fetched as f64 / r.metrics.read_bytes.max(1) as f64,
-            mib(r.relay_bytes),
-            r.relay_bytes as f64 / r.metrics.read_bytes.max(1) as f64,
-        );
+        for &ahead in &sweep {
+            for _ in 0..repeat {
+                let r = cold::lazy_run(
+                    client,
+                    &relay,
+                    format!("docker://{host}/{repo}:v1"),
+                    host.clone(),
+                    work,
+                    cold::Variant { prefetch, ahead },
+                    &list,
+                )?;
+                let fetched = r.metrics.fetched_origin + r.metrics.fetched_peer;
+                println!(
+                    "{label} (fetch-ahead {} KiB, blob-ahead {} KiB): mount {:.3} s, workload done {:.3} s = {:.2} % of full pull; \
+                     {} files ({} missing), read {:.2} MiB (fs counted {:.2} MiB), \
+                     chunks fetched {:.2} MiB (fetched/read {:.2}); over the link {:.2} MiB (link/read {:.2}); \
+                     {} fetches, {:.1} ms mean",
+                    ahead.0 >> 10,
+                    ahead.1 >> 10,
+                    r.mount.as_secs_f64(),
+                    r.total.as_secs_f64(),
+                    100.0 * r.total.as_secs_f64() / full.as_secs_f64(),
+                    list.len(),
+                    r.missing,
+                    mib(r.workload_bytes),
+                    mib(r.metrics.read_bytes),
+                    mib(fetched),
+                    fetched as f64 / r.metrics.read_bytes.max(1) as f64,
+                    mib(r.relay_bytes),
+                    r.relay_bytes as f64 / r.metrics.read_bytes.max(1) as f64,
+                    r.fetches.0,
+                    r.fetches.1 * 1e3,
+                );
+            }
+        }
     }
     drop(relay);
     drop(net);
@@ -248,11 +285,11 @@ fn warm_reads(work: &Path) -> Res<()> {
         t.elapsed().as_secs_f64()
     );
     let mnt = cold::fresh(work, "warm-mnt")?;
-    let cfg = FsConfig {
+    let cfg = ahead_from_env(FsConfig {
         cache_dir: work.join("warm-cache"),
         prefetch: false,
         ..FsConfig::new(format!("oci:{}", layout.display()), &mnt)
-    };
+    })?;
     let m = mount(cfg)?;
     let through = mnt.join("big.bin");
     let t = Instant::now();
@@ -263,16 +300,17 @@ fn warm_reads(work: &Path) -> Res<()> {
         n >> 20
     );
 
+    let passes = env_u64("LAZY_WARM_PASSES", 3)?;
     let mut rows = Vec::new();
     for (label, drop) in [("page cache dropped", true), ("page cache hot", false)] {
-        // Best of three, native and mount alternating: other builds share the two cores.
+        // Best of `LAZY_WARM_PASSES` (3), native and mount alternating: others share the cores.
         let (mut seq, mut iops) = (vec![0f64; 2], vec![(0f64, 0usize); 2]);
         let (ops, limit) = if drop {
             (20_000, Duration::from_secs(8))
         } else {
             (200_000, Duration::from_secs(10))
         };
-        for _ in 0..3 {
+        for _ in 0..passes {
             for (i, p) in [&native, &through].into_iter().enumerate() {
                 if drop {
                     warm::drop_caches()?;

@@ -129,7 +129,19 @@ impl ApiClient {
         let req = b
             .body(Empty::new())
             .map_err(|e| PeerError::BadRequest(e.to_string()))?;
-        let resp = self.send(req).await?;
+        let resp = match self.send(req).await {
+            Ok(r) => r,
+            // The peer dropped the request because its download failed: say why.
+            Err(e) => {
+                return Err(match self.task_error(blob).await {
+                    Some(why) => PeerError::Api {
+                        status: 0,
+                        message: format!("the peer's download failed: {why}"),
+                    },
+                    None => e,
+                })
+            }
+        };
         let status = resp.status();
         if !(status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT) {
             return Err(error_of(resp).await);
@@ -139,13 +151,22 @@ impl ApiClient {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let body = BodyStream::new(resp.into_body()).filter_map(|frame| async move {
-            match frame {
-                Ok(f) => f.into_data().ok().map(Ok),
-                Err(e) => Some(Err(PeerError::Api {
-                    status: 0,
-                    message: format!("body broke: {e}"),
-                })),
+        let (client, blob) = (self.clone(), *blob);
+        let body = BodyStream::new(resp.into_body()).filter_map(move |frame| {
+            let client = client.clone();
+            async move {
+                match frame {
+                    Ok(f) => f.into_data().ok().map(Ok),
+                    // The peer cut the body because its download failed: say why (the origin
+                    // and what it answered), which the task status records.
+                    Err(e) => Some(Err(PeerError::Api {
+                        status: 0,
+                        message: match client.task_error(&blob).await {
+                            Some(why) => format!("the peer's download failed: {why}"),
+                            None => format!("body broke: {e}"),
+                        },
+                    })),
+                }
             }
         });
         Ok(BlobResponse {
@@ -236,6 +257,13 @@ impl ApiClient {
             .body(Empty::new())
             .map_err(|e| PeerError::BadRequest(e.to_string()))?;
         self.json(req).await
+    }
+
+    /// The last failure of the download of `blob`, if the peer records one.
+    async fn task_error(&self, blob: &Digest) -> Option<String> {
+        let tasks = self.tasks().await.ok()?;
+        let name = blob.to_string();
+        tasks.into_iter().find(|t| t.blob == name)?.error
     }
 
     /// Status of every download.

@@ -2,13 +2,15 @@
 //! the FUSE filesystem and operators.
 //!
 //! - `GET|HEAD /blobs/sha256:<hex>?source=docker://HOST/REPO` — the blob, or with a `Range`
-//!   header one byte range of it (206), streamed as pieces arrive; 416 for a range outside it.
+//!   header one byte range of it (206), streamed as pieces arrive (read ahead from the store when
+//!   it holds them all, cached.rs); 416 for a range outside it.
 //! - `POST /blobs/sha256:<hex>/fetch?source=...` — fetch the whole blob; answers with its status
 //!   once it is complete and verified.
 //! - `GET /tasks`, `GET /tasks/sha256:<hex>` — download status (JSON).
 //! - `GET /cache` — store figures (JSON).
 //! - `GET /status` — host id, seed mode, scheduler connection, store figures, tasks (JSON).
 
+pub(crate) mod cached;
 mod client;
 pub mod range;
 
@@ -312,7 +314,7 @@ async fn get_blob(
             .map_err(|never| match never {})
             .boxed_unsync()
     } else {
-        let stream = task.read_range(start, end)?;
+        let stream = cached::read(&task, &state.store, blob, start, end, false).await?;
         let frames = stream.map(|r| {
             r.map(Frame::data)
                 .map_err(|e| std::io::Error::other(e.to_string()))

@@ -30,13 +30,14 @@ impl Task {
     /// Adds the DHT's holders as parents; `Some` ends the swarm round (nobody to ask: origin).
     pub(super) async fn dht_parents(&self, table: &mut ParentTable, why: &str) -> Option<SwarmEnd> {
         if self.ctx.dht.is_none() {
-            return Some(SwarmEnd::BackToSource(why.to_string()));
+            return Some(SwarmEnd::BackToSource(why.to_string(), Vec::new()));
         }
         let holders = self.dht_holders().await;
         if holders.is_empty() {
-            return Some(SwarmEnd::BackToSource(format!(
-                "{why}; the DHT knows no other holder"
-            )));
+            return Some(SwarmEnd::BackToSource(
+                format!("{why}; the DHT knows no other holder"),
+                Vec::new(),
+            ));
         }
         tracing::debug!(blob = %self.blob, holders = holders.len(), "parents from the DHT");
         for h in holders {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use shoal_proto::{
-    DownloadFinished, ParentsReply, PieceReport, PieceSet, PiecesHeld, RequestParents,
-    SchedulerReply, SchedulerRequest, TaskMeta,
+    DownloadFinished, FailureReason, ParentsReply, PieceReport, PieceSet, PiecesHeld,
+    ReportPieceFailure, RequestParents, SchedulerReply, SchedulerRequest, TaskMeta,
 };
 use shoal_store::PieceLayout;
 
@@ -35,6 +35,8 @@ impl Task {
             if let Err(e) = &result {
                 tracing::warn!(blob = %self.blob, error = %e, "download failed");
                 inner.failure = Some(e.to_string());
+                // Staged pieces of a failed download are not kept in memory.
+                self.ctx.staging.remove(&self.blob);
             }
             inner.running = false;
         }
@@ -64,6 +66,10 @@ impl Task {
             let _pin = self.ctx.store.pin_blob(&store_digest(&self.blob))?;
             let missing = self.missing(&layout);
             if missing.is_empty() {
+                // Staged pieces still moving into the store: wait for them to land.
+                while self.ctx.staging.held(&self.blob).is_some() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 self.complete_if_whole(&meta, &layout).await?;
                 let more = {
                     let inner = self.lock();
@@ -80,12 +86,20 @@ impl Task {
                 self.fetch_from_source(&layout, &missing).await?;
                 continue;
             }
-            match self.swarm(&layout).await? {
+            match self.swarm(&meta).await? {
                 SwarmEnd::Done => {}
-                SwarmEnd::BackToSource(why) => {
-                    tracing::info!(blob = %self.blob, reason = %why, "back to source");
+                SwarmEnd::BackToSource(why, pieces) => {
+                    // Only what no other peer can give: the rest is left to the swarm's next round.
                     let missing = self.missing(&layout);
-                    self.fetch_from_source(&layout, &missing).await?;
+                    let pieces: Vec<u32> = match pieces.is_empty() {
+                        true => missing,
+                        false => pieces
+                            .into_iter()
+                            .filter(|i| missing.binary_search(i).is_ok())
+                            .collect(),
+                    };
+                    tracing::info!(blob = %self.blob, reason = %why, pieces = pieces.len(), "back to source");
+                    self.fetch_from_source(&layout, &pieces).await?;
                 }
             }
         }
@@ -103,7 +117,14 @@ impl Task {
             .store
             .blob_status(&store_digest(&self.blob))
             .map(|s| s.held);
-        let has = |i: u32| held.as_ref().is_some_and(|h| h.contains(i));
+        // Staged pieces still moving into the store (task.rs, `move_staged`) are held too.
+        let staged: std::collections::HashSet<u32> = self
+            .ctx
+            .staging
+            .held(&self.blob)
+            .map(|(_, p)| p.into_iter().collect())
+            .unwrap_or_default();
+        let has = |i: u32| held.as_ref().is_some_and(|h| h.contains(i)) || staged.contains(&i);
         if inner.want_all {
             (0..layout.piece_count()).filter(|i| !has(*i)).collect()
         } else {
@@ -130,7 +151,43 @@ impl Task {
             self.lock().complete = status.complete;
             return Ok(());
         }
-        self.ctx.store.complete_blob(sd).await?;
+        // The store checks the sha256 through a piece-sized buffer: room for it (budget.rs).
+        let room = self
+            .ctx
+            .transport
+            .budget()
+            .download(u64::from(layout.piece_size()))
+            .await;
+        let completed = self.ctx.store.complete_blob(sd).await;
+        drop(room);
+        match completed {
+            Ok(()) => {}
+            Err(e) if matches!(e.root(), shoal_store::Error::BlobDigestMismatch { .. }) => {
+                // The store dropped the blob: its piece table was wrong. Whoever published it
+                // is reported, and the blob is fetched again straight from the origin.
+                let from = {
+                    let mut inner = self.lock();
+                    inner.layout = None;
+                    inner.source_only = true;
+                    inner.table_from.take()
+                };
+                tracing::warn!(blob = %self.blob, publisher = ?from, "blob failed its sha256: refetching it from the origin");
+                if let Some(parent) = from {
+                    self.ctx
+                        .report(SchedulerRequest::ReportPieceFailure(ReportPieceFailure {
+                        blob: self.blob,
+                        parent,
+                        piece: None,
+                        reason: FailureReason::Corrupt,
+                        detail:
+                            "the whole blob failed its sha256 with the piece hashes it published"
+                                .into(),
+                    }));
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
         let (peers, origin, started) = {
             let mut inner = self.lock();
             inner.complete = true;
@@ -173,7 +230,17 @@ impl Task {
                     }
                     Err(_) => false,
                 };
-                if wait && self.wait_for_table(meta).await? {
+                let streamed = s.version() >= shoal_proto::PIECE_HASHES_VERSION;
+                if wait && streamed {
+                    // Fetch pieces as their hashes are published, until the table is whole.
+                    self.ctx.staging.open(*meta);
+                    if let SwarmEnd::BackToSource(why, _) = self.swarm(meta).await? {
+                        tracing::info!(blob = %self.blob, reason = %why, "no piece table from the swarm");
+                    }
+                    if self.lock().layout.is_some() {
+                        return Ok(());
+                    }
+                } else if wait && self.wait_for_table(meta).await? {
                     return Ok(());
                 }
             }
@@ -211,15 +278,46 @@ impl Task {
     }
 
     /// Imports the whole blob from the origin; the store computes and checks its piece table.
+    /// Meanwhile each piece is hashed, staged and its hash published as soon as it arrives, so
+    /// other peers can fetch it from here at once (docs/protocol.md, "Streamed piece hashes").
     async fn import(&self, meta: &TaskMeta) -> Result<(), PeerError> {
         let origin = self.lock().origin.clone().ok_or_else(|| {
             PeerError::download(self.blob, "no piece table and no origin to build one from")
         })?;
         let o = self.ctx.origins.get(&origin)?;
         tracing::info!(blob = %self.blob, origin = %origin.reference, "fetching the whole blob from origin to build its piece table");
-        let layout = Arc::new(
-            source::import(&self.ctx.store, o.as_ref(), &self.blob, meta.piece_size).await?,
-        );
+        let staging = &self.ctx.staging;
+        staging.open(*meta);
+        let mut publish = HashPublisher::new(self.blob);
+        let mut on_piece = |index: u32, bytes: Bytes| {
+            let hash = *blake3::hash(&bytes).as_bytes();
+            let staged = staging.put_own(&self.blob, index, bytes, hash).is_ok();
+            publish.add(index, hash, staged);
+            if publish.due() {
+                publish.flush(&self.ctx);
+            }
+        };
+        let watch = source::ImportWatch {
+            label: &origin.reference,
+            idle: self.ctx.config.origin_idle_timeout(),
+            on_piece: &mut on_piece,
+        };
+        let imported = source::import(
+            &self.ctx.store,
+            o.as_ref(),
+            &self.blob,
+            meta.piece_size,
+            watch,
+        )
+        .await;
+        publish.flush(&self.ctx);
+        let layout = match imported {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                staging.remove(&self.blob);
+                return Err(e);
+            }
+        };
         add(&self.ctx.stats.bytes_from_origin, meta.size);
         {
             let mut inner = self.lock();
@@ -227,6 +325,8 @@ impl Task {
             inner.layout = Some(Arc::clone(&layout));
             inner.complete = true;
         }
+        // The store serves every piece now.
+        staging.remove(&self.blob);
         self.notify();
         let table = layout.pieces().iter().map(|h| *h.as_bytes()).collect();
         let held = PieceSet::full(layout.piece_count())?;
@@ -252,6 +352,8 @@ impl Task {
             PeerError::download(self.blob, "no parent could serve it and no origin is known")
         })?;
         let o = self.ctx.origins.get(&origin)?;
+        let idle = self.ctx.config.origin_idle_timeout();
+        let label = origin.reference.as_str();
         let mut runs: Vec<Vec<u32>> = Vec::new();
         for &i in missing {
             match runs.last_mut() {
@@ -269,11 +371,12 @@ impl Task {
                 let lens: Vec<u64> = run.iter().filter_map(|i| layout.piece_len(*i)).collect();
                 let start = layout.piece_offset(first);
                 source::read_pieces(
-                    o.as_ref(),
+                    (o.as_ref(), label, idle),
                     &self.blob,
                     start,
                     first,
                     &lens,
+                    self.ctx.transport.budget(),
                     |index, bytes: Bytes| async move {
                         let n = bytes.len() as u64;
                         self.ctx.store.put_piece(sd, index, bytes).await?;
@@ -292,6 +395,58 @@ impl Task {
             .collect()
             .await;
         results.into_iter().collect()
+    }
+}
+
+/// Batches the hashes and held pieces an import yields into scheduler reports.
+struct HashPublisher {
+    blob: shoal_proto::Digest,
+    first: u32,
+    hashes: Vec<[u8; 32]>,
+    held: Vec<u32>,
+    since: Instant,
+}
+
+impl HashPublisher {
+    /// Most pieces per report, and the longest a hash waits to be sent.
+    const BATCH: usize = 4;
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn new(blob: shoal_proto::Digest) -> Self {
+        HashPublisher {
+            blob,
+            first: 0,
+            hashes: Vec::new(),
+            held: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, index: u32, hash: [u8; 32], staged: bool) {
+        if self.hashes.is_empty() {
+            self.first = index;
+            self.since = Instant::now();
+        }
+        self.hashes.push(hash);
+        if staged {
+            self.held.push(index);
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.hashes.len() >= Self::BATCH
+            || self.hashes.len() >= shoal_proto::MAX_HASHES_PER_MESSAGE
+            || (!self.hashes.is_empty() && self.since.elapsed() >= Self::EVERY)
+    }
+
+    fn flush(&mut self, ctx: &super::Ctx) {
+        if !self.hashes.is_empty() {
+            let hashes = std::mem::take(&mut self.hashes);
+            ctx.report_hashes(self.blob, self.first, hashes);
+        }
+        if !self.held.is_empty() {
+            ctx.report(held_added(self.blob, std::mem::take(&mut self.held)));
+        }
     }
 }
 

@@ -11,7 +11,9 @@
 mod dht;
 mod driver;
 mod parents;
+mod progress;
 mod source;
+mod staging;
 mod swarm;
 mod task;
 mod tee;
@@ -33,6 +35,7 @@ use crate::scheduler_ring::SchedulerRing;
 use crate::transport::Transport;
 
 pub(crate) use source::Origins;
+pub(crate) use staging::Staging;
 pub use task::{RangeStream, Task, TaskStatus};
 
 /// Most tasks remembered; beyond it finished tasks are forgotten (the store keeps their bytes).
@@ -64,6 +67,8 @@ pub(crate) struct Ctx {
     pub config: PeerConfig,
     pub me: HostId,
     pub stats: Arc<DownloadStats>,
+    /// Verified pieces of blobs whose piece table is not whole yet (staging.rs).
+    pub staging: Arc<Staging>,
 }
 
 impl Ctx {
@@ -75,10 +80,15 @@ impl Ctx {
     /// Sends a request to the scheduler owning its blob in the background (reports need no
     /// answer); requests about no blob go to any connected scheduler.
     pub fn report(&self, req: SchedulerRequest) {
-        // Held pieces are also what the DHT publishes: one provider record per blob.
+        // Held pieces are also what the DHT publishes: one provider record per blob, once its
+        // piece table is whole here (a holder found through the DHT is asked for the table).
         if let Some(d) = &self.dht {
             match &req {
-                SchedulerRequest::PiecesHeld(h) if added_any(&h.pieces) => d.provide(h.blob),
+                SchedulerRequest::PiecesHeld(h)
+                    if added_any(&h.pieces) && !self.staging.contains(&h.blob) =>
+                {
+                    d.provide(h.blob)
+                }
                 SchedulerRequest::RegisterTask(t)
                     if t.held.as_ref().is_some_and(|h| h.count() > 0) =>
                 {
@@ -98,6 +108,27 @@ impl Ctx {
                 }
             });
         }
+    }
+
+    /// Sends streamed piece hashes to the scheduler owning `blob`, if it speaks a protocol
+    /// version that has them (docs/protocol.md, "Streamed piece hashes").
+    pub fn report_hashes(&self, blob: Digest, first: u32, hashes: Vec<[u8; 32]>) {
+        let Some(s) = self.scheduler(&blob) else {
+            return;
+        };
+        if s.version() < shoal_proto::PIECE_HASHES_VERSION || hashes.is_empty() {
+            return;
+        }
+        let req = SchedulerRequest::PieceHashes(shoal_proto::PieceHashes {
+            blob,
+            first,
+            hashes,
+        });
+        tokio::spawn(async move {
+            if let Err(e) = s.request(&req).await {
+                tracing::debug!(error = %e, "publishing piece hashes failed");
+            }
+        });
     }
 
     pub fn piece_size_for(&self, size: u64) -> u32 {
@@ -243,6 +274,8 @@ fn request_blob(req: &SchedulerRequest) -> Option<Digest> {
         SchedulerRequest::ReportPieceFailure(r) => Some(r.blob),
         SchedulerRequest::DownloadFinished(r) => Some(r.blob),
         SchedulerRequest::DownloadFailed(r) => Some(r.blob),
+        SchedulerRequest::PieceHashes(r) => Some(r.blob),
+        SchedulerRequest::GetPieceHashes { blob, .. } => Some(*blob),
         _ => None,
     }
 }

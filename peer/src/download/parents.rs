@@ -41,6 +41,8 @@ pub(crate) enum FetchFailure {
     NotHeld,
     /// All slots busy: retry later.
     Busy(Duration),
+    /// Cancelled here: another parent delivered the piece first (endgame).
+    Cancelled,
 }
 
 /// The parents of one download.
@@ -96,6 +98,11 @@ impl ParentTable {
         self.parents.len()
     }
 
+    /// How many usable parents are not seeds.
+    pub fn peer_count(&self) -> usize {
+        self.parents.values().filter(|p| !p.is_seed).count()
+    }
+
     /// Host ids and addresses of every parent (for refreshing held sets).
     pub fn all(&self) -> Vec<(HostId, Vec<SocketAddr>)> {
         self.parents
@@ -132,17 +139,25 @@ impl ParentTable {
     }
 
     /// The parent fastest for `index` now: holds it, has room, and has the best measured
-    /// throughput shared by what is already in flight to it. Non-seeds win ties so seeds are
-    /// spared while peers can serve.
+    /// throughput shared by what is already in flight to it; `avoid` are left out (asked
+    /// already). A seed is asked only for pieces no other parent holds, only when `seed_ok`
+    /// (this peer's turn for the piece, see swarm.rs), and with half the requests in flight:
+    /// its uplink is for pieces nobody else has yet, each sent once if it can be.
     pub fn pick(
         &self,
         index: u32,
         per_parent: usize,
         now: Instant,
+        avoid: &[HostId],
+        seed_ok: bool,
     ) -> Option<(HostId, Vec<SocketAddr>)> {
+        let holds = |p: &ParentState| p.pieces.as_ref().is_some_and(|s| s.contains(index));
+        let peer_holds = self.parents.values().any(|p| !p.is_seed && holds(p));
+        let seed_slots = (per_parent / 2).max(1);
         self.parents
             .iter()
-            .filter(|(_, p)| p.inflight < per_parent)
+            .filter(|(h, p)| !(avoid.contains(h) || (p.is_seed && (peer_holds || !seed_ok))))
+            .filter(|(_, p)| p.inflight < if p.is_seed { seed_slots } else { per_parent })
             .filter(|(_, p)| p.busy_until.is_none_or(|t| t <= now))
             .filter(|(_, p)| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
             .map(|(h, p)| {
@@ -190,7 +205,8 @@ impl ParentTable {
     }
 }
 
-/// Fetches piece `index` (`len` bytes) of `blob` from `host`, within `timeout`. The bytes are
+/// Fetches piece `index` (`len` bytes) of `blob` from `host`; fails when no byte of it arrives
+/// for `timeout` (a slow parent that keeps sending is not a stall, progress.rs). The bytes are
 /// not verified here: the caller checks them against the piece table before storing them.
 pub(crate) async fn fetch_piece(
     transport: &Transport,
@@ -201,6 +217,10 @@ pub(crate) async fn fetch_piece(
     len: u32,
     timeout: Duration,
 ) -> Result<Bytes, FetchFailure> {
+    // Room for the piece before asking for it, outside the timeout: waiting for our own
+    // memory is not the parent's fault. The room goes with the bytes to the store (budget.rs).
+    let room = transport.budget().download(u64::from(len)).await;
+    let stamp = super::progress::Stamp::new();
     let attempt = async {
         let link = transport
             .parent(host, addrs)
@@ -217,8 +237,9 @@ pub(crate) async fn fetch_piece(
             .await
             .map_err(|e| io(e.to_string()))?;
         let _ = send.finish();
+        let mut recv = super::progress::Progress::new(&mut recv, stamp.clone());
         match read_piece(&link.codec, &mut recv, &blob, index, len).await {
-            Ok(PieceResponse::Piece { bytes, .. }) => Ok(Bytes::from(bytes)),
+            Ok(PieceResponse::Piece { bytes, .. }) => Ok(room.attach(Bytes::from(bytes))),
             Ok(PieceResponse::Error(e)) => Err(match e.code {
                 PieceErrorCode::NotHeld => FetchFailure::NotHeld,
                 PieceErrorCode::Busy => FetchFailure::Busy(Duration::from_millis(u64::from(
@@ -234,11 +255,11 @@ pub(crate) async fn fetch_piece(
             Err(e) => Err(io(e.to_string())),
         }
     };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(FetchFailure::Drop(
+    match super::progress::until_idle(attempt, &stamp, timeout).await {
+        Some(r) => r,
+        None => Err(FetchFailure::Drop(
             FailureReason::Timeout,
-            format!("no piece within {timeout:?}"),
+            format!("no byte of piece {index} for {timeout:?}"),
         )),
     }
 }
@@ -286,10 +307,11 @@ pub(crate) async fn fetch_held(
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(FetchFailure::Drop(
-            FailureReason::Timeout,
-            format!("no answer within {timeout:?}"),
-        )),
+        // A late answer to this small question is load (a busy parent, a busy connection, a
+        // busy machine), not a dead parent: dropping the parent for it cost a download its only
+        // holder and a 60 s stall (docs/benchmarks.md, "Peer memory"). Ask again later; a dead
+        // parent shows in connection errors and piece timeouts.
+        Err(_) => Err(FetchFailure::Busy(timeout)),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -71,9 +72,40 @@ impl Origins {
     }
 }
 
-/// The size of `blob` at its origin (a HEAD).
-pub(crate) async fn stat(origin: &dyn Origin, blob: &Digest) -> Result<u64, PeerError> {
-    Ok(origin.stat(&origin_digest(blob)?).await?.size)
+/// The size of `blob` at its origin (a HEAD), failing after `idle` without an answer.
+pub(crate) async fn stat(
+    origin: &dyn Origin,
+    blob: &Digest,
+    label: &str,
+    idle: Duration,
+) -> Result<u64, PeerError> {
+    match tokio::time::timeout(idle, origin.stat(&origin_digest(blob)?)).await {
+        Ok(Ok(stat)) => Ok(stat.size),
+        Ok(Err(e)) => Err(PeerError::download(blob, format!("origin {label}: {e}"))),
+        Err(_) => Err(silent(blob, label, idle, "the size (HEAD)")),
+    }
+}
+
+/// The error of an origin that sent nothing for `idle`.
+pub(crate) fn silent(blob: &Digest, label: &str, idle: Duration, what: &str) -> PeerError {
+    PeerError::download(
+        blob,
+        format!(
+            "origin {label} sent nothing for {idle:?} while reading {what}: \
+             the registry or the network to it is down (origin_idle_timeout_ms)"
+        ),
+    )
+}
+
+/// How an import reports to its caller: the origin's name for errors, how long the origin may
+/// be silent, and each whole piece as it arrives (the seed hashes and publishes it).
+pub(crate) struct ImportWatch<'a> {
+    /// The origin reference, for error messages.
+    pub label: &'a str,
+    /// The longest the origin may send nothing.
+    pub idle: Duration,
+    /// Called with each whole piece, in order, as soon as its last byte arrived.
+    pub on_piece: &'a mut (dyn FnMut(u32, Bytes) + Send),
 }
 
 /// Streams the whole blob from the origin into the store, which computes its piece table with
@@ -83,35 +115,76 @@ pub(crate) async fn import(
     origin: &dyn Origin,
     blob: &Digest,
     piece_size: u32,
+    watch: ImportWatch<'_>,
 ) -> Result<shoal_store::PieceLayout, PeerError> {
-    let mut stream = origin.read(&origin_digest(blob)?).await?;
+    let ImportWatch {
+        label,
+        idle,
+        on_piece,
+    } = watch;
+    let mut stream = match tokio::time::timeout(idle, origin.read(&origin_digest(blob)?)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(PeerError::download(blob, format!("origin {label}: {e}"))),
+        Err(_) => return Err(silent(blob, label, idle, "the blob")),
+    };
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(IMPORT_QUEUE);
     let import = store.import_blob(
         crate::convert::store_digest(blob),
         piece_size,
         ChannelReader::new(rx),
     );
+    let ps = piece_size as usize;
     let pump = async move {
-        while let Some(chunk) = stream.next().await {
-            let item = chunk.map_err(|e| std::io::Error::other(e.to_string()));
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                break;
+        let mut piece = BytesMut::with_capacity(ps);
+        let mut index = 0u32;
+        loop {
+            let chunk = match tokio::time::timeout(idle, stream.next()).await {
+                Ok(Some(Ok(c))) => c,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return Err(PeerError::download(blob, format!("origin {label}: {e}")));
+                }
+                Err(_) => {
+                    let e = silent(blob, label, idle, "the blob");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return Err(e);
+                }
+            };
+            let mut rest = chunk.clone();
+            while !rest.is_empty() {
+                let take = (ps - piece.len()).min(rest.len());
+                piece.extend_from_slice(&rest.split_to(take));
+                if piece.len() == ps {
+                    on_piece(index, piece.split().freeze());
+                    index += 1;
+                }
+            }
+            if tx.send(Ok(chunk)).await.is_err() {
+                return Ok(()); // the import stopped; its error is the one reported
             }
         }
+        if !piece.is_empty() {
+            on_piece(index, piece.freeze());
+        }
+        Ok(())
     };
-    let (layout, ()) = tokio::join!(import, pump);
+    let (layout, pumped) = tokio::join!(import, pump);
+    // The origin's own error names the origin and what it answered; it wins over the store's.
+    pumped?;
     Ok(layout?)
 }
 
 /// Reads pieces `first..first+lens.len()` (contiguous) from the origin with one Range GET and
-/// hands each whole piece to `each` as soon as its last byte arrives.
+/// hands each whole piece to `each` as soon as its last byte arrives. Each piece holds room in
+/// `budget` from its first byte until it is dropped.
 pub(crate) async fn read_pieces<F, Fut>(
-    origin: &dyn Origin,
+    (origin, label, idle): (&dyn Origin, &str, Duration),
     blob: &Digest,
     start: u64,
     first: u32,
     lens: &[u64],
+    budget: &crate::budget::PieceBudget,
     mut each: F,
 ) -> Result<(), PeerError>
 where
@@ -119,18 +192,39 @@ where
     Fut: std::future::Future<Output = Result<(), PeerError>>,
 {
     let total: u64 = lens.iter().sum();
-    let mut stream = origin
-        .read_range(&origin_digest(blob)?, ByteRange::new(start, start + total))
-        .await?;
+    let range = ByteRange::new(start, start + total);
+    let what = || format!("bytes {start}..{}", start + total);
+    let origin_err =
+        |e: shoal_origin::OriginError| PeerError::download(blob, format!("origin {label}: {e}"));
+    let mut stream =
+        match tokio::time::timeout(idle, origin.read_range(&origin_digest(blob)?, range)).await {
+            Ok(r) => r.map_err(origin_err)?,
+            Err(_) => return Err(silent(blob, label, idle, &what())),
+        };
     let mut buf = BytesMut::new();
     let mut next = 0usize;
-    while let Some(chunk) = stream.next().await {
-        buf.extend_from_slice(&chunk?);
+    let mut room = None;
+    loop {
+        let chunk = match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(c)) => c.map_err(origin_err)?,
+            Ok(None) => break,
+            Err(_) => return Err(silent(blob, label, idle, &what())),
+        };
+        if let (None, Some(&len)) = (&room, lens.get(next)) {
+            room = Some(budget.download(len).await);
+            buf.reserve((len as usize).saturating_sub(buf.len()));
+        }
+        buf.extend_from_slice(&chunk);
         while let Some(&len) = lens.get(next) {
             if (buf.len() as u64) < len {
                 break;
             }
-            let piece = buf.split_to(len as usize).freeze();
+            // Pieces smaller than a chunk: the next one may be whole before it had room.
+            let held = match room.take() {
+                Some(r) => r,
+                None => budget.download(len).await,
+            };
+            let piece = held.attach(buf.split_to(len as usize).freeze());
             each(first + next as u32, piece).await?;
             next += 1;
         }
@@ -138,7 +232,10 @@ where
     if next < lens.len() {
         return Err(PeerError::download(
             blob,
-            format!("origin stream ended after {next} of {} pieces", lens.len()),
+            format!(
+                "origin {label} ended the stream after {next} of {} pieces",
+                lens.len()
+            ),
         ));
     }
     Ok(())

@@ -2,21 +2,22 @@
 //! the parent fastest for it now (several at once), keep parents' held sets fresh, and drop and
 //! report parents that fail, stall or send bytes that do not match the piece table.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::{AbortHandle, Abortable};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use shoal_proto::{
     FailureReason, HostId, ParentsReply, PieceSet, ReportPieceFailure, RequestParents,
-    SchedulerReply, SchedulerRequest,
+    SchedulerReply, SchedulerRequest, TaskMeta,
 };
-use shoal_store::PieceLayout;
 
 use super::add;
 use super::driver::held_added;
 use super::parents::{fetch_held, fetch_piece, FetchFailure, ParentTable};
+use super::staging::StageError;
 use super::task::Task;
 use crate::convert::store_digest;
 use crate::error::PeerError;
@@ -33,12 +34,24 @@ const REASK_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_BUSY_EVERY: Duration = Duration::from_millis(300);
 /// Held pieces are reported to the scheduler in batches at least this often.
 const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// How often a download without a whole piece table asks for newly published hashes.
+const HASH_POLL_EVERY: Duration = Duration::from_millis(150);
+/// Without a scheduler, how often a download without a whole table asks DHT holders for one.
+const DHT_TABLE_EVERY: Duration = Duration::from_secs(1);
+/// Endgame: when at most this many pieces are missing and all are in flight, each is also
+/// asked of a second parent; the first answer wins and the other request is cancelled.
+const ENDGAME_PIECES: usize = 4;
+/// A piece only a seed holds is asked of the seed by one peer in n (n: this peer and its
+/// non-seed parents; chosen by host id and piece index), so the seed's uplink sends it once
+/// and peers pass it on; any peer may ask once the piece has waited this long.
+const SEED_TURN_WAIT: Duration = Duration::from_secs(2);
+
 /// How a swarm round ended.
 pub(super) enum SwarmEnd {
-    /// Every wanted piece is held.
+    /// Every wanted piece is held (or, without a whole piece table, the table became whole).
     Done,
-    /// Go to the origin for what is missing.
-    BackToSource(String),
+    /// Go to the origin for these pieces (empty: for every missing one).
+    BackToSource(String, Vec<u32>),
 }
 
 /// What one in-flight piece fetch came back with.
@@ -49,33 +62,95 @@ struct Fetched {
     result: Result<u64, FetchFailure>,
 }
 
+/// What polling for streamed piece hashes found.
+enum HashPoll {
+    /// The table is whole now and adopted: the round is over.
+    Table,
+    /// New hashes: more pieces can be fetched.
+    New,
+    /// Nothing new.
+    Nothing,
+}
+
+/// The pieces of `missing` worth fetching from the origin when the swarm gives up: those no
+/// parent holds and those that failed from [`MAX_PIECE_FAILURES`] parents. Pieces other peers
+/// hold are left to them; when every missing piece is held somewhere (the holders all stalled),
+/// all of `missing`.
+pub(super) fn origin_pieces(
+    missing: &[u32],
+    held_somewhere: impl Fn(u32) -> bool,
+    failures: &HashMap<u32, u32>,
+) -> Vec<u32> {
+    let mut out: Vec<u32> = missing
+        .iter()
+        .copied()
+        .filter(|i| {
+            !held_somewhere(*i) || failures.get(i).copied().unwrap_or(0) >= MAX_PIECE_FAILURES
+        })
+        .collect();
+    if out.is_empty() {
+        out = missing.to_vec();
+    }
+    out.sort_unstable();
+    out
+}
+
 impl Task {
-    /// Fetches wanted pieces from parents until all are held or the swarm cannot help.
-    pub(super) async fn swarm(
-        self: &Arc<Self>,
-        layout: &PieceLayout,
-    ) -> Result<SwarmEnd, PeerError> {
+    /// Fetches wanted pieces from parents until all are held or the swarm cannot help. Without
+    /// a whole piece table (a plain blob its origin fetcher is still reading), only pieces with
+    /// a published hash are fetched, into staging (staging.rs), until the table is whole.
+    pub(super) async fn swarm(self: &Arc<Self>, meta: &TaskMeta) -> Result<SwarmEnd, PeerError> {
         let cfg = &self.ctx.config;
         let me = self.ctx.me.clone();
+        let count = meta.piece_count();
         let mut table = ParentTable::default();
         let mut inflight = FuturesUnordered::new();
-        let mut busy_pieces: HashSet<u32> = HashSet::new();
+        // Requests in flight per piece: more than one only in the endgame.
+        let mut busy: HashMap<u32, Vec<(HostId, AbortHandle)>> = HashMap::new();
         let mut failures: HashMap<u32, u32> = HashMap::new();
         let mut last_ask: Option<Instant> = None;
         let mut last_refresh: Option<Instant> = None;
+        let mut last_hashes: Option<Instant> = None;
+        let mut last_dht: Option<Instant> = None;
         let mut last_progress = Instant::now();
         let mut report: Vec<u32> = Vec::new();
         let mut last_report = Instant::now();
-        let stall_limit = cfg.piece_timeout() * 2;
         let want_all = self.lock().want_all;
-        let rotate = fastrand::usize(..layout.piece_count().max(1) as usize);
+        let rotate = fastrand::usize(..count.max(1) as usize);
         let mut holders: Vec<u16> = Vec::new();
         let mut holders_at: Option<Instant> = None;
+        let my_turn = turn_offset(&me);
+        let mut wanted_since: Vec<Option<Instant>> = vec![None; count as usize];
         loop {
             for p in std::mem::take(&mut self.lock().new_parents) {
                 table.add(p.host_id, p.addresses, Some(p.pieces), p.is_seed, &me);
             }
-            let mut missing = self.missing(layout);
+            let layout = self.lock().layout.clone();
+            let partial = layout.is_none();
+            if partial && last_hashes.is_none_or(|t| t.elapsed() >= HASH_POLL_EVERY) {
+                last_hashes = Some(Instant::now());
+                let dht_due = last_dht.is_none_or(|t| t.elapsed() >= DHT_TABLE_EVERY);
+                if dht_due {
+                    last_dht = Some(Instant::now());
+                }
+                match self.poll_hashes(meta, dht_due).await? {
+                    HashPoll::Table => {
+                        self.flush(&mut report);
+                        return Ok(SwarmEnd::Done);
+                    }
+                    HashPoll::New => last_progress = Instant::now(),
+                    HashPoll::Nothing => {}
+                }
+            }
+            // Without a whole table, the stall limit is how long a table may take to come.
+            let stall_limit = match partial {
+                true => Duration::from_millis(cfg.piece_table_wait_ms),
+                false => cfg.piece_timeout() * 2,
+            };
+            let mut missing = match &layout {
+                Some(l) => self.missing(l),
+                None => self.fetchable(),
+            };
             if want_all && !missing.is_empty() {
                 // Peers that start together would all ask for the same pieces in the same order
                 // and could only get them from the seed; a per-download rotation lets them trade.
@@ -85,61 +160,105 @@ impl Task {
                 // nobody else has yet, and peers soon hold different pieces to trade. Counts
                 // are refreshed as often as the parents' held sets.
                 if holders_at.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY) {
-                    holders = table.holder_counts(layout.piece_count());
+                    holders = table.holder_counts(count);
                     holders_at = Some(Instant::now());
                 }
                 missing.sort_by_key(|i| holders.get(*i as usize).copied().unwrap_or(0));
             }
-            if missing.is_empty() && inflight.is_empty() {
+            if missing.is_empty() && inflight.is_empty() && !partial {
                 self.flush(&mut report);
                 return Ok(SwarmEnd::Done);
             }
             let now = Instant::now();
+            let share = table.peer_count() as u64 + 1;
+            for &i in &missing {
+                if let Some(w) = wanted_since.get_mut(i as usize) {
+                    w.get_or_insert(now);
+                }
+            }
             for &i in &missing {
                 if inflight.len() >= cfg.download_concurrency {
                     break;
                 }
-                if busy_pieces.contains(&i) {
+                if busy.contains_key(&i) {
                     continue;
                 }
                 if failures.get(&i).copied().unwrap_or(0) >= MAX_PIECE_FAILURES {
                     if inflight.is_empty() {
                         self.flush(&mut report);
-                        return Ok(SwarmEnd::BackToSource(format!(
-                            "piece {i} failed from {MAX_PIECE_FAILURES} parents"
-                        )));
+                        let pieces = origin_pieces(&missing, |i| table.anyone_holds(i), &failures);
+                        return Ok(SwarmEnd::BackToSource(
+                            format!("piece {i} failed from {MAX_PIECE_FAILURES} parents"),
+                            pieces,
+                        ));
                     }
                     continue;
                 }
-                let Some((host, addrs)) = table.pick(i, cfg.per_parent_concurrency, now) else {
+                let seed_ok = (my_turn % share + u64::from(i)).is_multiple_of(share)
+                    || wanted_since
+                        .get(i as usize)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|t| now.duration_since(t) >= SEED_TURN_WAIT);
+                let Some((host, addrs)) =
+                    table.pick(i, cfg.per_parent_concurrency, now, &[], seed_ok)
+                else {
                     continue;
                 };
-                let Some(len) = layout.piece_len(i).and_then(|l| u32::try_from(l).ok()) else {
+                let Some(len) = piece_len(meta, i) else {
                     continue;
                 };
                 table.start(&host);
-                busy_pieces.insert(i);
-                inflight.push(self.fetch_one(host, addrs, i, len));
+                let (fetch, abort) = self.fetch_one(host.clone(), addrs, i, len);
+                busy.entry(i).or_default().push((host, abort));
+                inflight.push(fetch);
+            }
+            // Endgame: the last pieces also go to a second parent, so one slow parent does not
+            // hold up the end of the download.
+            if !missing.is_empty()
+                && missing.len() <= ENDGAME_PIECES
+                && missing.iter().all(|i| busy.contains_key(i))
+            {
+                for &i in &missing {
+                    let asked: Vec<HostId> = match busy.get(&i) {
+                        Some(v) if v.len() < 2 => v.iter().map(|(h, _)| h.clone()).collect(),
+                        _ => continue,
+                    };
+                    let Some((host, addrs)) =
+                        table.pick(i, cfg.per_parent_concurrency + 1, now, &asked, true)
+                    else {
+                        continue;
+                    };
+                    let Some(len) = piece_len(meta, i) else {
+                        continue;
+                    };
+                    table.start(&host);
+                    let (fetch, abort) = self.fetch_one(host.clone(), addrs, i, len);
+                    busy.entry(i).or_default().push((host, abort));
+                    inflight.push(fetch);
+                }
             }
             if inflight.is_empty() {
                 if last_progress.elapsed() > stall_limit {
                     self.flush(&mut report);
-                    return Ok(SwarmEnd::BackToSource(format!(
-                        "no parent served a piece for {stall_limit:?}"
-                    )));
+                    let pieces = origin_pieces(&missing, |i| table.anyone_holds(i), &failures);
+                    return Ok(SwarmEnd::BackToSource(
+                        format!("no parent served a piece for {stall_limit:?}"),
+                        pieces,
+                    ));
                 }
                 let ask_due = last_ask.is_none_or(|t| t.elapsed() >= ASK_EVERY);
                 if ask_due && (table.len() == 0 || !missing.iter().any(|i| table.anyone_holds(*i)))
                 {
                     last_ask = Some(Instant::now());
-                    if let Some(end) = self.ask_parents(layout, &missing, &mut table).await? {
+                    if let Some(end) = self.ask_parents(count, &missing, &mut table).await? {
                         self.flush(&mut report);
                         return Ok(end);
                     }
                 }
                 if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY) {
                     last_refresh = Some(Instant::now());
-                    self.refresh(layout, &mut table).await;
+                    self.refresh(count, &mut table).await;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(REFRESH_EVERY) => {}
@@ -153,13 +272,26 @@ impl Task {
                 _ = self.wake.notified() => None,
             };
             if let Some(f) = done {
-                busy_pieces.remove(&f.index);
+                let won = f.result.is_ok();
+                if let Some(asked) = busy.get_mut(&f.index) {
+                    asked.retain(|(h, abort)| {
+                        // The first good answer wins: the other requests for it are cancelled.
+                        if won && h != &f.host {
+                            abort.abort();
+                        }
+                        h != &f.host
+                    });
+                    if won || asked.is_empty() {
+                        busy.remove(&f.index);
+                    }
+                }
                 match f.result {
                     Ok(bytes) => {
                         table.finish(&f.host, Some((bytes, f.started.elapsed())));
                         last_progress = Instant::now();
                         report.push(f.index);
                     }
+                    Err(FetchFailure::Cancelled) => table.finish(&f.host, None),
                     Err(FetchFailure::NotHeld) => {
                         table.finish(&f.host, None);
                         table.not_held(&f.host, f.index);
@@ -181,11 +313,11 @@ impl Task {
             if last_ask.is_none_or(|t| t.elapsed() >= REASK_EVERY) {
                 last_ask = Some(Instant::now());
                 // An answer to go to the origin is for when the swarm stops giving: ignored here.
-                let _ = self.ask_parents(layout, &missing, &mut table).await?;
+                let _ = self.ask_parents(count, &missing, &mut table).await?;
             }
             if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY) {
                 last_refresh = Some(Instant::now());
-                self.refresh(layout, &mut table).await;
+                self.refresh(count, &mut table).await;
             }
             if report.len() >= 32 || (!report.is_empty() && last_report.elapsed() >= REPORT_EVERY) {
                 self.flush(&mut report);
@@ -194,17 +326,81 @@ impl Task {
         }
     }
 
-    /// Fetches one piece from `host` and stores it; the store verifies it against the table.
+    /// Wanted pieces that have a published hash but are not staged yet (no whole table).
+    fn fetchable(&self) -> Vec<u32> {
+        let all = self.ctx.staging.fetchable(&self.blob);
+        let inner = self.lock();
+        if inner.want_all {
+            all
+        } else {
+            all.into_iter()
+                .filter(|i| inner.wanted.contains(i))
+                .collect()
+        }
+    }
+
+    /// Learns newly published piece hashes; adopts the table once every hash is known (the
+    /// blob's sha256 is still checked before it is marked complete).
+    async fn poll_hashes(
+        self: &Arc<Self>,
+        meta: &TaskMeta,
+        dht_due: bool,
+    ) -> Result<HashPoll, PeerError> {
+        let staging = &self.ctx.staging;
+        let mut new = false;
+        if let Some(first) = staging.first_unknown(&self.blob) {
+            let Some(s) = self.ctx.scheduler(&self.blob) else {
+                // No scheduler to publish hashes: a DHT holder that has the whole table.
+                if dht_due {
+                    if let Some((m, table)) = self.table_from_holders(|m| m == meta).await? {
+                        self.adopt_streamed(&m, table).await?;
+                        return Ok(HashPoll::Table);
+                    }
+                }
+                return Ok(HashPoll::Nothing);
+            };
+            let ask = SchedulerRequest::GetPieceHashes {
+                blob: self.blob,
+                first,
+            };
+            if let Ok(SchedulerReply::PieceHashes(r)) = s.request(&ask).await {
+                if r.blob == self.blob {
+                    new = staging.learn(&self.blob, r.first, &r.hashes, r.publisher) > 0;
+                }
+            }
+        }
+        if staging.first_unknown(&self.blob).is_none() {
+            if let Some(table) = staging.table(&self.blob) {
+                self.lock().table_from = staging.publisher(&self.blob);
+                self.adopt_streamed(meta, table).await?;
+                return Ok(HashPoll::Table);
+            }
+        }
+        Ok(if new {
+            HashPoll::New
+        } else {
+            HashPoll::Nothing
+        })
+    }
+
+    /// Fetches one piece from `host` and stores it: into the store, which verifies it against
+    /// the piece table, or (no whole table yet) into staging, which verifies it against its
+    /// published hash. The handle cancels it (the endgame's losing duplicate).
     fn fetch_one(
         self: &Arc<Self>,
         host: HostId,
         addrs: Vec<std::net::SocketAddr>,
         index: u32,
         len: u32,
-    ) -> impl std::future::Future<Output = Fetched> + Send + 'static {
+    ) -> (
+        impl std::future::Future<Output = Fetched> + Send + 'static,
+        AbortHandle,
+    ) {
         let this = Arc::clone(self);
-        async move {
-            let started = Instant::now();
+        let (abort, registration) = AbortHandle::new_pair();
+        let who = host.clone();
+        let started = Instant::now();
+        let work = async move {
             let timeout = this.ctx.config.piece_timeout();
             let result = match fetch_piece(
                 &this.ctx.transport,
@@ -217,34 +413,7 @@ impl Task {
             )
             .await
             {
-                Ok(bytes) => {
-                    let n = bytes.len() as u64;
-                    match this
-                        .ctx
-                        .store
-                        .put_piece(store_digest(&this.blob), index, bytes)
-                        .await
-                    {
-                        Ok(_) => {
-                            this.ctx.stats.piece_latency.observe(started.elapsed());
-                            add(&this.ctx.stats.bytes_from_peers, n);
-                            this.lock().bytes_from_peers += n;
-                            this.notify();
-                            Ok(n)
-                        }
-                        Err(e) if matches!(e.root(), shoal_store::Error::HashMismatch { .. }) => {
-                            add(&this.ctx.stats.corrupt_pieces, 1);
-                            Err(FetchFailure::Drop(
-                                FailureReason::Corrupt,
-                                format!("piece {index} failed BLAKE3 verification"),
-                            ))
-                        }
-                        Err(e) => {
-                            tracing::warn!(blob = %this.blob, piece = index, error = %e, "storing a piece failed");
-                            Err(FetchFailure::Busy(Duration::from_millis(100)))
-                        }
-                    }
-                }
+                Ok(bytes) => this.keep(index, bytes).await,
                 Err(f) => Err(f),
             };
             Fetched {
@@ -253,20 +422,106 @@ impl Task {
                 started,
                 result,
             }
+        };
+        // A task of its own, so the piece is read off the connection as it arrives even while
+        // this driver awaits the scheduler or a refresh. Polled inline, its bytes piled up in
+        // QUIC's buffers meanwhile and filled the connection's window, which every download
+        // from that parent shares (docs/benchmarks.md, "Peer memory"). Dropping the returned
+        // future (the swarm round ended) still cancels it.
+        let running = tokio::spawn(Abortable::new(work, registration));
+        let on_drop = AbortOnDrop(abort.clone());
+        let fut = async move {
+            let _on_drop = on_drop;
+            match running.await {
+                Ok(Ok(f)) => f,
+                Ok(Err(_)) | Err(_) => Fetched {
+                    host: who,
+                    index,
+                    started,
+                    result: Err(FetchFailure::Cancelled),
+                },
+            }
+        };
+        (fut, abort)
+    }
+
+    /// Stores a fetched piece where it belongs now (store or staging), verified.
+    async fn keep(&self, index: u32, bytes: bytes::Bytes) -> Result<u64, FetchFailure> {
+        let n = bytes.len() as u64;
+        let corrupt = |this: &Self| {
+            add(&this.ctx.stats.corrupt_pieces, 1);
+            FetchFailure::Drop(
+                FailureReason::Corrupt,
+                format!("piece {index} failed BLAKE3 verification"),
+            )
+        };
+        let to_store = self.lock().layout.is_some();
+        if !to_store {
+            match self.ctx.staging.put(&self.blob, index, bytes.clone()) {
+                Ok(()) => {
+                    self.counted(n);
+                    return Ok(n);
+                }
+                Err(StageError::Mismatch) => return Err(corrupt(self)),
+                Err(StageError::Full) => {
+                    return Err(FetchFailure::Busy(Duration::from_millis(200)))
+                }
+                // The table became whole meanwhile: the piece goes to the store.
+                Err(StageError::NoHash) if self.lock().layout.is_some() => {}
+                Err(StageError::NoHash) => {
+                    return Err(FetchFailure::Busy(Duration::from_millis(50)))
+                }
+            }
         }
+        match self
+            .ctx
+            .store
+            .put_piece(store_digest(&self.blob), index, bytes)
+            .await
+        {
+            // A copy that lost the endgame race (the fetches run as tasks of their own, so both
+            // may arrive) is not counted twice.
+            Ok(shoal_store::PutOutcome::AlreadyHeld) => Ok(n),
+            Ok(shoal_store::PutOutcome::Stored) => {
+                self.counted(n);
+                Ok(n)
+            }
+            Err(e) if matches!(e.root(), shoal_store::Error::HashMismatch { .. }) => {
+                Err(corrupt(self))
+            }
+            Err(e) => {
+                tracing::warn!(blob = %self.blob, piece = index, error = %e, "storing a piece failed");
+                Err(FetchFailure::Busy(Duration::from_millis(100)))
+            }
+        }
+    }
+
+    fn counted(&self, n: u64) {
+        add(&self.ctx.stats.bytes_from_peers, n);
+        self.lock().bytes_from_peers += n;
+        self.notify();
     }
 
     /// Asks the scheduler for parents; `Some` ends the swarm round (go to the origin).
     async fn ask_parents(
         &self,
-        layout: &PieceLayout,
+        count: u32,
         missing: &[u32],
         table: &mut ParentTable,
     ) -> Result<Option<SwarmEnd>, PeerError> {
-        let Some(s) = self.ctx.scheduler(&self.blob) else {
-            return Ok(self.dht_parents(table, "no scheduler answers").await);
+        // Without a scheduler the origin gets only what no known parent holds.
+        let narrow = |end: Option<SwarmEnd>, table: &ParentTable| match end {
+            Some(SwarmEnd::BackToSource(why, p)) if p.is_empty() => Some(SwarmEnd::BackToSource(
+                why,
+                origin_pieces(missing, |i| table.anyone_holds(i), &HashMap::new()),
+            )),
+            other => other,
         };
-        let mut wanted = PieceSet::empty(layout.piece_count())?;
+        let Some(s) = self.ctx.scheduler(&self.blob) else {
+            let end = self.dht_parents(table, "no scheduler answers").await;
+            return Ok(narrow(end, table));
+        };
+        let mut wanted = PieceSet::empty(count)?;
         for &i in missing {
             wanted.insert(i)?;
         }
@@ -294,7 +549,8 @@ impl Task {
                 Ok(None)
             }
             Ok(SchedulerReply::Parents(ParentsReply::BackToSource { reason })) => {
-                Ok(Some(SwarmEnd::BackToSource(reason)))
+                let pieces = origin_pieces(missing, |i| table.anyone_holds(i), &HashMap::new());
+                Ok(Some(SwarmEnd::BackToSource(reason, pieces)))
             }
             Ok(SchedulerReply::Parents(ParentsReply::WaitForSeed { retry_after_ms })) => {
                 tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms.min(1000))))
@@ -312,14 +568,17 @@ impl Task {
                 tracing::warn!(blob = %self.blob, reply = ?other, "unexpected answer to RequestParents");
                 Ok(None)
             }
-            Err(e) => Ok(self
-                .dht_parents(table, &format!("scheduler unreachable: {e}"))
-                .await),
+            Err(e) => {
+                let end = self
+                    .dht_parents(table, &format!("scheduler unreachable: {e}"))
+                    .await;
+                Ok(narrow(end, table))
+            }
         }
     }
 
     /// Asks every parent which pieces it holds now (parents still downloading gain pieces).
-    async fn refresh(&self, layout: &PieceLayout, table: &mut ParentTable) {
+    async fn refresh(&self, count: u32, table: &mut ParentTable) {
         let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(2));
         let asks = table.all().into_iter().map(|(host, addrs)| async move {
             let r = fetch_held(
@@ -327,7 +586,7 @@ impl Task {
                 &host,
                 &addrs,
                 self.blob,
-                layout.piece_count(),
+                count,
                 timeout,
             )
             .await;
@@ -373,5 +632,60 @@ impl Task {
             self.ctx
                 .report(held_added(self.blob, std::mem::take(report)));
         }
+    }
+}
+
+/// This peer's place in the seed's turns (a stable hash of its host id).
+fn turn_offset(me: &HostId) -> u64 {
+    let h = blake3::hash(me.as_str().as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// Length of piece `index` of the blob `meta` describes, if it has that piece.
+pub(super) fn piece_len(meta: &TaskMeta, index: u32) -> Option<u32> {
+    let start = u64::from(index) * u64::from(meta.piece_size);
+    if index >= meta.piece_count() || start >= meta.size {
+        return None;
+    }
+    u32::try_from((meta.size - start).min(u64::from(meta.piece_size))).ok()
+}
+
+/// Cancels a spawned piece fetch when whoever waits for it goes away.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_origin_gets_only_what_no_peer_can_give() {
+        let missing = [1, 2, 3, 4, 5];
+        let held = |i: u32| i % 2 == 1; // peers hold 1, 3, 5
+        let mut failures = HashMap::new();
+        assert_eq!(origin_pieces(&missing, held, &failures), vec![2, 4]);
+        failures.insert(3, MAX_PIECE_FAILURES);
+        assert_eq!(origin_pieces(&missing, held, &failures), vec![2, 3, 4]);
+        // Every missing piece is held somewhere but the holders stalled: all of them.
+        assert_eq!(origin_pieces(&[1, 3], held, &HashMap::new()), vec![1, 3]);
+    }
+
+    #[test]
+    fn piece_lengths_follow_the_geometry() {
+        let meta = TaskMeta {
+            blob: shoal_proto::Digest::from_bytes([1; 32]),
+            size: 3 * 65536 + 5,
+            piece_size: 65536,
+        };
+        assert_eq!(piece_len(&meta, 0), Some(65536));
+        assert_eq!(piece_len(&meta, 3), Some(5));
+        assert_eq!(piece_len(&meta, 4), None);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Serialize;
 use shoal_proto::{
     Digest, OriginRef, Parent, RegisterTask, SchedulerReply, SchedulerRequest, TaskMeta,
@@ -35,7 +36,7 @@ pub struct TaskStatus {
     pub piece_size: Option<u32>,
     /// Number of pieces, once known.
     pub pieces: Option<u32>,
-    /// Pieces held now.
+    /// Pieces held now (stored, or staged while the piece table is not whole).
     pub held: u32,
     /// True once the whole blob matched its sha256.
     pub complete: bool,
@@ -66,6 +67,9 @@ pub(super) struct Inner {
     pub complete: bool,
     /// Parents pushed by the scheduler, for the driver to pick up.
     pub new_parents: Vec<Parent>,
+    /// Who published the streamed piece hashes the layout was built from (reported if the
+    /// blob then fails its sha256).
+    pub table_from: Option<shoal_proto::HostId>,
 }
 
 /// A download of one blob, shared by all its readers.
@@ -173,7 +177,8 @@ impl Task {
             )
         })?;
         let o = self.ctx.origins.get(&origin)?;
-        let size = source::stat(o.as_ref(), &self.blob).await?;
+        let idle = self.ctx.config.origin_idle_timeout();
+        let size = source::stat(o.as_ref(), &self.blob, &origin.reference, idle).await?;
         let mut meta = TaskMeta {
             blob: self.blob,
             size,
@@ -225,7 +230,55 @@ impl Task {
         let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
         self.ctx.store.ensure_blob(sd, Arc::clone(&layout)).await?;
         self.lock().layout = Some(layout);
+        self.move_staged().await;
         Ok(())
+    }
+
+    /// Takes a table built from streamed hashes: registers it with the store, and moves the
+    /// staged pieces in the background while the download goes on (they count as held and
+    /// are served from staging until they land).
+    pub(super) async fn adopt_streamed(
+        self: &Arc<Self>,
+        meta: &TaskMeta,
+        table: Vec<[u8; 32]>,
+    ) -> Result<(), PeerError> {
+        let sd = store_digest(&self.blob);
+        let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
+        let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
+        self.ctx.store.ensure_blob(sd, Arc::clone(&layout)).await?;
+        self.lock().layout = Some(layout);
+        tracing::info!(blob = %self.blob, "every piece hash known: piece table adopted");
+        // With the table whole, this peer can give it to holders found through the DHT.
+        if let Some(d) = &self.ctx.dht {
+            d.provide(self.blob);
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.move_staged().await });
+        Ok(())
+    }
+
+    /// Moves staged pieces into the store now that it has the whole table (it verifies each
+    /// again: one staged under a hash the table contradicts is dropped).
+    async fn move_staged(&self) {
+        let staging = &self.ctx.staging;
+        let Some((_, pieces)) = staging.held(&self.blob) else {
+            return;
+        };
+        let sd = store_digest(&self.blob);
+        let moves = pieces.into_iter().map(|i| async move {
+            if let Some((bytes, _)) = staging.piece(&self.blob, i) {
+                if let Err(e) = self.ctx.store.put_piece(sd, i, bytes).await {
+                    tracing::warn!(blob = %self.blob, piece = i, error = %e, "staged piece not stored");
+                }
+            }
+            staging.take(&self.blob, i);
+        });
+        futures::stream::iter(moves)
+            .buffer_unordered(4)
+            .for_each(|()| async {})
+            .await;
+        staging.remove(&self.blob);
+        self.notify();
     }
 
     /// The announcement that tells a scheduler what this peer knows and holds of the blob.
@@ -363,8 +416,12 @@ impl Task {
                     if let Err(e) = task.wait_piece(index).await {
                         return Some((Err(e), (task, end)));
                     }
+                    // The store reads (and verifies) the whole piece: room for it, taken only
+                    // once it is held, and kept until the reader has the bytes (budget.rs).
+                    let whole = ps.min(meta.size - u64::from(index) * ps);
+                    let room = task.ctx.transport.budget().download(whole).await;
                     match task.ctx.store.read_range(sd, pos, len).await {
-                        Ok(bytes) => return Some((Ok(bytes), (task, pos + len))),
+                        Ok(bytes) => return Some((Ok(room.attach(bytes)), (task, pos + len))),
                         Err(e)
                             if (e.is_not_present() || e.is_corrupt()) && tries < READ_RETRIES =>
                         {
@@ -384,6 +441,13 @@ impl Task {
             .store
             .blob_status(&store_digest(&self.blob))
             .map_or(0, |s| s.held.count());
+        // Pieces staged while the piece table is not whole yet count as held too.
+        let staged = self
+            .ctx
+            .staging
+            .held(&self.blob)
+            .map_or(0, |(_, p)| p.len() as u32);
+        let held = held + staged;
         let inner = self.lock();
         TaskStatus {
             blob: self.blob.to_string(),

@@ -132,6 +132,8 @@ impl Task {
             }
             Err(e) => {
                 tracing::warn!(blob = %self.blob, error = %e, "streamed first fetch failed");
+                // Recorded for the task status, which clients read when their stream breaks.
+                self.lock().failure = Some(e.to_string());
                 let _ = tx.send(Err(e)).await;
                 self.release();
             }
@@ -148,8 +150,18 @@ impl Task {
         tx: &mpsc::Sender<Result<Bytes, PeerError>>,
     ) -> Result<(PieceLayout, Option<Bytes>), PeerError> {
         let o = self.ctx.origins.get(origin)?;
-        let mut stream =
-            shoal_origin::Origin::read(o.as_ref(), &origin_digest(&self.blob)?).await?;
+        let (label, idle) = (
+            origin.reference.as_str(),
+            self.ctx.config.origin_idle_timeout(),
+        );
+        let blob = self.blob;
+        let digest = origin_digest(&blob)?;
+        let read = shoal_origin::Origin::read(o.as_ref(), &digest);
+        let mut stream = match tokio::time::timeout(idle, read).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(PeerError::download(blob, format!("origin {label}: {e}"))),
+            Err(_) => return Err(super::source::silent(&blob, label, idle, "the blob")),
+        };
         let (itx, irx) = mpsc::channel::<std::io::Result<Bytes>>(IMPORT_QUEUE);
         let import = self.ctx.store.import_blob(
             store_digest(&self.blob),
@@ -160,12 +172,18 @@ impl Task {
             let mut pos = 0u64;
             let mut held: Option<Bytes> = None;
             let mut reader_gone = false;
-            while let Some(chunk) = stream.next().await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    Err(e) => {
+            loop {
+                let chunk = match tokio::time::timeout(idle, stream.next()).await {
+                    Ok(Some(Ok(c))) => c,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
                         let _ = itx.send(Err(std::io::Error::other(e.to_string()))).await;
-                        return Err(PeerError::from(e));
+                        return Err(PeerError::download(blob, format!("origin {label}: {e}")));
+                    }
+                    Err(_) => {
+                        let e = super::source::silent(&blob, label, idle, "the blob");
+                        let _ = itx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return Err(e);
                     }
                 };
                 let at = pos;

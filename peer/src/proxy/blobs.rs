@@ -18,6 +18,7 @@ use super::mirror::Upstream;
 use super::passthrough;
 use super::server::State;
 use super::{full, Body};
+use crate::api::cached;
 use crate::api::range::{parse_range, RangeAsk};
 use crate::download::RangeStream;
 
@@ -85,7 +86,7 @@ pub(crate) async fn serve(
             .map_err(|never| match never {})
             .boxed_unsync()
     } else {
-        let stream = match task.read_streaming(start, end).await {
+        let stream = match cached::read(&task, &state.store, blob, start, end, true).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%blob, error = %e, "swarm read failed; passing through to upstream");

@@ -13,7 +13,8 @@
 //!        |                                                     unchanged (401 challenges too)
 //!        v
 //!  blobs.rs: Downloader::open(digest) (one task per digest, shared by every client and every
-//!   repository) -> Range: 206 from the covering pieces, 416, or 200 -> stream as pieces arrive
+//!   repository) -> Range: 206 from the covering pieces, 416, or 200 -> api/cached.rs: held
+//!   pieces read and verified ahead on the blocking pool, else streamed as pieces arrive
 //!   (first fetch of a plain OCI blob: origin bytes teed into the store, download/tee.rs)
 //!   -> if the swarm fails, the rest of the request comes from the upstream
 //! ```
@@ -23,6 +24,7 @@ mod blobs;
 mod mirror;
 mod passthrough;
 mod server;
+mod stats;
 
 use std::net::SocketAddr;
 
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use server::start;
 pub use server::ProxyServer;
+pub use stats::{ProxyStats, RequestLabels};
 
 /// Response body of the proxy: streamed, boxed.
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;

@@ -6,12 +6,16 @@
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use http::{header, HeaderMap, HeaderName, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 
 use super::mirror::{Upstream, UPSTREAM_HEADER};
 use super::server::State;
 use super::{registry_error, Body};
+
+/// Upstream answers up to this size are read whole before the client gets them: one write of
+/// head and body instead of a write per part (and a wakeup per chunk) on the latency path.
+const WHOLE_UP_TO: u64 = 256 << 10;
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1): never forwarded either way.
 const HOP_BY_HOP: [&str; 8] = [
@@ -77,7 +81,7 @@ pub(crate) async fn forward(
         rb = rb.body(body);
     }
     match rb.send().await {
-        Ok(resp) => relay(resp),
+        Ok(resp) => relay(resp).await,
         Err(e) => {
             tracing::info!(upstream = %up.host, path = parts.uri.path(), error = %e, "upstream unreachable");
             registry_error(
@@ -89,8 +93,10 @@ pub(crate) async fn forward(
     }
 }
 
-/// An upstream answer as the client gets it: status, headers (minus hop-by-hop), streamed body.
-pub(crate) fn relay(resp: reqwest::Response) -> Response<Body> {
+/// An upstream answer as the client gets it: status, headers (minus hop-by-hop), and the body:
+/// a small one (manifests, tokens, errors) read whole and sent with the head in one write, a
+/// larger one streamed.
+pub(crate) async fn relay(resp: reqwest::Response) -> Response<Body> {
     let status = resp.status();
     let mut headers = HeaderMap::with_capacity(resp.headers().len());
     for (name, value) in resp.headers() {
@@ -98,11 +104,25 @@ pub(crate) fn relay(resp: reqwest::Response) -> Response<Body> {
             headers.append(name.clone(), value.clone());
         }
     }
-    let frames = resp
-        .bytes_stream()
-        .map_ok(Frame::data)
-        .map_err(std::io::Error::other);
-    let mut out = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
+    let body = if resp.content_length().is_some_and(|n| n <= WHOLE_UP_TO) {
+        match resp.bytes().await {
+            Ok(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
+            Err(e) => {
+                return registry_error(
+                    StatusCode::BAD_GATEWAY,
+                    "UNAVAILABLE",
+                    &format!("the upstream registry's answer broke off: {e}"),
+                )
+            }
+        }
+    } else {
+        let frames = resp
+            .bytes_stream()
+            .map_ok(Frame::data)
+            .map_err(std::io::Error::other);
+        BodyExt::boxed_unsync(StreamBody::new(frames))
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out

@@ -11,12 +11,13 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use shoal_store::AsyncStore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::authz::Authz;
 use super::mirror::{blob_route, Upstream};
-use super::{blobs, passthrough, registry_error, Body, ProxyConfig};
+use super::{blobs, passthrough, registry_error, Body, ProxyConfig, ProxyStats};
 use crate::download::Downloader;
 use crate::error::PeerError;
 
@@ -29,6 +30,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct State {
     pub cfg: ProxyConfig,
     pub downloader: Arc<Downloader>,
+    /// The node's store: blobs it holds are served straight from it (api/cached.rs).
+    pub store: AsyncStore,
     /// Upstream client for pass-through and permission checks: redirects go back to the client.
     pub http: reqwest::Client,
     /// Upstream client for the swarm's fallback reads: follows redirects to blob storage
@@ -36,12 +39,14 @@ pub(crate) struct State {
     pub http_follow: reqwest::Client,
     pub plain_http: HashSet<String>,
     pub authz: Authz,
+    pub stats: ProxyStats,
 }
 
 /// A running proxy.
 #[derive(Debug)]
 pub struct ProxyServer {
     addr: SocketAddr,
+    stats: ProxyStats,
     stop: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
     /// Closed once every connection task has ended.
@@ -53,6 +58,11 @@ impl ProxyServer {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The request counters (for `/metrics`).
+    pub fn stats(&self) -> &ProxyStats {
+        &self.stats
     }
 
     /// Stops accepting, asks every connection to finish its requests in flight, and waits for
@@ -81,6 +91,7 @@ pub(crate) async fn start(
     cfg: ProxyConfig,
     plain_http: &[String],
     downloader: Arc<Downloader>,
+    store: AsyncStore,
     identity: &Arc<shoal_tls::NodeIdentity>,
 ) -> Result<ProxyServer, PeerError> {
     let tls = if cfg.tls {
@@ -109,8 +120,11 @@ pub(crate) async fn start(
         plain_http: plain_http.iter().cloned().collect(),
         authz: Authz::new(Duration::from_secs(cfg.authz_cache_secs)),
         downloader,
+        store,
         cfg: cfg.clone(),
+        stats: ProxyStats::default(),
     });
+    let stats = state.stats.clone();
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| PeerError::io("bind registry proxy on", cfg.listen, e))?;
@@ -123,6 +137,7 @@ pub(crate) async fn start(
     tracing::info!(%addr, tls = cfg.tls, "registry proxy listening");
     Ok(ProxyServer {
         addr,
+        stats,
         stop,
         accept,
         drained: tokio::sync::Mutex::new(drained),
@@ -226,12 +241,17 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         &state.plain_http,
     ) {
         Ok(u) => u,
-        Err(why) => return registry_error(StatusCode::BAD_REQUEST, "UNSUPPORTED", &why),
+        Err(why) => {
+            state.stats.record("invalid", StatusCode::BAD_REQUEST);
+            return registry_error(StatusCode::BAD_REQUEST, "UNSUPPORTED", &why);
+        }
     };
     let is_read = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let path = req.uri().path().to_string();
-    match blob_route(&path) {
-        Some((name, blob)) if is_read => blobs::serve(state, req, &up, name, blob).await,
-        _ => passthrough::forward(state, req, &up).await,
-    }
+    let (route, resp) = match blob_route(&path) {
+        Some((name, blob)) if is_read => ("blob", blobs::serve(state, req, &up, name, blob).await),
+        _ => ("passthrough", passthrough::forward(state, req, &up).await),
+    };
+    state.stats.record(route, resp.status());
+    resp
 }

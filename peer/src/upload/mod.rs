@@ -1,6 +1,8 @@
 //! The piece server: other peers connect over mutual-TLS QUIC, say Hello, and ask for pieces or
 //! for the set of pieces held. Only pieces read (and so verified) from the store are served, the
-//! pieces of a blob still downloading included; upload slots and a rate limit bound the load.
+//! pieces of a blob still downloading included; upload slots and a rate limit bound the load,
+//! and the peer's piece memory budget (budget.rs) bounds the piece bytes read for uploading:
+//! when it is full the asker is told "busy" rather than kept waiting.
 
 mod limit;
 
@@ -8,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shoal_proto::{
-    server_handshake, write_piece, Codec, PieceError, PieceErrorCode, PieceHeader, PieceReply,
-    PieceRequest, Role,
+    server_handshake, Codec, PieceError, PieceErrorCode, PieceHeader, PieceReply, PieceRequest,
+    Role,
 };
 use shoal_store::AsyncStore;
 use tokio::sync::Semaphore;
 
+use crate::budget::PieceBudget;
 use crate::convert::{store_digest, wire_set};
 use crate::transport::{check_hello, Transport};
 
@@ -29,7 +32,7 @@ pub struct UploadStats {
     pub pieces: AtomicU64,
     /// Piece bytes served.
     pub bytes: AtomicU64,
-    /// Requests refused because every slot was in use.
+    /// Requests refused because every slot was in use or the piece memory budget was full.
     pub busy: AtomicU64,
     /// Connections refused (bad Hello or certificate).
     pub refused: AtomicU64,
@@ -42,22 +45,111 @@ pub(crate) struct Uploader {
     slots: Arc<Semaphore>,
     slot_count: u32,
     limiter: RateLimiter,
+    budget: PieceBudget,
+    /// Verified pieces of blobs whose piece table is not whole yet (download/staging.rs).
+    staging: std::sync::OnceLock<Arc<crate::download::Staging>>,
     /// For tests only: flip a byte of every piece served.
     corrupt: bool,
     pub stats: Arc<UploadStats>,
 }
 
 impl Uploader {
-    /// An uploader over `store` with `slots` concurrent uploads and a rate limit.
-    pub fn new(store: AsyncStore, slots: u32, bytes_per_sec: u64, corrupt: bool) -> Self {
+    /// An uploader over `store` with `slots` concurrent uploads, a rate limit, and the peer's
+    /// piece memory budget.
+    pub fn new(
+        store: AsyncStore,
+        slots: u32,
+        bytes_per_sec: u64,
+        corrupt: bool,
+        budget: PieceBudget,
+    ) -> Self {
         Uploader {
             store,
             slots: Arc::new(Semaphore::new(slots as usize)),
             slot_count: slots,
             limiter: RateLimiter::new(bytes_per_sec),
+            budget,
+            staging: std::sync::OnceLock::new(),
             corrupt,
             stats: Arc::default(),
         }
+    }
+
+    /// Serves staged pieces too (pieces of blobs whose piece table is not whole yet).
+    pub fn serve_staged(&self, staging: Arc<crate::download::Staging>) {
+        let _ = self.staging.set(staging);
+    }
+
+    /// Held pieces of `blob`: in the store, plus staged ones.
+    fn held_reply(&self, blob: &shoal_proto::Digest) -> PieceReply {
+        let staged = self.staging.get().and_then(|s| s.held(blob));
+        let stored = self.store.blob_status(&store_digest(blob));
+        let set = match (stored, staged) {
+            (Some(status), staged) => wire_set(&status.held).map(|mut set| {
+                for i in staged.map(|s| s.1).unwrap_or_default() {
+                    let _ = set.insert(i);
+                }
+                set
+            }),
+            (None, Some((count, pieces))) => shoal_proto::PieceSet::empty(count)
+                .map_err(crate::PeerError::from)
+                .map(|mut set| {
+                    for i in pieces {
+                        let _ = set.insert(i);
+                    }
+                    set
+                }),
+            (None, None) => {
+                return PieceReply::Error(PieceError::new(
+                    PieceErrorCode::NotHeld,
+                    format!("{blob} is not held here"),
+                ))
+            }
+        };
+        match set {
+            Ok(set) => PieceReply::Held(set),
+            Err(e) => PieceReply::Error(PieceError::new(PieceErrorCode::Internal, e.to_string())),
+        }
+    }
+
+    /// Sends a staged piece, if there is one (verified when staged, kept in memory).
+    async fn send_staged(
+        &self,
+        codec: &Codec,
+        send: &mut quinn::SendStream,
+        blob: shoal_proto::Digest,
+        index: u32,
+    ) -> Option<Result<(), shoal_proto::ProtoError>> {
+        let (mut bytes, hash) = self.staging.get()?.piece(&blob, index)?;
+        let len = u32::try_from(bytes.len()).ok()?;
+        if self.corrupt {
+            let mut bad = bytes.to_vec();
+            if let Some(b) = bad.get_mut(len as usize / 2) {
+                *b ^= 0x01;
+            }
+            bytes = bytes::Bytes::from(bad);
+        }
+        self.limiter.take(u64::from(len)).await;
+        let header = PieceHeader {
+            blob,
+            index,
+            len,
+            hash,
+        };
+        let sent = async {
+            codec.write(send, &PieceReply::Piece(header)).await?;
+            send.write_chunk(bytes)
+                .await
+                .map_err(|e| shoal_proto::ProtoError::from(std::io::Error::from(e)))
+        }
+        .await;
+        if sent.is_ok() {
+            self.stats.pieces.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+        }
+        Some(sent)
     }
 
     /// Upload slots free right now.
@@ -130,19 +222,7 @@ impl Uploader {
         };
         let outcome = match request {
             PieceRequest::HeldPieces { blob } => {
-                let reply = match self.store.blob_status(&store_digest(&blob)) {
-                    Some(status) => match wire_set(&status.held) {
-                        Ok(set) => PieceReply::Held(set),
-                        Err(e) => PieceReply::Error(PieceError::new(
-                            PieceErrorCode::Internal,
-                            e.to_string(),
-                        )),
-                    },
-                    None => PieceReply::Error(PieceError::new(
-                        PieceErrorCode::NotHeld,
-                        format!("{blob} is not held here"),
-                    )),
-                };
+                let reply = self.held_reply(&blob);
                 codec.write(&mut send, &reply).await
             }
             PieceRequest::GetPiece { blob, index } => {
@@ -189,13 +269,27 @@ impl Uploader {
         index: u32,
     ) -> Result<(), shoal_proto::ProtoError> {
         let refuse = |code, msg: String| PieceReply::Error(PieceError::new(code, msg));
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+        let busy = |why: &str| {
             self.stats.busy.fetch_add(1, Ordering::Relaxed);
-            let mut e = PieceError::new(PieceErrorCode::Busy, "all upload slots are in use");
+            let mut e = PieceError::new(PieceErrorCode::Busy, why);
             e.retry_after_ms = BUSY_RETRY_MS;
-            return codec.write(send, &PieceReply::Error(e)).await;
+            PieceReply::Error(e)
+        };
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return codec
+                .write(send, &busy("all upload slots are in use"))
+                .await;
         };
         let digest = store_digest(&blob);
+        let stored = self
+            .store
+            .blob_status(&digest)
+            .is_some_and(|s| s.held.contains(index));
+        if !stored {
+            if let Some(sent) = self.send_staged(codec, send, blob, index).await {
+                return sent;
+            }
+        }
         let Some(status) = self.store.blob_status(&digest) else {
             return codec
                 .write(
@@ -218,6 +312,15 @@ impl Uploader {
                 )
                 .await;
         };
+        let len = status.layout.piece_len(index).unwrap_or(0);
+        // Room for the piece before it is read (else "busy"); then the rate limit, waited for
+        // with the room held but nothing read yet, so a queue of uploads costs no memory.
+        let Some(room) = self.budget.try_upload(len) else {
+            return codec
+                .write(send, &busy("the piece memory budget is full"))
+                .await;
+        };
+        self.limiter.take(len).await;
         // The store verifies the bytes against the piece table as it reads them.
         let bytes = match self.store.read_piece(digest, index).await {
             Ok(b) => b,
@@ -247,7 +350,6 @@ impl Uploader {
                 )
                 .await;
         };
-        self.limiter.take(u64::from(len)).await;
         let header = PieceHeader {
             blob,
             index,
@@ -263,7 +365,12 @@ impl Uploader {
         } else {
             bytes
         };
-        write_piece(codec, send, &header, &body).await?;
+        // The header frame, then the bytes handed to QUIC without a copy; the room goes with
+        // them until QUIC has sent them and lets go.
+        codec.write(send, &PieceReply::Piece(header)).await?;
+        send.write_chunk(room.attach(body))
+            .await
+            .map_err(|e| shoal_proto::ProtoError::from(std::io::Error::from(e)))?;
         self.stats.pieces.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes

@@ -55,6 +55,19 @@ enum Done {
     },
 }
 
+/// Where a layer reader puts file content: the pipeline that builds an image, or an in-memory
+/// hasher that only checks a layer (`scan_layer`).
+pub(crate) trait ChunkSink {
+    /// Reads exactly `size` bytes of one file from `r` and returns its chunks.
+    fn add_file(&mut self, r: &mut dyn Read, size: u64, what: &str) -> Result<FileChunks>;
+}
+
+impl ChunkSink for Chunker {
+    fn add_file(&mut self, r: &mut dyn Read, size: u64, what: &str) -> Result<FileChunks> {
+        Chunker::add_file(self, r, size, what)
+    }
+}
+
 /// The running chunk pipeline.
 pub(crate) struct Chunker {
     chunk_size: usize,

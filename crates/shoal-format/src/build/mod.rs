@@ -4,6 +4,7 @@
 //! Data path by module: `source` (what to read) -> `layer` (tar stream) -> `flatten` (tree) ->
 //! `chunker` (BLAKE3 + zstd into a spill file) -> `meta` (inodes, chunk table) -> `blob` (final data
 //! blob, prefetched files first) -> `oci` (manifest). `dict` supplies chunks of earlier images.
+//! `scan` runs `layer` -> `flatten` with chunks hashed in memory, writing nothing (a layer check).
 
 mod blob;
 mod chunker;
@@ -11,10 +12,12 @@ mod dict;
 mod flatten;
 mod layer;
 mod meta;
+mod scan;
 mod source;
 mod sparse;
 
 pub(crate) use blob::PieceHasher;
+pub use scan::{scan_layer, LayerScan};
 pub use source::Source;
 
 use std::collections::{HashMap, HashSet};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256 as Sha};
 
-use super::chunker::Chunker;
+use super::chunker::{ChunkSink, Chunker};
 use super::flatten::{Attr, Entry, EntryKind, FileChunks, Tree};
 use super::layer::TarReader;
 use crate::error::{Error, Result};
@@ -153,12 +153,12 @@ impl<R: Read> DigestReader<R> {
 }
 
 /// Applies one (possibly compressed) tar layer; returns the uncompressed bytes read.
-fn apply_tar<R: Read>(
+pub(super) fn apply_tar<R: Read>(
     r: R,
     name: &str,
     layer: u32,
     tree: &mut Tree,
-    chunker: &mut Chunker,
+    chunker: &mut dyn ChunkSink,
 ) -> Result<u64> {
     let io_err = |e: io::Error| Error::BadEntry {
         layer: name.to_string(),

@@ -1,0 +1,281 @@
+//! The read path of a blob range, for the local API and the registry proxy. When the store holds
+//! every piece of the range, the pieces are read and verified ahead on the blocking pool, a few
+//! at a time, so both cores work while the current piece is being sent; each read lands in a
+//! buffer reused across the stream and goes to hyper as `Bytes` without a copy. Nothing is
+//! yielded before its piece matched its BLAKE3 digest. A piece that vanished or failed
+//! verification meanwhile sends the rest of the range through the blob's task, which fetches it
+//! again. Otherwise the task streams the range as pieces arrive.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use shoal_proto::Digest;
+use shoal_store::{AsyncStore, BlobReader, PieceLayout};
+
+use crate::convert::store_digest;
+use crate::download::{RangeStream, Task};
+use crate::error::PeerError;
+
+/// Bytes read ahead of the client per response (at least two reads).
+const READ_AHEAD: u64 = 16 << 20;
+/// Read buffers of all responses together (in flight, or queued until hyper has sent them) stay
+/// under this; a response's next read waits for room. Reads take room in their response's order,
+/// so the read a response waits on always gets it once earlier ones are sent.
+const READ_BUDGET: u64 = 256 << 20;
+/// The budget's unit.
+const BUDGET_UNIT: u64 = 64 << 10;
+static BUDGET: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new((READ_BUDGET / BUDGET_UNIT) as usize);
+/// One blocking read covers whole pieces adding up to at least this much.
+const READ_BYTES: u64 = 4 << 20;
+
+/// Bytes `start..end` of `task`'s blob: from the store with read-ahead when it holds them all,
+/// else as the task delivers them (`streaming`: [`Task::read_streaming`], which tees a first
+/// fetch from the origin; else [`Task::read_range`]).
+pub(crate) async fn read(
+    task: &Arc<Task>,
+    store: &AsyncStore,
+    blob: Digest,
+    start: u64,
+    end: u64,
+    streaming: bool,
+) -> Result<RangeStream, PeerError> {
+    if let Some(held) = held(store, blob, start, end) {
+        return Ok(with_task_fallback(held, Arc::clone(task), end));
+    }
+    if streaming {
+        task.read_streaming(start, end).await
+    } else {
+        task.read_range(start, end)
+    }
+}
+
+/// A failed read-ahead: where its bytes began and why.
+type Failed = (u64, PeerError);
+
+/// The range from the store, if it holds every covering piece now (memory only: no I/O yet).
+fn held(
+    store: &AsyncStore,
+    blob: Digest,
+    start: u64,
+    end: u64,
+) -> Option<impl Stream<Item = Result<Bytes, Failed>> + Send + 'static> {
+    let digest = store_digest(&blob);
+    let status = store.blob_status(&digest)?;
+    let layout = Arc::clone(&status.layout);
+    if start >= end || end > layout.size() {
+        return None;
+    }
+    let pieces = layout.pieces_for_range(start, end - start);
+    if status.held.first_missing(pieces.clone()).is_some() {
+        return None;
+    }
+    let reader = store.store().blob_reader(&digest).ok()?;
+    if reader.layout() != &layout {
+        return None;
+    }
+    let reads = plan(&layout, pieces);
+    let per_read = reads.first().map_or(READ_BYTES, |r| span(&layout, r).1);
+    let depth = (READ_AHEAD / per_read.max(1)).clamp(2, 16) as usize;
+    let (reader, pool) = (Arc::new(reader), Arc::new(Pool::default()));
+    let budget_of = {
+        let layout = Arc::clone(&layout);
+        move |pieces: &Range<u32>| {
+            let units = span(&layout, pieces).1.div_ceil(BUDGET_UNIT);
+            units.clamp(1, READ_BUDGET / BUDGET_UNIT) as u32
+        }
+    };
+    let stream = futures::stream::iter(reads)
+        .then(move |pieces| {
+            let units = budget_of(&pieces);
+            async move { (pieces, BUDGET.acquire_many(units).await.ok()) }
+        })
+        .map(move |(pieces, permit)| {
+            let (reader, pool) = (Arc::clone(&reader), Arc::clone(&pool));
+            async move {
+                let (at, len) = span(reader.layout(), &pieces);
+                // The client's share of this read: all of it but at the range's two ends.
+                let from = start.saturating_sub(at) as usize;
+                let to = (end.min(at + len) - at) as usize;
+                let pos = at.max(start);
+                let mut buf = pool.take(len as usize);
+                let filled = tokio::task::spawn_blocking(move || {
+                    read_pieces(&reader, pieces, at, &mut buf).map(|()| buf)
+                })
+                .await;
+                match filled {
+                    Ok(Ok(buf)) => {
+                        let lent = Pooled {
+                            buf,
+                            pool,
+                            _permit: permit,
+                        };
+                        Ok(Bytes::from_owner(lent).slice(from..to))
+                    }
+                    Ok(Err(e)) => Err((pos, e.into())),
+                    Err(e) => Err((pos, PeerError::download(blob, format!("read task: {e}")))),
+                }
+            }
+        })
+        .buffered(depth);
+    Some(stream)
+}
+
+/// Cuts `pieces` into runs of whole pieces of at least [`READ_BYTES`] (the last may be less).
+fn plan(layout: &PieceLayout, pieces: Range<u32>) -> Vec<Range<u32>> {
+    let per = (READ_BYTES / u64::from(layout.piece_size()).max(1)).max(1) as u32;
+    let mut out = Vec::with_capacity(pieces.len().div_ceil(per as usize));
+    let mut first = pieces.start;
+    while first < pieces.end {
+        let last = first.saturating_add(per).min(pieces.end);
+        out.push(first..last);
+        first = last;
+    }
+    out
+}
+
+/// Blob offset and length of a run of pieces.
+fn span(layout: &PieceLayout, pieces: &Range<u32>) -> (u64, u64) {
+    let at = layout.piece_offset(pieces.start);
+    let len = (pieces.start..pieces.end)
+        .map(|i| layout.piece_len(i).unwrap_or(0))
+        .sum();
+    (at, len)
+}
+
+/// Reads a run of pieces, each verified, into `buf` (the run's length, starting at blob offset `at`).
+fn read_pieces(
+    reader: &BlobReader,
+    pieces: Range<u32>,
+    at: u64,
+    buf: &mut [u8],
+) -> Result<(), shoal_store::Error> {
+    let layout = Arc::clone(reader.layout());
+    for i in pieces {
+        let off = (layout.piece_offset(i) - at) as usize;
+        let len = layout.piece_len(i).unwrap_or(0) as usize;
+        let out = buf
+            .get_mut(off..off + len)
+            .ok_or_else(|| shoal_store::Error::OutOfRange {
+                item: format!("piece {i}"),
+                reason: "outside the read buffer".into(),
+            })?;
+        reader.read_piece_into(i, out)?;
+    }
+    Ok(())
+}
+
+/// The store's stream, then, if a read fails, the rest of the range through the task.
+fn with_task_fallback(
+    held: impl Stream<Item = Result<Bytes, Failed>> + Send + 'static,
+    task: Arc<Task>,
+    end: u64,
+) -> RangeStream {
+    enum Src<S> {
+        Held(std::pin::Pin<Box<S>>),
+        Task(RangeStream),
+    }
+    let stream = futures::stream::unfold(Some(Src::Held(Box::pin(held))), move |src| {
+        let task = Arc::clone(&task);
+        async move {
+            match src? {
+                Src::Held(mut s) => match s.next().await {
+                    Some(Ok(b)) => Some((Ok(b), Some(Src::Held(s)))),
+                    None => None,
+                    Some(Err((pos, e))) => {
+                        tracing::info!(blob = %task.blob(), at = pos, error = %e, "cached read failed; rest through the swarm");
+                        match task.read_range(pos, end) {
+                            Ok(mut t) => match t.next().await {
+                                Some(item) => {
+                                    let go_on = item.is_ok();
+                                    Some((item, go_on.then_some(Src::Task(t))))
+                                }
+                                None => None,
+                            },
+                            Err(e) => Some((Err(e), None)),
+                        }
+                    }
+                },
+                Src::Task(mut t) => match t.next().await {
+                    Some(item) => {
+                        let go_on = item.is_ok();
+                        Some((item, go_on.then_some(Src::Task(t))))
+                    }
+                    None => None,
+                },
+            }
+        }
+    });
+    Box::pin(stream)
+}
+
+/// Read buffers of one response, reused once hyper has sent (and dropped) them.
+#[derive(Default)]
+struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    /// Buffers kept for reuse (outside the budget): a response reuses one as soon as hyper has
+    /// sent it, so few wait here.
+    const KEEP: usize = 2;
+
+    /// A buffer of `len` bytes (zeroed only where it grows).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self
+            .free
+            .lock()
+            .map(|mut f| f.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+}
+
+/// A filled buffer lent to hyper; back to the pool (and its room back to the budget) when the
+/// last `Bytes` of it is dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<Pool>,
+    _permit: Option<tokio::sync::SemaphorePermit<'static>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.pool.free.lock() {
+            if free.len() < Pool::KEEP {
+                free.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_store::{Blake3Hash, BlobDigest};
+
+    #[test]
+    fn plans_whole_piece_runs() {
+        let hashes = |n| vec![Blake3Hash::from_bytes([0; 32]); n];
+        let d = BlobDigest::from_bytes([1; 32]);
+        let small = PieceLayout::new(&d, (1 << 20) + 5, 64 << 10, hashes(17)).unwrap();
+        let runs = plan(&small, 0..17);
+        assert_eq!(runs, vec![0..17]);
+        assert_eq!(span(&small, &runs[0]), (0, (1 << 20) + 5));
+        let big = PieceLayout::new(&d, 10 << 20, 4 << 20, hashes(3)).unwrap();
+        let runs = plan(&big, 1..3);
+        assert_eq!(runs, vec![1..2, 2..3]);
+        assert_eq!(span(&big, &runs[1]), (8 << 20, 2 << 20));
+    }
+}
