@@ -683,10 +683,23 @@ fn registry_faults_end_in_right_bytes_or_a_clear_bounded_failure() {
         } else if name == "slow" {
             assert_ok(&got, &digest, "a slow origin body", &c);
         }
-        assert!(
-            egress <= 40 * len as u64,
-            "{name}: origin egress {egress} B"
-        );
+        // Wrong bytes from the origin are fetched whole at most twice by the seed (two orders
+        // from the scheduler) and once by the peer (its get then fails), not again and again
+        // (peer/src/download/driver.rs, `ORIGIN_MISMATCH_ATTEMPTS`).
+        let bound = match name {
+            "flip" => 3 * len as u64 + MIB as u64,
+            _ => 40 * len as u64,
+        };
+        assert!(egress <= bound, "{name}: origin egress {egress} B");
+        if name == "flip" {
+            assert!(
+                got.stderr
+                    .contains("the origin's bytes do not match the digest")
+                    && got.stderr.contains(&digest),
+                "flip: the failure does not say the origin's bytes are wrong: {}",
+                brief(&got.stderr)
+            );
+        }
         // The fault lifted, the same blob arrives intact.
         c.relay.set_fault(Fault::Pass);
         let got = c.get(&c.sockets[0], &digest, &out, GET_BOUND);
@@ -1381,8 +1394,10 @@ fn registry_down_under_a_fuse_mount_cached_reads_work_uncached_fail_in_bound() {
             Ok(_) => panic!("{what}: an uncached read gave wrong bytes"),
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
         }
+        // One fetch timeout, not two: the kernel's retry of the failed readahead (a 4 KiB read
+        // of the same chunk) fails at once (fs/src/read.rs remembers the timed-out chunk).
         assert!(
-            secs <= 2.0 * timeout as f64 + 2.0,
+            secs <= timeout as f64 + 1.0,
             "{what}: the uncached read took {secs:.1} s (fetch timeout {timeout} s)"
         );
         // Metadata comes from the bootstrap: listing and stat still work.

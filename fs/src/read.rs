@@ -6,7 +6,8 @@
 //! A chunk that fails verification is dropped, its source told, and it is fetched again straight
 //! from the origin; a second failure is an I/O error. Wrong bytes never leave this module. Every
 //! read ends by its deadline (`fetch_timeout_secs`), so an unreachable network means EIO, not a
-//! hang.
+//! hang; a chunk whose fetch just timed out fails at once for a few seconds, so the kernel's
+//! retry of a failed read does not double the wait.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,14 @@ use crate::verify::decode_chunk;
 
 /// Largest stored form of a chunk we accept (chunks are at most 16 MiB uncompressed).
 const MAX_STORED: u32 = 32 << 20;
+
+/// How long a chunk whose fetch just timed out fails at once (capped by the fetch timeout): the
+/// kernel retries a failed 1 MiB readahead with a 4 KiB read of the same page, which must not
+/// wait a second full timeout on a hung origin.
+const RECENT_TIMEOUT_HOLD: Duration = Duration::from_secs(5);
+
+/// Most chunks remembered as recently timed out (a bound on the map, not a tuning knob).
+const RECENT_TIMEOUT_MAX: usize = 4096;
 
 /// Why a read failed (the reader sees EIO).
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +86,8 @@ pub struct Reader {
     max_request: u64,
     max_gap: u64,
     inflight: Flights,
+    /// Chunks whose fetch timed out lately, and until when a read of them fails at once.
+    timed_out: std::sync::Mutex<HashMap<[u8; 32], Instant>>,
     /// Set at unmount: no new fetch-ahead work starts.
     closed: std::sync::atomic::AtomicBool,
     /// Fetch-ahead loads running now (unmount waits for them before stopping the runtime).
@@ -144,6 +155,7 @@ impl Reader {
             max_request: parts.max_request,
             max_gap: parts.max_gap,
             inflight: Flights::default(),
+            timed_out: Default::default(),
             closed: Default::default(),
             ahead_running: Default::default(),
             metrics: parts.metrics,
@@ -323,7 +335,20 @@ impl Reader {
             }
         }
         self.metrics.cache_hits.inc_by(ready.len() as u64);
+        // Checked under the flights: a reader that waited for a fetch which just timed out fails
+        // now instead of starting another full wait on the same source.
+        if let Some(c) = self.recently_timed_out(&still) {
+            tracing::info!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob),
+                "chunk fetch timed out moments ago; failing this read at once");
+            return Err(ReadError::Timeout {
+                blob: self.blob_name(c.blob),
+                secs: self.timeout.as_secs(),
+            });
+        }
         let fetched = self.fetch(&still, deadline);
+        if matches!(fetched, Err(ReadError::Timeout { .. })) {
+            self.remember_timed_out(&still);
+        }
         drop(guards);
         let mut fetched = fetched?;
         fetched.extend(ready);
@@ -342,6 +367,34 @@ impl Reader {
                 })
             })
             .collect()
+    }
+
+    /// The first of `chunks` whose fetch timed out less than the hold ago, if any.
+    fn recently_timed_out(&self, chunks: &[ChunkView]) -> Option<ChunkView> {
+        let map = self.timed_out.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        chunks
+            .iter()
+            .find(|c| map.get(&c.hash).is_some_and(|until| *until > now))
+            .copied()
+    }
+
+    /// Remembers that fetching `chunks` just timed out (bounded: expired entries go first, and
+    /// when still full the map starts over, which only costs a retry a full wait).
+    fn remember_timed_out(&self, chunks: &[ChunkView]) {
+        let now = Instant::now();
+        let until = now + self.timeout.min(RECENT_TIMEOUT_HOLD);
+        let mut map = self.timed_out.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, u| *u > now);
+        if map.len() + chunks.len() > RECENT_TIMEOUT_MAX {
+            map.clear();
+        }
+        for c in chunks.iter().take(RECENT_TIMEOUT_MAX) {
+            map.insert(c.hash, until);
+        }
     }
 
     fn blob_name(&self, blob: u32) -> String {

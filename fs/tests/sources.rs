@@ -191,3 +191,84 @@ fn reads_go_through_the_local_peer_and_fall_back_to_the_origin() {
     );
     m.unmount().unwrap();
 }
+
+/// The real local-dir origin, hung (never answering) while `hung` is set.
+struct Hangable {
+    inner: OriginSource,
+    hung: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ChunkSource for Hangable {
+    fn kind(&self) -> shoal_fs::fetch::SourceKind {
+        self.inner.kind()
+    }
+    fn describe(&self) -> String {
+        format!("hangable {}", self.inner.describe())
+    }
+    async fn read_range(
+        &self,
+        blob: &shoal_origin::Digest,
+        start: u64,
+        end: u64,
+    ) -> Result<bytes::Bytes, shoal_fs::fetch::FetchError> {
+        use std::sync::atomic::Ordering;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.read_range(blob, start, end).await
+    }
+}
+
+#[test]
+fn a_retry_right_after_a_timed_out_read_fails_at_once_not_after_another_timeout() {
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+    let img = build_image(false);
+    let work = tempfile::tempdir().unwrap();
+    let boot = Arc::new(bootstrap(&img.layout));
+    let ino = ino_of(&boot, "/data/other.bin");
+    let origin = Arc::new(Hangable {
+        inner: OriginSource::new(Arc::new(LocalDirOrigin::new(img.layout.join("blobs")))),
+        hung: true.into(),
+        calls: 0.into(),
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = Arc::new(Metrics::new("test".into(), boot.chunk_count() as usize, 1));
+    let timeout = Duration::from_secs(1);
+    let reader = Reader::new(ReaderParts {
+        boot: Arc::clone(&boot),
+        store: Store::open(StoreConfig::new(work.path().join("cache"), 1 << 30)).unwrap(),
+        peer: None,
+        origin: Arc::clone(&origin) as Arc<dyn ChunkSource>,
+        rt: rt.handle().clone(),
+        timeout,
+        max_request: 8 << 20,
+        max_gap: 64 << 10,
+        memory_cache_bytes: 16 << 20,
+        metrics,
+    })
+    .unwrap();
+    // The kernel's pattern: a large readahead read times out, then a 4 KiB read of its first page.
+    let t = Instant::now();
+    let e = reader.read(ino, 0, 1 << 20).unwrap_err();
+    let first = t.elapsed();
+    assert!(e.to_string().contains("did not arrive within 1 s"), "{e}");
+    assert!(first >= timeout && first < timeout * 3, "{first:?}");
+    let calls = origin.calls.load(Ordering::SeqCst);
+    let t = Instant::now();
+    let e = reader.read(ino, 0, 4096).unwrap_err();
+    let retry = t.elapsed();
+    assert!(e.to_string().contains("did not arrive"), "{e}");
+    assert!(retry < Duration::from_millis(300), "retry waited {retry:?}");
+    assert_eq!(origin.calls.load(Ordering::SeqCst), calls, "no new request");
+    // The memory is short: once it has passed, a read asks the origin again, and with the
+    // origin back it returns the right bytes.
+    origin.hung.store(false, Ordering::SeqCst);
+    std::thread::sleep(timeout + Duration::from_millis(200));
+    let want = fs::read(img.tree.join("data/other.bin")).unwrap();
+    assert_eq!(reader.read(ino, 0, 4096).unwrap(), want[..4096]);
+    assert!(origin.calls.load(Ordering::SeqCst) > calls);
+}

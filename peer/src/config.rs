@@ -124,7 +124,7 @@ impl Default for PeerConfig {
             upload_slots: 32,
             upload_bytes_per_sec: 0,
             download_concurrency: 16,
-            piece_memory_bytes: 128 << 20,
+            piece_memory_bytes: 256 << 20,
             per_parent_concurrency: 2,
             piece_timeout_ms: 30_000,
             origin_idle_timeout_ms: 15_000,

@@ -422,6 +422,18 @@ impl<C: Clock> Scheduler<C> {
             if let Some(seed) = self.best_seed(hk, tk, now) {
                 return self.order_seed_fetch(hk, tk, seed);
             }
+            // A seed that could fetch it but has no free upload slot now frees one as soon as
+            // a child finishes: waiting for it costs less than a second origin fetch per blob
+            // (docs/benchmarks.md, "Peer memory"). Only with no usable seed does a peer go.
+            if self.seed_busy(hk, tk)
+                && t.peers
+                    .get(slot)
+                    .is_some_and(|me| me.state != PeerState::Origin)
+            {
+                return Decision::Wait {
+                    retry_after: self.config.wait_retry(),
+                };
+            }
             let peers_at_origin = t
                 .origin_fetchers
                 .iter()
@@ -475,6 +487,28 @@ impl<C: Clock> Scheduler<C> {
             })
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(s, _)| s)
+    }
+
+    /// Whether a seed could fetch `tk` for `hk` but for its upload slots, all taken now.
+    fn seed_busy(&self, hk: HostKey, tk: TaskKey) -> bool {
+        let (Some(t), Some(me)) = (
+            self.tasks.get(tk),
+            self.tasks.get(tk).and_then(|t| t.peer(hk)),
+        ) else {
+            return false;
+        };
+        let full = t.peers.len() >= self.config.max_peers_per_task;
+        self.seeds
+            .iter()
+            .filter(|&&s| s != hk && !me.is_blocked(s) && !t.is_blocked(s))
+            .filter_map(|&s| self.hosts.get(s).map(|h| (s, h)))
+            .any(|(s, h)| {
+                h.free_slots() == 0
+                    && match t.peer(s) {
+                        Some(p) => p.state == PeerState::Swarm && p.parents().is_empty(),
+                        None => !full && h.tasks.len() < h.task_limit(&self.config),
+                    }
+            })
     }
 
     fn order_seed_fetch(&mut self, hk: HostKey, tk: TaskKey, seed: HostKey) -> Decision {

@@ -176,6 +176,30 @@ fn a_seed_fetches_from_origin_when_nobody_holds_a_piece() {
 }
 
 #[test]
+fn a_seed_out_of_upload_slots_is_waited_for_not_bypassed() {
+    let mut c = cluster();
+    let (b1, b2) = (blob(1), blob(2));
+    let seed = c.host("seed", "", "", 1, true);
+    let (p1, p2) = (c.peer("p1"), c.peer("p2"));
+    c.announce(&p1, &b1, Held::Nothing);
+    c.announce(&p2, &b2, Held::Nothing);
+    assert!(matches!(c.decide(&p1, &b1), Decision::SeedFetch { .. }));
+    // The seed's only slot serves p1: p2 waits for it instead of fetching b2 from the origin.
+    for _ in 0..3 {
+        let d = c.decide(&p2, &b2);
+        assert!(matches!(d, Decision::Wait { .. }), "{d:?}");
+    }
+    // p1 is done: the slot is free again and the seed fetches b2 too.
+    c.s.report_pieces(&p1, &b1, &(0..PIECES).collect::<Vec<_>>())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.decide(&p1, &b1), Decision::Done);
+    match c.decide(&p2, &b2) {
+        Decision::SeedFetch { seed: s, .. } => assert_eq!(s.host, seed),
+        other => panic!("expected a seed fetch once the seed had a free slot, got {other:?}"),
+    }
+}
+
+#[test]
 fn without_a_seed_only_one_peer_per_blob_goes_back_to_source() {
     let mut c = cluster();
     let b1 = blob(1);
@@ -607,4 +631,35 @@ fn evicted_pieces_stop_counting() {
         c.s.report_pieces_removed(&a, &b1, &[16]),
         Err(SchedulerError::PieceOutOfRange { .. })
     ));
+}
+
+#[test]
+fn after_a_peer_reports_an_evicted_blob_the_seed_serves_it_not_the_origin() {
+    // Chaos scenario 12: a peer evicted a blob the seed also holds; the next asker must get the
+    // seed, never be sent to the origin. The scheduler learns of the eviction only from the
+    // evicting peer's report (removed pieces, or leaving the task).
+    for leave in [false, true] {
+        let mut c = cluster();
+        let b1 = blob(1);
+        let (seed, p0, p1) = (c.seed("seed"), c.peer("p0"), c.peer("p1"));
+        c.announce(&seed, &b1, Held::All);
+        c.announce(&p0, &b1, Held::All);
+        c.announce(&p1, &b1, Held::Nothing);
+        // While p0 holds the blob, the seed is spared.
+        assert_eq!(parents(&c.decide(&p1, &b1)), vec!["p0"]);
+        if leave {
+            c.s.leave_task(&p0, &b1).unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            let gone =
+                c.s.report_pieces_removed(&p0, &b1, &(0..16).collect::<Vec<_>>());
+            assert_eq!(gone, Ok(16));
+        }
+        let d = c.decide(&p1, &b1);
+        assert_eq!(parents(&d), vec!["seed"], "leave={leave}: {d:?}");
+        assert!(
+            !c.metrics_text()
+                .contains(r#"shoal_scheduler_back_to_source_total{by="peer"} 1"#),
+            "leave={leave}"
+        );
+    }
 }

@@ -25,6 +25,11 @@ const ORIGIN_RUN: usize = 16;
 const ORIGIN_CONCURRENCY: usize = 4;
 /// How often a download waiting for a piece table asks the scheduler for it.
 const TABLE_POLL: Duration = Duration::from_millis(200);
+/// Whole-blob imports from the origin that may fail the sha256 per download: the same wrong
+/// bytes are not fetched a third time.
+const ORIGIN_MISMATCH_ATTEMPTS: usize = 2;
+/// How long a failed import counts against that bound when no new download resets it.
+const ORIGIN_MISMATCH_WINDOW: Duration = Duration::from_secs(60);
 
 impl Task {
     /// Runs the download until every wanted piece is held; records failure for readers.
@@ -285,6 +290,16 @@ impl Task {
             PeerError::download(self.blob, "no piece table and no origin to build one from")
         })?;
         let o = self.ctx.origins.get(&origin)?;
+        let mismatches = {
+            let mut inner = self.lock();
+            inner
+                .origin_mismatches
+                .retain(|t| t.elapsed() < ORIGIN_MISMATCH_WINDOW);
+            inner.origin_mismatches.len()
+        };
+        if mismatches >= ORIGIN_MISMATCH_ATTEMPTS {
+            return Err(origin_mismatch(&self.blob, &origin.reference, mismatches));
+        }
         tracing::info!(blob = %self.blob, origin = %origin.reference, "fetching the whole blob from origin to build its piece table");
         let staging = &self.ctx.staging;
         staging.open(*meta);
@@ -315,6 +330,14 @@ impl Task {
             Ok(l) => Arc::new(l),
             Err(e) => {
                 staging.remove(&self.blob);
+                if matches!(&e, PeerError::Store(s) if matches!(s.root(), shoal_store::Error::BlobDigestMismatch { .. }))
+                {
+                    let mut inner = self.lock();
+                    inner.origin_mismatches.push(Instant::now());
+                    let n = inner.origin_mismatches.len();
+                    drop(inner);
+                    return Err(origin_mismatch(&self.blob, &origin.reference, n));
+                }
                 return Err(e);
             }
         };
@@ -396,6 +419,14 @@ impl Task {
             .await;
         results.into_iter().collect()
     }
+}
+
+/// The error of a blob whose bytes from the origin failed its sha256 `n` times.
+fn origin_mismatch(blob: &shoal_proto::Digest, origin: &str, n: usize) -> PeerError {
+    PeerError::download(
+        blob,
+        format!("the origin's bytes do not match the digest: origin {origin} served blob {blob} with a different sha256 ({n} whole-blob attempt(s) failed, at most {ORIGIN_MISMATCH_ATTEMPTS} per download; fix or re-push the blob at the origin)"),
+    )
 }
 
 /// Batches the hashes and held pieces an import yields into scheduler reports.

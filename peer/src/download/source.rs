@@ -135,8 +135,7 @@ pub(crate) async fn import(
     );
     let ps = piece_size as usize;
     let pump = async move {
-        let mut piece = BytesMut::with_capacity(ps);
-        let mut index = 0u32;
+        let mut pieces = Splitter::new(ps);
         loop {
             let chunk = match tokio::time::timeout(idle, stream.next()).await {
                 Ok(Some(Ok(c))) => c,
@@ -151,28 +150,66 @@ pub(crate) async fn import(
                     return Err(e);
                 }
             };
-            let mut rest = chunk.clone();
-            while !rest.is_empty() {
-                let take = (ps - piece.len()).min(rest.len());
-                piece.extend_from_slice(&rest.split_to(take));
-                if piece.len() == ps {
-                    on_piece(index, piece.split().freeze());
-                    index += 1;
-                }
-            }
+            pieces.push(chunk.clone(), &mut *on_piece);
             if tx.send(Ok(chunk)).await.is_err() {
                 return Ok(()); // the import stopped; its error is the one reported
             }
         }
-        if !piece.is_empty() {
-            on_piece(index, piece.freeze());
-        }
+        pieces.finish(on_piece);
         Ok(())
     };
     let (layout, pumped) = tokio::join!(import, pump);
     // The origin's own error names the origin and what it answered; it wins over the store's.
     pumped?;
     Ok(layout?)
+}
+
+/// Cuts a stream of chunks into whole pieces, copying only the bytes of pieces that span
+/// chunks (each into one buffer of the piece's size).
+struct Splitter {
+    piece_size: usize,
+    piece: BytesMut,
+    index: u32,
+}
+
+impl Splitter {
+    fn new(piece_size: usize) -> Self {
+        Splitter {
+            piece_size: piece_size.max(1),
+            piece: BytesMut::new(),
+            index: 0,
+        }
+    }
+
+    /// Hands each piece `chunk` completes to `out`.
+    fn push(&mut self, mut rest: Bytes, out: &mut (dyn FnMut(u32, Bytes) + Send)) {
+        let ps = self.piece_size;
+        while !rest.is_empty() {
+            if self.piece.is_empty() && rest.len() >= ps {
+                // A whole piece inside one chunk: a slice of it, not a copy.
+                out(self.index, rest.split_to(ps));
+                self.index += 1;
+                continue;
+            }
+            if self.piece.capacity() == 0 {
+                // One buffer per piece (grown by doubling, it was copied at each step).
+                self.piece.reserve(ps);
+            }
+            let take = (ps - self.piece.len()).min(rest.len());
+            self.piece.extend_from_slice(&rest.split_to(take));
+            if self.piece.len() == ps {
+                out(self.index, self.piece.split().freeze());
+                self.index += 1;
+            }
+        }
+    }
+
+    /// Hands the last, short piece to `out`, if any.
+    fn finish(mut self, out: &mut (dyn FnMut(u32, Bytes) + Send)) {
+        if !self.piece.is_empty() {
+            out(self.index, self.piece.split().freeze());
+        }
+    }
 }
 
 /// Reads pieces `first..first+lens.len()` (contiguous) from the origin with one Range GET and
@@ -269,5 +306,40 @@ impl std::io::Read for ChannelReader {
         let n = out.len().min(self.current.len());
         out[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_cut_into_whole_pieces() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for chunk in [1usize, 3, 999, 1000, 1001, 2500, 4096, 10_000] {
+            let mut got: Vec<(u32, Bytes)> = Vec::new();
+            let mut out = |i: u32, b: Bytes| got.push((i, b));
+            let mut s = Splitter::new(1000);
+            for c in data.chunks(chunk) {
+                s.push(Bytes::copy_from_slice(c), &mut out);
+            }
+            s.finish(&mut out);
+            assert_eq!(got.len(), 10, "chunks of {chunk}");
+            for (k, (i, b)) in got.iter().enumerate() {
+                assert_eq!(*i as usize, k);
+                assert_eq!(
+                    &b[..],
+                    &data[k * 1000..(k + 1) * 1000],
+                    "piece {k}, chunks of {chunk}"
+                );
+            }
+        }
+        // A short last piece.
+        let mut got = Vec::new();
+        let mut out = |i: u32, b: Bytes| got.push((i, b.len()));
+        let mut s = Splitter::new(4096);
+        s.push(Bytes::from(vec![1u8; 5000]), &mut out);
+        s.finish(&mut out);
+        assert_eq!(got, vec![(0, 4096), (1, 904)]);
     }
 }

@@ -2,15 +2,22 @@
 //! hashes"): the origin fetcher computes each piece's BLAKE3 as it arrives and publishes it; a
 //! downloader fetches only pieces whose published hash it knows and checks each against it. The
 //! store takes a blob only with its whole table, so until then verified pieces wait here, in
-//! memory (bounded by `staging_bytes`), and the piece server serves them from here. Once the
-//! table is whole they move into the store, which verifies them again; the whole blob's sha256
-//! is checked as always before the blob counts as complete.
+//! memory, and the piece server serves them from here. Once the table is whole they move into
+//! the store, which verifies them again; the whole blob's sha256 is checked as always before
+//! the blob counts as complete.
+//!
+//! Staged bytes count against the peer's piece memory budget (budget.rs), capped further by
+//! `staging_bytes`. A piece fetched from a parent keeps the room it was fetched with; a piece
+//! this node reads from the origin only tries for room and, finding none, is not staged: its
+//! hash is published all the same, and it reaches the store with the import.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
 use shoal_proto::{Blake3Hash, Digest, HostId, TaskMeta};
+
+use crate::budget::PieceBudget;
 
 /// Why a piece was not staged.
 #[derive(Debug, PartialEq, Eq)]
@@ -19,7 +26,8 @@ pub(crate) enum StageError {
     NoHash,
     /// The bytes do not match the published hash.
     Mismatch,
-    /// Staging is full: wait for the table, or for pieces to move into the store.
+    /// Staging (`staging_bytes`) or the piece memory budget is full: wait for the table, or
+    /// for pieces to move into the store.
     Full,
 }
 
@@ -38,6 +46,8 @@ pub(crate) struct Staging {
     blobs: Mutex<HashMap<Digest, Staged>>,
     limit: u64,
     used: Mutex<u64>,
+    /// The peer's piece memory budget, once the downloader is built.
+    budget: OnceLock<PieceBudget>,
 }
 
 impl Staging {
@@ -47,7 +57,13 @@ impl Staging {
             blobs: Mutex::new(HashMap::new()),
             limit,
             used: Mutex::new(0),
+            budget: OnceLock::new(),
         }
+    }
+
+    /// Counts staged pieces against `budget` from now on (set once, by the downloader).
+    pub fn use_budget(&self, budget: PieceBudget) {
+        let _ = self.budget.set(budget);
     }
 
     fn blobs(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Staged>> {
@@ -188,12 +204,14 @@ impl Staging {
         if blake3::hash(&bytes).as_bytes() != &hash {
             return Err(StageError::Mismatch);
         }
-        // A copy: the fetched bytes may carry room in the peer's piece memory budget, which
-        // staged pieces must not hold for as long as they wait for the table.
-        self.insert(blob, index, Bytes::copy_from_slice(&bytes), None)
+        // No copy: the fetched bytes keep the room they were fetched with (budget.rs), so the
+        // staged piece counts against the budget until it moves into the store.
+        self.insert(blob, index, Some(bytes), None)
     }
 
-    /// Stages a piece this node read from the origin itself, with the hash it computed.
+    /// Stages a piece this node read from the origin itself, with the hash it computed; the
+    /// hash is learnt even when the piece finds no room. Room in the budget is only tried for:
+    /// the import that calls this must never wait (budget.rs, [`PieceBudget::try_download`]).
     pub fn put_own(
         &self,
         blob: &Digest,
@@ -201,17 +219,29 @@ impl Staging {
         bytes: Bytes,
         hash: Blake3Hash,
     ) -> Result<(), StageError> {
-        self.insert(blob, index, bytes, Some(hash))
+        let room = self
+            .budget
+            .get()
+            .map(|b| b.try_download(bytes.len() as u64));
+        let bytes = match room {
+            Some(Some(permit)) => permit.attach(bytes),
+            Some(None) => {
+                self.insert(blob, index, None, Some(hash))?;
+                return Err(StageError::Full);
+            }
+            None => bytes,
+        };
+        self.insert(blob, index, Some(bytes), Some(hash))
     }
 
+    /// Stages `bytes` (none: only learns `own`, the piece's hash).
     fn insert(
         &self,
         blob: &Digest,
         index: u32,
-        bytes: Bytes,
+        bytes: Option<Bytes>,
         own: Option<Blake3Hash>,
     ) -> Result<(), StageError> {
-        let n = bytes.len() as u64;
         let mut blobs = self.blobs();
         let s = blobs.get_mut(blob).ok_or(StageError::NoHash)?;
         let Some(slot) = s.hashes.get_mut(index as usize) else {
@@ -220,6 +250,10 @@ impl Staging {
         if let Some(h) = own {
             *slot = Some(h);
         }
+        let Some(bytes) = bytes else {
+            return Ok(());
+        };
+        let n = bytes.len() as u64;
         if s.pieces.contains_key(&index) {
             return Ok(());
         }
@@ -309,6 +343,35 @@ mod tests {
         st.learn(&m.blob, 0, &[Some(h2)], None);
         assert!(!st.holds(&m.blob, 0));
         assert_eq!(st.fetchable(&m.blob), vec![0]);
+    }
+
+    #[test]
+    fn staged_pieces_take_room_in_the_budget_without_waiting() {
+        let budget = PieceBudget::new(32 << 20); // downloads may hold 16 MiB of it
+        let st = Staging::new(1 << 30);
+        st.use_budget(budget.clone());
+        let m = meta();
+        st.open(m);
+        // Downloads hold all the room they may have but one piece's worth.
+        let others = budget.try_download((16 << 20) - 65536);
+        assert!(others.is_some());
+        let own =
+            |i: u32, b: u8| st.put_own(&m.blob, i, piece(b), *blake3::hash(&piece(b)).as_bytes());
+        assert_eq!(own(0, 1), Ok(()));
+        assert_eq!(budget.in_use(), 16 << 20);
+        // No room left: not staged (and no wait), but its hash is known.
+        assert_eq!(own(1, 2), Err(StageError::Full));
+        assert!(!st.holds(&m.blob, 1));
+        assert_eq!(st.fetchable(&m.blob), vec![1]);
+        drop(others);
+        assert_eq!(budget.in_use(), 65536, "the staged piece holds its room");
+        assert_eq!(own(1, 2), Ok(()));
+        // The room goes when the piece leaves staging (it moved into the store).
+        let moved = st.take(&m.blob, 0);
+        assert!(moved.is_some());
+        drop(moved);
+        st.remove(&m.blob);
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub(super) struct Inner {
     /// Who published the streamed piece hashes the layout was built from (reported if the
     /// blob then fails its sha256).
     pub table_from: Option<shoal_proto::HostId>,
+    /// When whole-blob imports from the origin failed the blob's sha256 (driver.rs bounds the
+    /// attempts per download with it; a client's new `fetch_all` starts over).
+    pub origin_mismatches: Vec<Instant>,
 }
 
 /// A download of one blob, shared by all its readers.
@@ -363,6 +366,11 @@ impl Task {
     /// Fetches the whole blob and waits until it is complete (sha256 checked).
     pub async fn fetch_all(self: &Arc<Self>) -> Result<(), PeerError> {
         self.resolve().await?;
+        // A client's new download starts the origin-mismatch bound over; a seed's repeated
+        // orders from the scheduler do not (its mismatches expire after a window, driver.rs).
+        if !self.ctx.config.seed {
+            self.lock().origin_mismatches.clear();
+        }
         let mut rx = self.changed.subscribe();
         self.demand_all();
         loop {
