@@ -1261,11 +1261,18 @@ fn peer_disk_full_gives_a_clear_error_or_evicts_never_wrong_bytes() {
         .map(brief)
         .collect();
     let a_still_held = c.data_file("peer-0", &a).exists();
-    // The first blob is still served right (by whoever holds it after the eviction).
+    // Evictions reach the scheduler within a few seconds (the peer's dropped-piece reports).
+    std::thread::sleep(Duration::from_secs(4));
+    // The first blob is still served right, from the swarm: by peer-0 if it kept it, else by
+    // the seed, never the origin (the scheduler was told what peer-0 dropped).
     let got_a = c.get(&c.sockets[1], &a, &c.dir().join("out-a1"), GET_BOUND);
     assert_ok(&got_a, &a, "peer-1 pulling a blob peer-0 holds", &c);
     let corrupt = c.metric(FIRST_PEER + 1, "shoal_peer_corrupt_pieces_total");
     let (a_peer, a_origin) = (c.downloaded(1, "peer"), c.downloaded(1, "origin"));
+    assert_eq!(
+        a_origin, 0.0,
+        "peer-1 went to the origin for a blob the swarm holds (peer-0 kept it: {a_still_held})"
+    );
     std::fs::remove_file(data.join("shoal-chaos-filler")).expect("free the space");
     let again = c.get(&c.sockets[0], &b, &c.dir().join("out-b2"), GET_BOUND);
     assert_ok(&again, &b, "peer-0 once space is free", &c);

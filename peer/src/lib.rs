@@ -213,6 +213,8 @@ impl Peer {
                 config.cache_ttl_secs.clamp(1, 600),
             )));
         }
+        // Evictions reach the scheduler within a few seconds (the DHT withdraws on its own sweep).
+        tasks.push(downloader.spawn_dropped_piece_reports(std::time::Duration::from_secs(3)));
         tracing::info!(host = %config.host_id, quic = %quic_addr, api = %config.api_socket.display(), seed = config.seed, "peer started");
         Ok(Peer {
             downloader,

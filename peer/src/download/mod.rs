@@ -248,6 +248,74 @@ impl Downloader {
         }
     }
 
+    /// Tells the schedulers about pieces the store dropped since the last call (evicted for
+    /// space or age, or removed as corrupt), so that they stop naming this peer as a holder and
+    /// send downloaders to someone who has them rather than to the origin. `last` is the held
+    /// set seen at the previous call, per blob; tasks running now are left to their download.
+    pub(crate) fn report_dropped_pieces(&self, last: &mut HashMap<Digest, shoal_store::PieceSet>) {
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        let mut seen = HashMap::with_capacity(tasks.len());
+        for t in tasks {
+            if t.is_busy() {
+                continue;
+            }
+            let status = t.status();
+            let Some(count) = status.pieces else { continue };
+            let now = self
+                .ctx
+                .store
+                .blob_status(&crate::convert::store_digest(&t.blob))
+                .map(|s| s.held)
+                .unwrap_or_else(|| shoal_store::PieceSet::new(count));
+            // What the scheduler was last told: the set seen before, or all of a finished blob.
+            let before = last.remove(&t.blob).or_else(|| {
+                status.complete.then(|| {
+                    let mut all = shoal_store::PieceSet::new(count);
+                    (0..count).for_each(|i| {
+                        all.insert(i);
+                    });
+                    all
+                })
+            });
+            if let Some(before) = before {
+                let dropped: Vec<u32> = before.iter().filter(|&i| !now.contains(i)).collect();
+                if !dropped.is_empty() {
+                    tracing::info!(blob = %t.blob, pieces = dropped.len(), "pieces no longer held; telling the scheduler");
+                    self.ctx
+                        .report(SchedulerRequest::PiecesHeld(shoal_proto::PiecesHeld {
+                            blob: t.blob,
+                            pieces: shoal_proto::PieceReport::Removed(dropped),
+                        }));
+                }
+            }
+            seen.insert(t.blob, now);
+        }
+        *last = seen;
+    }
+
+    /// Runs [`Downloader::report_dropped_pieces`] every `every` until the peer stops.
+    pub(crate) fn spawn_dropped_piece_reports(
+        self: &Arc<Self>,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last = HashMap::new();
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match this.upgrade() {
+                    Some(d) => d.report_dropped_pieces(&mut last),
+                    None => return,
+                }
+            }
+        })
+    }
+
     /// Tells a (restarted) scheduler about every task again: geometry, piece table, held pieces.
     pub(crate) fn announce_all(&self) {
         let tasks: Vec<_> = self
