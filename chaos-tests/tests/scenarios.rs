@@ -760,56 +760,7 @@ fn partition_each_half_completes_from_what_it_can_reach() {
 /// completes within the bound from the other holder or the origin.
 #[test]
 fn parent_sigstopped_download_completes_within_a_bound() {
-    let Some(c) = Cluster::start(Opts {
-        name: "pause",
-        peers: 2,
-        spare: 0,
-        tweak: |_| {},
-        ..Opts::default()
-    }) else {
-        return;
-    };
-    let len = 16 * MIB;
-    let (_, digest) = c.push(len, 2);
-    // Peer 0 and the seed hold full copies; both links are capped so peer 1's pull is in
-    // flight when its parent hangs.
-    let got = c.get(&c.sockets[0], &digest, &c.dir().join("out-0"), GET_BOUND);
-    assert_ok(&got, &digest, "peer-0", &c);
-    let before = c.origin_bytes(&digest);
-    let seed_before = c.metric(SEED, "shoal_peer_upload_bytes_total");
-    let peer0_before = c.metric(FIRST_PEER, "shoal_peer_upload_bytes_total");
-    c.net.set_bandwidth(SEED, Some(24_000_000)).expect("tbf");
-    c.net
-        .set_bandwidth(FIRST_PEER, Some(24_000_000))
-        .expect("tbf");
-    let (bin, blob, sock) = (c.bin.clone(), c.blob_ref(&digest), c.sockets[1].clone());
-    let out = c.dir().join("out-1");
-    let pull = std::thread::spawn(move || get_with(&bin, &blob, &sock, &out, GET_BOUND));
-    std::thread::sleep(Duration::from_millis(1500));
-    let seed_sent = c.metric(SEED, "shoal_peer_upload_bytes_total") - seed_before;
-    let peer0_sent = c.metric(FIRST_PEER, "shoal_peer_upload_bytes_total") - peer0_before;
-    // Hang whichever holder is serving (the scheduler picks; both hold the whole blob).
-    let hung = if peer0_sent >= seed_sent {
-        &c.peers[0]
-    } else {
-        c.seed.as_ref().expect("seed")
-    };
-    assert!(peer0_sent + seed_sent > 0.0, "nobody served peer-1 yet");
-    let hung_name = hung.name().to_string();
-    hung.pause().expect("SIGSTOP the parent");
-    let paused = Instant::now();
-    let got = pull.join().expect("pull");
-    let after_pause = paused.elapsed().as_secs_f64();
-    hung.resume().expect("SIGCONT");
-    assert_ok(&got, &digest, &format!("peer-1 with {hung_name} hung"), &c);
-    let refetched = c.origin_bytes(&digest) - before;
-    let dropped = c.metric(FIRST_PEER + 1, "shoal_peer_parents_dropped_total");
-    eprintln!(
-        "FIGURES sigstop: {hung_name} hung, pull {:.1} s, done {after_pause:.1} s after SIGSTOP, before it the seed sent {seed_sent} B and peer-0 {peer0_sent} B, {dropped} parents dropped, origin refetch {refetched} B",
-        got.secs
-    );
-    assert!(after_pause < 15.0, "took {after_pause:.1} s after the hang");
-    assert!(refetched <= len as u64, "refetched {refetched} B");
+    parent_fault_mid_pull("pause", 2, ParentFault::Stop);
 }
 
 /// Scenario 13: nodes without a valid cluster certificate get nothing: one whose certificate
@@ -958,15 +909,31 @@ fn wait_for(bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Dura
 /// bound from the other holder or the origin, with at most one blob refetched from the origin.
 #[test]
 fn parent_killed_mid_transfer_download_completes() {
+    parent_fault_mid_pull("pkill", 1, ParentFault::Kill);
+}
+
+/// What happens to the parent in scenarios 1 and 2.
+#[derive(Clone, Copy, PartialEq)]
+enum ParentFault {
+    /// SIGKILL: dead, its connections reset.
+    Kill,
+    /// SIGSTOP: hung, its connections silent (resumed at the end).
+    Stop,
+}
+
+/// Scenarios 1 and 2: peer-0 and the seed hold a 16 MiB blob behind capped links; while peer-1
+/// pulls it, the holder serving it most is killed or stopped; the pull must end sha256-correct
+/// within 15 s of the fault with at most one blob refetched from the origin.
+fn parent_fault_mid_pull(name: &'static str, seed: u64, fault: ParentFault) {
     let Some(mut c) = Cluster::start(Opts {
-        name: "pkill",
+        name,
         peers: 2,
         ..Opts::default()
     }) else {
         return;
     };
     let len = 16 * MIB;
-    let (_, digest) = c.push(len, 1);
+    let (_, digest) = c.push(len, seed);
     let got = c.get(&c.sockets[0], &digest, &c.dir().join("out-0"), GET_BOUND);
     assert_ok(&got, &digest, "peer-0", &c);
     let before = c.origin_bytes(&digest);
@@ -974,7 +941,7 @@ fn parent_killed_mid_transfer_download_completes() {
         c.metric(SEED, "shoal_peer_upload_bytes_total"),
         c.metric(FIRST_PEER, "shoal_peer_upload_bytes_total"),
     );
-    // Both holders capped so peer-1's pull is in flight when its parent dies.
+    // Both holders capped so peer-1's pull is in flight when its parent fails.
     c.net.set_bandwidth(SEED, Some(24_000_000)).expect("tbf");
     c.net
         .set_bandwidth(FIRST_PEER, Some(24_000_000))
@@ -985,25 +952,39 @@ fn parent_killed_mid_transfer_download_completes() {
     assert!(seed_sent + peer0_sent > 0.0, "nobody served peer-1 yet");
     let victim = if h == SEED { c.seed() } else { &mut c.peers[0] };
     let victim_name = victim.name().to_string();
-    victim.kill().expect("SIGKILL the parent");
-    let killed = Instant::now();
+    match fault {
+        ParentFault::Kill => victim.kill().expect("SIGKILL the parent"),
+        ParentFault::Stop => victim.pause().expect("SIGSTOP the parent"),
+    }
+    let at = Instant::now();
     let got = pull.join().expect("pull");
-    let after_kill = killed.elapsed().as_secs_f64();
+    let after = at.elapsed().as_secs_f64();
+    if fault == ParentFault::Stop {
+        let victim = if h == SEED { c.seed() } else { &mut c.peers[0] };
+        victim.resume().expect("SIGCONT");
+    }
+    let what = match fault {
+        ParentFault::Kill => "killed",
+        ParentFault::Stop => "hung",
+    };
     assert_ok(
         &got,
         &digest,
-        &format!("peer-1 with {victim_name} killed"),
+        &format!("peer-1 with {victim_name} {what}"),
         &c,
     );
     let refetched = c.origin_bytes(&digest) - before;
     let dropped = c.metric(FIRST_PEER + 1, "shoal_peer_parents_dropped_total");
     eprintln!(
-        "FIGURES parent-killed: {victim_name} killed, pull {:.1} s, done {after_kill:.1} s after SIGKILL, before it the seed sent {seed_sent} B and peer-0 {peer0_sent} B, {dropped} parents dropped, peer-1 got {} B from peers and {} B from origin, origin refetch {refetched} B",
+        "FIGURES {name}: {victim_name} {what}, pull {:.1} s, done {after:.1} s after the fault, before it the seed sent {seed_sent} B and peer-0 {peer0_sent} B, {dropped} parents dropped, peer-1 got {} B from peers and {} B from origin, origin refetch {refetched} B",
         got.secs,
         c.downloaded(1, "peer"),
         c.downloaded(1, "origin"),
     );
-    assert!(after_kill < 15.0, "took {after_kill:.1} s after the kill");
+    assert!(
+        after < 15.0,
+        "took {after:.1} s after the parent was {what}"
+    );
     assert!(refetched <= len as u64, "refetched {refetched} B");
 }
 
