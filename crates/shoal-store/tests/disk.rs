@@ -9,8 +9,19 @@ use std::process::Command;
 use shoal_store::conformance::{test_blob, test_bytes};
 use shoal_store::{Blake3Hash, Error, Store, StoreConfig};
 
+/// Opens the store at `root`. Another test of this binary that starts a child process (the
+/// ENOSPC test mounts a tmpfs) can hold a copy of a just-closed store's lock file descriptor
+/// between its fork and exec, so a reopen retries `Locked` for a moment.
 fn open(root: &Path) -> Store {
-    Store::open(StoreConfig::new(root, 256 << 20)).expect("open store")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Store::open(StoreConfig::new(root, 256 << 20)) {
+            Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r.expect("open store"),
+        }
+    }
 }
 
 fn blob_file(root: &Path, hex: &str, ext: &str) -> std::path::PathBuf {
