@@ -362,6 +362,18 @@ fn held(entry: &Entry, index: u32) -> bool {
         .is_some_and(|b| b.held.contains(index))
 }
 
+/// The length of piece `index`, or `OutOfRange` when the blob has no such piece.
+pub(crate) fn checked_piece_len(
+    digest: &BlobDigest,
+    layout: &PieceLayout,
+    index: u32,
+) -> Result<u64> {
+    layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
+        item: format!("piece {index} of {digest}"),
+        reason: format!("the blob has {} pieces", layout.piece_count()),
+    })
+}
+
 /// Checks piece bytes against the layout: index in range, exact length, BLAKE3 digest.
 pub fn verify_piece(
     digest: &BlobDigest,
@@ -370,10 +382,7 @@ pub fn verify_piece(
     data: &[u8],
 ) -> Result<()> {
     let item = || format!("piece {index} of {digest}");
-    let len = layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
-        item: item(),
-        reason: format!("the blob has {} pieces", layout.piece_count()),
-    })?;
+    let len = checked_piece_len(digest, layout, index)?;
     if data.len() as u64 != len {
         return Err(Error::OutOfRange {
             item: item(),

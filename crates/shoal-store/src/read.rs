@@ -36,10 +36,7 @@ impl Store {
         layout: &PieceLayout,
         index: u32,
     ) -> Result<Bytes> {
-        let len = layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
-            item: format!("piece {index} of {digest}"),
-            reason: format!("the blob has {} pieces", layout.piece_count()),
-        })?;
+        let len = crate::blob::checked_piece_len(digest, layout, index)?;
         let path = self.inner.paths.data(digest);
         let file = match File::open(&path) {
             Ok(f) => Some(f),
@@ -65,10 +62,7 @@ impl Store {
         out: &mut [u8],
     ) -> Result<()> {
         let item = || format!("piece {index} of {digest}");
-        let len = layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
-            item: item(),
-            reason: format!("the blob has {} pieces", layout.piece_count()),
-        })?;
+        let len = crate::blob::checked_piece_len(digest, layout, index)?;
         if out.len() as u64 != len {
             return Err(Error::OutOfRange {
                 item: item(),
