@@ -31,7 +31,9 @@ if [[ ${SHOAL_FUZZ_SMOKE:-} != stable ]] && cargo +nightly fuzz --version >/dev/
         dir=${t%%:*} target=${t##*:}
         # New inputs go to a scratch corpus, not the clone; the sanitizer build is kept beside
         # the main build cache so that later runs reuse it.
+        # The tracked seeds (corpus/TARGET/sample*) are read only.
         scratch=$(mktemp -d)
+        [[ -d $dir/corpus/$target ]] || { echo "fuzz smoke: no seeds in $dir/corpus/$target" >&2; exit 1; }
         (cd "$dir" && cargo +nightly fuzz run --target-dir "$CARGO_TARGET_DIR/fuzz" \
             "$target" "$scratch" "corpus/$target" -- \
             -max_total_time=15 -max_len=8192 -timeout=10 -print_final_stats=1)
