@@ -3,8 +3,7 @@
 //! upload). Without it memory grows with the number of concurrent downloads (docs/benchmarks.md,
 //! "Peer memory").
 //!
-//! Downloads wait for room (pieces staged until their piece table is whole only try: see
-//! [`PieceBudget::try_download`]); uploads never wait: when the budget is full they answer "busy", so
+//! Downloads wait for room; uploads never wait: when the budget is full they answer "busy", so
 //! two peers downloading from each other cannot end up each holding the whole budget while
 //! waiting for the other's upload. Downloads may hold at most [`DOWNLOAD_SHARE`] of the budget,
 //! so a peer busy downloading can still serve the pieces it holds to others.
@@ -83,22 +82,6 @@ impl PieceBudget {
             _total: total,
             _download: download,
         }
-    }
-
-    /// Room for `len` bytes of download memory if there is room now, without waiting: for
-    /// pieces kept in memory until their blob's piece table is whole (download/staging.rs).
-    /// Waiting there could deadlock an import, which must go on reading its origin.
-    pub fn try_download(&self, len: u64) -> Option<BudgetPermit> {
-        let d = Arc::clone(&self.downloads)
-            .try_acquire_many_owned(permits(len, self.download_bytes))
-            .ok()?;
-        let t = Arc::clone(&self.total)
-            .try_acquire_many_owned(permits(len, self.total_bytes))
-            .ok()?;
-        Some(BudgetPermit {
-            _total: Some(t),
-            _download: Some(d),
-        })
     }
 
     /// Room for a piece buffer of `len` bytes an upload is about to read, if there is room now.
@@ -213,21 +196,6 @@ mod tests {
         drop(ups);
         held.clear();
         assert_eq!(budget.in_use(), 0);
-    }
-
-    #[tokio::test]
-    async fn trying_for_download_room_never_waits() {
-        let budget = PieceBudget::new(32 * MIB);
-        // Downloads may hold 16 MiB: four tries of 4 MiB fit, the fifth is refused at once.
-        let held: Vec<_> = (0..4).map(|_| budget.try_download(4 * MIB)).collect();
-        assert!(held.iter().all(Option::is_some));
-        assert!(budget.try_download(4 * MIB).is_none());
-        // A refused try takes nothing; uploads still have their half.
-        assert_eq!(budget.in_use(), 16 * MIB);
-        assert!(budget.try_upload(16 * MIB).is_some());
-        drop(held);
-        assert_eq!(budget.in_use(), 0);
-        assert!(budget.try_download(4 * MIB).is_some());
     }
 
     #[tokio::test]

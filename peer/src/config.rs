@@ -77,8 +77,9 @@ pub struct PeerConfig {
     /// An origin read (a HEAD, or a body) that receives nothing for this long fails, naming the
     /// origin, instead of waiting on a black-holed connection.
     pub origin_idle_timeout_ms: u64,
-    /// Verified pieces of plain blobs whose piece table is not whole yet, kept in memory until
-    /// it is (docs/protocol.md, "Streamed piece hashes"); beyond it downloads wait for the table.
+    /// Verified pieces of plain blobs whose piece table is not whole yet, kept in unnamed files
+    /// under `data_dir/staging` until it is (docs/protocol.md, "Streamed piece hashes"); beyond
+    /// this many bytes downloads wait for the table.
     pub staging_bytes: u64,
     /// Connecting (QUIC + TLS + Hello) to a parent or the scheduler gives up after this long.
     pub connect_timeout_ms: u64,
@@ -128,7 +129,7 @@ impl Default for PeerConfig {
             per_parent_concurrency: 2,
             piece_timeout_ms: 30_000,
             origin_idle_timeout_ms: 15_000,
-            staging_bytes: 256 << 20,
+            staging_bytes: 4 << 30,
             connect_timeout_ms: 5_000,
             scheduler_timeout_ms: 5_000,
             piece_table_wait_ms: 120_000,

@@ -157,7 +157,7 @@ impl Peer {
         };
 
         let origins = Origins::new(&config.plain_http_registries)?;
-        let staging = Arc::new(download::Staging::new(config.staging_bytes));
+        let staging = Arc::new(download::Staging::new(store.clone(), config.staging_bytes));
         uploader.serve_staged(Arc::clone(&staging));
         let downloader = Arc::new(Downloader::new(Ctx {
             store: store.clone(),

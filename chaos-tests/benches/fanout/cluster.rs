@@ -38,6 +38,8 @@ pub struct Swarm {
     pub peers: Vec<Proc>,
     /// Local API socket of each peer.
     pub sockets: Vec<PathBuf>,
+    /// The seed's local API socket.
+    pub seed_socket: PathBuf,
     /// `docker://RELAY/REPO`.
     pub origin_ref: String,
 }
@@ -126,6 +128,7 @@ impl Swarm {
             seed,
             peers,
             sockets,
+            seed_socket: seed_sock.clone(),
             origin_ref,
         };
         let mut all = swarm.sockets.clone();

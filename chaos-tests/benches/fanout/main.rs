@@ -48,6 +48,8 @@ pub struct Opts {
     pub baseline: bool,
     /// Put the nodes' data directories on a tmpfs.
     pub tmpfs: bool,
+    /// Print every node's held pieces once a second (seed first).
+    pub trace: bool,
 }
 
 impl Opts {
@@ -60,6 +62,7 @@ impl Opts {
         let mut kill = env("FANOUT_KILL_SCHEDULER").is_some_and(|v| v == "1");
         let mut baseline = true;
         let mut tmpfs = env("FANOUT_TMPFS").is_some_and(|v| v == "1");
+        let mut trace = env("FANOUT_TRACE").is_some_and(|v| v == "1");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut val = |name: &str| {
@@ -75,6 +78,7 @@ impl Opts {
                 "--kill-scheduler" => kill = true,
                 "--no-baseline" => baseline = false,
                 "--tmpfs" => tmpfs = true,
+                "--trace" => trace = true,
                 // cargo bench passes `--bench`; anything else is a mistake worth naming.
                 "--bench" => {}
                 other => return Err(format!("unknown argument {other}")),
@@ -105,6 +109,7 @@ impl Opts {
             kill_scheduler: kill,
             baseline,
             tmpfs,
+            trace,
         })
     }
 
@@ -260,7 +265,15 @@ async fn swarm_run(
     let eg0 = egress_of(swarm);
     let start = Instant::now();
     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let progress = tokio::spawn(progress(swarm.sockets.clone(), start, samples.clone()));
+    let trace = opts
+        .trace
+        .then(|| std::iter::once(swarm.seed_socket.clone()).chain(swarm.sockets.clone()));
+    let progress = tokio::spawn(progress(
+        swarm.sockets.clone(),
+        trace.map(Iterator::collect),
+        start,
+        samples.clone(),
+    ));
     let mut jobs = Vec::new();
     for sock in &swarm.sockets {
         let (sock, blob, origin) = (sock.clone(), *blob, swarm.origin_ref.clone());
@@ -334,14 +347,28 @@ async fn swarm_run(
 }
 
 /// Samples every 5 s how much of the blob the peers hold together (from their task status)
-/// into `out` as (seconds, percent).
+/// into `out` as (seconds, percent); with `trace` (seed and peers' sockets), also prints each
+/// node's held pieces every second.
 async fn progress(
     sockets: Vec<std::path::PathBuf>,
+    trace: Option<Vec<std::path::PathBuf>>,
     start: Instant,
     out: std::sync::Arc<std::sync::Mutex<Vec<(u64, f64)>>>,
 ) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+    for tick in 1u64.. {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(nodes) = &trace {
+            let mut line = format!("  t={:5.1} s held:", start.elapsed().as_secs_f64());
+            for s in nodes {
+                let tasks = ApiClient::new(s).tasks().await.unwrap_or_default();
+                let held: u32 = tasks.iter().map(|t| t.held).sum();
+                line.push_str(&format!(" {held:5}"));
+            }
+            println!("{line}");
+        }
+        if tick % 5 != 0 {
+            continue;
+        }
         let (mut held, mut total) = (0u64, 0u64);
         for s in &sockets {
             if let Ok(tasks) = ApiClient::new(s).tasks().await {

@@ -61,6 +61,18 @@ impl AsyncStore {
             .await
     }
 
+    /// See [`Store::adopt_blob`].
+    pub async fn adopt_blob(
+        &self,
+        digest: BlobDigest,
+        layout: Arc<PieceLayout>,
+        staged: Arc<crate::StagedFile>,
+        pieces: Vec<(u32, Blake3Hash)>,
+    ) -> Result<bool> {
+        self.blocking(move |s| s.adopt_blob(&digest, (*layout).clone(), &staged, &pieces))
+            .await
+    }
+
     /// See [`Store::put_piece`].
     pub async fn put_piece(
         &self,

@@ -20,6 +20,14 @@ use crate::paths::sync_dir;
 use crate::pieceset::PieceSet;
 use crate::store::{Counters, Store};
 
+/// What [`Store::install_blob`] puts in place.
+pub(crate) enum Install {
+    /// Every piece, and the blob's sha256 matched: complete.
+    Whole,
+    /// These pieces (verified) of a blob still downloading.
+    Partial(PieceSet),
+}
+
 /// What a put did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PutOutcome {
@@ -289,20 +297,30 @@ impl Store {
         Ok(pin)
     }
 
-    /// Writes a whole blob into place (e.g. the data file of an import), already verified.
+    /// Moves a data file into place as blob `digest` with `layout`: a whole blob (an import,
+    /// its sha256 matched) replaces what the store had; a partial one (pieces verified by the
+    /// caller) is installed only if the store does not know the blob yet (returns false).
     pub(crate) fn install_blob(
         &self,
         digest: &BlobDigest,
         layout: PieceLayout,
         data_tmp: &std::path::Path,
-    ) -> Result<()> {
+        install: Install,
+    ) -> Result<bool> {
         let key = EntryKey::Blob(*digest);
-        let mut held = PieceSet::new(layout.piece_count());
-        for i in 0..layout.piece_count() {
-            held.insert(i);
-        }
-        let meta = journal::encode_compact(digest, &layout, &held, true);
-        let reservation = self.reserve(layout.size() + meta.len() as u64)?;
+        let (held, complete) = match install {
+            Install::Whole => {
+                let mut held = PieceSet::new(layout.piece_count());
+                for i in 0..layout.piece_count() {
+                    held.insert(i);
+                }
+                (held, true)
+            }
+            Install::Partial(held) => (held, false),
+        };
+        let meta = journal::encode_compact(digest, &layout, &held, complete);
+        let data_bytes: u64 = held.iter().filter_map(|i| layout.piece_len(i)).sum();
+        let reservation = self.reserve(data_bytes + meta.len() as u64)?;
         let paths = &self.inner.paths;
         let (dir, meta_path, data_path) = (
             paths.blob_dir(digest),
@@ -324,6 +342,11 @@ impl Store {
         })?;
         let _stripe = lock(self.stripe(&key));
         if let Some(old) = self.entry(&key) {
+            if !complete {
+                // A partial blob never replaces what the store has: the caller moves its pieces.
+                let _ = fs::remove_file(&meta_tmp);
+                return Ok(false);
+            }
             if self.remove_entry_locked(&old, false).is_none() {
                 let _ = fs::remove_file(&meta_tmp);
                 return Err(Error::Pinned {
@@ -343,15 +366,15 @@ impl Store {
             })?;
         let state = BlobState {
             held,
-            complete: true,
+            complete,
             check,
             generation: 0,
         };
-        let bytes = layout.size() + meta.len() as u64;
+        let bytes = data_bytes + meta.len() as u64;
         let entry = Entry::new(key, Some(Arc::new(layout)), bytes, Some(state), now_ms());
         self.inner.index.insert(key, entry);
         reservation.commit();
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -101,7 +101,7 @@ impl Store {
         file.sync_data().map_err(|e| Error::io("sync", &path, e))?;
         drop(file);
         let layout = PieceLayout::new(digest, size, piece_size, pieces)?;
-        self.install_blob(digest, layout.clone(), &path)?;
+        self.install_blob(digest, layout.clone(), &path, crate::blob::Install::Whole)?;
         temp.0 = None;
         Ok(layout)
     }

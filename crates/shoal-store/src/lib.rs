@@ -27,6 +27,7 @@ mod pieceset;
 mod quota;
 mod read;
 mod recover;
+mod staged;
 mod store;
 
 pub use async_store::AsyncStore;
@@ -41,4 +42,5 @@ pub use key::{
 };
 pub use pieceset::PieceSet;
 pub use read::{BlobReader, MAX_RANGE};
+pub use staged::StagedFile;
 pub use store::{Store, StoreConfig, StoreStats};

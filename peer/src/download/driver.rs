@@ -40,7 +40,7 @@ impl Task {
             if let Err(e) = &result {
                 tracing::warn!(blob = %self.blob, error = %e, "download failed");
                 inner.failure = Some(e.to_string());
-                // Staged pieces of a failed download are not kept in memory.
+                // Staged pieces of a failed download are not kept.
                 self.ctx.staging.remove(&self.blob);
             }
             inner.running = false;
@@ -306,7 +306,7 @@ impl Task {
         let mut publish = HashPublisher::new(self.blob);
         let mut on_piece = |index: u32, bytes: Bytes| {
             let hash = *blake3::hash(&bytes).as_bytes();
-            let staged = staging.put_own(&self.blob, index, bytes, hash).is_ok();
+            let staged = staging.put_own(&self.blob, index, &bytes, hash).is_ok();
             publish.add(index, hash, staged);
             if publish.due() {
                 publish.flush(&self.ctx);

@@ -152,8 +152,6 @@ impl std::fmt::Debug for Downloader {
 
 impl Downloader {
     pub(crate) fn new(ctx: Ctx) -> Self {
-        // Staged pieces count against the same piece memory budget as every other piece.
-        ctx.staging.use_budget(ctx.transport.budget().clone());
         Downloader {
             ctx: Arc::new(ctx),
             tasks: Mutex::new(HashMap::new()),

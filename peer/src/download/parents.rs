@@ -103,6 +103,19 @@ impl ParentTable {
         self.parents.values().filter(|p| !p.is_seed).count()
     }
 
+    /// This peer's turn to ask a seed for pieces only the seed holds: its rank by host id
+    /// among itself and its non-seed parents, and how many they are. Piece i is its turn when
+    /// i % count == rank, so peers that know each other split the seed's pieces evenly, each
+    /// asked once.
+    pub fn seed_turn(&self, me: &HostId) -> (u64, u64) {
+        let rank = self
+            .parents
+            .iter()
+            .filter(|(h, p)| !p.is_seed && *h < me)
+            .count();
+        (rank as u64, self.peer_count() as u64 + 1)
+    }
+
     /// Host ids and addresses of every parent (for refreshing held sets).
     pub fn all(&self) -> Vec<(HostId, Vec<SocketAddr>)> {
         self.parents
@@ -351,5 +364,33 @@ pub(crate) async fn fetch_table(
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
         Err(_) => Err(format!("{host}: no piece table within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_that_know_each_other_split_the_seeds_pieces_once_each() {
+        let hosts: Vec<HostId> = ["peer-c", "peer-a", "seed", "peer-d", "peer-b"]
+            .iter()
+            .map(|h| HostId::new(h.to_string()).unwrap())
+            .collect();
+        let turns: Vec<(u64, u64)> = hosts
+            .iter()
+            .filter(|me| me.as_str() != "seed")
+            .map(|me| {
+                let mut table = ParentTable::default();
+                for h in &hosts {
+                    table.add(h.clone(), Vec::new(), None, h.as_str() == "seed", me);
+                }
+                table.seed_turn(me)
+            })
+            .collect();
+        for piece in 0..100u64 {
+            let askers = turns.iter().filter(|(rank, n)| piece % n == *rank).count();
+            assert_eq!(askers, 1, "piece {piece}: {turns:?}");
+        }
     }
 }

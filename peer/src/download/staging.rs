@@ -1,23 +1,28 @@
 //! Pieces of plain blobs whose piece table is not whole yet (docs/protocol.md, "Streamed piece
 //! hashes"): the origin fetcher computes each piece's BLAKE3 as it arrives and publishes it; a
 //! downloader fetches only pieces whose published hash it knows and checks each against it. The
-//! store takes a blob only with its whole table, so until then verified pieces wait here, in
-//! memory, and the piece server serves them from here. Once the table is whole they move into
-//! the store, which verifies them again; the whole blob's sha256 is checked as always before
-//! the blob counts as complete.
+//! store takes a blob only with its whole table, so until then verified pieces wait here and the
+//! piece server serves them from here. Once the table is whole they move into the store, which
+//! verifies them again; the whole blob's sha256 is checked as always before the blob counts as
+//! complete.
 //!
-//! Staged bytes count against the peer's piece memory budget (budget.rs), capped further by
-//! `staging_bytes`. A piece fetched from a parent keeps the room it was fetched with; a piece
-//! this node reads from the origin only tries for room and, finding none, is not staged: its
-//! hash is published all the same, and it reaches the store with the import.
+//! Staged bytes live in one file per blob in the store's temp directory (piece i at offset
+//! i * piece size; `shoal_store::StagedFile`), not in memory: a blob larger than the piece
+//! memory budget stages whole, so peers keep pace with the seed's import instead of waiting for
+//! its end. When the table is whole the store adopts the file as the blob's data file, without
+//! copying a byte; a crash leaves nothing behind (the store empties its temp directory when it
+//! opens). Every read of a staged piece is checked against its published hash again before
+//! anyone gets the bytes. `staging_bytes` caps the staged bytes of all blobs together.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, OnceLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use shoal_proto::{Blake3Hash, Digest, HostId, TaskMeta};
+use shoal_store::{AsyncStore, StagedFile};
 
-use crate::budget::PieceBudget;
+/// (index, hash) of staged pieces: the hash each was checked against.
+pub(crate) type StagedPieces = Vec<(u32, Blake3Hash)>;
 
 /// Why a piece was not staged.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,8 +31,8 @@ pub(crate) enum StageError {
     NoHash,
     /// The bytes do not match the published hash.
     Mismatch,
-    /// Staging (`staging_bytes`) or the piece memory budget is full: wait for the table, or
-    /// for pieces to move into the store.
+    /// Staging is full (`staging_bytes`), or its file could not be written: wait for the table,
+    /// or for pieces to move into the store.
     Full,
 }
 
@@ -36,34 +41,45 @@ pub(crate) enum StageError {
 struct Staged {
     meta: TaskMeta,
     hashes: Vec<Option<Blake3Hash>>,
-    pieces: BTreeMap<u32, Bytes>,
+    /// Pieces whose verified bytes are in `file`.
+    pieces: BTreeSet<u32>,
+    /// Created with the first piece.
+    file: Option<Arc<StagedFile>>,
     publisher: Option<HostId>,
+}
+
+impl Staged {
+    fn offset(&self, index: u32) -> u64 {
+        u64::from(index) * u64::from(self.meta.piece_size)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.pieces
+            .iter()
+            .filter_map(|i| self.meta.piece_len(*i))
+            .map(u64::from)
+            .sum()
+    }
 }
 
 /// Staged pieces of every blob, shared by downloads and the piece server.
 #[derive(Debug)]
 pub(crate) struct Staging {
     blobs: Mutex<HashMap<Digest, Staged>>,
+    store: AsyncStore,
     limit: u64,
     used: Mutex<u64>,
-    /// The peer's piece memory budget, once the downloader is built.
-    budget: OnceLock<PieceBudget>,
 }
 
 impl Staging {
-    /// Staging that keeps at most `limit` bytes of pieces.
-    pub fn new(limit: u64) -> Self {
+    /// Staging in `store`'s staged files that keeps at most `limit` bytes of pieces.
+    pub fn new(store: AsyncStore, limit: u64) -> Self {
         Staging {
             blobs: Mutex::new(HashMap::new()),
+            store,
             limit,
             used: Mutex::new(0),
-            budget: OnceLock::new(),
         }
-    }
-
-    /// Counts staged pieces against `budget` from now on (set once, by the downloader).
-    pub fn use_budget(&self, budget: PieceBudget) {
-        let _ = self.budget.set(budget);
     }
 
     fn blobs(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Staged>> {
@@ -73,14 +89,28 @@ impl Staging {
         }
     }
 
-    fn add_used(&self, delta: i64) {
+    /// Reserves `n` bytes of the limit; false when they do not fit.
+    fn reserve(&self, n: u64) -> bool {
         let mut used = match self.used.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        *used = used.saturating_add_signed(delta);
+        if *used + n > self.limit {
+            return false;
+        }
+        *used += n;
+        true
     }
 
+    fn release(&self, n: u64) {
+        let mut used = match self.used.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *used = used.saturating_sub(n);
+    }
+
+    #[cfg(test)]
     fn used(&self) -> u64 {
         self.used.lock().map_or(0, |u| *u)
     }
@@ -92,14 +122,15 @@ impl Staging {
             return;
         }
         if let Some(old) = blobs.remove(&meta.blob) {
-            self.add_used(-(bytes_of(&old) as i64));
+            self.release(old.bytes());
         }
         blobs.insert(
             meta.blob,
             Staged {
                 meta,
                 hashes: vec![None; meta.piece_count() as usize],
-                pieces: BTreeMap::new(),
+                pieces: BTreeSet::new(),
+                file: None,
                 publisher: None,
             },
         );
@@ -141,8 +172,8 @@ impl Staging {
                 }
                 (Some(old), Some(h)) if old != *h => {
                     *slot = Some(*h);
-                    if let Some(b) = s.pieces.remove(&(i as u32)) {
-                        freed += b.len() as u64;
+                    if s.pieces.remove(&(i as u32)) {
+                        freed += u64::from(s.meta.piece_len(i as u32).unwrap_or(0));
                     }
                     new += 1;
                 }
@@ -150,7 +181,7 @@ impl Staging {
             }
         }
         drop(blobs);
-        self.add_used(-(freed as i64));
+        self.release(freed);
         new
     }
 
@@ -181,17 +212,18 @@ impl Staging {
         s.hashes
             .iter()
             .enumerate()
-            .filter(|(i, h)| h.is_some() && !s.pieces.contains_key(&(*i as u32)))
+            .filter(|(i, h)| h.is_some() && !s.pieces.contains(&(*i as u32)))
             .map(|(i, _)| i as u32)
             .collect()
     }
 
-    /// Checks `bytes` against piece `index`'s published hash and stages them.
-    pub fn put(&self, blob: &Digest, index: u32, bytes: Bytes) -> Result<(), StageError> {
+    /// Checks `bytes` against piece `index`'s published hash and stages them (blocking: hashes
+    /// and writes the file).
+    pub fn put(&self, blob: &Digest, index: u32, bytes: &[u8]) -> Result<(), StageError> {
         let hash = {
             let blobs = self.blobs();
             let s = blobs.get(blob).ok_or(StageError::NoHash)?;
-            if s.pieces.contains_key(&index) {
+            if s.pieces.contains(&index) {
                 return Ok(());
             }
             s.hashes
@@ -201,112 +233,160 @@ impl Staging {
                 .ok_or(StageError::NoHash)?
         };
         // Hashed outside the lock: the piece server reads staged pieces meanwhile.
-        if blake3::hash(&bytes).as_bytes() != &hash {
+        if blake3::hash(bytes).as_bytes() != &hash {
             return Err(StageError::Mismatch);
         }
-        // No copy: the fetched bytes keep the room they were fetched with (budget.rs), so the
-        // staged piece counts against the budget until it moves into the store.
-        self.insert(blob, index, Some(bytes), None)
+        self.insert(blob, index, bytes, hash)
     }
 
     /// Stages a piece this node read from the origin itself, with the hash it computed; the
-    /// hash is learnt even when the piece finds no room. Room in the budget is only tried for:
-    /// the import that calls this must never wait (budget.rs, [`PieceBudget::try_download`]).
+    /// hash is learnt even when the piece finds no room (it then reaches the store with the
+    /// import).
     pub fn put_own(
         &self,
         blob: &Digest,
         index: u32,
-        bytes: Bytes,
+        bytes: &[u8],
         hash: Blake3Hash,
     ) -> Result<(), StageError> {
-        let room = self
-            .budget
-            .get()
-            .map(|b| b.try_download(bytes.len() as u64));
-        let bytes = match room {
-            Some(Some(permit)) => permit.attach(bytes),
-            Some(None) => {
-                self.insert(blob, index, None, Some(hash))?;
-                return Err(StageError::Full);
-            }
-            None => bytes,
-        };
-        self.insert(blob, index, Some(bytes), Some(hash))
+        {
+            let mut blobs = self.blobs();
+            let s = blobs.get_mut(blob).ok_or(StageError::NoHash)?;
+            let slot = s.hashes.get_mut(index as usize).ok_or(StageError::NoHash)?;
+            *slot = Some(hash);
+        }
+        self.insert(blob, index, bytes, hash)
     }
 
-    /// Stages `bytes` (none: only learns `own`, the piece's hash).
+    /// Writes verified `bytes` of piece `index` (hash `hash`) to the blob's file and marks the
+    /// piece staged, unless its hash changed meanwhile.
     fn insert(
         &self,
         blob: &Digest,
         index: u32,
-        bytes: Option<Bytes>,
-        own: Option<Blake3Hash>,
+        bytes: &[u8],
+        hash: Blake3Hash,
     ) -> Result<(), StageError> {
-        let mut blobs = self.blobs();
-        let s = blobs.get_mut(blob).ok_or(StageError::NoHash)?;
-        let Some(slot) = s.hashes.get_mut(index as usize) else {
-            return Err(StageError::NoHash);
-        };
-        if let Some(h) = own {
-            *slot = Some(h);
-        }
-        let Some(bytes) = bytes else {
-            return Ok(());
-        };
         let n = bytes.len() as u64;
-        if s.pieces.contains_key(&index) {
-            return Ok(());
-        }
-        if self.used() + n > self.limit {
+        let (file, offset) = {
+            let mut blobs = self.blobs();
+            let s = blobs.get_mut(blob).ok_or(StageError::NoHash)?;
+            if s.pieces.contains(&index) {
+                return Ok(());
+            }
+            if s.meta.piece_len(index).map(u64::from) != Some(n) {
+                return Err(StageError::Mismatch);
+            }
+            let file = match &s.file {
+                Some(f) => Arc::clone(f),
+                None => {
+                    let f = Arc::new(self.store.store().staged_file().map_err(|e| {
+                        tracing::warn!(error = %e, "staging file not created");
+                        StageError::Full
+                    })?);
+                    s.file = Some(Arc::clone(&f));
+                    f
+                }
+            };
+            (file, s.offset(index))
+        };
+        if !self.reserve(n) {
             return Err(StageError::Full);
         }
-        s.pieces.insert(index, bytes);
+        if let Err(e) = file.write_at(bytes, offset) {
+            tracing::warn!(blob = %blob, piece = index, error = %e, "staged piece not written");
+            self.release(n);
+            return Err(StageError::Full);
+        }
+        let mut blobs = self.blobs();
+        let kept = blobs.get_mut(blob).is_some_and(|s| {
+            let same = s.hashes.get(index as usize).copied().flatten() == Some(hash)
+                && s.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, &file));
+            same && s.pieces.insert(index)
+        });
         drop(blobs);
-        self.add_used(n as i64);
+        if !kept {
+            // Staged again meanwhile, or the blob or its hash changed: not counted twice.
+            self.release(n);
+        }
         Ok(())
     }
 
-    /// A staged piece and its hash (for the piece server).
+    /// A staged piece and its hash, read back and checked against the hash (blocking); `None`
+    /// when it is not staged or its bytes no longer match (then it is dropped).
     pub fn piece(&self, blob: &Digest, index: u32) -> Option<(Bytes, Blake3Hash)> {
+        let (file, offset, len, hash) = {
+            let blobs = self.blobs();
+            let s = blobs.get(blob)?;
+            if !s.pieces.contains(&index) {
+                return None;
+            }
+            let hash = s.hashes.get(index as usize).copied().flatten()?;
+            let len = s.meta.piece_len(index)?;
+            (Arc::clone(s.file.as_ref()?), s.offset(index), len, hash)
+        };
+        let mut buf = vec![0u8; len as usize];
+        let ok = file.read_at(&mut buf, offset).is_ok() && blake3::hash(&buf).as_bytes() == &hash;
+        if !ok {
+            tracing::warn!(blob = %blob, piece = index, "staged piece unreadable or changed: dropped");
+            self.take(blob, index);
+            return None;
+        }
+        Some((Bytes::from(buf), hash))
+    }
+
+    /// The staged file of `blob` and its staged pieces with the hashes they were checked
+    /// against, for the store to adopt.
+    pub fn file(&self, blob: &Digest) -> Option<(Arc<StagedFile>, StagedPieces)> {
         let blobs = self.blobs();
         let s = blobs.get(blob)?;
-        let bytes = s.pieces.get(&index)?.clone();
-        let hash = s.hashes.get(index as usize).copied().flatten()?;
-        Some((bytes, hash))
+        let pieces = s
+            .pieces
+            .iter()
+            .filter_map(|i| Some((*i, s.hashes.get(*i as usize).copied().flatten()?)))
+            .collect();
+        Some((Arc::clone(s.file.as_ref()?), pieces))
     }
 
     /// Indices of the staged pieces of `blob` and its piece count; `None` when not staged.
     pub fn held(&self, blob: &Digest) -> Option<(u32, Vec<u32>)> {
         let blobs = self.blobs();
         let s = blobs.get(blob)?;
-        Some((s.meta.piece_count(), s.pieces.keys().copied().collect()))
+        Some((s.meta.piece_count(), s.pieces.iter().copied().collect()))
+    }
+
+    /// The length of piece `index` of `blob` if it is staged.
+    pub fn staged_len(&self, blob: &Digest, index: u32) -> Option<u32> {
+        let blobs = self.blobs();
+        let s = blobs.get(blob)?;
+        s.pieces
+            .contains(&index)
+            .then(|| s.meta.piece_len(index))
+            .flatten()
     }
 
     /// Whether piece `index` of `blob` is staged.
     #[cfg(test)]
-    pub fn holds(&self, blob: &Digest, index: u32) -> bool {
-        self.blobs()
-            .get(blob)
-            .is_some_and(|s| s.pieces.contains_key(&index))
+    fn holds(&self, blob: &Digest, index: u32) -> bool {
+        self.staged_len(blob, index).is_some()
     }
 
-    /// Removes one staged piece (it moved into the store); returns its bytes.
-    pub fn take(&self, blob: &Digest, index: u32) -> Option<Bytes> {
-        let b = self.blobs().get_mut(blob)?.pieces.remove(&index)?;
-        self.add_used(-(b.len() as i64));
-        Some(b)
+    /// Forgets one staged piece (it moved into the store, or it went bad).
+    pub fn take(&self, blob: &Digest, index: u32) {
+        let freed = self
+            .blobs()
+            .get_mut(blob)
+            .and_then(|s| s.pieces.remove(&index).then(|| s.meta.piece_len(index)))
+            .flatten();
+        self.release(freed.map_or(0, u64::from));
     }
 
-    /// Forgets everything staged of `blob`.
+    /// Forgets everything staged of `blob` (its file goes with the last reader).
     pub fn remove(&self, blob: &Digest) {
         if let Some(s) = self.blobs().remove(blob) {
-            self.add_used(-(bytes_of(&s) as i64));
+            self.release(s.bytes());
         }
     }
-}
-
-fn bytes_of(s: &Staged) -> u64 {
-    s.pieces.values().map(|b| b.len() as u64).sum()
 }
 
 #[cfg(test)]
@@ -321,71 +401,89 @@ mod tests {
         }
     }
 
-    fn piece(b: u8) -> Bytes {
-        Bytes::from(vec![b; 65536])
+    fn piece(b: u8) -> Vec<u8> {
+        vec![b; 65536]
+    }
+
+    fn hash(b: &[u8]) -> Blake3Hash {
+        *blake3::hash(b).as_bytes()
+    }
+
+    fn staging(dir: &tempfile::TempDir, limit: u64) -> Staging {
+        let cfg = shoal_store::StoreConfig::new(dir.path(), 1 << 30);
+        let store = shoal_store::Store::open(cfg).unwrap();
+        Staging::new(AsyncStore::new(store), limit)
     }
 
     #[test]
     fn pieces_are_staged_only_against_a_published_hash() {
-        let st = Staging::new(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let st = staging(&dir, 1 << 20);
         let m = meta();
         st.open(m);
-        assert_eq!(st.put(&m.blob, 0, piece(1)), Err(StageError::NoHash));
-        let h0 = *blake3::hash(&piece(1)).as_bytes();
+        assert_eq!(st.put(&m.blob, 0, &piece(1)), Err(StageError::NoHash));
+        let h0 = hash(&piece(1));
         assert_eq!(st.learn(&m.blob, 0, &[Some(h0), None], None), 1);
         assert_eq!(st.fetchable(&m.blob), vec![0]);
-        assert_eq!(st.put(&m.blob, 0, piece(2)), Err(StageError::Mismatch));
-        assert_eq!(st.put(&m.blob, 0, piece(1)), Ok(()));
-        assert_eq!(st.piece(&m.blob, 0).map(|p| p.1), Some(h0));
+        assert_eq!(st.put(&m.blob, 0, &piece(2)), Err(StageError::Mismatch));
+        assert_eq!(st.put(&m.blob, 0, &piece(1)), Ok(()));
+        assert_eq!(st.piece(&m.blob, 0), Some((Bytes::from(piece(1)), h0)));
         assert_eq!(st.first_unknown(&m.blob), Some(1));
         // A changed hash drops the piece staged under the old one.
-        let h2 = *blake3::hash(&piece(2)).as_bytes();
+        let h2 = hash(&piece(2));
         st.learn(&m.blob, 0, &[Some(h2)], None);
         assert!(!st.holds(&m.blob, 0));
         assert_eq!(st.fetchable(&m.blob), vec![0]);
+        assert_eq!(st.used(), 0);
     }
 
     #[test]
-    fn staged_pieces_take_room_in_the_budget_without_waiting() {
-        let budget = PieceBudget::new(32 << 20); // downloads may hold 16 MiB of it
-        let st = Staging::new(1 << 30);
-        st.use_budget(budget.clone());
+    fn staged_pieces_live_in_a_store_file_and_are_checked_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = staging(&dir, 1 << 30);
         let m = meta();
         st.open(m);
-        // Downloads hold all the room they may have but one piece's worth.
-        let others = budget.try_download((16 << 20) - 65536);
-        assert!(others.is_some());
-        let own =
-            |i: u32, b: u8| st.put_own(&m.blob, i, piece(b), *blake3::hash(&piece(b)).as_bytes());
-        assert_eq!(own(0, 1), Ok(()));
-        assert_eq!(budget.in_use(), 16 << 20);
-        // No room left: not staged (and no wait), but its hash is known.
-        assert_eq!(own(1, 2), Err(StageError::Full));
+        let last = vec![7u8; 10];
+        st.put_own(&m.blob, 3, &last, hash(&last)).unwrap();
+        st.put_own(&m.blob, 1, &piece(5), hash(&piece(5))).unwrap();
+        assert_eq!(st.held(&m.blob), Some((4, vec![1, 3])));
+        assert_eq!(st.used(), 65536 + 10);
+        assert_eq!(st.piece(&m.blob, 3).map(|p| p.0), Some(Bytes::from(last)));
+        // A piece whose bytes changed on disk is dropped, never returned.
+        let (file, pieces) = st.file(&m.blob).unwrap();
+        assert_eq!(pieces, vec![(1, hash(&piece(5))), (3, hash(&[7u8; 10]))]);
+        file.write_at(&[0xff], 65536 + 100).unwrap();
+        assert_eq!(st.piece(&m.blob, 1), None);
         assert!(!st.holds(&m.blob, 1));
-        assert_eq!(st.fetchable(&m.blob), vec![1]);
-        drop(others);
-        assert_eq!(budget.in_use(), 65536, "the staged piece holds its room");
-        assert_eq!(own(1, 2), Ok(()));
-        // The room goes when the piece leaves staging (it moved into the store).
-        let moved = st.take(&m.blob, 0);
-        assert!(moved.is_some());
-        drop(moved);
+        assert_eq!(st.used(), 10);
+        // A wrong length is refused.
+        assert_eq!(
+            st.put_own(&m.blob, 2, &piece(1)[..100], hash(&piece(1)[..100])),
+            Err(StageError::Mismatch)
+        );
         st.remove(&m.blob);
-        assert_eq!(budget.in_use(), 0);
+        assert!(!st.contains(&m.blob));
+        assert_eq!(st.used(), 0);
+        // The file goes with its last holder.
+        drop(file);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
     fn staging_is_bounded() {
-        let st = Staging::new(65536 + 100);
+        let dir = tempfile::tempdir().unwrap();
+        let st = staging(&dir, 65536 + 100);
         let m = meta();
         st.open(m);
-        let own =
-            |i: u32, b: u8| st.put_own(&m.blob, i, piece(b), *blake3::hash(&piece(b)).as_bytes());
+        let own = |i: u32, b: u8| st.put_own(&m.blob, i, &piece(b), hash(&piece(b)));
         assert_eq!(own(0, 1), Ok(()));
         assert_eq!(own(1, 2), Err(StageError::Full));
         // The hash is learnt even when the bytes do not fit.
         assert_eq!(st.fetchable(&m.blob), vec![1]);
-        assert!(st.take(&m.blob, 0).is_some());
+        st.take(&m.blob, 0);
         assert_eq!(own(1, 2), Ok(()));
         st.remove(&m.blob);
         assert!(!st.contains(&m.blob));

@@ -42,8 +42,9 @@ const DHT_TABLE_EVERY: Duration = Duration::from_secs(1);
 /// asked of a second parent; the first answer wins and the other request is cancelled.
 const ENDGAME_PIECES: usize = 4;
 /// A piece only a seed holds is asked of the seed by one peer in n (n: this peer and its
-/// non-seed parents; chosen by host id and piece index), so the seed's uplink sends it once
-/// and peers pass it on; any peer may ask once the piece has waited this long.
+/// non-seed parents; by host id order and piece index), so the seed's uplink sends it once
+/// and peers pass it on; each time the piece has waited this long one more peer may ask (the
+/// first may be gone or slow).
 const SEED_TURN_WAIT: Duration = Duration::from_secs(2);
 
 /// How a swarm round ended.
@@ -119,9 +120,18 @@ impl Task {
         let rotate = fastrand::usize(..count.max(1) as usize);
         let mut holders: Vec<u16> = Vec::new();
         let mut holders_at: Option<Instant> = None;
-        let my_turn = turn_offset(&me);
         let mut wanted_since: Vec<Option<Instant>> = vec![None; count as usize];
+        // Held sets asked for while pieces flow, in a task of its own: waiting for the answers
+        // (they queue behind the parents' uploads) held back new requests.
+        let mut refreshing: Option<Background<HeldAnswers>> = None;
         loop {
+            if refreshing.as_ref().is_some_and(|r| r.0.is_finished()) {
+                if let Some(mut r) = refreshing.take() {
+                    if let Ok(answers) = (&mut r.0).await {
+                        self.apply_held(answers, &mut table);
+                    }
+                }
+            }
             for p in std::mem::take(&mut self.lock().new_parents) {
                 table.add(p.host_id, p.addresses, Some(p.pieces), p.is_seed, &me);
             }
@@ -170,7 +180,7 @@ impl Task {
                 return Ok(SwarmEnd::Done);
             }
             let now = Instant::now();
-            let share = table.peer_count() as u64 + 1;
+            let (rank, share) = table.seed_turn(&me);
             for &i in &missing {
                 if let Some(w) = wanted_since.get_mut(i as usize) {
                     w.get_or_insert(now);
@@ -194,12 +204,12 @@ impl Task {
                     }
                     continue;
                 }
-                let seed_ok = (my_turn % share + u64::from(i)).is_multiple_of(share)
-                    || wanted_since
-                        .get(i as usize)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|t| now.duration_since(t) >= SEED_TURN_WAIT);
+                let waited = wanted_since
+                    .get(i as usize)
+                    .copied()
+                    .flatten()
+                    .map_or(Duration::ZERO, |t| now.duration_since(t));
+                let seed_ok = seed_turn(i, rank, share, waited);
                 let Some((host, addrs)) =
                     table.pick(i, cfg.per_parent_concurrency, now, &[], seed_ok)
                 else {
@@ -214,8 +224,10 @@ impl Task {
                 inflight.push(fetch);
             }
             // Endgame: the last pieces also go to a second parent, so one slow parent does not
-            // hold up the end of the download.
-            if !missing.is_empty()
+            // hold up the end of the download. Not while the table streams in: the last pieces
+            // then are the newest of an import, and asking twice would send them twice.
+            if !partial
+                && !missing.is_empty()
                 && missing.len() <= ENDGAME_PIECES
                 && missing.iter().all(|i| busy.contains_key(i))
             {
@@ -256,7 +268,8 @@ impl Task {
                         return Ok(end);
                     }
                 }
-                if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY) {
+                if refreshing.is_none() && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY)
+                {
                     last_refresh = Some(Instant::now());
                     self.refresh(count, &mut table).await;
                 }
@@ -315,9 +328,11 @@ impl Task {
                 // An answer to go to the origin is for when the swarm stops giving: ignored here.
                 let _ = self.ask_parents(count, &missing, &mut table).await?;
             }
-            if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY) {
+            if refreshing.is_none()
+                && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY)
+            {
                 last_refresh = Some(Instant::now());
-                self.refresh(count, &mut table).await;
+                refreshing = Some(self.start_refresh(count, &table));
             }
             if report.len() >= 32 || (!report.is_empty() && last_report.elapsed() >= REPORT_EVERY) {
                 self.flush(&mut report);
@@ -457,7 +472,12 @@ impl Task {
         };
         let to_store = self.lock().layout.is_some();
         if !to_store {
-            match self.ctx.staging.put(&self.blob, index, bytes.clone()) {
+            // Hashing and writing the staging file run on the blocking pool.
+            let (staging, blob, piece) = (Arc::clone(&self.ctx.staging), self.blob, bytes.clone());
+            let staged = tokio::task::spawn_blocking(move || staging.put(&blob, index, &piece))
+                .await
+                .unwrap_or(Err(StageError::Full));
+            match staged {
                 Ok(()) => {
                     self.counted(n);
                     return Ok(n);
@@ -577,22 +597,41 @@ impl Task {
         }
     }
 
-    /// Asks every parent which pieces it holds now (parents still downloading gain pieces).
-    async fn refresh(&self, count: u32, table: &mut ParentTable) {
-        let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(2));
-        let asks = table.all().into_iter().map(|(host, addrs)| async move {
-            let r = fetch_held(
-                &self.ctx.transport,
-                &host,
-                &addrs,
-                self.blob,
-                count,
-                timeout,
-            )
-            .await;
-            (host, r)
-        });
-        let answers: Vec<_> = futures::future::join_all(asks).await;
+    /// Asks every parent which pieces it holds now, and records the answers.
+    async fn refresh(self: &Arc<Self>, count: u32, table: &mut ParentTable) {
+        let mut asked = self.start_refresh(count, table);
+        if let Ok(answers) = (&mut asked.0).await {
+            self.apply_held(answers, table);
+        }
+    }
+
+    /// Asks every parent of `table` which pieces it holds, in a task of its own.
+    fn start_refresh(self: &Arc<Self>, count: u32, table: &ParentTable) -> Background<HeldAnswers> {
+        let this = Arc::clone(self);
+        let parents = table.all();
+        Background(tokio::spawn(async move {
+            let timeout = this.ctx.config.piece_timeout().min(Duration::from_secs(2));
+            let asks = parents.into_iter().map(|(host, addrs)| {
+                let this = &this;
+                async move {
+                    let r = fetch_held(
+                        &this.ctx.transport,
+                        &host,
+                        &addrs,
+                        this.blob,
+                        count,
+                        timeout,
+                    )
+                    .await;
+                    (host, r)
+                }
+            });
+            futures::future::join_all(asks).await
+        }))
+    }
+
+    /// Records parents' held sets; drops a parent whose answer was broken.
+    fn apply_held(&self, answers: HeldAnswers, table: &mut ParentTable) {
         for (host, r) in answers {
             match r {
                 Ok(Some(set)) => table.set_pieces(&host, set),
@@ -635,12 +674,14 @@ impl Task {
     }
 }
 
-/// This peer's place in the seed's turns (a stable hash of its host id).
-fn turn_offset(me: &HostId) -> u64 {
-    let h = blake3::hash(me.as_str().as_bytes());
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&h.as_bytes()[..8]);
-    u64::from_le_bytes(b)
+/// Whether piece `index`, which only a seed holds, is this peer's to ask the seed for: its
+/// turn (`rank` of `share`, [`ParentTable::seed_turn`]), or, after `waited`, one of the next
+/// peers' turns too, one more per [`SEED_TURN_WAIT`].
+fn seed_turn(index: u32, rank: u64, share: u64, waited: Duration) -> bool {
+    let share = share.max(1);
+    let behind = (rank + share - u64::from(index) % share) % share;
+    let allowed = 1 + waited.as_millis() / SEED_TURN_WAIT.as_millis();
+    u128::from(behind) < allowed
 }
 
 /// Length of piece `index` of the blob `meta` describes, if it has that piece.
@@ -661,6 +702,18 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Parents' answers to "which pieces do you hold".
+type HeldAnswers = Vec<(HostId, Result<Option<PieceSet>, FetchFailure>)>;
+
+/// A task of a swarm round, aborted when the round ends.
+struct Background<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Background<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,6 +728,21 @@ mod tests {
         assert_eq!(origin_pieces(&missing, held, &failures), vec![2, 3, 4]);
         // Every missing piece is held somewhere but the holders stalled: all of them.
         assert_eq!(origin_pieces(&[1, 3], held, &HashMap::new()), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_seed_only_piece_goes_to_one_more_peer_per_wait() {
+        let askers = |index: u32, waited: Duration| -> Vec<u64> {
+            (0..4)
+                .filter(|rank| seed_turn(index, *rank, 4, waited))
+                .collect()
+        };
+        assert_eq!(askers(6, Duration::ZERO), vec![2]);
+        assert_eq!(askers(6, SEED_TURN_WAIT), vec![2, 3]);
+        assert_eq!(askers(7, SEED_TURN_WAIT * 2), vec![0, 1, 3]);
+        assert_eq!(askers(7, SEED_TURN_WAIT * 9), vec![0, 1, 2, 3]);
+        // Alone (no peer parents), this peer asks for everything at once.
+        assert!(seed_turn(5, 0, 1, Duration::ZERO));
     }
 
     #[test]

@@ -228,28 +228,20 @@ impl Task {
         meta: &TaskMeta,
         table: Vec<[u8; 32]>,
     ) -> Result<(), PeerError> {
-        let sd = store_digest(&self.blob);
-        let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
-        let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
-        self.ctx.store.ensure_blob(sd, Arc::clone(&layout)).await?;
-        self.lock().layout = Some(layout);
+        self.install_layout(meta, table).await?;
         self.move_staged().await;
         Ok(())
     }
 
-    /// Takes a table built from streamed hashes: registers it with the store, and moves the
-    /// staged pieces in the background while the download goes on (they count as held and
-    /// are served from staging until they land).
+    /// Takes a table built from streamed hashes: registers it with the store, and moves any
+    /// staged pieces the store did not adopt in the background while the download goes on
+    /// (they count as held and are served from staging until they land).
     pub(super) async fn adopt_streamed(
         self: &Arc<Self>,
         meta: &TaskMeta,
         table: Vec<[u8; 32]>,
     ) -> Result<(), PeerError> {
-        let sd = store_digest(&self.blob);
-        let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
-        let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
-        self.ctx.store.ensure_blob(sd, Arc::clone(&layout)).await?;
-        self.lock().layout = Some(layout);
+        self.install_layout(meta, table).await?;
         tracing::info!(blob = %self.blob, "every piece hash known: piece table adopted");
         // With the table whole, this peer can give it to holders found through the DHT.
         if let Some(d) = &self.ctx.dht {
@@ -257,6 +249,43 @@ impl Task {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move { this.move_staged().await });
+        Ok(())
+    }
+
+    /// Registers the blob's layout with the store. The staging file becomes the blob's data
+    /// file with every staged piece in it, no byte copied; failing that (nothing staged, or
+    /// the store knows the blob already) the store takes the layout alone and the staged
+    /// pieces are left for [`Task::move_staged`].
+    async fn install_layout(&self, meta: &TaskMeta, table: Vec<[u8; 32]>) -> Result<(), PeerError> {
+        let sd = store_digest(&self.blob);
+        let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
+        let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
+        let adopted = match self.ctx.staging.file(&self.blob) {
+            Some((file, staged)) => {
+                let held = staged
+                    .into_iter()
+                    .map(|(i, h)| (i, Blake3Hash::from_bytes(h)))
+                    .collect();
+                let adopt = self
+                    .ctx
+                    .store
+                    .adopt_blob(sd, Arc::clone(&layout), file, held);
+                adopt.await.unwrap_or_else(|e| {
+                    tracing::warn!(blob = %self.blob, error = %e, "the store did not adopt the staged pieces; moving them");
+                    false
+                })
+            }
+            None => false,
+        };
+        if !adopted {
+            self.ctx.store.ensure_blob(sd, Arc::clone(&layout)).await?;
+        }
+        self.lock().layout = Some(layout);
+        if adopted {
+            // Pieces staged after the store took the file are fetched again.
+            self.ctx.staging.remove(&self.blob);
+            self.notify();
+        }
         Ok(())
     }
 
@@ -269,7 +298,12 @@ impl Task {
         };
         let sd = store_digest(&self.blob);
         let moves = pieces.into_iter().map(|i| async move {
-            if let Some((bytes, _)) = staging.piece(&self.blob, i) {
+            let (from, blob) = (Arc::clone(staging), self.blob);
+            let piece = tokio::task::spawn_blocking(move || from.piece(&blob, i))
+                .await
+                .ok()
+                .flatten();
+            if let Some((bytes, _)) = piece {
                 if let Err(e) = self.ctx.store.put_piece(sd, i, bytes).await {
                     tracing::warn!(blob = %self.blob, piece = i, error = %e, "staged piece not stored");
                 }

@@ -112,7 +112,17 @@ impl Uploader {
         }
     }
 
-    /// Sends a staged piece, if there is one (verified when staged, kept in memory).
+    /// A "busy" answer (counted), telling the asker when to retry.
+    fn busy(&self, why: &str) -> PieceReply {
+        self.stats.busy.fetch_add(1, Ordering::Relaxed);
+        let mut e = PieceError::new(PieceErrorCode::Busy, why);
+        e.retry_after_ms = BUSY_RETRY_MS;
+        PieceReply::Error(e)
+    }
+
+    /// Sends a staged piece, if there is one: room in the budget first (else "busy"), then the
+    /// rate limit, then its bytes read back from the staging file and checked against their
+    /// published hash; `None` when it is not staged (or went bad).
     async fn send_staged(
         &self,
         codec: &Codec,
@@ -120,8 +130,20 @@ impl Uploader {
         blob: shoal_proto::Digest,
         index: u32,
     ) -> Option<Result<(), shoal_proto::ProtoError>> {
-        let (mut bytes, hash) = self.staging.get()?.piece(&blob, index)?;
-        let len = u32::try_from(bytes.len()).ok()?;
+        let staging = Arc::clone(self.staging.get()?);
+        let len = staging.staged_len(&blob, index)?;
+        let Some(room) = self.budget.try_upload(u64::from(len)) else {
+            return Some(
+                codec
+                    .write(send, &self.busy("the piece memory budget is full"))
+                    .await,
+            );
+        };
+        self.limiter.take(u64::from(len)).await;
+        let (mut bytes, hash) = tokio::task::spawn_blocking(move || staging.piece(&blob, index))
+            .await
+            .ok()
+            .flatten()?;
         if self.corrupt {
             let mut bad = bytes.to_vec();
             if let Some(b) = bad.get_mut(len as usize / 2) {
@@ -129,7 +151,6 @@ impl Uploader {
             }
             bytes = bytes::Bytes::from(bad);
         }
-        self.limiter.take(u64::from(len)).await;
         let header = PieceHeader {
             blob,
             index,
@@ -138,7 +159,7 @@ impl Uploader {
         };
         let sent = async {
             codec.write(send, &PieceReply::Piece(header)).await?;
-            send.write_chunk(bytes)
+            send.write_chunk(room.attach(bytes))
                 .await
                 .map_err(|e| shoal_proto::ProtoError::from(std::io::Error::from(e)))
         }
@@ -269,15 +290,9 @@ impl Uploader {
         index: u32,
     ) -> Result<(), shoal_proto::ProtoError> {
         let refuse = |code, msg: String| PieceReply::Error(PieceError::new(code, msg));
-        let busy = |why: &str| {
-            self.stats.busy.fetch_add(1, Ordering::Relaxed);
-            let mut e = PieceError::new(PieceErrorCode::Busy, why);
-            e.retry_after_ms = BUSY_RETRY_MS;
-            PieceReply::Error(e)
-        };
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             return codec
-                .write(send, &busy("all upload slots are in use"))
+                .write(send, &self.busy("all upload slots are in use"))
                 .await;
         };
         let digest = store_digest(&blob);
@@ -317,7 +332,7 @@ impl Uploader {
         // with the room held but nothing read yet, so a queue of uploads costs no memory.
         let Some(room) = self.budget.try_upload(len) else {
             return codec
-                .write(send, &busy("the piece memory budget is full"))
+                .write(send, &self.busy("the piece memory budget is full"))
                 .await;
         };
         self.limiter.take(len).await;
