@@ -98,6 +98,7 @@ impl Peer {
             config.upload_bytes_per_sec,
             config.test_corrupt_uploads,
             budget,
+            config.seed,
         ));
         let mut tasks = vec![uploader.spawn(Arc::clone(&transport))];
         let advertised = if config.advertise.is_empty() {

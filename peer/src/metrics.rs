@@ -146,6 +146,12 @@ impl Collector for PeerCollector {
             "Piece requests answered busy (every upload slot in use, or piece memory full)",
             u.busy.load(Relaxed),
         )?;
+        counter(
+            &mut e,
+            "shoal_peer_upload_resend_refused",
+            "Piece requests a seed refused because it had just sent the piece to another peer",
+            u.resend_refused.load(Relaxed),
+        )?;
         let budget = peer.transport.budget();
         gauge(
             &mut e,

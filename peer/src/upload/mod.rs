@@ -5,6 +5,7 @@
 //! when it is full the asker is told "busy" rather than kept waiting.
 
 mod limit;
+mod superseed;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::convert::{store_digest, wire_set};
 use crate::transport::{check_hello, Transport};
 
 pub(crate) use limit::RateLimiter;
+use superseed::{SentRecently, SEED_RESEND_AFTER};
 
 /// How long a busy answer tells the asker to wait before retrying.
 const BUSY_RETRY_MS: u32 = 100;
@@ -36,6 +38,8 @@ pub struct UploadStats {
     pub busy: AtomicU64,
     /// Connections refused (bad Hello or certificate).
     pub refused: AtomicU64,
+    /// Requests a seed refused because it had just sent the piece to another peer.
+    pub resend_refused: AtomicU64,
 }
 
 /// The state every upload shares.
@@ -48,6 +52,8 @@ pub(crate) struct Uploader {
     budget: PieceBudget,
     /// Verified pieces of blobs whose piece table is not whole yet (download/staging.rs).
     staging: std::sync::OnceLock<Arc<crate::download::Staging>>,
+    /// Seeds only: which peer each piece was just sent to (super-seeding).
+    sent: Option<SentRecently>,
     /// For tests only: flip a byte of every piece served.
     corrupt: bool,
     pub stats: Arc<UploadStats>,
@@ -55,14 +61,16 @@ pub(crate) struct Uploader {
 
 impl Uploader {
     /// An uploader over `store` with `slots` concurrent uploads, a rate limit, and the peer's
-    /// piece memory budget.
+    /// piece memory budget; a `seed` sends each piece to one peer at a time.
     pub fn new(
         store: AsyncStore,
         slots: u32,
         bytes_per_sec: u64,
         corrupt: bool,
         budget: PieceBudget,
+        seed: bool,
     ) -> Self {
+        let sent = seed.then(|| SentRecently::new(SEED_RESEND_AFTER));
         Uploader {
             store,
             slots: Arc::new(Semaphore::new(slots as usize)),
@@ -70,6 +78,7 @@ impl Uploader {
             limiter: RateLimiter::new(bytes_per_sec),
             budget,
             staging: std::sync::OnceLock::new(),
+            sent,
             corrupt,
             stats: Arc::default(),
         }
@@ -209,10 +218,10 @@ impl Uploader {
         })
         .await;
         let _ = send.finish();
-        let codec = match hello {
+        let (codec, peer) = match hello {
             Ok((hello, negotiated)) => {
                 tracing::debug!(peer = %hello.host_id, %remote, "piece server: peer connected");
-                negotiated.codec
+                (negotiated.codec, hello.host_id)
             }
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -222,14 +231,15 @@ impl Uploader {
             }
         };
         while let Ok((send, recv)) = conn.accept_bi().await {
-            let this = Arc::clone(&self);
-            tokio::spawn(async move { this.serve_stream(codec, send, recv).await });
+            let (this, peer) = (Arc::clone(&self), peer.clone());
+            tokio::spawn(async move { this.serve_stream(codec, &peer, send, recv).await });
         }
     }
 
     async fn serve_stream(
         &self,
         codec: Codec,
+        peer: &shoal_proto::HostId,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
@@ -247,7 +257,7 @@ impl Uploader {
                 codec.write(&mut send, &reply).await
             }
             PieceRequest::GetPiece { blob, index } => {
-                self.send_piece(&codec, &mut send, blob, index).await
+                self.send_piece(&codec, peer, &mut send, blob, index).await
             }
             PieceRequest::PieceTable { blob } => {
                 let reply = match self.store.blob_status(&store_digest(&blob)) {
@@ -285,11 +295,23 @@ impl Uploader {
     async fn send_piece(
         &self,
         codec: &Codec,
+        peer: &shoal_proto::HostId,
         send: &mut quinn::SendStream,
         blob: shoal_proto::Digest,
         index: u32,
     ) -> Result<(), shoal_proto::ProtoError> {
         let refuse = |code, msg: String| PieceReply::Error(PieceError::new(code, msg));
+        if self
+            .sent
+            .as_ref()
+            .is_some_and(|s| !s.claim(blob, index, peer))
+        {
+            self.stats.resend_refused.fetch_add(1, Ordering::Relaxed);
+            let msg = format!("piece {index} of {blob} was just sent to another peer: ask it");
+            return codec
+                .write(send, &refuse(PieceErrorCode::NotHeld, msg))
+                .await;
+        }
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             return codec
                 .write(send, &self.busy("all upload slots are in use"))
