@@ -428,7 +428,14 @@ impl Task {
             )
             .await
             {
-                Ok(bytes) => this.keep(index, bytes).await,
+                // Storing runs as a task of its own that a cancelled fetch does not stop, so a
+                // piece that lands in staging or the store is always counted.
+                Ok(bytes) => {
+                    let keeper = Arc::clone(&this);
+                    tokio::spawn(async move { keeper.keep(index, bytes).await })
+                        .await
+                        .unwrap_or(Err(FetchFailure::Cancelled))
+                }
                 Err(f) => Err(f),
             };
             Fetched {
