@@ -77,8 +77,8 @@ pub struct PeerConfig {
     /// An origin read (a HEAD, or a body) that receives nothing for this long fails, naming the
     /// origin, instead of waiting on a black-holed connection.
     pub origin_idle_timeout_ms: u64,
-    /// Verified pieces of plain blobs whose piece table is not whole yet, kept in unnamed files
-    /// under `data_dir/staging` until it is (docs/protocol.md, "Streamed piece hashes"); beyond
+    /// Verified pieces of plain blobs whose piece table is not whole yet, kept in files in the
+    /// store's temp directory until it is (docs/protocol.md, "Streamed piece hashes"); beyond
     /// this many bytes downloads wait for the table.
     pub staging_bytes: u64,
     /// Connecting (QUIC + TLS + Hello) to a parent or the scheduler gives up after this long.
