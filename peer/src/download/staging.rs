@@ -2,9 +2,9 @@
 //! hashes"): the origin fetcher computes each piece's BLAKE3 as it arrives and publishes it; a
 //! downloader fetches only pieces whose published hash it knows and checks each against it. The
 //! store takes a blob only with its whole table, so until then verified pieces wait here and the
-//! piece server serves them from here. Once the table is whole they move into the store, which
-//! verifies them again; the whole blob's sha256 is checked as always before the blob counts as
-//! complete.
+//! piece server serves them from here. Once the table is whole the store adopts them (below), or,
+//! when it knows the blob already, they move in one by one and are verified again; the whole
+//! blob's sha256 is checked as always before the blob counts as complete.
 //!
 //! Staged bytes live in one file per blob in the store's temp directory (piece i at offset
 //! i * piece size; `shoal_store::StagedFile`), not in memory: a blob larger than the piece
