@@ -18,6 +18,7 @@ mod convert;
 pub mod discovery;
 pub mod download;
 mod error;
+mod held_news;
 pub mod metrics;
 pub mod proxy;
 pub mod scheduler_client;
@@ -92,8 +93,10 @@ impl Peer {
             budget.clone(),
         )?);
         let quic_addr = transport.local_addr()?;
+        let held_news = Arc::new(held_news::HeldNews::default());
         let uploader = Arc::new(Uploader::new(
             store.clone(),
+            Arc::clone(&held_news),
             config.upload_slots,
             config.upload_bytes_per_sec,
             config.test_corrupt_uploads,
@@ -170,6 +173,7 @@ impl Peer {
             me: host_id,
             stats: Arc::default(),
             staging,
+            held_news,
         }));
         if let Some(mut events) = events {
             let d = Arc::clone(&downloader);

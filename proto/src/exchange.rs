@@ -31,6 +31,14 @@ pub enum PieceRequest {
         /// The blob.
         blob: Digest,
     },
+    /// Version 3: keep me told which pieces of `blob` you hold. The reply is a
+    /// [`PieceReply::Held`] frame whenever the set changes (the first as soon as any piece is
+    /// held), until the asker stops reading; so a child learns of a new piece within
+    /// milliseconds instead of at its next [`PieceRequest::HeldPieces`] poll.
+    WatchHeld {
+        /// The blob.
+        blob: Digest,
+    },
 }
 
 /// A holder's geometry and piece table of one blob (answer to [`PieceRequest::PieceTable`]).

@@ -44,9 +44,12 @@ pub const MIN_VERSION: u8 = 1;
 /// Highest protocol version this build speaks (the one it prefers). Version 2 appends
 /// `SchedulerRequest::{PieceHashes, GetPieceHashes}` and `SchedulerReply::PieceHashes`; every
 /// version-1 message encodes the same in both, and a version-1 connection never carries them.
-pub const MAX_VERSION: u8 = 2;
+/// Version 3 appends `PieceRequest::WatchHeld` in the same way.
+pub const MAX_VERSION: u8 = 3;
 /// First version with streamed piece hashes ([`PieceHashes`]).
 pub const PIECE_HASHES_VERSION: u8 = 2;
+/// First version with pushed held sets ([`PieceRequest::WatchHeld`]).
+pub const WATCH_HELD_VERSION: u8 = 3;
 
 /// ALPN of a peer's piece server (peer <-> peer connections), version 1.
 pub const ALPN_PEER: &[u8] = b"shoal-peer/1";

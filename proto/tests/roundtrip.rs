@@ -291,6 +291,7 @@ async fn piece_messages_round_trip() {
             index: 7,
         },
         PieceRequest::HeldPieces { blob: digest(2) },
+        PieceRequest::WatchHeld { blob: digest(3) },
     ])
     .await;
     round_trip(vec![

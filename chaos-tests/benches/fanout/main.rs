@@ -333,6 +333,10 @@ async fn swarm_run(
         opts.peers,
         swarm.dir().display()
     );
+    // The run's directory goes with the run: its node logs are copied out first if asked.
+    if let Some(to) = std::env::var_os("FANOUT_KEEP_LOGS") {
+        keep_logs(swarm.dir(), std::path::Path::new(&to))?;
+    }
     Ok(RunFigures {
         done,
         origin_bytes,
@@ -518,4 +522,21 @@ fn cpu_model() -> String {
                 .map(|(_, m)| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Copies the `*.log` files of `from` into `to` (created if needed).
+fn keep_logs(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
+    let fail = |what: &str, e: std::io::Error| format!("keeping node logs: {what}: {e}");
+    std::fs::create_dir_all(to).map_err(|e| fail("create the target directory", e))?;
+    let entries = std::fs::read_dir(from).map_err(|e| fail("list the run directory", e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "log") {
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, to.join(name)).map_err(|e| fail("copy a log", e))?;
+            }
+        }
+    }
+    println!("  node logs copied to {}", to.display());
+    Ok(())
 }

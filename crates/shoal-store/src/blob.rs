@@ -156,9 +156,11 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone()),
             Err(e) => return Err(Error::io("open", &data_path, e)),
         };
+        // No fsync per piece: every read verifies the bytes, so a piece whose write a power loss
+        // cut short is refetched, never served; the data is synced once, when the blob is
+        // complete (docs/store.md, "Crash safety").
         self.on_full(&data_path, data.len() as u64, "write", || {
-            file.write_all_at(data, offset)?;
-            file.sync_data()
+            file.write_all_at(data, offset)
         })?;
         let mut st = lock(&entry.state);
         if st.removed {
@@ -173,8 +175,7 @@ impl Store {
         let record = journal::encode_record(&blob.check, RecordKind::Held, index);
         self.on_full(&meta_path, RECORD_LEN as u64, "append to", || {
             let mut meta = OpenOptions::new().append(true).open(&meta_path)?;
-            meta.write_all(&record)?;
-            meta.sync_data()
+            meta.write_all(&record)
         })?;
         blob.held.insert(index);
         blob.generation += 1;
@@ -250,6 +251,10 @@ impl Store {
                 blob: digest.to_string(),
                 actual: hex::encode(actual),
             });
+        }
+        // Pieces were written without fsync: a complete blob is a durable one.
+        if let Some(f) = &file {
+            f.sync_data().map_err(|e| Error::io("sync", &path, e))?;
         }
         let meta_path = self.inner.paths.meta(digest);
         let mut st = lock(&entry.state);

@@ -87,10 +87,8 @@ impl Store {
         let Some(at) = path.clone() else {
             return Ok(false);
         };
-        staged
-            .file
-            .sync_data()
-            .map_err(|e| Error::io("sync", &at, e))?;
+        // Not synced: the blob is not complete yet, and its pieces are verified on every read
+        // (docs/store.md, "Crash safety").
         let adopted = self.install_blob(digest, layout, &at, Install::Partial(held))?;
         if adopted {
             *path = None;

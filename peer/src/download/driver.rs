@@ -65,7 +65,15 @@ impl Task {
         loop {
             let layout = self.lock().layout.clone();
             let Some(layout) = layout else {
-                self.obtain_table(&meta).await?;
+                // A streaming round that got the table goes on with it; if it gave up, the
+                // origin gets what no other peer can give.
+                if let Some(SwarmEnd::BackToSource(why, pieces)) = self.obtain_table(&meta).await? {
+                    let layout = self.lock().layout.clone();
+                    if let Some(layout) = layout {
+                        let _pin = self.ctx.store.pin_blob(&store_digest(&self.blob))?;
+                        self.back_to_source(&layout, &why, pieces).await?;
+                    }
+                }
                 continue;
             };
             let _pin = self.ctx.store.pin_blob(&store_digest(&self.blob))?;
@@ -91,23 +99,30 @@ impl Task {
                 self.fetch_from_source(&layout, &missing).await?;
                 continue;
             }
-            match self.swarm(&meta).await? {
-                SwarmEnd::Done => {}
-                SwarmEnd::BackToSource(why, pieces) => {
-                    // Only what no other peer can give: the rest is left to the swarm's next round.
-                    let missing = self.missing(&layout);
-                    let pieces: Vec<u32> = match pieces.is_empty() {
-                        true => missing,
-                        false => pieces
-                            .into_iter()
-                            .filter(|i| missing.binary_search(i).is_ok())
-                            .collect(),
-                    };
-                    tracing::info!(blob = %self.blob, reason = %why, pieces = pieces.len(), "back to source");
-                    self.fetch_from_source(&layout, &pieces).await?;
-                }
+            if let SwarmEnd::BackToSource(why, pieces) = self.swarm(&meta).await? {
+                self.back_to_source(&layout, &why, pieces).await?;
             }
         }
+    }
+
+    /// Fetches `pieces` (empty: every missing one) from the origin, those still missing: only
+    /// what no other peer can give; the rest is left to the swarm's next round.
+    async fn back_to_source(
+        &self,
+        layout: &PieceLayout,
+        why: &str,
+        pieces: Vec<u32>,
+    ) -> Result<(), PeerError> {
+        let missing = self.missing(layout);
+        let pieces: Vec<u32> = match pieces.is_empty() {
+            true => missing,
+            false => pieces
+                .into_iter()
+                .filter(|i| missing.binary_search(i).is_ok())
+                .collect(),
+        };
+        tracing::info!(blob = %self.blob, reason = %why, pieces = pieces.len(), "back to source");
+        self.fetch_from_source(layout, &pieces).await
     }
 
     /// Wanted pieces not held, ascending.
@@ -215,8 +230,13 @@ impl Task {
     }
 
     /// Gets a piece table: from the scheduler once someone published one, else by importing
-    /// the blob from the origin (and publishing the table it yields).
-    async fn obtain_table(self: &Arc<Self>, meta: &TaskMeta) -> Result<(), PeerError> {
+    /// the blob from the origin (and publishing the table it yields). A swarm round that
+    /// fetched pieces as their hashes streamed in goes on once the table is whole: how it
+    /// ended then is returned.
+    async fn obtain_table(
+        self: &Arc<Self>,
+        meta: &TaskMeta,
+    ) -> Result<Option<SwarmEnd>, PeerError> {
         let source_only = self.lock().source_only;
         if !source_only {
             if let Some(s) = self.ctx.scheduler(&self.blob) {
@@ -239,24 +259,25 @@ impl Task {
                 if wait && streamed {
                     // Fetch pieces as their hashes are published, until the table is whole.
                     self.ctx.staging.open(*meta);
-                    if let SwarmEnd::BackToSource(why, _) = self.swarm(meta).await? {
+                    let end = self.swarm(meta).await?;
+                    if self.lock().layout.is_some() {
+                        return Ok(Some(end));
+                    }
+                    if let SwarmEnd::BackToSource(why, _) = end {
                         tracing::info!(blob = %self.blob, reason = %why, "no piece table from the swarm");
                     }
-                    if self.lock().layout.is_some() {
-                        return Ok(());
-                    }
                 } else if wait && self.wait_for_table(meta).await? {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             // No scheduler (or it lost the table): a DHT holder may have one.
             if self.ctx.scheduler(&self.blob).is_none()
                 && self.adopt_table_from_holders(meta).await?
             {
-                return Ok(());
+                return Ok(None);
             }
         }
-        self.import(meta).await
+        self.import(meta).await.map(|()| None)
     }
 
     /// Polls the scheduler for a published piece table; false when it did not come in time.
@@ -308,6 +329,9 @@ impl Task {
             let hash = *blake3::hash(&bytes).as_bytes();
             let staged = staging.put_own(&self.blob, index, &bytes, hash).is_ok();
             publish.add(index, hash, staged);
+            if staged {
+                self.ctx.held_news.gained(&self.blob);
+            }
             if publish.due() {
                 publish.flush(&self.ctx);
             }

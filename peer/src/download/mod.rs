@@ -17,6 +17,7 @@ mod staging;
 mod swarm;
 mod task;
 mod tee;
+mod watches;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +70,8 @@ pub(crate) struct Ctx {
     pub stats: Arc<DownloadStats>,
     /// Verified pieces of blobs whose piece table is not whole yet (staging.rs).
     pub staging: Arc<Staging>,
+    /// Wakes the piece server's held-set watchers when a blob gains pieces.
+    pub held_news: Arc<crate::held_news::HeldNews>,
 }
 
 impl Ctx {

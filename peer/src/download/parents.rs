@@ -17,18 +17,23 @@ use crate::transport::Transport;
 const UNMEASURED_BPS: f64 = 1e9;
 /// Weight of the newest sample in the throughput average.
 const EWMA_NEW: f64 = 0.3;
+/// A parent that answered "not held" for a piece is not asked for it again for this long,
+/// whatever its held set says (a seed refuses a piece it has just sent to another peer).
+const NOT_HELD_FOR: Duration = Duration::from_secs(1);
 
 /// One parent of a download.
 #[derive(Debug)]
 pub(crate) struct ParentState {
     pub addresses: Vec<SocketAddr>,
-    /// Pieces it is known to hold (refreshed with HeldPieces).
+    /// Pieces it is known to hold (pushed through WatchHeld, or polled with HeldPieces).
     pub pieces: Option<PieceSet>,
     pub inflight: usize,
     /// Measured bytes per second (EWMA); `None` until the first piece.
     pub bps: Option<f64>,
     /// Do not send it requests before this (it answered busy).
     pub busy_until: Option<Instant>,
+    /// Pieces it answered "not held" for, and until when they are not asked of it again.
+    pub refused: HashMap<u32, Instant>,
     pub is_seed: bool,
 }
 
@@ -72,6 +77,7 @@ impl ParentTable {
             inflight: 0,
             bps: None,
             busy_until: None,
+            refused: HashMap::new(),
             is_seed,
         });
         entry.addresses = addresses;
@@ -116,18 +122,26 @@ impl ParentTable {
         (rank as u64, self.peer_count() as u64 + 1)
     }
 
-    /// Host ids and addresses of every parent (for refreshing held sets).
-    pub fn all(&self) -> Vec<(HostId, Vec<SocketAddr>)> {
+    /// Host ids and addresses of every parent that `keep` (for watching or refreshing held sets).
+    pub fn all(&self, keep: impl Fn(&HostId) -> bool) -> Vec<(HostId, Vec<SocketAddr>)> {
         self.parents
             .iter()
+            .filter(|(h, _)| keep(h))
             .map(|(h, p)| (h.clone(), p.addresses.clone()))
             .collect()
+    }
+
+    /// Whether `host` is a usable parent.
+    pub fn contains(&self, host: &HostId) -> bool {
+        self.parents.contains_key(host)
     }
 
     /// Records a fresh held set.
     pub fn set_pieces(&mut self, host: &HostId, pieces: PieceSet) {
         if let Some(p) = self.parents.get_mut(host) {
             p.pieces = Some(pieces);
+            let now = Instant::now();
+            p.refused.retain(|_, until| *until > now);
         }
     }
 
@@ -164,7 +178,10 @@ impl ParentTable {
         avoid: &[HostId],
         seed_ok: bool,
     ) -> Option<(HostId, Vec<SocketAddr>)> {
-        let holds = |p: &ParentState| p.pieces.as_ref().is_some_and(|s| s.contains(index));
+        let holds = |p: &ParentState| {
+            p.pieces.as_ref().is_some_and(|s| s.contains(index))
+                && p.refused.get(&index).is_none_or(|until| *until <= now)
+        };
         let peer_holds = self.parents.values().any(|p| !p.is_seed && holds(p));
         let seed_slots = (per_parent / 2).max(1);
         self.parents
@@ -172,7 +189,7 @@ impl ParentTable {
             .filter(|(h, p)| !(avoid.contains(h) || (p.is_seed && (peer_holds || !seed_ok))))
             .filter(|(_, p)| p.inflight < if p.is_seed { seed_slots } else { per_parent })
             .filter(|(_, p)| p.busy_until.is_none_or(|t| t <= now))
-            .filter(|(_, p)| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
+            .filter(|(_, p)| holds(p))
             .map(|(h, p)| {
                 let bps = p.bps.unwrap_or(UNMEASURED_BPS);
                 let seed_penalty = if p.is_seed { 0.9 } else { 1.0 };
@@ -203,10 +220,14 @@ impl ParentTable {
         }
     }
 
-    /// The parent does not hold `index` after all.
+    /// The parent does not hold `index` after all, or will not send it now: it is not asked
+    /// for it again for [`NOT_HELD_FOR`], even if a held set says it holds it.
     pub fn not_held(&mut self, host: &HostId, index: u32) {
-        if let Some(s) = self.parents.get_mut(host).and_then(|p| p.pieces.as_mut()) {
-            s.remove(index);
+        if let Some(p) = self.parents.get_mut(host) {
+            p.refused.insert(index, Instant::now() + NOT_HELD_FOR);
+            if let Some(s) = p.pieces.as_mut() {
+                s.remove(index);
+            }
         }
     }
 

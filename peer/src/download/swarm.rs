@@ -1,5 +1,6 @@
 //! The swarm round of a download: ask the scheduler for parents, fetch each wanted piece from
-//! the parent fastest for it now (several at once), keep parents' held sets fresh, and drop and
+//! the parent fastest for it now (several at once), keep parents' held sets fresh (watched, so
+//! each parent pushes its set as it changes; polled where a watch is not possible), and drop and
 //! report parents that fail, stall or send bytes that do not match the piece table.
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use super::driver::held_added;
 use super::parents::{fetch_held, fetch_piece, FetchFailure, ParentTable};
 use super::staging::StageError;
 use super::task::Task;
+use super::watches::{Watched, Watches};
 use crate::convert::store_digest;
 use crate::error::PeerError;
 
@@ -30,8 +32,10 @@ const REFRESH_EVERY: Duration = Duration::from_millis(100);
 const ASK_EVERY: Duration = Duration::from_millis(500);
 /// How often the scheduler is asked for more parents while pieces are flowing.
 const REASK_EVERY: Duration = Duration::from_secs(1);
-/// How often parents' held sets are refreshed while pieces are flowing.
+/// How often unwatched parents' held sets are refreshed while pieces are flowing.
 const REFRESH_BUSY_EVERY: Duration = Duration::from_millis(300);
+/// How often the rarest-first order is recomputed from parents' held sets.
+const HOLDERS_EVERY: Duration = Duration::from_millis(100);
 /// Held pieces are reported to the scheduler in batches at least this often.
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// How often a download without a whole piece table asks for newly published hashes.
@@ -49,7 +53,7 @@ const SEED_TURN_WAIT: Duration = Duration::from_secs(2);
 
 /// How a swarm round ended.
 pub(super) enum SwarmEnd {
-    /// Every wanted piece is held (or, without a whole piece table, the table became whole).
+    /// Every wanted piece is held.
     Done,
     /// Go to the origin for these pieces (empty: for every missing one).
     BackToSource(String, Vec<u32>),
@@ -65,7 +69,7 @@ struct Fetched {
 
 /// What polling for streamed piece hashes found.
 enum HashPoll {
-    /// The table is whole now and adopted: the round is over.
+    /// The table is whole now and adopted: the round goes on with it.
     Table,
     /// New hashes: more pieces can be fetched.
     New,
@@ -99,7 +103,8 @@ pub(super) fn origin_pieces(
 impl Task {
     /// Fetches wanted pieces from parents until all are held or the swarm cannot help. Without
     /// a whole piece table (a plain blob its origin fetcher is still reading), only pieces with
-    /// a published hash are fetched, into staging (staging.rs), until the table is whole.
+    /// a published hash are fetched, into staging (staging.rs), until the table is whole; the
+    /// round then goes on with it, its parents, watches and requests in flight kept.
     pub(super) async fn swarm(self: &Arc<Self>, meta: &TaskMeta) -> Result<SwarmEnd, PeerError> {
         let cfg = &self.ctx.config;
         let me = self.ctx.me.clone();
@@ -124,6 +129,8 @@ impl Task {
         // Held sets asked for while pieces flow, in a task of its own: waiting for the answers
         // (they queue behind the parents' uploads) held back new requests.
         let mut refreshing: Option<Background<HeldAnswers>> = None;
+        let mut watches = Watches::new();
+        let mut pin = None;
         loop {
             if refreshing.as_ref().is_some_and(|r| r.0.is_finished()) {
                 if let Some(mut r) = refreshing.take() {
@@ -135,7 +142,14 @@ impl Task {
             for p in std::mem::take(&mut self.lock().new_parents) {
                 table.add(p.host_id, p.addresses, Some(p.pieces), p.is_seed, &me);
             }
+            for w in watches.drain() {
+                self.apply_watched(w, &mut table, &mut watches);
+            }
             let layout = self.lock().layout.clone();
+            // The blob is in the store once its table is whole: kept from eviction meanwhile.
+            if pin.is_none() && layout.is_some() {
+                pin = Some(self.ctx.store.pin_blob(&store_digest(&self.blob))?);
+            }
             let partial = layout.is_none();
             if partial && last_hashes.is_none_or(|t| t.elapsed() >= HASH_POLL_EVERY) {
                 last_hashes = Some(Instant::now());
@@ -144,11 +158,7 @@ impl Task {
                     last_dht = Some(Instant::now());
                 }
                 match self.poll_hashes(meta, dht_due).await? {
-                    HashPoll::Table => {
-                        self.flush(&mut report);
-                        return Ok(SwarmEnd::Done);
-                    }
-                    HashPoll::New => last_progress = Instant::now(),
+                    HashPoll::Table | HashPoll::New => last_progress = Instant::now(),
                     HashPoll::Nothing => {}
                 }
             }
@@ -169,7 +179,7 @@ impl Task {
                 // Rarest first (the rotation breaks ties): the seed's uplink goes to pieces
                 // nobody else has yet, and peers soon hold different pieces to trade. Counts
                 // are refreshed as often as the parents' held sets.
-                if holders_at.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY) {
+                if holders_at.is_none_or(|t| t.elapsed() >= HOLDERS_EVERY) {
                     holders = table.holder_counts(count);
                     holders_at = Some(Instant::now());
                 }
@@ -179,6 +189,7 @@ impl Task {
                 self.flush(&mut report);
                 return Ok(SwarmEnd::Done);
             }
+            watches.start(&self.ctx.transport, self.blob, count, &table);
             let now = Instant::now();
             let (rank, share) = table.seed_turn(&me);
             for &i in &missing {
@@ -271,11 +282,13 @@ impl Task {
                 if refreshing.is_none() && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY)
                 {
                     last_refresh = Some(Instant::now());
-                    self.refresh(count, &mut table).await;
+                    self.refresh(count, &mut table, |h| !watches.is_watched(h))
+                        .await;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(REFRESH_EVERY) => {}
                     _ = self.wake.notified() => {}
+                    w = watches.next() => self.apply_watched(w, &mut table, &mut watches),
                 }
                 continue;
             }
@@ -283,6 +296,10 @@ impl Task {
                 done = inflight.next() => done,
                 _ = tokio::time::sleep(REPORT_EVERY) => None,
                 _ = self.wake.notified() => None,
+                w = watches.next() => {
+                    self.apply_watched(w, &mut table, &mut watches);
+                    None
+                }
             };
             if let Some(f) = done {
                 let won = f.result.is_ok();
@@ -330,9 +347,10 @@ impl Task {
             }
             if refreshing.is_none()
                 && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY)
+                && !table.all(|h| !watches.is_watched(h)).is_empty()
             {
                 last_refresh = Some(Instant::now());
-                refreshing = Some(self.start_refresh(count, &table));
+                refreshing = Some(self.start_refresh(count, &table, |h| !watches.is_watched(h)));
             }
             if report.len() >= 32 || (!report.is_empty() && last_report.elapsed() >= REPORT_EVERY) {
                 self.flush(&mut report);
@@ -604,18 +622,41 @@ impl Task {
         }
     }
 
-    /// Asks every parent which pieces it holds now, and records the answers.
-    async fn refresh(self: &Arc<Self>, count: u32, table: &mut ParentTable) {
-        let mut asked = self.start_refresh(count, table);
+    /// Records what a held-set watch brought: a set, a broken parent, or the end of the watch
+    /// (that parent is polled from then on).
+    fn apply_watched(&self, w: Watched, table: &mut ParentTable, watches: &mut Watches) {
+        match w {
+            Watched::Held(host, set) => table.set_pieces(&host, set),
+            // Its watch ends with it (Watches::start).
+            Watched::Broken(host, detail) => {
+                self.drop_parent(table, &host, None, FailureReason::Protocol, detail)
+            }
+            Watched::Ended(host) => watches.ended(&host),
+        }
+    }
+
+    /// Asks every parent that `keep` which pieces it holds now, and records the answers.
+    async fn refresh(
+        self: &Arc<Self>,
+        count: u32,
+        table: &mut ParentTable,
+        keep: impl Fn(&HostId) -> bool,
+    ) {
+        let mut asked = self.start_refresh(count, table, keep);
         if let Ok(answers) = (&mut asked.0).await {
             self.apply_held(answers, table);
         }
     }
 
-    /// Asks every parent of `table` which pieces it holds, in a task of its own.
-    fn start_refresh(self: &Arc<Self>, count: u32, table: &ParentTable) -> Background<HeldAnswers> {
+    /// Asks every parent of `table` that `keep` which pieces it holds, in a task of its own.
+    fn start_refresh(
+        self: &Arc<Self>,
+        count: u32,
+        table: &ParentTable,
+        keep: impl Fn(&HostId) -> bool,
+    ) -> Background<HeldAnswers> {
         let this = Arc::clone(self);
-        let parents = table.all();
+        let parents = table.all(keep);
         Background(tokio::spawn(async move {
             let timeout = this.ctx.config.piece_timeout().min(Duration::from_secs(2));
             let asks = parents.into_iter().map(|(host, addrs)| {
@@ -713,7 +754,7 @@ impl Drop for AbortOnDrop {
 type HeldAnswers = Vec<(HostId, Result<Option<PieceSet>, FetchFailure>)>;
 
 /// A task of a swarm round, aborted when the round ends.
-struct Background<T>(tokio::task::JoinHandle<T>);
+pub(super) struct Background<T>(pub(super) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for Background<T> {
     fn drop(&mut self) {

@@ -149,9 +149,10 @@ impl Task {
         self.wake.notify_one();
     }
 
-    /// Wakes readers.
+    /// Wakes readers and the piece server's held-set watchers.
     pub(super) fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.ctx.held_news.gained(&self.blob);
     }
 
     /// Learns the blob's size and piece geometry, and its piece table when someone has one.

@@ -1,6 +1,7 @@
 //! The piece server: other peers connect over mutual-TLS QUIC, say Hello, and ask for pieces or
 //! for the set of pieces held. Only pieces read (and so verified) from the store are served, the
-//! pieces of a blob still downloading included; upload slots and a rate limit bound the load,
+//! pieces of a blob still downloading included. A child may watch a blob's held set instead of
+//! polling it: it is sent again whenever it changes. Upload slots and a rate limit bound the load,
 //! and the peer's piece memory budget (budget.rs) bounds the piece bytes read for uploading:
 //! when it is full the asker is told "busy" rather than kept waiting.
 
@@ -19,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::budget::PieceBudget;
 use crate::convert::{store_digest, wire_set};
+use crate::held_news::HeldNews;
 use crate::transport::{check_hello, Transport};
 
 pub(crate) use limit::RateLimiter;
@@ -26,6 +28,11 @@ use superseed::{SentRecently, SEED_RESEND_AFTER};
 
 /// How long a busy answer tells the asker to wait before retrying.
 const BUSY_RETRY_MS: u32 = 100;
+/// Pieces often land in bursts: a watcher gets one held set per burst of this length.
+const WATCH_BATCH: std::time::Duration = std::time::Duration::from_millis(20);
+/// Send priority of held-set watch streams: these small frames tell children where to fetch
+/// next, so they go ahead of queued piece bytes.
+const WATCH_PRIORITY: i32 = 8;
 
 /// Counters of the piece server.
 #[derive(Debug, Default)]
@@ -46,6 +53,8 @@ pub struct UploadStats {
 #[derive(Debug)]
 pub(crate) struct Uploader {
     store: AsyncStore,
+    /// Wakes held-set watchers when a blob gains pieces.
+    news: Arc<HeldNews>,
     slots: Arc<Semaphore>,
     slot_count: u32,
     limiter: RateLimiter,
@@ -64,6 +73,7 @@ impl Uploader {
     /// piece memory budget; a `seed` sends each piece to one peer at a time.
     pub fn new(
         store: AsyncStore,
+        news: Arc<HeldNews>,
         slots: u32,
         bytes_per_sec: u64,
         corrupt: bool,
@@ -73,6 +83,7 @@ impl Uploader {
         let sent = seed.then(|| SentRecently::new(SEED_RESEND_AFTER));
         Uploader {
             store,
+            news,
             slots: Arc::new(Semaphore::new(slots as usize)),
             slot_count: slots,
             limiter: RateLimiter::new(bytes_per_sec),
@@ -256,6 +267,7 @@ impl Uploader {
                 let reply = self.held_reply(&blob);
                 codec.write(&mut send, &reply).await
             }
+            PieceRequest::WatchHeld { blob } => self.watch_held(&codec, &mut send, blob).await,
             PieceRequest::GetPiece { blob, index } => {
                 self.send_piece(&codec, peer, &mut send, blob, index).await
             }
@@ -290,6 +302,33 @@ impl Uploader {
             return;
         }
         let _ = send.finish();
+    }
+
+    /// Sends the held set of `blob`, and again whenever it changes, until the watcher stops
+    /// reading or the connection ends. Nothing is sent while nothing of the blob is held.
+    async fn watch_held(
+        &self,
+        codec: &Codec,
+        send: &mut quinn::SendStream,
+        blob: shoal_proto::Digest,
+    ) -> Result<(), shoal_proto::ProtoError> {
+        let _ = send.set_priority(WATCH_PRIORITY);
+        let mut news = self.news.watch(blob);
+        let mut last: Option<shoal_proto::PieceSet> = None;
+        loop {
+            news.borrow_and_update();
+            if let PieceReply::Held(set) = self.held_reply(&blob) {
+                if last.as_ref() != Some(&set) {
+                    codec.write(send, &PieceReply::Held(set.clone())).await?;
+                    last = Some(set);
+                }
+            }
+            tokio::select! {
+                changed = news.changed() => if changed.is_err() { return Ok(()) },
+                _ = send.stopped() => return Ok(()),
+            }
+            tokio::time::sleep(WATCH_BATCH).await;
+        }
     }
 
     async fn send_piece(
