@@ -84,8 +84,9 @@ impl PieceBudget {
         }
     }
 
-    /// Room for a piece buffer of `len` bytes an upload is about to read, if there is room now.
-    pub fn try_upload(&self, len: u64) -> Option<BudgetPermit> {
+    /// Room for a piece buffer of `len` bytes an upload (or the whole-blob hash) is about to
+    /// read, if there is room now.
+    pub fn try_read(&self, len: u64) -> Option<BudgetPermit> {
         let t = Arc::clone(&self.total)
             .try_acquire_many_owned(permits(len, self.total_bytes))
             .ok()?;
@@ -145,7 +146,7 @@ mod tests {
                 let len = if i % 3 == 0 { 4 * MIB } else { MIB + i * 1000 };
                 let upload = i % 4 == 0;
                 let permit = if upload {
-                    match budget.try_upload(len) {
+                    match budget.try_read(len) {
                         Some(p) => p,
                         None => return false,
                     }
@@ -189,9 +190,9 @@ mod tests {
         let waiting = tokio::time::timeout(Duration::from_millis(50), budget.download(4 * MIB));
         assert!(waiting.await.is_err(), "a 9th download must wait");
         // ...while uploads still get the rest, and then are refused ("busy"), not queued.
-        let ups: Vec<_> = (0..8).map(|_| budget.try_upload(4 * MIB)).collect();
+        let ups: Vec<_> = (0..8).map(|_| budget.try_read(4 * MIB)).collect();
         assert!(ups.iter().all(Option::is_some));
-        assert!(budget.try_upload(4 * MIB).is_none());
+        assert!(budget.try_read(4 * MIB).is_none());
         assert_eq!(budget.in_use(), 64 * MIB);
         drop(ups);
         held.clear();
@@ -218,8 +219,8 @@ mod tests {
         let budget = PieceBudget::new(1);
         assert_eq!(budget.bytes(), MIN_BUDGET);
         let p = budget.download(MIN_BUDGET * 2).await;
-        assert!(budget.try_upload(1).is_none());
+        assert!(budget.try_read(1).is_none());
         drop(p);
-        assert!(budget.try_upload(MIN_BUDGET * 2).is_some());
+        assert!(budget.try_read(MIN_BUDGET * 2).is_some());
     }
 }

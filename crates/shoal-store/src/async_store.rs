@@ -100,6 +100,11 @@ impl AsyncStore {
         self.blocking(move |s| s.complete_blob(&digest)).await
     }
 
+    /// See [`Store::digest_ahead`].
+    pub async fn digest_ahead(&self, digest: BlobDigest) -> Result<()> {
+        self.blocking(move |s| s.digest_ahead(&digest)).await
+    }
+
     /// See [`Store::import_blob`]; `reader` is read on a blocking thread.
     pub async fn import_blob<R>(
         &self,

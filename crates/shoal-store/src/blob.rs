@@ -1,9 +1,9 @@
 //! Blobs: register a piece layout, write verified pieces, read verified pieces and ranges, complete.
 //!
 //! A piece write is: bytes verified against the piece table, `pwrite` into the sparse data file at
-//! the piece's offset, `fdatasync`, then a `held` record appended to the journal and `fdatasync`ed.
-//! Only then is the piece in the in-memory bitmap. A crash before the record leaves bytes nobody
-//! points at; a crash after it leaves a durable piece. Every read re-verifies anyway.
+//! the piece's offset, then a `held` record appended to the journal; only then is the piece in
+//! the in-memory bitmap. A crash before the record leaves bytes nobody points at. Nothing is
+//! fsynced per piece: every read re-verifies, so bytes a power loss took are refetched.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sha2::Digest;
 
 use crate::error::{Error, Result};
-use crate::index::{lock, now_ms, BlobState, Entry, EntryKey, PinGuard};
+use crate::index::{lock, now_ms, BlobState, DigestAhead, Entry, EntryKey, PinGuard};
 use crate::journal::{self, RecordKind, RECORD_LEN};
 use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
 use crate::paths::sync_dir;
@@ -123,7 +123,7 @@ impl Store {
         Ok(())
     }
 
-    /// Verifies `data` against piece `index`'s digest and stores it durably.
+    /// Verifies `data` against piece `index`'s digest and stores it.
     pub fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome> {
         let (entry, pin, layout) = self.blob_entry(digest)?;
         verify_piece(digest, &layout, index, data)?;
@@ -156,9 +156,8 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone()),
             Err(e) => return Err(Error::io("open", &data_path, e)),
         };
-        // No fsync per piece: every read verifies the bytes, so a piece whose write a power loss
-        // cut short is refetched, never served; the data is synced once, when the blob is
-        // complete (docs/store.md, "Crash safety").
+        // No fsync: every read verifies the bytes, so a piece whose write a power loss cut
+        // short is refetched, never served (docs/store.md, "Crash safety").
         self.on_full(&data_path, data.len() as u64, "write", || {
             file.write_all_at(data, offset)
         })?;
@@ -225,24 +224,14 @@ impl Store {
                 missing,
             });
         }
-        let mut sha = sha2::Sha256::new();
-        let path = self.inner.paths.data(digest);
-        let file = match File::open(&path) {
-            Ok(f) => Some(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io("open", &path, e)),
+        // Waits for a digest_ahead running now, then hashes what it has not.
+        let actual: [u8; 32] = {
+            let mut ahead = lock(&entry.digest);
+            let state = ahead.get_or_insert_with(Box::default);
+            self.hash_held(digest, &entry, &layout, state)?;
+            let sha = ahead.take().map(|s| s.sha).unwrap_or_default();
+            sha.finalize().into()
         };
-        let mut buf = vec![0u8; layout.piece_size() as usize];
-        for index in 0..layout.piece_count() {
-            let len = layout.piece_len(index).unwrap_or(0) as usize;
-            let piece = buf.get_mut(..len).ok_or_else(|| Error::InvalidLayout {
-                blob: digest.to_string(),
-                reason: format!("piece {index} is longer than the piece size"),
-            })?;
-            self.read_verified(digest, &entry, &layout, file.as_ref(), index, piece)?;
-            sha.update(&*piece);
-        }
-        let actual: [u8; 32] = sha.finalize().into();
         if &actual != digest.as_bytes() {
             tracing::warn!(blob = %digest, "whole blob does not match its digest; dropped");
             Counters::bump(&self.inner.counters.corruptions);
@@ -251,10 +240,6 @@ impl Store {
                 blob: digest.to_string(),
                 actual: hex::encode(actual),
             });
-        }
-        // Pieces were written without fsync: a complete blob is a durable one.
-        if let Some(f) = &file {
-            f.sync_data().map_err(|e| Error::io("sync", &path, e))?;
         }
         let meta_path = self.inner.paths.meta(digest);
         let mut st = lock(&entry.state);
@@ -279,6 +264,54 @@ impl Store {
         st.bytes += RECORD_LEN as u64;
         drop(st);
         self.add_used(RECORD_LEN as u64);
+        Ok(())
+    }
+
+    /// Hashes the blob's held pieces into its whole-blob sha256, in order, as far as they go
+    /// without a gap; [`Store::complete_blob`] then hashes only the rest. Call it as pieces
+    /// land (it returns at once if another call is hashing this blob); the reads are verified
+    /// like any other.
+    pub fn digest_ahead(&self, digest: &BlobDigest) -> Result<()> {
+        let (entry, _pin, layout) = self.blob_entry(digest)?;
+        let Ok(mut ahead) = entry.digest.try_lock() else {
+            return Ok(());
+        };
+        if lock(&entry.state).blob.as_ref().is_none_or(|b| b.complete) {
+            return Ok(());
+        }
+        let state = ahead.get_or_insert_with(Box::default);
+        self.hash_held(digest, &entry, &layout, state)
+    }
+
+    /// Advances `state` over the held pieces from `state.next` on, up to the first missing one.
+    fn hash_held(
+        &self,
+        digest: &BlobDigest,
+        entry: &Arc<Entry>,
+        layout: &PieceLayout,
+        state: &mut DigestAhead,
+    ) -> Result<()> {
+        if state.next >= layout.piece_count() || !held(entry, state.next) {
+            return Ok(());
+        }
+        let path = self.inner.paths.data(digest);
+        let file = match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let mut buf = vec![0u8; layout.piece_size() as usize];
+        while state.next < layout.piece_count() && held(entry, state.next) {
+            let index = state.next;
+            let len = layout.piece_len(index).unwrap_or(0) as usize;
+            let piece = buf.get_mut(..len).ok_or_else(|| Error::InvalidLayout {
+                blob: digest.to_string(),
+                reason: format!("piece {index} is longer than the piece size"),
+            })?;
+            self.read_verified(digest, entry, layout, file.as_ref(), index, piece)?;
+            state.sha.update(&*piece);
+            state.next += 1;
+        }
         Ok(())
     }
 

@@ -45,6 +45,14 @@ pub(crate) struct BlobState {
     pub generation: u64,
 }
 
+/// The sha256 of a blob's first `next` pieces, hashed ahead of completion
+/// ([`crate::Store::digest_ahead`]) so that completing it hashes only the rest.
+#[derive(Debug, Default)]
+pub(crate) struct DigestAhead {
+    pub sha: sha2::Sha256,
+    pub next: u32,
+}
+
 /// Mutable part of an entry, behind one lock.
 #[derive(Debug)]
 pub(crate) struct EntryState {
@@ -65,6 +73,8 @@ pub(crate) struct Entry {
     pub state: Mutex<EntryState>,
     /// Milliseconds since the Unix epoch of the last read or write (LRU and TTL).
     pub last_access: AtomicU64,
+    /// Blobs only: the whole-blob sha256 so far, locked while someone advances it.
+    pub digest: Mutex<Option<Box<DigestAhead>>>,
 }
 
 /// Locks a mutex, taking the data even if another thread panicked while holding it.
@@ -99,6 +109,7 @@ impl Entry {
                 blob,
             }),
             last_access: AtomicU64::new(last_access),
+            digest: Mutex::new(None),
         })
     }
 

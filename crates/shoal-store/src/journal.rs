@@ -35,7 +35,7 @@ const _: () = assert!(RECORD_LEN == 1 + 3 + 4 + 8);
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
 pub(crate) enum RecordKind {
-    /// The piece's bytes are durable in the data file.
+    /// The piece's bytes were written to the data file (verified again on every read).
     Held = 1,
     /// The piece failed verification and was given up.
     Dropped = 2,

@@ -267,3 +267,45 @@ fn disk_full_evicts_and_retries_then_reports_cleanly() {
     drop(pins);
     drop(s);
 }
+
+#[test]
+fn the_sha256_hashed_ahead_is_the_blobs_and_still_catches_a_wrong_digest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = open(dir.path());
+    let (data, d, layout) = test_blob(7, 6 * 4096 + 10, 4096);
+    // A table whose pieces match the bytes but whose digest is another blob's.
+    let wrong = shoal_store::BlobDigest::of(b"another blob");
+    let lying = shoal_store::PieceLayout::new(
+        &wrong,
+        layout.size(),
+        layout.piece_size(),
+        layout.pieces().to_vec(),
+    )
+    .expect("layout");
+    for (digest, table) in [(d, &layout), (wrong, &lying)] {
+        s.ensure_blob(&digest, table).expect("ensure");
+        // Out of order, hashing ahead after each: the prefix advances over gaps once filled.
+        for i in [1, 0, 3, 2, 6, 5] {
+            let off = layout.piece_offset(i) as usize;
+            let len = layout.piece_len(i).expect("len") as usize;
+            s.put_piece(&digest, i, &data[off..off + len]).expect("put");
+            s.digest_ahead(&digest).expect("hash ahead");
+        }
+        assert!(matches!(
+            s.complete_blob(&digest),
+            Err(Error::Incomplete { missing: 1, .. })
+        ));
+        s.put_piece(&digest, 4, &data[4 * 4096..5 * 4096])
+            .expect("put");
+    }
+    s.complete_blob(&d).expect("the right digest completes");
+    assert!(s.blob_status(&d).expect("status").complete);
+    assert!(matches!(
+        s.complete_blob(&wrong),
+        Err(Error::BlobDigestMismatch { .. })
+    ));
+    assert!(
+        s.blob_status(&wrong).is_none(),
+        "a blob failing its sha256 is dropped"
+    );
+}

@@ -317,6 +317,7 @@ impl Task {
                 }
                 match f.result {
                     Ok(bytes) => {
+                        tracing::debug!(blob = %self.blob, piece = f.index, parent = %f.host, ms = f.started.elapsed().as_millis() as u64, "piece fetched");
                         table.finish(&f.host, Some((bytes, f.started.elapsed())));
                         last_progress = Instant::now();
                         report.push(f.index);

@@ -149,10 +149,31 @@ impl Task {
         self.wake.notify_one();
     }
 
-    /// Wakes readers and the piece server's held-set watchers.
+    /// Wakes readers and the piece server's held-set watchers; with the piece table known,
+    /// hashes the stored pieces into the whole-blob sha256 as far as they go in order, so that
+    /// completing the blob hashes only the rest.
     pub(super) fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         self.ctx.held_news.gained(&self.blob);
+        let piece_size = {
+            let inner = self.lock();
+            inner
+                .layout
+                .as_ref()
+                .filter(|_| !inner.complete)
+                .map(|l| l.piece_size())
+        };
+        // It reads through a piece-sized buffer: only when the memory budget has room now.
+        let room = piece_size.and_then(|n| self.ctx.transport.budget().try_read(u64::from(n)));
+        if let Some(room) = room {
+            let (store, sd) = (self.ctx.store.clone(), store_digest(&self.blob));
+            tokio::spawn(async move {
+                if let Err(e) = store.digest_ahead(sd).await {
+                    tracing::debug!(blob = %sd, error = %e, "hashing ahead stopped");
+                }
+                drop(room);
+            });
+        }
     }
 
     /// Learns the blob's size and piece geometry, and its piece table when someone has one.

@@ -152,7 +152,7 @@ impl Uploader {
     ) -> Option<Result<(), shoal_proto::ProtoError>> {
         let staging = Arc::clone(self.staging.get()?);
         let len = staging.staged_len(&blob, index)?;
-        let Some(room) = self.budget.try_upload(u64::from(len)) else {
+        let Some(room) = self.budget.try_read(u64::from(len)) else {
             return Some(
                 codec
                     .write(send, &self.busy("the piece memory budget is full"))
@@ -391,7 +391,7 @@ impl Uploader {
         let len = status.layout.piece_len(index).unwrap_or(0);
         // Room for the piece before it is read (else "busy"); then the rate limit, waited for
         // with the room held but nothing read yet, so a queue of uploads costs no memory.
-        let Some(room) = self.budget.try_upload(len) else {
+        let Some(room) = self.budget.try_read(len) else {
             return codec
                 .write(send, &self.busy("the piece memory budget is full"))
                 .await;
