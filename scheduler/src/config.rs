@@ -75,7 +75,7 @@ impl Default for SchedulerConfig {
             max_label_len: 63,
             max_addresses: 8,
             max_upload_slots: 1_024,
-            max_parents: 4,
+            max_parents: 8,
             candidate_limit: 64,
             scan_limit: 256,
             back_to_source_limit: 1,

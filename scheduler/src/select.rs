@@ -7,8 +7,9 @@
 //!    `candidate_limit` are examined and at least `max_parents` are usable (at most
 //!    `scan_limit` examined);
 //! 3. rank: non-seeds before seeds whenever any non-seed can give something, then by score;
-//! 4. pick up to `max_parents`, refusing any candidate that descends from the asker (no cycles),
-//!    and adding a seed only for pieces the picked peers cannot give;
+//! 4. pick up to `max_parents`, leaving out peers well behind the asker and refusing any
+//!    candidate that descends from the asker (no cycles), and adding a seed only for pieces the
+//!    picked peers cannot give;
 //! 5. if some piece is held by nobody and nobody fetches it: order a seed to fetch it, else send
 //!    this peer to the origin (capped per task), else wait.
 
@@ -38,6 +39,11 @@ const W_LOCALITY: f32 = 1.0;
 const TP_HALF: f32 = 64.0 * 1024.0 * 1024.0;
 /// Throughput term of a host nobody has measured yet: neutral.
 const TP_UNKNOWN: f32 = 0.5;
+/// A candidate holding fewer pieces than the asker by more than 1/BEHIND_SHARE of the asker's
+/// (at least BEHIND_MIN) is not named.
+const BEHIND_SHARE: u32 = 16;
+/// See [`BEHIND_SHARE`].
+const BEHIND_MIN: u32 = 2;
 
 /// A parent named in a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,12 +277,27 @@ fn pick(task: &Task, asker: &Asker<'_>, config: &SchedulerConfig, s: &mut Scratc
     };
     s.covered.clear();
     s.covered.resize(me.pieces.words().len(), 0);
+    // A peer well behind the asker is not named: parents are then mostly ahead of their
+    // children, so a peer that falls behind is nobody's ancestor and gets parents (no cycles).
+    let mine = me.pieces.count();
+    let margin = (mine / BEHIND_SHARE).max(BEHIND_MIN);
+    let behind = |c: &Cand| {
+        !c.full
+            && !c.is_seed
+            && task
+                .peers
+                .get(c.slot as usize)
+                .is_some_and(|p| p.pieces.count().saturating_add(margin) < mine)
+    };
     for c in s.cands.iter() {
         if s.picks.len() >= config.max_parents {
             break;
         }
         if c.is_seed && has_nonseed {
             break; // seeds follow in their own pass
+        }
+        if behind(c) {
+            continue;
         }
         if creates_cycle(
             task,

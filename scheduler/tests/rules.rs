@@ -22,11 +22,29 @@ fn a_peer_is_never_given_a_parent_that_downloads_from_it() {
     let (a, b, x) = (c.peer("a"), c.peer("b"), c.peer("x"));
     c.announce(&a, &b1, holding(0..8));
     c.announce(&b, &b1, holding(8..16));
-    c.announce(&x, &b1, holding([0, 8]));
+    // x is not far behind b (a peer well behind is never named: the next test).
+    c.announce(&x, &b1, holding([0, 1, 2, 3, 4, 8]));
     // a downloads from b ...
     assert!(parents(&c.decide(&a, &b1)).contains(&"b".to_string()));
     // ... so b may not download from a, even though a holds what b lacks; x is fine.
     assert_eq!(parents(&c.decide(&b, &b1)), vec!["x"]);
+}
+
+#[test]
+fn a_peer_well_behind_the_asker_is_not_named() {
+    let mut c = cluster();
+    let b1 = blob(1);
+    let (a, b, x) = (c.peer("a"), c.peer("b"), c.peer("x"));
+    c.announce(&a, &b1, holding(0..10));
+    // b lacks most of what a holds and holds one piece a lacks; x is further along than a.
+    c.announce(&b, &b1, holding([15]));
+    c.announce(&x, &b1, holding(4..15));
+    assert_eq!(parents(&c.decide(&a, &b1)), vec!["x"]);
+    // Once b has caught up it is named again.
+    c.s.report_pieces(&b, &b1, &[0, 1, 2, 3, 4, 5, 6])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let named = parents(&c.decide(&a, &b1));
+    assert!(named.contains(&"b".to_string()), "{named:?}");
 }
 
 #[test]

@@ -583,6 +583,7 @@ impl Task {
         });
         match s.request(&req).await {
             Ok(SchedulerReply::Parents(ParentsReply::Parents(list))) => {
+                tracing::debug!(blob = %self.blob, parents = ?list.iter().map(|p| p.host_id.as_str()).collect::<Vec<_>>(), "parents named");
                 for p in list {
                     table.add(
                         p.host_id,
