@@ -1043,6 +1043,77 @@ fn every_scheduler_killed_pulls_in_flight_and_new_pulls_complete() {
     assert!(ob <= 4 * 8 * MIB as u64, "origin egress {ob} B");
 }
 
+/// The schedulers die while the seed is still importing a plain blob, so the peers hold only
+/// pieces whose hashes were streamed to them and no whole piece table. They wait for the
+/// seed's table through the DHT (up to `piece_table_wait_ms`) instead of each importing the
+/// blob from the origin again: the origin sends the blob once.
+#[test]
+fn every_scheduler_killed_while_the_seed_imports_the_origin_still_sends_it_once() {
+    let Some(mut c) = Cluster::start(Opts {
+        name: "schedimport",
+        peers: 3,
+        schedulers: 2,
+        dht: true,
+        // As long as by default, not the 3 s the other scenarios use: a download whose piece
+        // table has not come within this imports the blob itself, which is what this checks
+        // does not happen while the seed's import is on its way.
+        tweak: |cfg| cfg.piece_table_wait_ms = 60_000,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 24 * MIB;
+    let (_, digest) = c.push(len, 34);
+    // The origin sends at 40 Mbit/s: the seed's import takes about 5 s.
+    c.net
+        .set_bandwidth_dirs(ORIGIN, Some(40_000_000), None)
+        .expect("tbf");
+    let pulls: Vec<_> = (0..3)
+        .map(|i| c.pull_async(i, &digest, &format!("out-{i}")))
+        .collect();
+    let from_peers = |c: &Cluster| -> f64 {
+        (0..3)
+            .map(|i| {
+                c.metric(
+                    FIRST_PEER + i,
+                    "shoal_peer_download_bytes_total{source=\"peer\"}",
+                )
+            })
+            .sum()
+    };
+    let start = Instant::now();
+    while from_peers(&c) < (2 * MIB) as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the peers got nothing from the seed in 15 s:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for s in &mut c.schedulers {
+        s.kill().expect("kill a scheduler");
+    }
+    let at_kill = c.origin_bytes(&digest);
+    let killed = Instant::now();
+    let mut done = 0.0f64;
+    for (i, p) in pulls.into_iter().enumerate() {
+        let got = p.join().expect("pull");
+        assert_ok(&got, &digest, &format!("peer-{i}"), &c);
+        done = done.max(killed.elapsed().as_secs_f64());
+    }
+    let origin = c.origin_bytes(&digest);
+    eprintln!(
+        "FIGURES schedulers-killed-mid-import: the origin had sent {at_kill} B at the kill; pulls done {done:.1} s after it; origin egress {origin} B ({:.2} x blob)",
+        origin as f64 / len as f64
+    );
+    assert!(at_kill < len as u64, "the import was over before the kill");
+    assert!(
+        origin <= (len + len / 4) as u64,
+        "the origin sent {origin} B for a {len} B blob: a peer imported it again\n{}",
+        c.logs()
+    );
+}
+
 /// Scenario 4: the scheduler restarted with empty state. Peers register again and announce
 /// what they hold; a new pull of a blob only peer-0 holds (the seed is dead) comes from peer-0,
 /// not the origin.

@@ -274,7 +274,10 @@ impl Task {
                 if ask_due && (table.len() == 0 || !missing.iter().any(|i| table.anyone_holds(*i)))
                 {
                     last_ask = Some(Instant::now());
-                    if let Some(end) = self.ask_parents(count, &missing, &mut table).await? {
+                    if let Some(end) = self
+                        .ask_parents(count, &missing, partial, &mut table)
+                        .await?
+                    {
                         self.flush(&mut report);
                         return Ok(end);
                     }
@@ -344,7 +347,9 @@ impl Task {
             if last_ask.is_none_or(|t| t.elapsed() >= REASK_EVERY) {
                 last_ask = Some(Instant::now());
                 // An answer to go to the origin is for when the swarm stops giving: ignored here.
-                let _ = self.ask_parents(count, &missing, &mut table).await?;
+                let _ = self
+                    .ask_parents(count, &missing, partial, &mut table)
+                    .await?;
             }
             if refreshing.is_none()
                 && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY)
@@ -549,14 +554,20 @@ impl Task {
     }
 
     /// Asks the scheduler for parents; `Some` ends the swarm round (go to the origin).
+    /// Without a scheduler the DHT's holders are added instead. While the table streams in
+    /// (`partial`), that never ends the round: the origin fetcher gives its whole table to the
+    /// DHT when its import ends, and going to the origin instead would import the blob again;
+    /// the round's stall limit (`piece_table_wait_ms`) bounds the wait.
     async fn ask_parents(
         &self,
         count: u32,
         missing: &[u32],
+        partial: bool,
         table: &mut ParentTable,
     ) -> Result<Option<SwarmEnd>, PeerError> {
         // Without a scheduler the origin gets only what no known parent holds.
         let narrow = |end: Option<SwarmEnd>, table: &ParentTable| match end {
+            _ if partial => None,
             Some(SwarmEnd::BackToSource(why, p)) if p.is_empty() => Some(SwarmEnd::BackToSource(
                 why,
                 origin_pieces(missing, |i| table.anyone_holds(i), &HashMap::new()),
