@@ -626,7 +626,11 @@ fn piece_corrupted_on_parents_disk_child_detects_and_gets_right_bytes() {
     );
     assert!(detected >= 1.0, "nobody counted a corrupt piece");
     assert!(before <= len as u64 + MIB as u64, "first fetch {before} B");
-    assert!(refetched <= len as u64, "refetched {refetched} B");
+    assert!(
+        refetched <= len as u64,
+        "refetched {refetched} B\n{}",
+        c.logs()
+    );
 }
 
 /// Scenario 9: the registry behind the relay returns 500s, truncated bodies, flipped bytes and

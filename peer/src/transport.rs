@@ -43,7 +43,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    // Each download from a parent also keeps one held-set watch stream open (WatchHeld), so
+    // a hundred downloads from one seed must not use up the streams piece requests need.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
     Arc::new(t)
 }
 

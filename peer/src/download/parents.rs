@@ -32,7 +32,7 @@ pub(crate) struct ParentState {
     pub bps: Option<f64>,
     /// Do not send it requests before this (it answered busy).
     pub busy_until: Option<Instant>,
-    /// Pieces it answered "not held" for, and until when they are not asked of it again.
+    /// Pieces it answered "not held" for in this download, and when it last did.
     pub refused: HashMap<u32, Instant>,
     pub is_seed: bool,
 }
@@ -140,16 +140,15 @@ impl ParentTable {
     pub fn set_pieces(&mut self, host: &HostId, pieces: PieceSet) {
         if let Some(p) = self.parents.get_mut(host) {
             p.pieces = Some(pieces);
-            let now = Instant::now();
-            p.refused.retain(|_, until| *until > now);
         }
     }
 
-    /// Whether some parent is known to hold `index`.
+    /// Whether some parent is known to hold `index` and has not answered "not held" for it in
+    /// this download (a held set from the scheduler can be older than the parent's answer).
     pub fn anyone_holds(&self, index: u32) -> bool {
-        self.parents
-            .values()
-            .any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
+        self.parents.values().any(|p| {
+            p.pieces.as_ref().is_some_and(|s| s.contains(index)) && !p.refused.contains_key(&index)
+        })
     }
 
     /// How many parents are known to hold each of the blob's `piece_count` pieces.
@@ -180,7 +179,9 @@ impl ParentTable {
     ) -> Option<(HostId, Vec<SocketAddr>)> {
         let holds = |p: &ParentState| {
             p.pieces.as_ref().is_some_and(|s| s.contains(index))
-                && p.refused.get(&index).is_none_or(|until| *until <= now)
+                && p.refused
+                    .get(&index)
+                    .is_none_or(|at| now >= *at + NOT_HELD_FOR)
         };
         let peer_holds = self.parents.values().any(|p| !p.is_seed && holds(p));
         let seed_slots = (per_parent / 2).max(1);
@@ -224,7 +225,7 @@ impl ParentTable {
     /// for it again for [`NOT_HELD_FOR`], even if a held set says it holds it.
     pub fn not_held(&mut self, host: &HostId, index: u32) {
         if let Some(p) = self.parents.get_mut(host) {
-            p.refused.insert(index, Instant::now() + NOT_HELD_FOR);
+            p.refused.insert(index, Instant::now());
             if let Some(s) = p.pieces.as_mut() {
                 s.remove(index);
             }
