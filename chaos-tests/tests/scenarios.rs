@@ -392,6 +392,11 @@ impl Cluster {
         )
     }
 
+    /// Bytes the first `n` peers received from `source` ("peer" or "origin"), together.
+    fn downloaded_by(&self, n: usize, source: &str) -> f64 {
+        (0..n).map(|i| self.downloaded(i, source)).sum()
+    }
+
     fn origin_bytes(&self, digest: &str) -> u64 {
         self.relay.blob_bytes_served(digest)
     }
@@ -527,26 +532,10 @@ fn seed_killed_mid_pull_peers_complete_from_peers_or_origin() {
         })
         .collect();
     // Kill once the peers have kept some pieces from the seed, well before they have all.
-    let got_from_peers = |c: &Cluster| -> f64 {
-        (0..3)
-            .map(|i| {
-                c.metric(
-                    FIRST_PEER + i,
-                    "shoal_peer_download_bytes_total{source=\"peer\"}",
-                )
-            })
-            .sum()
-    };
-    let start = Instant::now();
-    while got_from_peers(&c) < (6 * MIB) as f64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the peers kept nothing from the seed in 15 s:\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let kept_before = got_from_peers(&c);
+    wait_for(Duration::from_secs(15), "6 MiB kept from the seed", || {
+        c.downloaded_by(3, "peer") >= (6 * MIB) as f64
+    });
+    let kept_before = c.downloaded_by(3, "peer");
     let from_seed = c.metric(SEED, "shoal_peer_upload_bytes_total");
     c.seed().kill().expect("kill the seed");
     let killed = Instant::now();
@@ -557,15 +546,8 @@ fn seed_killed_mid_pull_peers_complete_from_peers_or_origin() {
         recover = recover.max(killed.elapsed().as_secs_f64());
     }
     let origin = c.origin_bytes(&digest);
-    let from_origin: f64 = (0..3)
-        .map(|i| {
-            c.metric(
-                FIRST_PEER + i,
-                "shoal_peer_download_bytes_total{source=\"origin\"}",
-            )
-        })
-        .sum();
-    let from_swarm = got_from_peers(&c);
+    let from_origin = c.downloaded_by(3, "origin");
+    let from_swarm = c.downloaded_by(3, "peer");
     eprintln!(
         "FIGURES seed-killed: peers kept {kept_before} B (seed sent {from_seed} B) before the kill, all pulls done {recover:.1} s after it, origin egress {origin} B ({:.2} x blob), peers got {from_origin} B from origin and {from_swarm} B from peers",
         origin as f64 / len as f64
@@ -1075,25 +1057,9 @@ fn every_scheduler_killed_while_the_seed_imports_the_origin_still_sends_it_once(
     let pulls: Vec<_> = (0..3)
         .map(|i| c.pull_async(i, &digest, &format!("out-{i}")))
         .collect();
-    let from_peers = |c: &Cluster| -> f64 {
-        (0..3)
-            .map(|i| {
-                c.metric(
-                    FIRST_PEER + i,
-                    "shoal_peer_download_bytes_total{source=\"peer\"}",
-                )
-            })
-            .sum()
-    };
-    let start = Instant::now();
-    while from_peers(&c) < (2 * MIB) as f64 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the peers got nothing from the seed in 15 s:\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(Duration::from_secs(15), "2 MiB from the swarm", || {
+        c.downloaded_by(3, "peer") >= (2 * MIB) as f64
+    });
     for s in &mut c.schedulers {
         s.kill().expect("kill a scheduler");
     }
