@@ -27,6 +27,9 @@ pub(crate) struct ParentState {
     pub addresses: Vec<SocketAddr>,
     /// Pieces it is known to hold (pushed through WatchHeld, or polled with HeldPieces).
     pub pieces: Option<PieceSet>,
+    /// Whether `pieces` came from the parent itself (then the scheduler's older word on it is
+    /// not taken).
+    pub own_word: bool,
     pub inflight: usize,
     /// Measured bytes per second (EWMA); `None` until the first piece.
     pub bps: Option<f64>,
@@ -59,7 +62,8 @@ pub(crate) struct ParentTable {
 }
 
 impl ParentTable {
-    /// Adds a parent the scheduler named (unless excluded), or updates its addresses and pieces.
+    /// Adds a parent the scheduler named (unless excluded), or updates its addresses, and its
+    /// pieces until the parent has sent its own held set.
     pub fn add(
         &mut self,
         host: HostId,
@@ -74,6 +78,7 @@ impl ParentTable {
         let entry = self.parents.entry(host).or_insert_with(|| ParentState {
             addresses: Vec::new(),
             pieces: None,
+            own_word: false,
             inflight: 0,
             bps: None,
             busy_until: None,
@@ -81,7 +86,7 @@ impl ParentTable {
             is_seed,
         });
         entry.addresses = addresses;
-        if let Some(p) = pieces.filter(|p| !p.is_empty()) {
+        if let Some(p) = pieces.filter(|p| !p.is_empty() && !entry.own_word) {
             entry.pieces = Some(p);
         }
     }
@@ -136,10 +141,11 @@ impl ParentTable {
         self.parents.contains_key(host)
     }
 
-    /// Records a fresh held set.
+    /// Records a held set the parent sent.
     pub fn set_pieces(&mut self, host: &HostId, pieces: PieceSet) {
         if let Some(p) = self.parents.get_mut(host) {
             p.pieces = Some(pieces);
+            p.own_word = true;
         }
     }
 
@@ -222,13 +228,12 @@ impl ParentTable {
     }
 
     /// The parent does not hold `index` after all, or will not send it now: it is not asked
-    /// for it again for [`NOT_HELD_FOR`], even if a held set says it holds it.
+    /// for it again for [`NOT_HELD_FOR`], and no longer counts as its holder in this download,
+    /// whatever held sets say. (Its held set is left alone: a parent that lost the piece sends
+    /// a new one, and a seed that only refused it now holds it still.)
     pub fn not_held(&mut self, host: &HostId, index: u32) {
         if let Some(p) = self.parents.get_mut(host) {
             p.refused.insert(index, Instant::now());
-            if let Some(s) = p.pieces.as_mut() {
-                s.remove(index);
-            }
         }
     }
 

@@ -178,7 +178,7 @@ impl Task {
                 missing.rotate_left(at);
                 // Rarest first (the rotation breaks ties): the seed's uplink goes to pieces
                 // nobody else has yet, and peers soon hold different pieces to trade. Counts
-                // are refreshed as often as the parents' held sets.
+                // are recomputed every HOLDERS_EVERY from the held sets parents pushed.
                 if holders_at.is_none_or(|t| t.elapsed() >= HOLDERS_EVERY) {
                     holders = table.holder_counts(count);
                     holders_at = Some(Instant::now());
