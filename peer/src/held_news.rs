@@ -17,10 +17,7 @@ pub(crate) struct HeldNews(Mutex<HashMap<Digest, watch::Sender<u64>>>);
 
 impl HeldNews {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, watch::Sender<u64>>> {
-        match self.0.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.0)
     }
 
     /// Says that `blob` gained pieces here: wakes its watchers.

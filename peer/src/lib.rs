@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod scheduler_client;
 pub mod scheduler_ring;
 mod seed;
+mod sync;
 mod transport;
 pub mod upload;
 

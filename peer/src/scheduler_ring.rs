@@ -117,10 +117,7 @@ impl SchedulerRing {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Member>> {
-        match self.members.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.members)
     }
 
     /// Every scheduler address in use now.

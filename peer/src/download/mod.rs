@@ -181,10 +181,7 @@ impl Downloader {
     }
 
     fn task(&self, blob: Digest, origin: Option<OriginRef>) -> Arc<Task> {
-        let mut tasks = match self.tasks.lock() {
-            Ok(t) => t,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut tasks = crate::sync::lock(&self.tasks);
         if let Some(t) = tasks.get(&blob) {
             if let Some(o) = origin {
                 t.set_origin(o);

@@ -83,18 +83,12 @@ impl Staging {
     }
 
     fn blobs(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Staged>> {
-        match self.blobs.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::sync::lock(&self.blobs)
     }
 
     /// Reserves `n` bytes of the limit; false when they do not fit.
     fn reserve(&self, n: u64) -> bool {
-        let mut used = match self.used.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut used = crate::sync::lock(&self.used);
         if *used + n > self.limit {
             return false;
         }
@@ -103,10 +97,7 @@ impl Staging {
     }
 
     fn release(&self, n: u64) {
-        let mut used = match self.used.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut used = crate::sync::lock(&self.used);
         *used = used.saturating_sub(n);
     }
 
