@@ -69,9 +69,8 @@ struct Fetched {
 
 /// What polling for streamed piece hashes found.
 enum HashPoll {
-    /// The table is whole now and adopted: the round goes on with it.
-    Table,
-    /// New hashes: more pieces can be fetched.
+    /// New hashes (more pieces can be fetched), or the whole table, adopted: the round goes on
+    /// with it.
     New,
     /// Nothing new.
     Nothing,
@@ -158,7 +157,7 @@ impl Task {
                     last_dht = Some(Instant::now());
                 }
                 match self.poll_hashes(meta, dht_due).await? {
-                    HashPoll::Table | HashPoll::New => last_progress = Instant::now(),
+                    HashPoll::New => last_progress = Instant::now(),
                     HashPoll::Nothing => {}
                 }
             }
@@ -285,8 +284,8 @@ impl Task {
                 if refreshing.is_none() && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY)
                 {
                     last_refresh = Some(Instant::now());
-                    self.refresh(count, &mut table, |h| !watches.is_watched(h))
-                        .await;
+                    let unwatched = table.all(|h| !watches.is_watched(h));
+                    self.refresh(count, unwatched, &mut table).await;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(REFRESH_EVERY) => {}
@@ -353,10 +352,12 @@ impl Task {
             }
             if refreshing.is_none()
                 && last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_BUSY_EVERY)
-                && !table.all(|h| !watches.is_watched(h)).is_empty()
             {
-                last_refresh = Some(Instant::now());
-                refreshing = Some(self.start_refresh(count, &table, |h| !watches.is_watched(h)));
+                let unwatched = table.all(|h| !watches.is_watched(h));
+                if !unwatched.is_empty() {
+                    last_refresh = Some(Instant::now());
+                    refreshing = Some(self.start_refresh(count, unwatched));
+                }
             }
             if report.len() >= 32 || (!report.is_empty() && last_report.elapsed() >= REPORT_EVERY) {
                 self.flush(&mut report);
@@ -393,7 +394,7 @@ impl Task {
                 if dht_due {
                     if let Some((m, table)) = self.table_from_holders(|m| m == meta).await? {
                         self.adopt_streamed(&m, table).await?;
-                        return Ok(HashPoll::Table);
+                        return Ok(HashPoll::New);
                     }
                 }
                 return Ok(HashPoll::Nothing);
@@ -412,7 +413,7 @@ impl Task {
             if let Some(table) = staging.table(&self.blob) {
                 self.lock().table_from = staging.publisher(&self.blob);
                 self.adopt_streamed(meta, table).await?;
-                return Ok(HashPoll::Table);
+                return Ok(HashPoll::New);
             }
         }
         Ok(if new {
@@ -648,28 +649,17 @@ impl Task {
         }
     }
 
-    /// Asks every parent that `keep` which pieces it holds now, and records the answers.
-    async fn refresh(
-        self: &Arc<Self>,
-        count: u32,
-        table: &mut ParentTable,
-        keep: impl Fn(&HostId) -> bool,
-    ) {
-        let mut asked = self.start_refresh(count, table, keep);
+    /// Asks `parents` which pieces they hold now, and records the answers in `table`.
+    async fn refresh(self: &Arc<Self>, count: u32, parents: Parents, table: &mut ParentTable) {
+        let mut asked = self.start_refresh(count, parents);
         if let Ok(answers) = (&mut asked.0).await {
             self.apply_held(answers, table);
         }
     }
 
-    /// Asks every parent of `table` that `keep` which pieces it holds, in a task of its own.
-    fn start_refresh(
-        self: &Arc<Self>,
-        count: u32,
-        table: &ParentTable,
-        keep: impl Fn(&HostId) -> bool,
-    ) -> Background<HeldAnswers> {
+    /// Asks `parents` which pieces they hold, in a task of its own.
+    fn start_refresh(self: &Arc<Self>, count: u32, parents: Parents) -> Background<HeldAnswers> {
         let this = Arc::clone(self);
-        let parents = table.all(keep);
         Background(tokio::spawn(async move {
             let timeout = this.ctx.config.piece_timeout().min(Duration::from_secs(2));
             let asks = parents.into_iter().map(|(host, addrs)| {
@@ -762,6 +752,9 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+/// Host ids and addresses of some parents ([`ParentTable::all`]).
+type Parents = Vec<(HostId, Vec<std::net::SocketAddr>)>;
 
 /// Parents' answers to "which pieces do you hold".
 type HeldAnswers = Vec<(HostId, Result<Option<PieceSet>, FetchFailure>)>;
