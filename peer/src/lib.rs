@@ -110,6 +110,8 @@ impl Peer {
         } else {
             config.advertise.clone()
         };
+        let staging = Arc::new(download::Staging::new(store.clone(), config.staging_bytes));
+        uploader.serve_staged(Arc::clone(&staging));
         let dht = if config.dht {
             Some(discovery::Discovery::start(
                 &identity,
@@ -118,6 +120,7 @@ impl Peer {
                 config.listen.ip(),
                 quic_addr.port(),
                 store.clone(),
+                Arc::clone(&staging),
             )?)
         } else {
             None
@@ -162,8 +165,6 @@ impl Peer {
         };
 
         let origins = Origins::new(&config.plain_http_registries)?;
-        let staging = Arc::new(download::Staging::new(store.clone(), config.staging_bytes));
-        uploader.serve_staged(Arc::clone(&staging));
         let downloader = Arc::new(Downloader::new(Ctx {
             store: store.clone(),
             transport: Arc::clone(&transport),

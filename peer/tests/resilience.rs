@@ -85,6 +85,91 @@ async fn dht_joined(peers: &[&Peer], n: usize) {
     }
 }
 
+/// A pull started while no scheduler runs and the only copy is still coming in from the origin
+/// follows that import through the DHT (the hashes its holders know so far, protocol version 4)
+/// instead of importing the blob a second time. The relay holds the origin's body after 8 MiB
+/// until the late pull has pieces from peers, so the import is in progress throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pull_started_with_every_scheduler_down_follows_an_import_in_progress() {
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let size = 24 * MIB;
+    let (blob, data) = c.push_blob(size, 53).await;
+    let relay = shoal_testkit::Relay::start(&c.registry.url())
+        .await
+        .unwrap();
+    relay
+        .faults()
+        .hold_after
+        .store(8 * MIB as u64, Ordering::SeqCst);
+    relay
+        .faults()
+        .hold_blob_bodies
+        .store(true, Ordering::SeqCst);
+    let origin = shoal_proto::OriginRef {
+        reference: format!("docker://{}/{REPO}", relay.host()),
+        authorization: None,
+    };
+    let sched = start_sched(&c, "127.0.0.1:0".parse().unwrap());
+    let addrs = [sched.addr];
+    let mut seed_cfg = config(&c, "seed-1", true, &addrs);
+    seed_cfg.origin_idle_timeout_ms = 60_000;
+    let seed = start_with(seed_cfg, 1).await;
+    let early = start_with(config(&c, "peer-0", false, &addrs), 1).await;
+    let late = start_with(config(&c, "peer-1", false, &addrs), 1).await;
+    dht_joined(&[&seed, &early, &late], 2).await;
+    let from_peers = |p: &Peer| {
+        p.downloader()
+            .stats()
+            .bytes_from_peers
+            .load(Ordering::Relaxed)
+    };
+
+    let first = fetch(&early, blob, origin.clone());
+    let second = async {
+        wait_until(Duration::from_secs(30), || {
+            from_peers(&early) >= 4 * MIB as u64
+        })
+        .await;
+        sched.svc.shutdown();
+        wait_until(Duration::from_secs(20), || {
+            [&seed, &early, &late]
+                .iter()
+                .all(|p| !p.scheduler_connected())
+        })
+        .await;
+        let pull = fetch(&late, blob, origin.clone());
+        let release = async {
+            // Pieces from peers while the import is held: the late pull follows it.
+            wait_until(Duration::from_secs(30), || from_peers(&late) > 0).await;
+            relay
+                .faults()
+                .hold_blob_bodies
+                .store(false, Ordering::SeqCst);
+        };
+        futures::future::join(pull, release).await.0
+    };
+    let (a, b) = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures::future::join(first, second),
+    )
+    .await
+    .expect("both pulls finish");
+    assert_eq!(sha256(&a), sha256(&data));
+    assert_eq!(sha256(&b), sha256(&data));
+    assert_eq!(
+        from_peers(&late),
+        size as u64,
+        "the late pull came from peers"
+    );
+    assert_eq!(
+        c.registry.blob_bytes_served(&blob.to_string()).await,
+        size as u64,
+        "the origin sent the blob once (the seed's import)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_scheduler_killed_mid_pull_peers_finish_through_the_dht() {
     let Some(c) = cluster(false).await else {

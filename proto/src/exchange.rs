@@ -24,9 +24,11 @@ pub enum PieceRequest {
         /// The blob.
         blob: Digest,
     },
-    /// Send your geometry and piece table of `blob`; reply [`PieceReply::Table`]. Used when no
-    /// scheduler answers (holders found through the DHT); the table is trusted no more than a
-    /// scheduler-published one: the whole blob is checked against its sha256 before it counts.
+    /// Send your geometry and piece table of `blob`; reply [`PieceReply::Table`], or from
+    /// version 4 [`PieceReply::PartialTable`] while the holder's own table is not whole. Used
+    /// when no scheduler answers (holders found through the DHT); the table is trusted no more
+    /// than a scheduler-published one: the whole blob is checked against its sha256 before it
+    /// counts.
     PieceTable {
         /// The blob.
         blob: Digest,
@@ -48,6 +50,16 @@ pub struct PieceTableReply {
     pub task: crate::TaskMeta,
     /// One BLAKE3 hash per piece.
     pub table: Vec<Blake3Hash>,
+}
+
+/// Version 4: a holder's geometry and the piece hashes it knows so far, while it still imports
+/// the blob or streams it in (answer to [`PieceRequest::PieceTable`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialTableReply {
+    /// Size and piece size.
+    pub task: crate::TaskMeta,
+    /// One entry per piece: its BLAKE3 hash, or `None` while the holder does not know it.
+    pub hashes: Vec<Option<Blake3Hash>>,
 }
 
 /// Announces the raw piece bytes that follow this frame on the stream.
@@ -99,6 +111,8 @@ pub enum PieceReply {
     Error(PieceError),
     /// The geometry and piece table asked for.
     Table(PieceTableReply),
+    /// Version 4: the geometry and the hashes known so far (the holder's table is not whole).
+    PartialTable(PartialTableReply),
 }
 
 impl PieceError {
@@ -130,6 +144,21 @@ impl Message for PieceReply {
             PieceReply::Table(t) => {
                 t.task.validate()?;
                 t.task.validate_piece_table(&t.table)
+            }
+            PieceReply::PartialTable(t) => {
+                t.task.validate()?;
+                if t.hashes.len() as u64 != u64::from(t.task.piece_count()) {
+                    return Err(ProtoError::invalid(
+                        "partial piece table",
+                        format!(
+                            "blob {} has {} pieces but the table has {} entries",
+                            t.task.blob,
+                            t.task.piece_count(),
+                            t.hashes.len()
+                        ),
+                    ));
+                }
+                Ok(())
             }
         }
     }
@@ -209,7 +238,7 @@ where
         }
         PieceReply::Held(set) => Ok(PieceResponse::Held(set)),
         PieceReply::Error(e) => Ok(PieceResponse::Error(e)),
-        PieceReply::Table(_) => Err(ProtoError::invalid(
+        PieceReply::Table(_) | PieceReply::PartialTable(_) => Err(ProtoError::invalid(
             "piece reply",
             format!("asked for piece {index} of {blob}, got a piece table"),
         )),

@@ -20,8 +20,8 @@ mod scheduler;
 pub use digest::{Blake3Hash, Digest};
 pub use error::ProtoError;
 pub use exchange::{
-    read_piece, write_piece, PieceError, PieceErrorCode, PieceHeader, PieceReply, PieceRequest,
-    PieceResponse, PieceTableReply,
+    read_piece, write_piece, PartialTableReply, PieceError, PieceErrorCode, PieceHeader,
+    PieceReply, PieceRequest, PieceResponse, PieceTableReply,
 };
 pub use frame::{Codec, FrameHeader, Message, HEADER_LEN, MAGIC};
 pub use hello::{
@@ -44,12 +44,16 @@ pub const MIN_VERSION: u8 = 1;
 /// Highest protocol version this build speaks (the one it prefers). Version 2 appends
 /// `SchedulerRequest::{PieceHashes, GetPieceHashes}` and `SchedulerReply::PieceHashes`; every
 /// version-1 message encodes the same in both, and a version-1 connection never carries them.
-/// Version 3 appends `PieceRequest::WatchHeld` in the same way.
-pub const MAX_VERSION: u8 = 3;
+/// Version 3 appends `PieceRequest::WatchHeld` in the same way, and version 4
+/// `PieceReply::PartialTable`.
+pub const MAX_VERSION: u8 = 4;
 /// First version with streamed piece hashes ([`PieceHashes`]).
 pub const PIECE_HASHES_VERSION: u8 = 2;
 /// First version with pushed held sets ([`PieceRequest::WatchHeld`]).
 pub const WATCH_HELD_VERSION: u8 = 3;
+/// First version whose holders answer a piece-table request with the hashes they know so far
+/// ([`PieceReply::PartialTable`]).
+pub const PARTIAL_TABLE_VERSION: u8 = 4;
 
 /// ALPN of a peer's piece server (peer <-> peer connections), version 1.
 pub const ALPN_PEER: &[u8] = b"shoal-peer/1";

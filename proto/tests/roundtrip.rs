@@ -303,8 +303,33 @@ async fn piece_messages_round_trip() {
             len: 5,
             hash: [7; 32],
         }),
+        PieceReply::Table(PieceTableReply {
+            task: task(),
+            table: vec![[3; 32]; 4],
+        }),
+        PieceReply::PartialTable(PartialTableReply {
+            task: task(),
+            hashes: vec![Some([3; 32]), Some([4; 32]), None, None],
+        }),
     ])
     .await;
+}
+
+#[test]
+fn a_partial_table_has_one_entry_per_piece() {
+    let codec = Codec::new(MAX_VERSION);
+    let check = |hashes: Vec<Option<Blake3Hash>>| {
+        let reply = PieceReply::PartialTable(PartialTableReply {
+            task: task(),
+            hashes,
+        });
+        let bytes = codec.encode(&reply).unwrap();
+        codec.decode::<PieceReply>(&bytes).map(|_| ())
+    };
+    assert!(check(vec![None; 4]).is_ok());
+    let short = check(vec![Some([1; 32]); 3]).unwrap_err();
+    assert!(short.to_string().contains("partial piece table"), "{short}");
+    assert!(check(vec![None; 5]).is_err());
 }
 
 #[tokio::test]

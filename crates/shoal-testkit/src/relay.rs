@@ -27,6 +27,11 @@ pub struct RelayFaults {
     pub cut_after: AtomicU64,
     /// Answer blob GETs with 307 to the storage listener at `localhost:<port>`.
     pub redirect_blobs: AtomicBool,
+    /// While set, blob GET bodies stop after `hold_after` bytes until it is cleared (an origin
+    /// import kept in progress for as long as a test needs).
+    pub hold_blob_bodies: AtomicBool,
+    /// Bytes of each blob body sent before a hold.
+    pub hold_after: AtomicU64,
 }
 
 /// What the relay saw and did.
@@ -191,7 +196,8 @@ async fn relay_main(
     } else {
         None
     };
-    forward(rb, cut_after).await
+    let hold = is_blob_get.then(|| Arc::clone(&s));
+    forward(rb, cut_after, hold).await
 }
 
 async fn relay_storage(
@@ -223,7 +229,7 @@ async fn relay_storage(
     if let Some(r) = req.headers().get("range") {
         rb = rb.header("range", r);
     }
-    forward(rb, None).await
+    forward(rb, None, None).await
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
@@ -239,7 +245,13 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-async fn forward(rb: reqwest::RequestBuilder, cut_after: Option<u64>) -> Response<Body> {
+/// Relays the upstream's answer; cuts the body after `cut_after` bytes, and holds it while
+/// `hold` (the relay's state, for blob GETs) says so.
+async fn forward(
+    rb: reqwest::RequestBuilder,
+    cut_after: Option<u64>,
+    hold: Option<Arc<Shared>>,
+) -> Response<Body> {
     let resp = match rb.send().await {
         Ok(r) => r,
         Err(e) => return http::text(502, format!("relay: upstream: {e}")),
@@ -250,16 +262,26 @@ async fn forward(rb: reqwest::RequestBuilder, cut_after: Option<u64>) -> Respons
             out = out.header(k.as_str(), v.as_bytes());
         }
     }
-    let mut sent = 0u64;
-    let stream = resp.bytes_stream().map(move |r| {
-        let chunk = r.map_err(std::io::Error::other)?;
-        if let Some(limit) = cut_after {
-            if sent + chunk.len() as u64 > limit {
+    let sent = Arc::new(AtomicU64::new(0));
+    let stream = resp.bytes_stream().then(move |r| {
+        let (sent, hold) = (Arc::clone(&sent), hold.clone());
+        async move {
+            let chunk = r.map_err(std::io::Error::other)?;
+            let held = || {
+                hold.as_ref().is_some_and(|s| {
+                    s.faults.hold_blob_bodies.load(Ordering::SeqCst)
+                        && sent.load(Ordering::SeqCst) >= s.faults.hold_after.load(Ordering::SeqCst)
+                })
+            };
+            while held() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let before = sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            if cut_after.is_some_and(|limit| before + chunk.len() as u64 > limit) {
                 return Err(std::io::Error::other("relay: injected cut"));
             }
+            Ok::<_, std::io::Error>(Frame::data(chunk))
         }
-        sent += chunk.len() as u64;
-        Ok::<_, std::io::Error>(Frame::data(chunk))
     });
     let body: Body = BodyExt::boxed(StreamBody::new(stream));
     out.body(body)

@@ -7,7 +7,8 @@
 //! record -> another peer's download with no scheduler calls [`Discovery::find_holders`] ->
 //! Kademlia GET_PROVIDERS -> only providers whose identify attestation verified against the
 //! cluster CA (identity.rs) are returned, with the host id and QUIC addresses they signed ->
-//! the download dials them over QUIC. Blobs the store no longer holds are withdrawn.
+//! the download dials them over QUIC. Blobs neither stored nor staged here any more are
+//! withdrawn.
 //! Joining: the hosts a scheduler lists (ListHosts), `dht_bootstrap` and `dht_bootstrap_dns`;
 //! the DHT listens over TCP on the same port number as the QUIC piece server.
 //! Scheme and limits: docs/protocol.md, "DHT discovery".
@@ -104,6 +105,7 @@ impl Discovery {
         listen_ip: IpAddr,
         port: u16,
         store: AsyncStore,
+        staging: Arc<crate::download::Staging>,
     ) -> Result<Arc<Self>, PeerError> {
         let key_path = identity.paths().key.clone();
         let key_pem =
@@ -152,7 +154,7 @@ impl Discovery {
         }
         let provided = Arc::new(Mutex::new(HashSet::new()));
         let (tx, rx) = mpsc::unbounded_channel();
-        let node = node::Node::new(swarm, verifier, store, Arc::clone(&provided), quic);
+        let node = node::Node::new(swarm, verifier, store, staging, Arc::clone(&provided), quic);
         let task = tokio::spawn(node.run(rx));
         tracing::info!(%peer_id, port = bound, "DHT node started");
         Ok(Arc::new(Discovery {

@@ -78,6 +78,8 @@ pub(super) struct Node {
     pub swarm: Swarm<Behaviour>,
     pub verifier: Verifier,
     pub store: AsyncStore,
+    /// Blobs still coming in (their provider records stay while any piece is staged).
+    pub staging: Arc<crate::download::Staging>,
     pub provided: Arc<Mutex<HashSet<Digest>>>,
     pub me: PeerId,
     pub my_quic: Vec<SocketAddr>,
@@ -95,6 +97,7 @@ impl Node {
         swarm: Swarm<Behaviour>,
         verifier: Verifier,
         store: AsyncStore,
+        staging: Arc<crate::download::Staging>,
         provided: Arc<Mutex<HashSet<Digest>>>,
         my_quic: Vec<SocketAddr>,
     ) -> Self {
@@ -103,6 +106,7 @@ impl Node {
             swarm,
             verifier,
             store,
+            staging,
             provided,
             me,
             my_quic,
@@ -377,7 +381,8 @@ impl Node {
         }
     }
 
-    /// Withdraws provider records of blobs the store no longer holds (evicted or removed).
+    /// Withdraws provider records of blobs neither the store nor staging holds any more
+    /// (evicted, removed, or a download that failed).
     fn withdraw_evicted(&mut self) {
         let gone: Vec<Digest> = match self.provided.lock() {
             Ok(p) => p
@@ -386,6 +391,7 @@ impl Node {
                     self.store
                         .blob_status(&store_digest(b))
                         .is_none_or(|s| s.held.is_empty())
+                        && self.staging.held(b).is_none()
                 })
                 .copied()
                 .collect(),

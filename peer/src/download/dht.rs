@@ -1,20 +1,41 @@
 //! A download's side of the DHT fallback (discovery/): when no scheduler answers, parents and
 //! the piece table come from the peers the DHT names as holders, over the same mutual-TLS QUIC
-//! piece protocol; when the DHT names nobody, the download goes to the origin.
+//! piece protocol; when the DHT names nobody, the download goes to the origin. A holder still
+//! importing or streaming the blob in gives the hashes it knows (protocol version 4), so a
+//! download started while no scheduler runs follows that import instead of repeating it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::TaskMeta;
+use shoal_proto::{Digest, HostId, PieceReply, PieceRequest, TaskMeta};
 
-use super::parents::{fetch_table, ParentTable};
+use super::parents::ParentTable;
 use super::swarm::SwarmEnd;
 use super::task::Task;
 use crate::discovery::Holder;
 use crate::error::PeerError;
+use crate::transport::Transport;
 
 /// Holders asked for a piece table before giving up on them.
 const TABLE_TRIES: usize = 3;
+
+/// What a DHT holder knows of a blob's piece table.
+#[derive(Debug)]
+pub(super) enum HolderTable {
+    /// Geometry and the whole table.
+    Whole(TaskMeta, Vec<[u8; 32]>),
+    /// Geometry and the hashes known so far, and who gave them.
+    Partial(TaskMeta, Vec<Option<[u8; 32]>>, HostId),
+}
+
+impl HolderTable {
+    fn meta(&self) -> &TaskMeta {
+        match self {
+            HolderTable::Whole(m, _) | HolderTable::Partial(m, _, _) => m,
+        }
+    }
+}
 
 impl Task {
     /// The holders of this blob the DHT knows, this peer excluded (empty without a DHT).
@@ -48,13 +69,19 @@ impl Task {
     }
 
     /// A holder's geometry and piece table of this blob, if one of the DHT's holders has it and
-    /// its geometry fits `fits`. Trusted like a scheduler-published table: the store checks
-    /// every piece against it and the whole blob against its sha256.
+    /// its geometry fits `fits`: the first whole table, else the partial one that knows the
+    /// most hashes. Trusted like a scheduler-published table: the store checks every piece
+    /// against it and the whole blob against its sha256.
     pub(super) async fn table_from_holders(
         &self,
         fits: impl Fn(&TaskMeta) -> bool,
-    ) -> Result<Option<(TaskMeta, Vec<[u8; 32]>)>, PeerError> {
+    ) -> Result<Option<HolderTable>, PeerError> {
         let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(5));
+        let known = |t: &HolderTable| match t {
+            HolderTable::Whole(..) => usize::MAX,
+            HolderTable::Partial(_, h, _) => h.iter().flatten().count(),
+        };
+        let mut best: Option<HolderTable> = None;
         for h in self.dht_holders().await.into_iter().take(TABLE_TRIES) {
             match fetch_table(
                 &self.ctx.transport,
@@ -65,10 +92,14 @@ impl Task {
             )
             .await
             {
-                Ok(Some(reply)) if fits(&reply.task) => {
-                    tracing::info!(blob = %self.blob, holder = %h.host_id, "piece table from a DHT holder");
-                    let table = reply.table;
-                    return Ok(Some((reply.task, table)));
+                Ok(Some(t)) if fits(t.meta()) => {
+                    if let HolderTable::Whole(..) = t {
+                        tracing::info!(blob = %self.blob, holder = %h.host_id, "piece table from a DHT holder");
+                        return Ok(Some(t));
+                    }
+                    if best.as_ref().is_none_or(|b| known(&t) > known(b)) {
+                        best = Some(t);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -76,20 +107,72 @@ impl Task {
                 }
             }
         }
-        Ok(None)
+        Ok(best)
     }
 
-    /// Takes a DHT holder's table for a task whose geometry is already fixed; true if adopted.
-    pub(super) async fn adopt_table_from_holders(
+    /// Takes what a DHT holder knows of the table of a task whose geometry is already fixed: a
+    /// whole table is adopted, known hashes are staged for a streaming round. False if nothing.
+    pub(super) async fn table_from_dht(
         self: &Arc<Self>,
         meta: &TaskMeta,
     ) -> Result<bool, PeerError> {
         match self.table_from_holders(|m| m == meta).await? {
-            Some((m, table)) => {
+            Some(HolderTable::Whole(m, table)) => {
                 self.adopt_table(&m, table).await?;
                 Ok(true)
             }
+            Some(HolderTable::Partial(m, hashes, from)) => {
+                let known = hashes.iter().flatten().count();
+                tracing::info!(blob = %self.blob, holder = %from, known, "following a DHT holder's import: piece hashes so far");
+                self.ctx.staging.open(m);
+                self.ctx.staging.learn(&self.blob, 0, &hashes, Some(from));
+                Ok(self.ctx.staging.known(&self.blob).is_some())
+            }
             None => Ok(false),
         }
+    }
+}
+
+/// Asks `host` for its geometry and piece table of `blob` (a holder found through the DHT);
+/// `None` when it has none.
+async fn fetch_table(
+    transport: &Transport,
+    host: &HostId,
+    addrs: &[SocketAddr],
+    blob: Digest,
+    timeout: Duration,
+) -> Result<Option<HolderTable>, String> {
+    let attempt = async {
+        let link = transport
+            .parent(host, addrs)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
+        link.codec
+            .write(&mut send, &PieceRequest::PieceTable { blob })
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match link
+            .codec
+            .read::<_, PieceReply>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            PieceReply::Table(t) if t.task.blob == blob => {
+                Ok(Some(HolderTable::Whole(t.task, t.table)))
+            }
+            PieceReply::PartialTable(t) if t.task.blob == blob => {
+                Ok(Some(HolderTable::Partial(t.task, t.hashes, host.clone())))
+            }
+            PieceReply::Error(_) => Ok(None),
+            _ => Err(format!(
+                "{host} answered PieceTable for {blob} with something else"
+            )),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{host}: no piece table within {timeout:?}")),
     }
 }

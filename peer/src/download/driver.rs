@@ -270,11 +270,19 @@ impl Task {
                     return Ok(None);
                 }
             }
-            // No scheduler (or it lost the table): a DHT holder may have one.
-            if self.ctx.scheduler(&self.blob).is_none()
-                && self.adopt_table_from_holders(meta).await?
-            {
-                return Ok(None);
+            // No scheduler (or it lost the table): a DHT holder may have one, whole or still
+            // coming in; with part of it, pieces are fetched as their hashes become known.
+            if self.ctx.scheduler(&self.blob).is_none() && self.table_from_dht(meta).await? {
+                if self.lock().layout.is_some() {
+                    return Ok(None);
+                }
+                let end = self.swarm(meta).await?;
+                if self.lock().layout.is_some() {
+                    return Ok(Some(end));
+                }
+                if let SwarmEnd::BackToSource(why, _) = end {
+                    tracing::info!(blob = %self.blob, reason = %why, "no piece table from the DHT's holders");
+                }
             }
         }
         self.import(meta).await.map(|()| None)

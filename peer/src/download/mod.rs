@@ -83,15 +83,12 @@ impl Ctx {
     /// Sends a request to the scheduler owning its blob in the background (reports need no
     /// answer); requests about no blob go to any connected scheduler.
     pub fn report(&self, req: SchedulerRequest) {
-        // Held pieces are also what the DHT publishes: one provider record per blob, once its
-        // piece table is whole here (a holder found through the DHT is asked for the table).
+        // Held pieces are also what the DHT publishes: one provider record per blob, from its
+        // first verified piece here, staged or stored (a holder found through the DHT is asked
+        // for the table, or the hashes it knows while its table is not whole).
         if let Some(d) = &self.dht {
             match &req {
-                SchedulerRequest::PiecesHeld(h)
-                    if added_any(&h.pieces) && !self.staging.contains(&h.blob) =>
-                {
-                    d.provide(h.blob)
-                }
+                SchedulerRequest::PiecesHeld(h) if added_any(&h.pieces) => d.provide(h.blob),
                 SchedulerRequest::RegisterTask(t)
                     if t.held.as_ref().is_some_and(|h| h.count() > 0) =>
                 {

@@ -339,9 +339,7 @@ pub(crate) async fn fetch_held(
                 Ok(Some(set))
             }
             Ok(shoal_proto::PieceReply::Error(_)) => Ok(None),
-            Ok(shoal_proto::PieceReply::Piece(_) | shoal_proto::PieceReply::Table(_)) => {
-                Err(io("answered HeldPieces with something else".into()))
-            }
+            Ok(_) => Err(io("answered HeldPieces with something else".into())),
             Err(e) => Err(io(e.to_string())),
         }
     };
@@ -352,45 +350,6 @@ pub(crate) async fn fetch_held(
         // holder and a 60 s stall (docs/benchmarks.md, "Peer memory"). Ask again later; a dead
         // parent shows in connection errors and piece timeouts.
         Err(_) => Err(FetchFailure::Busy(timeout)),
-    }
-}
-
-/// Asks `host` for its geometry and piece table of `blob` (a holder found through the DHT);
-/// `None` when it has none.
-pub(crate) async fn fetch_table(
-    transport: &Transport,
-    host: &HostId,
-    addrs: &[SocketAddr],
-    blob: Digest,
-    timeout: Duration,
-) -> Result<Option<shoal_proto::PieceTableReply>, String> {
-    let attempt = async {
-        let link = transport
-            .parent(host, addrs)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
-        link.codec
-            .write(&mut send, &PieceRequest::PieceTable { blob })
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = send.finish();
-        match link
-            .codec
-            .read::<_, shoal_proto::PieceReply>(&mut recv)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            shoal_proto::PieceReply::Table(t) if t.task.blob == blob => Ok(Some(t)),
-            shoal_proto::PieceReply::Error(_) => Ok(None),
-            _ => Err(format!(
-                "{host} answered PieceTable for {blob} with something else"
-            )),
-        }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("{host}: no piece table within {timeout:?}")),
     }
 }
 

@@ -127,11 +127,6 @@ impl Staging {
         );
     }
 
-    /// Whether `blob` is staged.
-    pub fn contains(&self, blob: &Digest) -> bool {
-        self.blobs().contains_key(blob)
-    }
-
     /// Learns published hashes from `first` on. A hash that differs from the one known before
     /// replaces it (the scheduler's word changed: a new publisher) and drops the piece staged
     /// under the old one. Returns how many hashes were new.
@@ -187,6 +182,17 @@ impl Staging {
     pub fn table(&self, blob: &Digest) -> Option<Vec<Blake3Hash>> {
         let blobs = self.blobs();
         blobs.get(blob)?.hashes.iter().copied().collect()
+    }
+
+    /// The geometry and the hashes known so far, while at least one is known (what a holder
+    /// answers a piece-table request with before its table is whole).
+    pub fn known(&self, blob: &Digest) -> Option<(TaskMeta, Vec<Option<Blake3Hash>>)> {
+        let blobs = self.blobs();
+        let s = blobs.get(blob)?;
+        s.hashes
+            .iter()
+            .any(Option::is_some)
+            .then(|| (s.meta, s.hashes.clone()))
     }
 
     /// Who published the hashes, if known.
@@ -453,7 +459,7 @@ mod tests {
             Err(StageError::Mismatch)
         );
         st.remove(&m.blob);
-        assert!(!st.contains(&m.blob));
+        assert!(st.held(&m.blob).is_none());
         assert_eq!(st.used(), 0);
         // The file goes with its last holder.
         drop(file);
@@ -477,7 +483,7 @@ mod tests {
         st.take(&m.blob, 0);
         assert_eq!(own(1, 2), Ok(()));
         st.remove(&m.blob);
-        assert!(!st.contains(&m.blob));
+        assert!(st.held(&m.blob).is_none());
         assert_eq!(st.used(), 0);
     }
 }

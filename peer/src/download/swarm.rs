@@ -16,6 +16,7 @@ use shoal_proto::{
 };
 
 use super::add;
+use super::dht::HolderTable;
 use super::driver::held_added;
 use super::parents::{fetch_held, fetch_piece, FetchFailure, ParentTable};
 use super::staging::StageError;
@@ -40,7 +41,8 @@ const HOLDERS_EVERY: Duration = Duration::from_millis(100);
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// How often a download without a whole piece table asks for newly published hashes.
 const HASH_POLL_EVERY: Duration = Duration::from_millis(150);
-/// Without a scheduler, how often a download without a whole table asks DHT holders for one.
+/// Without a scheduler, how often a download without a whole table asks DHT holders for it (or
+/// for the hashes they know so far).
 const DHT_TABLE_EVERY: Duration = Duration::from_secs(1);
 /// Endgame: when at most this many pieces are missing and all are in flight, each is also
 /// asked of a second parent; the first answer wins and the other request is cancelled.
@@ -389,23 +391,29 @@ impl Task {
         let staging = &self.ctx.staging;
         let mut new = false;
         if let Some(first) = staging.first_unknown(&self.blob) {
-            let Some(s) = self.ctx.scheduler(&self.blob) else {
-                // No scheduler to publish hashes: a DHT holder that has the whole table.
-                if dht_due {
-                    if let Some((m, table)) = self.table_from_holders(|m| m == meta).await? {
+            match self.ctx.scheduler(&self.blob) {
+                // No scheduler to publish hashes: what the DHT's holders know of the table.
+                None if dht_due => match self.table_from_holders(|m| m == meta).await? {
+                    Some(HolderTable::Whole(m, table)) => {
                         self.adopt_streamed(&m, table).await?;
                         return Ok(HashPoll::New);
                     }
-                }
-                return Ok(HashPoll::Nothing);
-            };
-            let ask = SchedulerRequest::GetPieceHashes {
-                blob: self.blob,
-                first,
-            };
-            if let Ok(SchedulerReply::PieceHashes(r)) = s.request(&ask).await {
-                if r.blob == self.blob {
-                    new = staging.learn(&self.blob, r.first, &r.hashes, r.publisher) > 0;
+                    Some(HolderTable::Partial(_, hashes, from)) => {
+                        new = staging.learn(&self.blob, 0, &hashes, Some(from)) > 0;
+                    }
+                    None => {}
+                },
+                None => {}
+                Some(s) => {
+                    let ask = SchedulerRequest::GetPieceHashes {
+                        blob: self.blob,
+                        first,
+                    };
+                    if let Ok(SchedulerReply::PieceHashes(r)) = s.request(&ask).await {
+                        if r.blob == self.blob {
+                            new = staging.learn(&self.blob, r.first, &r.hashes, r.publisher) > 0;
+                        }
+                    }
                 }
             }
         }

@@ -15,6 +15,7 @@ use shoal_proto::{
 use shoal_store::{Blake3Hash, PieceLayout};
 use tokio::sync::{watch, Notify};
 
+use super::dht::HolderTable;
 use super::{register_task, source, Ctx};
 use crate::convert::{store_digest, wire_set};
 use crate::error::PeerError;
@@ -229,9 +230,14 @@ impl Task {
         }
         if !answered {
             // No scheduler: a holder the DHT names may know the blob's geometry and table.
-            if let Some((m, t)) = self.table_from_holders(|m| m.size == size).await? {
-                meta = m;
-                table = Some(t);
+            match self.table_from_holders(|m| m.size == size).await? {
+                Some(HolderTable::Whole(m, t)) => {
+                    meta = m;
+                    table = Some(t);
+                }
+                // A holder still importing it: its geometry; obtain_table follows its hashes.
+                Some(HolderTable::Partial(m, ..)) => meta = m,
+                None => {}
             }
         }
         self.lock().meta = Some(meta);

@@ -100,6 +100,40 @@ impl Uploader {
         let _ = self.staging.set(staging);
     }
 
+    /// The answer to a piece-table request: the store's whole table; else, to a peer that
+    /// speaks version 4, the hashes staging knows (this node imports or streams the blob in).
+    fn table_reply(&self, codec: &Codec, blob: shoal_proto::Digest) -> PieceReply {
+        if let Some(status) = self.store.blob_status(&store_digest(&blob)) {
+            if !status.held.is_empty() {
+                return PieceReply::Table(shoal_proto::PieceTableReply {
+                    task: shoal_proto::TaskMeta {
+                        blob,
+                        size: status.layout.size(),
+                        piece_size: status.layout.piece_size(),
+                    },
+                    table: status
+                        .layout
+                        .pieces()
+                        .iter()
+                        .map(|h| *h.as_bytes())
+                        .collect(),
+                });
+            }
+        }
+        let partial = (codec.version() >= shoal_proto::PARTIAL_TABLE_VERSION)
+            .then(|| self.staging.get().and_then(|s| s.known(&blob)))
+            .flatten();
+        match partial {
+            Some((task, hashes)) => {
+                PieceReply::PartialTable(shoal_proto::PartialTableReply { task, hashes })
+            }
+            None => PieceReply::Error(PieceError::new(
+                PieceErrorCode::NotHeld,
+                format!("{blob} is not held here"),
+            )),
+        }
+    }
+
     /// Held pieces of `blob`: in the store, plus staged ones.
     fn held_reply(&self, blob: &shoal_proto::Digest) -> PieceReply {
         let staged = self.staging.get().and_then(|s| s.held(blob));
@@ -272,27 +306,7 @@ impl Uploader {
                 self.send_piece(&codec, peer, &mut send, blob, index).await
             }
             PieceRequest::PieceTable { blob } => {
-                let reply = match self.store.blob_status(&store_digest(&blob)) {
-                    Some(status) if !status.held.is_empty() => {
-                        PieceReply::Table(shoal_proto::PieceTableReply {
-                            task: shoal_proto::TaskMeta {
-                                blob,
-                                size: status.layout.size(),
-                                piece_size: status.layout.piece_size(),
-                            },
-                            table: status
-                                .layout
-                                .pieces()
-                                .iter()
-                                .map(|h| *h.as_bytes())
-                                .collect(),
-                        })
-                    }
-                    _ => PieceReply::Error(PieceError::new(
-                        PieceErrorCode::NotHeld,
-                        format!("{blob} is not held here"),
-                    )),
-                };
+                let reply = self.table_reply(&codec, blob);
                 codec.write(&mut send, &reply).await
             }
         };
