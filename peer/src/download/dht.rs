@@ -35,6 +35,14 @@ impl HolderTable {
             HolderTable::Whole(m, _) | HolderTable::Partial(m, _, _) => m,
         }
     }
+
+    /// How many piece hashes it gives.
+    fn known(&self) -> usize {
+        match self {
+            HolderTable::Whole(_, t) => t.len(),
+            HolderTable::Partial(_, h, _) => h.iter().flatten().count(),
+        }
+    }
 }
 
 impl Task {
@@ -77,10 +85,6 @@ impl Task {
         fits: impl Fn(&TaskMeta) -> bool,
     ) -> Result<Option<HolderTable>, PeerError> {
         let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(5));
-        let known = |t: &HolderTable| match t {
-            HolderTable::Whole(..) => usize::MAX,
-            HolderTable::Partial(_, h, _) => h.iter().flatten().count(),
-        };
         let mut best: Option<HolderTable> = None;
         for h in self.dht_holders().await.into_iter().take(TABLE_TRIES) {
             match fetch_table(
@@ -97,7 +101,7 @@ impl Task {
                         tracing::info!(blob = %self.blob, holder = %h.host_id, "piece table from a DHT holder");
                         return Ok(Some(t));
                     }
-                    if best.as_ref().is_none_or(|b| known(&t) > known(b)) {
+                    if best.as_ref().is_none_or(|b| t.known() > b.known()) {
                         best = Some(t);
                     }
                 }
