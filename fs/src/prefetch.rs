@@ -2,7 +2,7 @@
 //! startup reads, in order), then, when asked, every chunk of every blob in blob order under a
 //! bandwidth limit. Both go through read.rs, so everything fetched is verified and cached.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,6 +13,9 @@ use crate::read::Reader;
 
 /// Chunks per background request batch.
 const BATCH: usize = 16;
+/// Batches fetched at once: the next one is on the wire while the last one is decompressed,
+/// verified and stored (one at a time left the link idle for that long after every batch).
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// What to fetch in the background.
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +85,8 @@ fn run(reader: &Reader, plan: PrefetchPlan, stop: &AtomicBool) {
     }
 }
 
-/// Fetches `chunks` in batches; with a limit, sleeps so that stored bytes / time stays under it.
+/// Fetches `chunks` in batches, [`BATCHES_IN_FLIGHT`] at once and taken in order; with a limit,
+/// sleeps so that stored bytes / time stays under it.
 fn warm(
     reader: &Reader,
     chunks: &[ChunkView],
@@ -90,20 +94,31 @@ fn warm(
     bytes_per_sec: u64,
     started: Instant,
 ) {
-    let mut sent = 0u64;
-    for batch in chunks.chunks(BATCH) {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Err(e) = reader.warm(batch) {
-            tracing::warn!(error = %e, "background fetch failed; the chunks will be fetched when read");
-        }
-        if bytes_per_sec > 0 {
-            sent += batch.iter().map(|c| u64::from(c.stored_size)).sum::<u64>();
-            let due = started + Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
-            while Instant::now() < due && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep((due - Instant::now()).min(Duration::from_millis(100)));
+    let batches: Vec<&[ChunkView]> = chunks.chunks(BATCH).collect();
+    let next = AtomicUsize::new(0);
+    let sent = AtomicU64::new(0);
+    let worker = || {
+        while !stop.load(Ordering::Relaxed) {
+            let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return;
+            };
+            if let Err(e) = reader.warm(batch) {
+                tracing::warn!(error = %e, "background fetch failed; the chunks will be fetched when read");
+            }
+            if bytes_per_sec > 0 {
+                let bytes = batch.iter().map(|c| u64::from(c.stored_size)).sum::<u64>();
+                let total = sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                let due = started + Duration::from_secs_f64(total as f64 / bytes_per_sec as f64);
+                while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep((due - Instant::now()).min(Duration::from_millis(100)));
+                }
             }
         }
-    }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..BATCHES_IN_FLIGHT {
+            s.spawn(worker);
+        }
+        worker();
+    });
 }
