@@ -105,6 +105,27 @@ async fn curl_ranges_manifests_and_first_fetch_streaming() {
         m.header("docker-content-digest"),
         Some(img.manifest_digest.as_str())
     );
+    assert_eq!(m.header("server-timing"), None, "off unless asked for");
+    let mut timed = with_proxy(c.config("p0", false), None);
+    timed.proxy.server_timing = true;
+    let timed = c.start(timed).await;
+    let t = curl(
+        &format!(
+            "http://{}/v2/{REPO}/manifests/v1?ns={ns}",
+            timed.proxy_addr().unwrap()
+        ),
+        &["-H", "Accept: application/vnd.oci.image.manifest.v1+json"],
+    );
+    assert_eq!(t.body, img.manifest, "the answer itself is unchanged");
+    let dur = t
+        .header("server-timing")
+        .and_then(|v| v.strip_prefix("upstream;dur="))
+        .and_then(|ms| ms.parse::<f64>().ok());
+    assert!(
+        dur.is_some_and(|ms| ms >= 0.0),
+        "{:?}",
+        t.header("server-timing")
+    );
     let tags = curl(&url(&format!("{REPO}/tags/list")), &[]);
     assert!(String::from_utf8_lossy(&tags.body).contains("v1"));
     assert_eq!(curl(&format!("http://{proxy}/v2/"), &[]).status, 400);

@@ -65,6 +65,9 @@ pub struct ProxyConfig {
     pub max_request_body: usize,
     /// On shutdown, requests in flight get this long to finish.
     pub shutdown_grace_ms: u64,
+    /// Add `Server-Timing: upstream;dur=MS` to pass-through answers: how long the upstream took
+    /// (head and a small body), so a client can tell the proxy's share of a slow request.
+    pub server_timing: bool,
 }
 
 impl Default for ProxyConfig {
@@ -80,6 +83,7 @@ impl Default for ProxyConfig {
             header_timeout_ms: 30_000,
             max_request_body: 4 << 20,
             shutdown_grace_ms: 10_000,
+            server_timing: false,
         }
     }
 }

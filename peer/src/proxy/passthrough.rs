@@ -3,6 +3,8 @@
 //! comes back unchanged and streamed, 401 challenges too, so the client runs its own token flow.
 //! Tags are never cached. Also the swarm's fallback: a blob range straight from the upstream.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use http::{header, HeaderMap, HeaderName, Request, Response, StatusCode};
@@ -80,8 +82,15 @@ pub(crate) async fn forward(
     if !body.is_empty() {
         rb = rb.body(body);
     }
+    let asked = Instant::now();
     match rb.send().await {
-        Ok(resp) => relay(resp).await,
+        Ok(resp) => {
+            let mut out = relay(resp).await;
+            if state.cfg.server_timing {
+                add_server_timing(&mut out, asked);
+            }
+            out
+        }
         Err(e) => {
             tracing::info!(upstream = %up.host, path = parts.uri.path(), error = %e, "upstream unreachable");
             registry_error(
@@ -92,6 +101,17 @@ pub(crate) async fn forward(
         }
     }
 }
+
+/// `Server-Timing: upstream;dur=MS` (W3C Server Timing) with the time since `asked`.
+fn add_server_timing(out: &mut Response<Body>, asked: Instant) {
+    let ms = asked.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = http::HeaderValue::from_str(&format!("upstream;dur={ms:.3}")) {
+        out.headers_mut().append(SERVER_TIMING, v);
+    }
+}
+
+/// The Server-Timing response header.
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// An upstream answer as the client gets it: status, headers (minus hop-by-hop), and the body:
 /// a small one (manifests, tokens, errors) read whole and sent with the head in one write, a
