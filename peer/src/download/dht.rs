@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use shoal_proto::{Digest, HostId, PieceReply, PieceRequest, TaskMeta};
 
-use super::parents::ParentTable;
+use super::parents::{ask, ParentTable};
 use super::swarm::SwarmEnd;
 use super::task::Task;
 use crate::discovery::Holder;
@@ -147,18 +147,10 @@ async fn fetch_table(
     timeout: Duration,
 ) -> Result<Option<HolderTable>, String> {
     let attempt = async {
-        let link = transport
-            .parent(host, addrs)
+        let (codec, mut recv) = ask(transport, host, addrs, &PieceRequest::PieceTable { blob })
             .await
-            .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
-        link.codec
-            .write(&mut send, &PieceRequest::PieceTable { blob })
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = send.finish();
-        match link
-            .codec
+            .map_err(|(_, e)| e)?;
+        match codec
             .read::<_, PieceReply>(&mut recv)
             .await
             .map_err(|e| e.to_string())?

@@ -245,6 +245,32 @@ impl ParentTable {
     }
 }
 
+/// Sends `request` to `host` on a new stream (connecting first if needed) and finishes the
+/// sending side; returns the connection's codec and the stream the answer comes on. Fails with
+/// `Connect` when the parent cannot be reached and `Protocol` when the request cannot be sent.
+pub(crate) async fn ask(
+    transport: &Transport,
+    host: &HostId,
+    addrs: &[SocketAddr],
+    request: &PieceRequest,
+) -> Result<(shoal_proto::Codec, quinn::RecvStream), (FailureReason, String)> {
+    let link = transport
+        .parent(host, addrs)
+        .await
+        .map_err(|e| (FailureReason::Connect, e.to_string()))?;
+    let (mut send, recv) = link
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| (FailureReason::Connect, e.to_string()))?;
+    link.codec
+        .write(&mut send, request)
+        .await
+        .map_err(|e| (FailureReason::Protocol, e.to_string()))?;
+    let _ = send.finish();
+    Ok((link.codec, recv))
+}
+
 /// Fetches piece `index` (`len` bytes) of `blob` from `host`; fails when no byte of it arrives
 /// for `timeout` (a slow parent that keeps sending is not a stall, progress.rs). The bytes are
 /// not verified here: the caller checks them against the piece table before storing them.
@@ -262,23 +288,17 @@ pub(crate) async fn fetch_piece(
     let room = transport.budget().download(u64::from(len)).await;
     let stamp = super::progress::Stamp::new();
     let attempt = async {
-        let link = transport
-            .parent(host, addrs)
-            .await
-            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+        let (codec, mut recv) = ask(
+            transport,
+            host,
+            addrs,
+            &PieceRequest::GetPiece { blob, index },
+        )
+        .await
+        .map_err(|(why, e)| FetchFailure::Drop(why, e))?;
         let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
-        let (mut send, mut recv) = link
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
-        link.codec
-            .write(&mut send, &PieceRequest::GetPiece { blob, index })
-            .await
-            .map_err(|e| io(e.to_string()))?;
-        let _ = send.finish();
         let mut recv = super::progress::Progress::new(&mut recv, stamp.clone());
-        match read_piece(&link.codec, &mut recv, &blob, index, len).await {
+        match read_piece(&codec, &mut recv, &blob, index, len).await {
             Ok(PieceResponse::Piece { bytes, .. }) => Ok(room.attach(Bytes::from(bytes))),
             Ok(PieceResponse::Error(e)) => Err(match e.code {
                 PieceErrorCode::NotHeld => FetchFailure::NotHeld,
@@ -314,26 +334,11 @@ pub(crate) async fn fetch_held(
     timeout: Duration,
 ) -> Result<Option<PieceSet>, FetchFailure> {
     let attempt = async {
-        let link = transport
-            .parent(host, addrs)
+        let (codec, mut recv) = ask(transport, host, addrs, &PieceRequest::HeldPieces { blob })
             .await
-            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
-        let (mut send, mut recv) = link
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| FetchFailure::Drop(FailureReason::Connect, e.to_string()))?;
+            .map_err(|(why, e)| FetchFailure::Drop(why, e))?;
         let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
-        link.codec
-            .write(&mut send, &PieceRequest::HeldPieces { blob })
-            .await
-            .map_err(|e| io(e.to_string()))?;
-        let _ = send.finish();
-        match link
-            .codec
-            .read::<_, shoal_proto::PieceReply>(&mut recv)
-            .await
-        {
+        match codec.read::<_, shoal_proto::PieceReply>(&mut recv).await {
             Ok(shoal_proto::PieceReply::Held(set)) => {
                 set.check_count(count).map_err(|e| io(e.to_string()))?;
                 Ok(Some(set))
