@@ -147,18 +147,8 @@ impl Message for PieceReply {
             }
             PieceReply::PartialTable(t) => {
                 t.task.validate()?;
-                if t.hashes.len() as u64 != u64::from(t.task.piece_count()) {
-                    return Err(ProtoError::invalid(
-                        "partial piece table",
-                        format!(
-                            "blob {} has {} pieces but the table has {} entries",
-                            t.task.blob,
-                            t.task.piece_count(),
-                            t.hashes.len()
-                        ),
-                    ));
-                }
-                Ok(())
+                t.task
+                    .check_table_len("partial piece table", t.hashes.len())
             }
         }
     }

@@ -93,14 +93,18 @@ impl TaskMeta {
 
     /// Checks a piece table (one BLAKE3 hash per piece) against this geometry.
     pub fn validate_piece_table(&self, table: &[Blake3Hash]) -> Result<(), ProtoError> {
-        if table.len() as u64 != u64::from(self.piece_count()) {
+        self.check_table_len("piece table", table.len())
+    }
+
+    /// Checks that a table named `what` has one entry per piece of this geometry.
+    pub fn check_table_len(&self, what: &'static str, len: usize) -> Result<(), ProtoError> {
+        if len as u64 != u64::from(self.piece_count()) {
             return Err(ProtoError::invalid(
-                "piece table",
+                what,
                 format!(
-                    "blob {} has {} pieces but the table lists {}",
+                    "blob {} has {} pieces but the table lists {len}",
                     self.blob,
                     self.piece_count(),
-                    table.len()
                 ),
             ));
         }
