@@ -5,11 +5,17 @@
 //!    clients: proxy minus direct at the same percentile (direct and proxied requests
 //!    interleaved so both see the same load), and per proxied request its time minus the
 //!    upstream's share the proxy reports (`Server-Timing`), which leaves out the registry's
-//!    own queueing that dominates both p99s with 64 clients.
+//!    own queueing that dominates both p99s with 64 clients; that share split into the
+//!    proxy's handler and the hop around it. The clients are lean (a thread and a keep-alive
+//!    connection each, plain HTTP/1.1), so their own scheduling stays out of the figures as
+//!    far as two cores allow.
 //!
 //! Run: `cargo bench -p shoal-peer --bench proxy` (SHOAL_BENCH_BLOB_MIB sets the blob size,
-//! default 1024; SHOAL_BENCH_REQUESTS the manifest requests per client count, default 4000).
+//! default 1024; SHOAL_BENCH_ROUNDS the downloads of it from each, default 3;
+//! SHOAL_BENCH_REQUESTS the manifest requests per client count, default 4000).
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -39,62 +45,118 @@ async fn download(http: &reqwest::Client, url: &str) -> (u64, f64) {
     (n, start.elapsed().as_secs_f64())
 }
 
-/// The upstream's share (µs) a `Server-Timing: upstream;dur=MS` header reports.
-fn upstream_us(r: &reqwest::Response) -> Option<u64> {
-    let v = r.headers().get("server-timing")?.to_str().ok()?;
-    let ms: f64 = v
-        .split("dur=")
-        .nth(1)?
-        .split([';', ','])
-        .next()?
-        .parse()
-        .ok()?;
-    Some((ms * 1000.0) as u64)
+/// One keep-alive HTTP/1.1 connection that GETs one path again and again, as lean as a load
+/// generator: the request written whole, the answer read by its Content-Length, on a thread
+/// of its own, so an answer wakes the thread waiting for it and no queue of other clients'
+/// tasks sits inside the measured time.
+struct Conn {
+    stream: TcpStream,
+    request: Vec<u8>,
+    buf: Vec<u8>,
 }
 
-/// Latencies (µs), sorted, of `total` GETs of `direct` and as many of `via`, spread over
-/// `clients` concurrent clients, and per proxied GET its latency minus the upstream's share.
-/// Each client alternates the two (which goes first alternates too), so both see the same load
-/// on a shared host.
-async fn latencies(
-    http: &reqwest::Client,
-    direct: &str,
-    via: &str,
-    clients: usize,
-    total: usize,
-) -> [Vec<u64>; 3] {
-    let per = total / clients;
-    let jobs = (0..clients).map(|c| {
-        let http = http.clone();
-        let urls = [direct.to_string(), via.to_string()];
-        tokio::spawn(async move {
-            let mut out = [Vec::with_capacity(per), Vec::with_capacity(per), Vec::new()];
-            for i in 0..per {
-                for k in [(i + c) % 2, (i + c + 1) % 2] {
-                    let t = Instant::now();
-                    let r = http
-                        .get(&urls[k])
-                        .header("accept", "application/vnd.oci.image.manifest.v1+json")
-                        .send()
-                        .await
-                        .expect("GET manifest");
-                    assert!(r.status().is_success());
-                    let upstream = upstream_us(&r);
-                    let _ = r.bytes().await.expect("manifest body");
-                    let us = t.elapsed().as_micros() as u64;
-                    out[k].push(us);
-                    if k == 1 {
-                        let upstream = upstream.expect("the proxy reports Server-Timing");
-                        out[2].push(us.saturating_sub(upstream));
+/// One answer: latency (µs) and the `Server-Timing` durations (µs) the proxy reported.
+struct Timed {
+    us: u64,
+    upstream: Option<u64>,
+    handler: Option<u64>,
+}
+
+impl Conn {
+    fn open(addr: &str, path: &str) -> Conn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n"
+        );
+        Conn {
+            stream,
+            request: request.into_bytes(),
+            buf: Vec::with_capacity(16 << 10),
+        }
+    }
+
+    fn get(&mut self) -> Timed {
+        let t = Instant::now();
+        self.stream.write_all(&self.request).expect("send request");
+        self.buf.clear();
+        let mut chunk = [0u8; 16 << 10];
+        let (head, body, upstream, handler) = loop {
+            let n = self.stream.read(&mut chunk).expect("read answer");
+            assert!(n > 0, "connection closed mid-answer");
+            self.buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head) = resp.parse(&self.buf).expect("HTTP answer") {
+                assert_eq!(resp.code, Some(200), "manifest GET");
+                let mut len = None;
+                let (mut upstream, mut handler) = (None, None);
+                for h in resp.headers.iter() {
+                    let v = std::str::from_utf8(h.value).unwrap_or("");
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        len = v.parse::<usize>().ok();
+                    } else if h.name.eq_ignore_ascii_case("server-timing") {
+                        upstream = upstream.or(timing_us(v, "upstream"));
+                        handler = handler.or(timing_us(v, "proxy"));
                     }
                 }
+                break (head, len.expect("Content-Length"), upstream, handler);
             }
-            out
+        };
+        while self.buf.len() < head + body {
+            let n = self.stream.read(&mut chunk).expect("read body");
+            assert!(n > 0, "connection closed mid-body");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Timed {
+            us: t.elapsed().as_micros() as u64,
+            upstream,
+            handler,
+        }
+    }
+}
+
+/// The duration (µs) of metric `name` in a `Server-Timing` list (`NAME;dur=MS, ...`).
+fn timing_us(list: &str, name: &str) -> Option<u64> {
+    list.split(',').map(str::trim).find_map(|m| {
+        let ms: f64 = m.strip_prefix(name)?.strip_prefix(";dur=")?.parse().ok()?;
+        Some((ms * 1000.0) as u64)
+    })
+}
+
+/// Latencies (µs), each list sorted, of `total` GETs of `path` at `direct` and as many at
+/// `via`, spread over `clients` concurrent clients: direct, proxied, per proxied GET its
+/// latency minus the upstream's share, the proxy's handler minus the upstream's share, and
+/// the latency minus the handler (the hop: sockets, the proxy's HTTP layer, waits for a core).
+/// Each client alternates the two (which goes first alternates too), so both see the same load.
+fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) -> [Vec<u64>; 5] {
+    let per = total / clients;
+    let jobs: Vec<_> = (0..clients)
+        .map(|c| {
+            let (direct, via, path) = (direct.to_string(), via.to_string(), path.to_string());
+            std::thread::spawn(move || {
+                let mut conns = [Conn::open(&direct, &path), Conn::open(&via, &path)];
+                let mut out: [Vec<u64>; 5] = Default::default();
+                for i in 0..per {
+                    for k in [(i + c) % 2, (i + c + 1) % 2] {
+                        let r = conns[k].get();
+                        out[k].push(r.us);
+                        if k == 1 {
+                            let up = r.upstream.expect("the proxy reports Server-Timing");
+                            let handler = r.handler.expect("the proxy reports its handler time");
+                            out[2].push(r.us.saturating_sub(up));
+                            out[3].push(handler.saturating_sub(up));
+                            out[4].push(r.us.saturating_sub(handler));
+                        }
+                    }
+                }
+                out
+            })
         })
-    });
-    let mut all: [Vec<u64>; 3] = Default::default();
-    for j in futures::future::join_all(jobs).await {
-        for (a, v) in all.iter_mut().zip(j.expect("client task")) {
+        .collect();
+    let mut all: [Vec<u64>; 5] = Default::default();
+    for j in jobs {
+        for (a, v) in all.iter_mut().zip(j.join().expect("client thread")) {
             a.extend(v);
         }
     }
@@ -179,7 +241,7 @@ async fn main() {
     let _ = download(&http, &direct).await; // registry's file into the page cache too
 
     let mut best = (0f64, 0f64);
-    for _ in 0..3 {
+    for _ in 0..env_num("SHOAL_BENCH_ROUNDS", 3) {
         let (_, d) = download(&http, &direct).await;
         let (_, p) = download(&http, &via).await;
         best.0 = best.0.max(mib as f64 / d);
@@ -195,12 +257,17 @@ async fn main() {
     );
     println!("throughput ratio proxy/registry: {:.2}", best.1 / best.0);
 
-    let m_direct = format!("{}/v2/{REPO}/manifests/v1", registry.url());
-    let m_via = format!("http://{proxy}/v2/{REPO}/manifests/v1");
+    let path = format!("/v2/{REPO}/manifests/v1");
+    let (direct_addr, via_addr) = (registry.host(), proxy.to_string());
     let _ = img;
     for clients in [1usize, 64] {
-        let _ = latencies(&http, &m_direct, &m_via, clients, clients * 4).await; // warm connections
-        let [d, p, own] = latencies(&http, &m_direct, &m_via, clients, requests).await;
+        let (d, v, p) = (direct_addr.clone(), via_addr.clone(), path.clone());
+        let [d, p, own, handler, hop] = tokio::task::spawn_blocking(move || {
+            let _ = latencies(&d, &v, &p, clients, clients * 4); // warm connections
+            latencies(&d, &v, &p, clients, requests)
+        })
+        .await
+        .expect("latency run");
         let ms = |us: u64| us as f64 / 1000.0;
         println!(
             "manifest, {clients:>2} clients: direct p50 {:.3} ms p99 {:.3} ms | proxy p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms | per request, proxy minus upstream: p50 {:.3} ms p99 {:.3} ms",
@@ -212,6 +279,13 @@ async fn main() {
             ms(pct(&p, 0.99).saturating_sub(pct(&d, 0.99))),
             ms(pct(&own, 0.5)),
             ms(pct(&own, 0.99)),
+        );
+        println!(
+            "    of which: in the proxy's handler p50 {:.3} ms p99 {:.3} ms | the hop p50 {:.3} ms p99 {:.3} ms",
+            ms(pct(&handler, 0.5)),
+            ms(pct(&handler, 0.99)),
+            ms(pct(&hop, 0.5)),
+            ms(pct(&hop, 0.99)),
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -129,7 +129,7 @@ config_flags! {
         proxy_max_request_body: usize => set proxy.max_request_body,
         /// On shutdown, proxy requests in flight get this long to finish (ms).
         proxy_shutdown_grace_ms: u64 => set proxy.shutdown_grace_ms,
-        /// Add `Server-Timing: upstream;dur=MS` to pass-through answers.
+        /// Add `Server-Timing: upstream;dur=MS, proxy;dur=MS` to answers.
         #[arg(num_args = 0..=1, default_missing_value = "true", require_equals = true)]
         proxy_server_timing: bool => set proxy.server_timing,
         /// FOR TESTS ONLY: corrupt every piece this peer uploads.

@@ -65,8 +65,9 @@ pub struct ProxyConfig {
     pub max_request_body: usize,
     /// On shutdown, requests in flight get this long to finish.
     pub shutdown_grace_ms: u64,
-    /// Add `Server-Timing: upstream;dur=MS` to pass-through answers: how long the upstream took
-    /// (head and a small body), so a client can tell the proxy's share of a slow request.
+    /// Add `Server-Timing: upstream;dur=MS, proxy;dur=MS` to answers: how long the upstream
+    /// took (pass-through: head and a small body) and the proxy's handler in all, so a client
+    /// can tell the proxy's share of a slow request.
     pub server_timing: bool,
 }
 

@@ -87,7 +87,7 @@ pub(crate) async fn forward(
         Ok(resp) => {
             let mut out = relay(resp).await;
             if state.cfg.server_timing {
-                add_server_timing(&mut out, asked);
+                add_server_timing(&mut out, "upstream", asked);
             }
             out
         }
@@ -102,11 +102,21 @@ pub(crate) async fn forward(
     }
 }
 
-/// `Server-Timing: upstream;dur=MS` (W3C Server Timing) with the time since `asked`.
-fn add_server_timing(out: &mut Response<Body>, asked: Instant) {
-    let ms = asked.elapsed().as_secs_f64() * 1000.0;
-    if let Ok(v) = http::HeaderValue::from_str(&format!("upstream;dur={ms:.3}")) {
-        out.headers_mut().append(SERVER_TIMING, v);
+/// Adds `metric;dur=MS` (W3C Server Timing), the time since `since`, to the answer's
+/// `Server-Timing` list.
+pub(crate) fn add_server_timing(out: &mut Response<Body>, metric: &str, since: Instant) {
+    let ms = since.elapsed().as_secs_f64() * 1000.0;
+    let entry = format!("{metric};dur={ms:.3}");
+    let list = match out
+        .headers()
+        .get(SERVER_TIMING)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(earlier) => format!("{earlier}, {entry}"),
+        None => entry,
+    };
+    if let Ok(v) = http::HeaderValue::from_str(&list) {
+        out.headers_mut().insert(SERVER_TIMING, v);
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -234,6 +234,7 @@ where
 
 /// Routes one request: blobs by digest through the swarm, everything else to the upstream.
 async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let entered = Instant::now();
     let up = match Upstream::of(
         req.uri().query(),
         req.headers(),
@@ -248,10 +249,13 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     };
     let is_read = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let path = req.uri().path().to_string();
-    let (route, resp) = match blob_route(&path) {
+    let (route, mut resp) = match blob_route(&path) {
         Some((name, blob)) if is_read => ("blob", blobs::serve(state, req, &up, name, blob).await),
         _ => ("passthrough", passthrough::forward(state, req, &up).await),
     };
     state.stats.record(route, resp.status());
+    if state.cfg.server_timing {
+        passthrough::add_server_timing(&mut resp, "proxy", entered);
+    }
     resp
 }
