@@ -1,7 +1,7 @@
-//! Chunks by BLAKE3: written to a temporary file, flushed, renamed into place; verified on every read.
+//! Chunks by BLAKE3: packed into append-only files (pack.rs), flushed before they are journaled;
+//! verified on every read.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 
@@ -9,7 +9,6 @@ use crate::blob::PutOutcome;
 use crate::error::{Error, Result};
 use crate::index::{lock, now_ms, Entry, EntryKey, PinGuard};
 use crate::key::Blake3Hash;
-use crate::paths::sync_dir;
 use crate::store::{Counters, Store};
 
 /// Largest chunk the store accepts (64 MiB; image chunks are at most 16 MiB).
@@ -30,27 +29,21 @@ impl Store {
             return Ok(PutOutcome::AlreadyHeld);
         }
         let reservation = self.reserve(data.len() as u64)?;
-        let paths = &self.inner.paths;
-        let (dir, dest, tmp) = (paths.chunk_dir(hash), paths.chunk(hash), paths.temp());
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
-        self.on_full(&dest, data.len() as u64, "write", || {
-            let _ = fs::remove_file(&tmp);
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_data()
-        })
-        .inspect_err(|_| {
-            let _ = fs::remove_file(&tmp);
-        })?;
+        let packs = &self.inner.packs;
+        let at = packs
+            .reserve(data.len() as u64)
+            .map_err(|e| Error::io("open a chunk pack in", &self.inner.paths.chunks, e))?;
+        let path = packs.path(&at);
+        self.on_full(&path, at.len, "write", || packs.write(hash, &at, data))
+            .inspect_err(|_| packs.free(hash, &at))?;
         let _stripe = lock(self.stripe(&key));
         if self.entry(&key).is_some() {
-            let _ = fs::remove_file(&tmp);
+            packs.free(hash, &at);
             return Ok(PutOutcome::AlreadyHeld);
         }
-        fs::rename(&tmp, &dest).map_err(|e| Error::io("rename into", &dest, e))?;
-        sync_dir(&dir).map_err(|e| Error::io("sync", &dir, e))?;
-        let entry = Entry::new(key, None, data.len() as u64, None, now_ms());
-        self.inner.index.insert(key, entry);
+        self.inner
+            .index
+            .insert(key, Entry::chunk(*hash, at, now_ms()));
         reservation.commit();
         Ok(PutOutcome::Stored)
     }
@@ -64,34 +57,42 @@ impl Store {
             self.miss();
             return Err(Error::NotPresent { item: item() });
         };
-        let size = lock(&entry.state).bytes;
-        let path = self.inner.paths.chunk(hash);
-        let read = File::open(&path).and_then(|f| {
-            let on_disk = f.metadata()?.len();
-            let mut buf = Vec::with_capacity(size as usize);
-            // Read one byte past the indexed size to notice a file that grew.
-            f.take(size + 1).read_to_end(&mut buf)?;
-            Ok((on_disk, buf))
-        });
-        let good = match &read {
-            Ok((on_disk, buf)) => *on_disk == size && Blake3Hash::of(buf) == *hash,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(_) => false,
+        let Some(at) = entry.at else {
+            self.miss();
+            return Err(Error::NotPresent { item: item() });
         };
-        match read {
-            Ok((_, buf)) if good => {
-                self.hit();
-                entry.touch();
-                Ok(Bytes::from(buf))
+        let pack = self.inner.packs.path(&at);
+        let mut buf = vec![0u8; at.len as usize];
+        let good = match self.inner.packs.read(&at, &mut buf) {
+            Ok(()) => Blake3Hash::of(&buf) == *hash,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                false
             }
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("read", &path, e)),
-            _ => {
-                Counters::bump(&self.inner.counters.corruptions);
-                tracing::warn!(chunk = %hash, path = %path.display(), "stored chunk failed verification; dropped");
-                self.remove_entry(&entry, true);
-                Err(Error::Corrupt { item: item(), path })
-            }
+            Err(e) => return Err(Error::io("read", &pack, e)),
+        };
+        if good {
+            self.hit();
+            entry.touch();
+            return Ok(Bytes::from(buf));
         }
+        Counters::bump(&self.inner.counters.corruptions);
+        tracing::warn!(chunk = %hash, pack = %pack.display(), offset = at.offset, "stored chunk failed verification; dropped");
+        self.remove_entry(&entry, true);
+        Err(Error::Corrupt {
+            item: item(),
+            path: pack,
+        })
+    }
+
+    /// Where a chunk's bytes lie on disk: its pack file, offset and length (for tools and tests).
+    pub fn chunk_at(&self, hash: &Blake3Hash) -> Option<(PathBuf, u64, u64)> {
+        let at = self.entry(&EntryKey::Chunk(*hash))?.at?;
+        Some((self.inner.packs.path(&at), at.offset, at.len))
     }
 
     /// True when the chunk is indexed (its bytes are verified when read).

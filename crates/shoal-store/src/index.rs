@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::pack::ChunkLoc;
 use crate::pieceset::PieceSet;
 
 /// The unit of eviction: a whole blob (all its pieces) or one chunk.
@@ -70,6 +71,8 @@ pub(crate) struct Entry {
     pub key: EntryKey,
     /// The trusted piece table (blobs only).
     pub layout: Option<Arc<PieceLayout>>,
+    /// Where the bytes lie (chunks only).
+    pub at: Option<ChunkLoc>,
     pub state: Mutex<EntryState>,
     /// Milliseconds since the Unix epoch of the last read or write (LRU and TTL).
     pub last_access: AtomicU64,
@@ -99,9 +102,21 @@ impl Entry {
         blob: Option<BlobState>,
         last_access: u64,
     ) -> Arc<Self> {
+        Self::build(key, layout, None, bytes, blob, last_access)
+    }
+
+    fn build(
+        key: EntryKey,
+        layout: Option<Arc<PieceLayout>>,
+        at: Option<ChunkLoc>,
+        bytes: u64,
+        blob: Option<BlobState>,
+        last_access: u64,
+    ) -> Arc<Self> {
         Arc::new(Entry {
             key,
             layout,
+            at,
             state: Mutex::new(EntryState {
                 pins: 0,
                 removed: false,
@@ -111,6 +126,18 @@ impl Entry {
             last_access: AtomicU64::new(last_access),
             digest: Mutex::new(None),
         })
+    }
+
+    /// A new, unpinned chunk entry for the bytes at `at`.
+    pub fn chunk(hash: Blake3Hash, at: ChunkLoc, last_access: u64) -> Arc<Self> {
+        Self::build(
+            EntryKey::Chunk(hash),
+            None,
+            Some(at),
+            at.len,
+            None,
+            last_access,
+        )
     }
 
     /// Marks the entry used now.

@@ -2,8 +2,8 @@
 //!
 //! It promises: nothing it returns is unverified (every piece and chunk read is checked against its
 //! BLAKE3 hash, a blob is complete only after its sha256 matched); no torn write is ever visible,
-//! even after `kill -9` (piece bytes are flushed before the journal record that names them; chunks
-//! and metadata are written to a temporary file and renamed); Shoal's bytes stay under a quota
+//! even after `kill -9` (piece and chunk bytes are flushed before the journal record that names
+//! them; metadata is written to a temporary file and renamed); Shoal's bytes stay under a quota
 //! (high/low watermarks, LRU and TTL eviction, pinned entries kept); concurrent misses of one item
 //! run one fetch. It does not fetch anything itself, and it does not trust piece tables it is given
 //! beyond checking them against the blob's sha256 on completion.
@@ -22,6 +22,7 @@ mod import;
 mod index;
 mod journal;
 mod key;
+mod pack;
 mod paths;
 mod pieceset;
 mod quota;

@@ -5,7 +5,8 @@
 //! <root>/LOCK                     flock'ed by the one process that owns the store
 //! <root>/blobs/<h2>/<hex>.meta    header + piece table + journal (see journal.rs)
 //! <root>/blobs/<h2>/<hex>.data    sparse data file, piece i at offset i * piece_size
-//! <root>/chunks/<h2>/<hex>        one chunk's bytes
+//! <root>/chunks/<id>.pack         chunks packed one after another (pack.rs)
+//! <root>/chunks/<id>.idx          the pack's journal
 //! <root>/tmp/                     files being written; emptied on open
 //! ```
 //! `<hex>` is the validated 64-digit key and `<h2>` its first two digits.
@@ -15,7 +16,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::key::{Blake3Hash, BlobDigest};
+use crate::key::BlobDigest;
 
 /// The store's directory tree.
 #[derive(Debug)]
@@ -55,16 +56,6 @@ impl Paths {
     /// A blob's data file.
     pub fn data(&self, d: &BlobDigest) -> PathBuf {
         self.blob_dir(d).join(format!("{}.data", d.hex()))
-    }
-
-    /// The fan-out directory of a chunk.
-    pub fn chunk_dir(&self, h: &Blake3Hash) -> PathBuf {
-        Self::fan(&self.chunks, &h.hex())
-    }
-
-    /// A chunk's file.
-    pub fn chunk(&self, h: &Blake3Hash) -> PathBuf {
-        self.chunk_dir(h).join(h.hex())
     }
 
     /// A fresh temporary file name (unique within this process; tmp/ is emptied on open).

@@ -152,15 +152,17 @@ impl Store {
             st.bytes
         };
         let paths = &self.inner.paths;
-        // The metadata goes first: a data file without it is an orphan that recovery deletes.
-        let files = match &entry.key {
-            EntryKey::Blob(d) => vec![paths.meta(d), paths.data(d)],
-            EntryKey::Chunk(h) => vec![paths.chunk(h)],
-        };
-        for file in files {
-            if let Err(e) = remove_if_exists(&file) {
-                tracing::warn!(path = %file.display(), error = %e, "could not remove evicted file");
+        match (&entry.key, &entry.at) {
+            // The metadata goes first: a data file without it is an orphan that recovery deletes.
+            (EntryKey::Blob(d), _) => {
+                for file in [paths.meta(d), paths.data(d)] {
+                    if let Err(e) = remove_if_exists(&file) {
+                        tracing::warn!(path = %file.display(), error = %e, "could not remove evicted file");
+                    }
+                }
             }
+            (EntryKey::Chunk(h), Some(at)) => self.inner.packs.free(h, at),
+            (EntryKey::Chunk(_), None) => {}
         }
         if let Some(current) = self.inner.index.get(&entry.key) {
             if Arc::ptr_eq(&current, entry) {

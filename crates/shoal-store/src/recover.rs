@@ -1,18 +1,19 @@
 //! Opening after a restart or a crash: rebuild the index from the files, dropping what does not check.
 //!
 //! Blob journals are replayed (a torn tail is cut off), pieces that lie past the end of their data
-//! file are forgotten, and files nobody names are deleted. Piece and chunk bytes are not hashed
+//! file are forgotten, and files nobody names are deleted; chunk packs replay their own journals
+//! (pack.rs). Piece and chunk bytes are not hashed
 //! here: every read verifies them, so opening stays proportional to the metadata.
 
 use std::fs::{self, Metadata};
 use std::path::Path;
 use std::time::UNIX_EPOCH;
 
-use crate::chunk::MAX_CHUNK_SIZE;
 use crate::error::{Error, Result};
 use crate::index::{now_ms, BlobState, Entry, EntryKey};
 use crate::journal::{self, RECORD_LEN};
-use crate::key::{Blake3Hash, BlobDigest, MAX_PIECES};
+use crate::key::{BlobDigest, MAX_PIECES};
+use crate::pack::Found;
 use crate::paths::{remove_if_exists, write_atomic};
 use crate::store::Store;
 use std::sync::Arc;
@@ -47,7 +48,8 @@ fn is_fan(name: &str) -> bool {
 }
 
 impl Store {
-    pub(crate) fn recover(&self) -> Result<()> {
+    /// Rebuilds the index: replays blob journals and takes the chunks the packs named (`found`).
+    pub(crate) fn recover(&self, found: Vec<Found>) -> Result<()> {
         let mut used = 0u64;
         let (mut blobs, mut chunks) = (0u64, 0u64);
         for fan in list(&self.inner.paths.blobs)? {
@@ -83,35 +85,13 @@ impl Store {
                 }
             }
         }
-        for fan in list(&self.inner.paths.chunks)? {
-            let name = fan.file_name().to_string_lossy().into_owned();
-            if !is_fan(&name) || !fan.path().is_dir() {
-                tracing::warn!(path = %fan.path().display(), "store recovery: ignoring unknown entry");
-                continue;
-            }
-            for file in list(&fan.path())? {
-                let path = file.path();
-                let fname = file.file_name().to_string_lossy().into_owned();
-                let Some(hash) = Blake3Hash::parse(&fname)
-                    .ok()
-                    .filter(|h| h.hex().starts_with(&name))
-                else {
-                    discard(&path, "not a chunk file name");
-                    continue;
-                };
-                let Ok(meta) = file.metadata() else { continue };
-                if !meta.is_file() || meta.len() > MAX_CHUNK_SIZE {
-                    discard(&path, "not a chunk file");
-                    continue;
-                }
-                let key = EntryKey::Chunk(hash);
-                self.inner.index.insert(
-                    key,
-                    Entry::new(key, None, meta.len(), None, mtime_ms(&meta)),
-                );
-                used += meta.len();
-                chunks += 1;
-            }
+        for f in found {
+            self.inner.index.insert(
+                EntryKey::Chunk(f.hash),
+                Entry::chunk(f.hash, f.at, f.mtime_ms),
+            );
+            used += f.at.len;
+            chunks += 1;
         }
         self.add_used(used);
         tracing::info!(root = %self.inner.paths.root.display(), blobs, chunks, used, "store opened");

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::index::{lock, Entry, EntryKey};
 use crate::key::Item;
+use crate::pack::Packs;
 use crate::paths::Paths;
 
 const VERSION_LINE: &str = "shoal-store 1";
@@ -102,6 +103,8 @@ pub(crate) struct Inner {
     pub evicting: Mutex<()>,
     /// Fetches in flight from threads (single flight for `get_or_fetch_blocking`).
     pub flights: moka::sync::Cache<Item, Bytes>,
+    /// The chunk packs.
+    pub packs: Packs,
     /// Held for the store's lifetime: the flock that keeps a second process out.
     _lock: File,
 }
@@ -151,8 +154,11 @@ impl Store {
         })?;
         check_version(&paths)?;
         clear_dir(&paths.tmp)?;
+        let (packs, found) = Packs::open(&paths.chunks)
+            .map_err(|e| Error::io("open the chunk packs in", &paths.chunks, e))?;
         let store = Store {
             inner: Arc::new(Inner {
+                packs,
                 paths,
                 index: moka::sync::Cache::builder().build(),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -164,7 +170,7 @@ impl Store {
                 _lock: lock_file,
             }),
         };
-        store.recover()?;
+        store.recover(found)?;
         if store.used_bytes() > store.inner.config.high_watermark {
             store.evict_to(store.inner.config.low_watermark);
         }

@@ -86,29 +86,71 @@ fn corrupt_or_truncated_chunk_is_dropped() {
     let (ha, hb) = (Blake3Hash::of(&a), Blake3Hash::of(&b));
     s.put_chunk(&ha, &a).expect("put");
     s.put_chunk(&hb, &b).expect("put");
-    let path_a = dir
-        .path()
-        .join("chunks")
-        .join(&ha.hex()[..2])
-        .join(ha.hex());
-    let mut bad = a.clone();
-    bad[5000] ^= 1;
-    fs::write(&path_a, &bad).expect("corrupt");
-    let path_b = dir
-        .path()
-        .join("chunks")
-        .join(&hb.hex()[..2])
-        .join(hb.hex());
-    fs::write(&path_b, &b[..9000]).expect("truncate");
+    let (pack, at_a, _) = s.chunk_at(&ha).expect("a is stored");
+    let (pack_b, at_b, len_b) = s.chunk_at(&hb).expect("b is stored");
+    assert_eq!(pack, pack_b, "one pack");
+    assert_eq!(at_b, 12288, "b follows a at the next 4 KiB boundary");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(&pack)
+        .expect("pack");
+    f.write_all_at(&[a[5000] ^ 1], at_a + 5000)
+        .expect("corrupt");
+    f.set_len(at_b + len_b - 1000).expect("truncate");
     assert!(s.get_chunk(&ha).expect_err("corrupt").is_corrupt());
     assert!(s.get_chunk(&hb).expect_err("truncated").is_corrupt());
-    assert!(
-        !s.has_chunk(&ha) && !path_a.exists(),
-        "corrupt chunk file must be removed"
-    );
-    assert!(!s.has_chunk(&hb));
+    assert!(!s.has_chunk(&ha) && !s.has_chunk(&hb));
     assert_eq!(s.stats().corruptions, 2);
     assert_eq!(s.stats().used_bytes, 0);
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.stats().chunks, 0, "the drops were journaled");
+    assert!(
+        !pack.exists(),
+        "a pack with nothing live is deleted on open"
+    );
+}
+
+#[test]
+fn chunks_survive_a_restart_and_the_old_layout_is_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = open(dir.path());
+    let chunks: Vec<Vec<u8>> = (0..5)
+        .map(|i| test_bytes(40 + i, 3000 + i as usize))
+        .collect();
+    for c in &chunks {
+        s.put_chunk(&Blake3Hash::of(c), c).expect("put");
+    }
+    s.remove_chunk(&Blake3Hash::of(&chunks[1])).expect("remove");
+    drop(s);
+    // A chunk file of the one-file-per-chunk layout, and a torn journal record.
+    let old = dir.path().join("chunks").join("ab");
+    fs::create_dir_all(&old).expect("old fan-out dir");
+    fs::write(old.join("ab".repeat(32)), b"old").expect("old chunk file");
+    let idx = fs::read_dir(dir.path().join("chunks"))
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "idx"))
+        .expect("journal");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&idx)
+        .and_then(|mut f| f.write_all(&[1, 0, 0]))
+        .expect("torn record");
+    let s = open(dir.path());
+    assert!(!old.exists(), "old-layout chunk files are dropped");
+    for (i, c) in chunks.iter().enumerate() {
+        let h = Blake3Hash::of(c);
+        match i {
+            1 => assert!(!s.has_chunk(&h), "a removed chunk stays removed"),
+            _ => assert_eq!(&s.get_chunk(&h).expect("kept")[..], &c[..]),
+        }
+    }
+    let c = test_bytes(99, 5000);
+    s.put_chunk(&Blake3Hash::of(&c), &c)
+        .expect("put after reopen");
+    assert_eq!(&s.get_chunk(&Blake3Hash::of(&c)).expect("get")[..], &c[..]);
 }
 
 #[test]
@@ -308,4 +350,19 @@ fn the_sha256_hashed_ahead_is_the_blobs_and_still_catches_a_wrong_digest() {
         s.blob_status(&wrong).is_none(),
         "a blob failing its sha256 is dropped"
     );
+}
+
+#[test]
+fn dropping_a_chunk_leaves_its_neighbours_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = open(dir.path());
+    let (empty, a, b) = (Vec::new(), test_bytes(61, 4096), test_bytes(62, 5000));
+    for c in [&empty, &a, &b] {
+        s.put_chunk(&Blake3Hash::of(c), c).expect("put");
+    }
+    s.remove_chunk(&Blake3Hash::of(&empty)).expect("remove empty");
+    assert_eq!(&s.get_chunk(&Blake3Hash::of(&a)).expect("a")[..], &a[..]);
+    s.remove_chunk(&Blake3Hash::of(&a)).expect("remove a");
+    assert_eq!(&s.get_chunk(&Blake3Hash::of(&b)).expect("b")[..], &b[..]);
+    assert_eq!(s.stats().corruptions, 0);
 }
