@@ -160,11 +160,15 @@ impl Packs {
                 Some(_) => {}
                 None if path.is_dir() => {
                     tracing::info!(path = %path.display(), "store: dropping chunk files of the earlier one-file-per-chunk layout");
-                    fs::remove_dir_all(&path)?;
+                    if let Err(e) = fs::remove_dir_all(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "store recovery: could not remove the old chunk files");
+                    }
                 }
                 None => {
                     tracing::warn!(path = %path.display(), "store recovery: removing a file that is not a chunk pack");
-                    remove_if_exists(&path)?;
+                    if let Err(e) = remove_if_exists(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "store recovery: could not remove the file");
+                    }
                 }
             }
         }

@@ -360,7 +360,8 @@ fn dropping_a_chunk_leaves_its_neighbours_whole() {
     for c in [&empty, &a, &b] {
         s.put_chunk(&Blake3Hash::of(c), c).expect("put");
     }
-    s.remove_chunk(&Blake3Hash::of(&empty)).expect("remove empty");
+    s.remove_chunk(&Blake3Hash::of(&empty))
+        .expect("remove empty");
     assert_eq!(&s.get_chunk(&Blake3Hash::of(&a)).expect("a")[..], &a[..]);
     s.remove_chunk(&Blake3Hash::of(&a)).expect("remove a");
     assert_eq!(&s.get_chunk(&Blake3Hash::of(&b)).expect("b")[..], &b[..]);
