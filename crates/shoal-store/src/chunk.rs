@@ -9,6 +9,7 @@ use crate::blob::PutOutcome;
 use crate::error::{Error, Result};
 use crate::index::{lock, now_ms, Entry, EntryKey, PinGuard};
 use crate::key::Blake3Hash;
+use crate::paths::bytes_gone;
 use crate::store::{Counters, Store};
 
 /// Largest chunk the store accepts (64 MiB; image chunks are at most 16 MiB).
@@ -65,14 +66,7 @@ impl Store {
         let mut buf = vec![0u8; at.len as usize];
         let good = match self.inner.packs.read(&at, &mut buf) {
             Ok(()) => Blake3Hash::of(&buf) == *hash,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
-                ) =>
-            {
-                false
-            }
+            Err(e) if bytes_gone(&e) => false,
             Err(e) => return Err(Error::io("read", &pack, e)),
         };
         if good {

@@ -72,6 +72,15 @@ pub(crate) fn is_no_space(e: &io::Error) -> bool {
         || e.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
 }
 
+/// True for read errors that mean stored bytes are missing or cut short: the item is treated
+/// as corrupt (dropped and fetched again), not as a failing disk.
+pub(crate) fn bytes_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound
+    )
+}
+
 /// Flushes a directory so a rename or unlink in it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::index::{lock, Entry, PinGuard};
 use crate::journal::{self, RecordKind};
 use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::paths::bytes_gone;
 use crate::store::{Counters, Store};
 
 /// Largest range one `read_range` call returns (64 MiB); stream longer ranges piece by piece.
@@ -100,14 +101,7 @@ impl Store {
         };
         let good = match read {
             Ok(hash) => layout.piece_hash(index) == Some(&hash),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
-                ) =>
-            {
-                false
-            }
+            Err(e) if bytes_gone(&e) => false,
             Err(e) => return Err(Error::io("read", &path, e)),
         };
         if !good {
