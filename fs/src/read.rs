@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
 use shoal_origin::Digest;
-use shoal_store::{Blake3Hash, Store};
+use shoal_store::{Blake3Hash, BufferPool, Store};
 
 use crate::fetch::{ChunkSource, FetchError};
 use crate::flight::Flights;
@@ -78,6 +78,9 @@ pub struct Reader {
     pub(crate) boot: Arc<Bootstrap>,
     store: Store,
     mem: moka::sync::Cache<[u8; 32], Bytes>,
+    /// Buffers for chunks read from the disk cache, reused once the memory cache and the
+    /// replies are done with them.
+    bufs: Arc<BufferPool>,
     peer: Option<Arc<dyn ChunkSource>>,
     origin: Arc<dyn ChunkSource>,
     blobs: Vec<Digest>,
@@ -147,6 +150,9 @@ impl Reader {
             boot: parts.boot,
             store: parts.store,
             mem,
+            // Idle buffers up to half the memory cache: enough that a sequential read reuses
+            // the ones the memory cache lets go (docs/benchmarks.md, issue 7).
+            bufs: BufferPool::new((parts.memory_cache_bytes / 2) as usize),
             peer: parts.peer,
             origin: parts.origin,
             blobs,
@@ -250,6 +256,11 @@ impl Reader {
         if todo.is_empty() {
             return;
         }
+        let hashes: Vec<Blake3Hash> = todo
+            .iter()
+            .map(|c| Blake3Hash::from_bytes(c.hash))
+            .collect();
+        self.store.will_need_chunks(&hashes);
         if let Err(e) = self.load(&todo, Instant::now() + self.timeout) {
             tracing::debug!(error = %e, "fetch-ahead failed; the chunks are fetched when read");
         }
@@ -274,12 +285,17 @@ impl Reader {
         if let Some(b) = self.mem.get(&c.hash) {
             return Some(b);
         }
-        match self.store.get_chunk(&Blake3Hash::from_bytes(c.hash)) {
-            Ok(b) if b.len() == c.size as usize => {
+        let mut buf = self.bufs.take(c.size as usize);
+        match self
+            .store
+            .read_chunk_into(&Blake3Hash::from_bytes(c.hash), &mut buf)
+        {
+            Ok(()) if buf.len() == c.size as usize => {
+                let b = self.bufs.lend(buf);
                 self.mem.insert(c.hash, b.clone());
                 Some(b)
             }
-            Ok(_) => None,
+            Ok(()) => None,
             Err(e) => {
                 if e.is_corrupt() {
                     self.metrics.verify_failed("cache");

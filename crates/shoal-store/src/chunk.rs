@@ -52,6 +52,15 @@ impl Store {
     /// Reads a chunk, verified against its hash. Bad bytes are dropped and reported as
     /// [`Error::Corrupt`], never returned.
     pub fn get_chunk(&self, hash: &Blake3Hash) -> Result<Bytes> {
+        let mut buf = Vec::new();
+        self.read_chunk_into(hash, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// [`Store::get_chunk`] into `out` (resized to the chunk's length): a caller that reuses its
+    /// buffers reads without faulting in fresh memory for every chunk. On an error `out` holds
+    /// bytes that must not be used.
+    pub fn read_chunk_into(&self, hash: &Blake3Hash, out: &mut Vec<u8>) -> Result<()> {
         let key = EntryKey::Chunk(*hash);
         let item = || format!("chunk {hash}");
         let Some((entry, _pin)) = self.entry(&key).and_then(|e| e.pin().map(|p| (e, p))) else {
@@ -63,16 +72,16 @@ impl Store {
             return Err(Error::NotPresent { item: item() });
         };
         let pack = self.inner.packs.path(&at);
-        let mut buf = vec![0u8; at.len as usize];
-        let good = match self.inner.packs.read(&at, &mut buf) {
-            Ok(()) => Blake3Hash::of(&buf) == *hash,
+        out.resize(at.len as usize, 0);
+        let good = match self.inner.packs.read(&at, out) {
+            Ok(()) => Blake3Hash::of(out) == *hash,
             Err(e) if bytes_gone(&e) => false,
             Err(e) => return Err(Error::io("read", &pack, e)),
         };
         if good {
             self.hit();
             entry.touch();
-            return Ok(Bytes::from(buf));
+            return Ok(());
         }
         Counters::bump(&self.inner.counters.corruptions);
         tracing::warn!(chunk = %hash, pack = %pack.display(), offset = at.offset, "stored chunk failed verification; dropped");
@@ -81,6 +90,17 @@ impl Store {
             item: item(),
             path: pack,
         })
+    }
+
+    /// Starts reading the held ones of `hashes` from the disk in the background, so that their
+    /// reads that follow find them in the page cache (a read-ahead of chunks that are read in
+    /// order; packs keep such chunks next to each other, so the disk sees one long read).
+    pub fn will_need_chunks(&self, hashes: &[Blake3Hash]) {
+        for h in hashes {
+            if let Some(at) = self.entry(&EntryKey::Chunk(*h)).and_then(|e| e.at) {
+                self.inner.packs.will_need(&at);
+            }
+        }
     }
 
     /// Where a chunk's bytes lie on disk: its pack file, offset and length (for tools and tests).

@@ -14,6 +14,7 @@
 mod async_store;
 mod backend;
 mod blob;
+mod buffers;
 mod chunk;
 pub mod conformance;
 mod error;
@@ -34,6 +35,7 @@ mod store;
 pub use async_store::AsyncStore;
 pub use backend::ContentStore;
 pub use blob::{verify_piece, BlobStatus, PutOutcome};
+pub use buffers::BufferPool;
 pub use chunk::{verify_chunk, MAX_CHUNK_SIZE};
 pub use error::{Error, Result};
 pub use flight::FetchError;

@@ -310,6 +310,18 @@ impl Packs {
         pack.append(&record(ADD, hash, at))
     }
 
+    /// Asks the kernel to start reading `at` into the page cache now (a hint; errors ignored).
+    pub fn will_need(&self, at: &ChunkLoc) {
+        if let (Ok(pack), Some(len)) = (self.pack(at.pack), std::num::NonZeroU64::new(at.len)) {
+            let _ = rustix::fs::fadvise(
+                &pack.data,
+                at.offset,
+                Some(len),
+                rustix::fs::Advice::WillNeed,
+            );
+        }
+    }
+
     /// Reads the bytes at `at` into `buf` (exactly `at.len` long).
     pub fn read(&self, at: &ChunkLoc, buf: &mut [u8]) -> io::Result<()> {
         self.pack(at.pack)?.data.read_exact_at(buf, at.offset)

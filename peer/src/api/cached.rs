@@ -7,12 +7,12 @@
 //! again. Otherwise the task streams the range as pieces arrive.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use shoal_proto::Digest;
-use shoal_store::{AsyncStore, BlobReader, PieceLayout};
+use shoal_store::{AsyncStore, BlobReader, BufferPool, PieceLayout};
 
 use crate::convert::store_digest;
 use crate::download::{RangeStream, Task};
@@ -79,7 +79,8 @@ fn held(
     let reads = plan(&layout, pieces);
     let per_read = reads.first().map_or(READ_BYTES, |r| span(&layout, r).1);
     let depth = (READ_AHEAD / per_read.max(1)).clamp(2, 16) as usize;
-    let (reader, pool) = (Arc::new(reader), Arc::new(Pool::default()));
+    // A response's buffers are reused once hyper has sent them: two reads' worth stay idle.
+    let (reader, pool) = (Arc::new(reader), BufferPool::new(2 * per_read as usize));
     let budget_of = {
         let layout = Arc::clone(&layout);
         move |pieces: &Range<u32>| {
@@ -106,14 +107,7 @@ fn held(
                 })
                 .await;
                 match filled {
-                    Ok(Ok(buf)) => {
-                        let lent = Pooled {
-                            buf,
-                            pool,
-                            _permit: permit,
-                        };
-                        Ok(Bytes::from_owner(lent).slice(from..to))
-                    }
+                    Ok(Ok(buf)) => Ok(pool.lend_with(buf, permit).slice(from..to)),
                     Ok(Err(e)) => Err((pos, e.into())),
                     Err(e) => Err((pos, PeerError::download(blob, format!("read task: {e}")))),
                 }
@@ -209,55 +203,6 @@ fn with_task_fallback(
         }
     });
     Box::pin(stream)
-}
-
-/// Read buffers of one response, reused once hyper has sent (and dropped) them.
-#[derive(Default)]
-struct Pool {
-    free: Mutex<Vec<Vec<u8>>>,
-}
-
-impl Pool {
-    /// Buffers kept for reuse (outside the budget): a response reuses one as soon as hyper has
-    /// sent it, so few wait here.
-    const KEEP: usize = 2;
-
-    /// A buffer of `len` bytes (zeroed only where it grows).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut buf = self
-            .free
-            .lock()
-            .map(|mut f| f.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        buf.resize(len, 0);
-        buf
-    }
-}
-
-/// A filled buffer lent to hyper; back to the pool (and its room back to the budget) when the
-/// last `Bytes` of it is dropped.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: Arc<Pool>,
-    _permit: Option<tokio::sync::SemaphorePermit<'static>>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        if let Ok(mut free) = self.pool.free.lock() {
-            if free.len() < Pool::KEEP {
-                free.push(std::mem::take(&mut self.buf));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
