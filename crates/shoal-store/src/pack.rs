@@ -215,11 +215,7 @@ impl Packs {
         };
         let data_meta = fs::metadata(&data_path)?;
         let data_len = data_meta.len();
-        let mtime_ms = data_meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or_else(crate::index::now_ms, |d| d.as_millis() as u64);
+        let mtime_ms = crate::recover::mtime_ms(&data_meta);
         let mut bytes = Vec::new();
         match File::open(&journal_path) {
             Ok(f) => {

@@ -2,8 +2,8 @@
 //!
 //! Blob journals are replayed (a torn tail is cut off), pieces that lie past the end of their data
 //! file are forgotten, and files nobody names are deleted; chunk packs replay their own journals
-//! (pack.rs). Piece and chunk bytes are not hashed
-//! here: every read verifies them, so opening stays proportional to the metadata.
+//! (pack.rs). Piece and chunk bytes are not hashed here: every read verifies them, so opening
+//! stays proportional to the metadata.
 
 use std::fs::{self, Metadata};
 use std::path::Path;
@@ -22,7 +22,9 @@ use std::sync::Arc;
 const MAX_META_LEN: u64 =
     64 + 32 + 32 * MAX_PIECES as u64 + RECORD_LEN as u64 * 4 * MAX_PIECES as u64;
 
-fn mtime_ms(meta: &Metadata) -> u64 {
+/// A file's modification time in milliseconds since the Unix epoch (now if unknown): the
+/// last-access time of what it holds after a restart.
+pub(crate) fn mtime_ms(meta: &Metadata) -> u64 {
     meta.modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
