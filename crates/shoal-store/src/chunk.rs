@@ -9,6 +9,7 @@ use crate::blob::PutOutcome;
 use crate::error::{Error, Result};
 use crate::index::{lock, now_ms, Entry, EntryKey, PinGuard};
 use crate::key::Blake3Hash;
+use crate::pack::ChunkLoc;
 use crate::paths::bytes_gone;
 use crate::store::{Counters, Store};
 
@@ -63,11 +64,11 @@ impl Store {
     pub fn read_chunk_into(&self, hash: &Blake3Hash, out: &mut Vec<u8>) -> Result<()> {
         let key = EntryKey::Chunk(*hash);
         let item = || format!("chunk {hash}");
-        let Some((entry, _pin)) = self.entry(&key).and_then(|e| e.pin().map(|p| (e, p))) else {
-            self.miss();
-            return Err(Error::NotPresent { item: item() });
-        };
-        let Some(at) = entry.at else {
+        let pinned = self.entry(&key).and_then(|e| {
+            let at = e.at?;
+            e.pin().map(|p| (e, p, at))
+        });
+        let Some((entry, _pin, at)) = pinned else {
             self.miss();
             return Err(Error::NotPresent { item: item() });
         };
@@ -96,17 +97,19 @@ impl Store {
     /// reads that follow find them in the page cache (a read-ahead of chunks that are read in
     /// order; packs keep such chunks next to each other, so the disk sees one long read).
     pub fn will_need_chunks(&self, hashes: &[Blake3Hash]) {
-        for h in hashes {
-            if let Some(at) = self.entry(&EntryKey::Chunk(*h)).and_then(|e| e.at) {
-                self.inner.packs.will_need(&at);
-            }
+        for at in hashes.iter().filter_map(|h| self.chunk_loc(h)) {
+            self.inner.packs.will_need(&at);
         }
     }
 
     /// Where a chunk's bytes lie on disk: its pack file, offset and length (for tools and tests).
     pub fn chunk_at(&self, hash: &Blake3Hash) -> Option<(PathBuf, u64, u64)> {
-        let at = self.entry(&EntryKey::Chunk(*hash))?.at?;
+        let at = self.chunk_loc(hash)?;
         Some((self.inner.packs.path(&at), at.offset, at.len))
+    }
+
+    fn chunk_loc(&self, hash: &Blake3Hash) -> Option<ChunkLoc> {
+        self.entry(&EntryKey::Chunk(*hash))?.at
     }
 
     /// True when the chunk is indexed (its bytes are verified when read).

@@ -57,10 +57,14 @@ struct Pack {
     journal: Mutex<File>,
 }
 
+/// An open pack and the bytes of live chunks in it.
+struct Open {
+    pack: Arc<Pack>,
+    live: u64,
+}
+
 struct State {
-    packs: HashMap<u32, Arc<Pack>>,
-    /// Live bytes per pack.
-    live: HashMap<u32, u64>,
+    packs: HashMap<u32, Open>,
     /// The pack new chunks go to, and where the next one starts in it.
     active: u32,
     next: u64,
@@ -99,18 +103,11 @@ fn parse(r: &[u8], pack: u32) -> Option<(u8, Blake3Hash, ChunkLoc)> {
 
 impl Pack {
     fn open(data: &Path, journal: &Path) -> io::Result<Pack> {
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .append(p == journal)
-                .write(p != journal)
-                .create(true)
-                .truncate(false)
-                .open(p)
-        };
+        let mut opts = OpenOptions::new();
+        opts.read(true).create(true).truncate(false);
         Ok(Pack {
-            data: open(data)?,
-            journal: Mutex::new(open(journal)?),
+            data: opts.clone().write(true).open(data)?,
+            journal: Mutex::new(opts.append(true).open(journal)?),
         })
     }
 
@@ -141,7 +138,6 @@ impl Packs {
             dir: dir.to_path_buf(),
             state: Mutex::new(State {
                 packs: HashMap::new(),
-                live: HashMap::new(),
                 active: 0,
                 next: 0,
             }),
@@ -193,7 +189,7 @@ impl Packs {
         // New chunks go after the newest live pack's last byte, or into a new pack.
         let newest = st.packs.keys().max().copied();
         let reuse = newest.and_then(|id| {
-            let len = st.packs.get(&id)?.data.metadata().ok()?.len();
+            let len = st.packs.get(&id)?.pack.data.metadata().ok()?.len();
             (len < PACK_MAX).then_some((id, align_up(len)))
         });
         (st.active, st.next) = match (reuse, newest) {
@@ -257,8 +253,14 @@ impl Packs {
         }
         let pack = Pack::open(&data_path, &journal_path)?;
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        st.packs.insert(id, Arc::new(pack));
-        st.live.insert(id, live.iter().map(|(_, at)| at.len).sum());
+        let bytes = live.iter().map(|(_, at)| at.len).sum();
+        st.packs.insert(
+            id,
+            Open {
+                pack: Arc::new(pack),
+                live: bytes,
+            },
+        );
         Ok(live
             .into_iter()
             .map(|(hash, at)| Found { hash, at, mtime_ms })
@@ -274,11 +276,14 @@ impl Packs {
             st.next = 0;
         }
         let id = st.active;
-        if let std::collections::hash_map::Entry::Vacant(slot) = st.packs.entry(id) {
-            let pack = Pack::open(&self.data_path(id), &self.journal_path(id))?;
-            slot.insert(Arc::new(pack));
-            st.live.insert(id, 0);
-        }
+        let open = match st.packs.entry(id) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Open {
+                pack: Arc::new(Pack::open(&self.data_path(id), &self.journal_path(id))?),
+                live: 0,
+            }),
+        };
+        open.live += len;
         let at = ChunkLoc {
             pack: id,
             offset: st.next,
@@ -286,7 +291,6 @@ impl Packs {
         };
         // An empty chunk still takes a slot of its own: punching it out must not touch the next.
         st.next = align_up(st.next + len.max(1));
-        *st.live.entry(id).or_default() += len;
         Ok(at)
     }
 
@@ -294,7 +298,7 @@ impl Packs {
         lock(&self.state)
             .packs
             .get(&id)
-            .cloned()
+            .map(|o| Arc::clone(&o.pack))
             .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
 
@@ -341,11 +345,13 @@ impl Packs {
             tracing::warn!(pack = at.pack, error = %e, "could not journal a dropped chunk; its bytes fail verification if read");
         }
         let mut st = lock(&self.state);
-        let live = st.live.entry(at.pack).or_default();
-        *live = live.saturating_sub(at.len);
-        if *live == 0 && at.pack != st.active {
+        let active = st.active;
+        let Some(open) = st.packs.get_mut(&at.pack) else {
+            return;
+        };
+        open.live = open.live.saturating_sub(at.len);
+        if open.live == 0 && at.pack != active {
             st.packs.remove(&at.pack);
-            st.live.remove(&at.pack);
             drop(st);
             for path in [self.journal_path(at.pack), self.data_path(at.pack)] {
                 if let Err(e) = remove_if_exists(&path) {

@@ -102,21 +102,12 @@ pub(crate) async fn forward(
     }
 }
 
-/// Adds `metric;dur=MS` (W3C Server Timing), the time since `since`, to the answer's
-/// `Server-Timing` list.
+/// Adds `Server-Timing: metric;dur=MS` (W3C Server Timing), the time since `since`, as a field
+/// of its own: fields already there, the upstream's included, stay as they were.
 pub(crate) fn add_server_timing(out: &mut Response<Body>, metric: &str, since: Instant) {
     let ms = since.elapsed().as_secs_f64() * 1000.0;
-    let entry = format!("{metric};dur={ms:.3}");
-    let list = match out
-        .headers()
-        .get(SERVER_TIMING)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(earlier) => format!("{earlier}, {entry}"),
-        None => entry,
-    };
-    if let Ok(v) = http::HeaderValue::from_str(&list) {
-        out.headers_mut().insert(SERVER_TIMING, v);
+    if let Ok(v) = http::HeaderValue::from_str(&format!("{metric};dur={ms:.3}")) {
+        out.headers_mut().append(SERVER_TIMING, v);
     }
 }
 
