@@ -6,12 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Blake3Hash, Digest, ProtoError, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
 
-/// Piece size used when nothing else decides: 1 MiB, doubled for blobs too large for
-/// [`MAX_PIECES`] pieces. Small pieces pipeline better: a piece is passed on only once it is
-/// whole, so each hop of the swarm delays a piece by one piece time (docs/benchmarks.md,
-/// "Swarm fan-out").
+/// Piece size used when nothing else decides: 256 KiB (as in converted images), doubled for
+/// blobs too large for [`MAX_PIECES`] pieces (above 16 GiB). Small pieces pipeline better: a
+/// piece is passed on only once it is whole, and a parent's uplink and a child's downlink each
+/// carry many pieces at once, so each hop delays a piece by several piece times
+/// (docs/benchmarks.md, "Swarm fan-out", round 7).
 pub fn default_piece_size(blob_size: u64) -> u32 {
-    let mut size: u32 = 1 << 20;
+    let mut size: u32 = 256 << 10;
     while size < MAX_PIECE_SIZE && blob_size.div_ceil(u64::from(size)) > u64::from(MAX_PIECES) {
         size *= 2;
     }
@@ -328,9 +329,9 @@ mod tests {
 
     #[test]
     fn default_piece_size_keeps_the_piece_limit() {
-        assert_eq!(default_piece_size(1), 1 << 20);
-        assert_eq!(default_piece_size(64 << 30), 1 << 20);
-        assert_eq!(default_piece_size((64 << 30) + 1), 2 << 20);
+        assert_eq!(default_piece_size(1), 256 << 10);
+        assert_eq!(default_piece_size(16 << 30), 256 << 10);
+        assert_eq!(default_piece_size((16 << 30) + 1), 512 << 10);
         let big = 1u64 << 40;
         let ps = default_piece_size(big);
         meta(big, ps).validate().unwrap();
