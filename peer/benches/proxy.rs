@@ -8,15 +8,18 @@
 //!    own queueing that dominates both p99s with 64 clients; that share split into the
 //!    proxy's handler and the hop around it. The clients are lean (a thread and a keep-alive
 //!    connection each, plain HTTP/1.1), so their own scheduling stays out of the figures as
-//!    far as two cores allow.
+//!    far as two cores allow; and each client asks the kernel when an answer reached its
+//!    socket (`SO_TIMESTAMPING`, software receive stamps), so the time until then is also
+//!    given without the client's own wake-up, which direct requests pay the same.
 //!
 //! Run: `cargo bench -p shoal-peer --bench proxy` (SHOAL_BENCH_BLOB_MIB sets the blob size,
 //! default 1024; SHOAL_BENCH_ROUNDS the downloads of it from each, default 3;
 //! SHOAL_BENCH_REQUESTS the manifest requests per client count, default 4000).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use shoal_peer::{Peer, PeerConfig};
@@ -55,17 +58,85 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// One answer: latency (µs) and the `Server-Timing` durations (µs) the proxy reported.
+/// One answer: latency (µs), the time (µs) until its last bytes reached the client's socket,
+/// and the `Server-Timing` durations (µs) the proxy reported.
 struct Timed {
     us: u64,
+    at_socket_us: u64,
     upstream: Option<u64>,
     handler: Option<u64>,
+}
+
+/// `SO_TIMESTAMPING` (and `SCM_TIMESTAMPING`) of asm-generic and x86: libc leaves it out for
+/// these targets.
+const SO_TIMESTAMPING: libc::c_int = 37;
+
+/// Asks the kernel to stamp every received packet of `stream` (software stamps, wall clock).
+fn stamp_receives(stream: &TcpStream) {
+    let flags = libc::SOF_TIMESTAMPING_RX_SOFTWARE | libc::SOF_TIMESTAMPING_SOFTWARE;
+    // SAFETY: a valid socket and a c_uint option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_TIMESTAMPING,
+            (&flags as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "SO_TIMESTAMPING: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Reads what is there into `buf`; returns the byte count and when the last of those bytes
+/// reached the socket (ns since the epoch), if the kernel said.
+fn recv_stamped(stream: &TcpStream, buf: &mut [u8]) -> (usize, Option<u128>) {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 32];
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` describes live buffers of the lengths given.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, 0) };
+    assert!(n >= 0, "recvmsg: {}", std::io::Error::last_os_error());
+    let mut stamp = None;
+    // SAFETY: the kernel filled `control` with well-formed cmsgs up to msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == SO_TIMESTAMPING {
+                let ts: [libc::timespec; 3] = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(ts[0].tv_sec as u128 * 1_000_000_000 + ts[0].tv_nsec as u128);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    (n as usize, stamp)
+}
+
+/// Wall-clock time in ns since the epoch: the clock of the kernel's receive stamps.
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 impl Conn {
     fn open(addr: &str, path: &str) -> Conn {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).expect("nodelay");
+        stamp_receives(&stream);
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n"
         );
@@ -77,12 +148,14 @@ impl Conn {
     }
 
     fn get(&mut self) -> Timed {
-        let t = Instant::now();
+        let (t, sent) = (Instant::now(), now_ns());
         self.stream.write_all(&self.request).expect("send request");
         self.buf.clear();
         let mut chunk = [0u8; 16 << 10];
+        let mut arrived = None;
         let (head, body, upstream, handler) = loop {
-            let n = self.stream.read(&mut chunk).expect("read answer");
+            let (n, at) = recv_stamped(&self.stream, &mut chunk);
+            arrived = at.or(arrived);
             assert!(n > 0, "connection closed mid-answer");
             self.buf.extend_from_slice(&chunk[..n]);
             let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -104,12 +177,16 @@ impl Conn {
             }
         };
         while self.buf.len() < head + body {
-            let n = self.stream.read(&mut chunk).expect("read body");
+            let (n, at) = recv_stamped(&self.stream, &mut chunk);
+            arrived = at.or(arrived);
             assert!(n > 0, "connection closed mid-body");
             self.buf.extend_from_slice(&chunk[..n]);
         }
+        let us = t.elapsed().as_micros() as u64;
+        let at_socket_us = arrived.map_or(us, |a| (a.saturating_sub(sent) / 1000) as u64);
         Timed {
-            us: t.elapsed().as_micros() as u64,
+            us,
+            at_socket_us,
             upstream,
             handler,
         }
@@ -127,16 +204,17 @@ fn timing_us(list: &str, name: &str) -> Option<u64> {
 /// Latencies (µs), each list sorted, of `total` GETs of `path` at `direct` and as many at
 /// `via`, spread over `clients` concurrent clients: direct, proxied, per proxied GET its
 /// latency minus the upstream's share, the proxy's handler minus the upstream's share, and
-/// the latency minus the handler (the hop: sockets, the proxy's HTTP layer, waits for a core).
+/// the latency minus the handler (the hop: sockets, the proxy's HTTP layer, waits for a core),
+/// and the time until the answer reached the client's socket minus the upstream's share.
 /// Each client alternates the two (which goes first alternates too), so both see the same load.
-fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) -> [Vec<u64>; 5] {
+fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) -> [Vec<u64>; 6] {
     let per = total / clients;
     let jobs: Vec<_> = (0..clients)
         .map(|c| {
             let (direct, via, path) = (direct.to_string(), via.to_string(), path.to_string());
             std::thread::spawn(move || {
                 let mut conns = [Conn::open(&direct, &path), Conn::open(&via, &path)];
-                let mut out: [Vec<u64>; 5] = Default::default();
+                let mut out: [Vec<u64>; 6] = Default::default();
                 for i in 0..per {
                     for k in [(i + c) % 2, (i + c + 1) % 2] {
                         let r = conns[k].get();
@@ -147,6 +225,7 @@ fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) 
                             out[2].push(r.us.saturating_sub(up));
                             out[3].push(handler.saturating_sub(up));
                             out[4].push(r.us.saturating_sub(handler));
+                            out[5].push(r.at_socket_us.saturating_sub(up));
                         }
                     }
                 }
@@ -154,7 +233,7 @@ fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) 
             })
         })
         .collect();
-    let mut all: [Vec<u64>; 5] = Default::default();
+    let mut all: [Vec<u64>; 6] = Default::default();
     for j in jobs {
         for (a, v) in all.iter_mut().zip(j.join().expect("client thread")) {
             a.extend(v);
@@ -262,7 +341,7 @@ async fn main() {
     let _ = img;
     for clients in [1usize, 64] {
         let (d, v, p) = (direct_addr.clone(), via_addr.clone(), path.clone());
-        let [d, p, own, handler, hop] = tokio::task::spawn_blocking(move || {
+        let [d, p, own, handler, hop, at_socket] = tokio::task::spawn_blocking(move || {
             let _ = latencies(&d, &v, &p, clients, clients * 4); // warm connections
             latencies(&d, &v, &p, clients, requests)
         })
@@ -286,6 +365,11 @@ async fn main() {
             ms(pct(&handler, 0.99)),
             ms(pct(&hop, 0.5)),
             ms(pct(&hop, 0.99)),
+        );
+        println!(
+            "    until the answer reached the client's socket (without the client's own wake-up), minus upstream: p50 {:.3} ms p99 {:.3} ms",
+            ms(pct(&at_socket, 0.5)),
+            ms(pct(&at_socket, 0.99)),
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
