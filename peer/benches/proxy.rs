@@ -348,28 +348,29 @@ async fn main() {
         .await
         .expect("latency run");
         let ms = |us: u64| us as f64 / 1000.0;
+        let p50_p99 = |v: &[u64]| {
+            format!(
+                "p50 {:.3} ms p99 {:.3} ms",
+                ms(pct(v, 0.5)),
+                ms(pct(v, 0.99))
+            )
+        };
         println!(
-            "manifest, {clients:>2} clients: direct p50 {:.3} ms p99 {:.3} ms | proxy p50 {:.3} ms p99 {:.3} ms | added p50 {:.3} ms p99 {:.3} ms | per request, proxy minus upstream: p50 {:.3} ms p99 {:.3} ms",
-            ms(pct(&d, 0.5)),
-            ms(pct(&d, 0.99)),
-            ms(pct(&p, 0.5)),
-            ms(pct(&p, 0.99)),
+            "manifest, {clients:>2} clients: direct {} | proxy {} | added p50 {:.3} ms p99 {:.3} ms | per request, proxy minus upstream: {}",
+            p50_p99(&d),
+            p50_p99(&p),
             ms(pct(&p, 0.5).saturating_sub(pct(&d, 0.5))),
             ms(pct(&p, 0.99).saturating_sub(pct(&d, 0.99))),
-            ms(pct(&own, 0.5)),
-            ms(pct(&own, 0.99)),
+            p50_p99(&own),
         );
         println!(
-            "    of which: in the proxy's handler p50 {:.3} ms p99 {:.3} ms | the hop p50 {:.3} ms p99 {:.3} ms",
-            ms(pct(&handler, 0.5)),
-            ms(pct(&handler, 0.99)),
-            ms(pct(&hop, 0.5)),
-            ms(pct(&hop, 0.99)),
+            "    of which: in the proxy's handler {} | the hop {}",
+            p50_p99(&handler),
+            p50_p99(&hop),
         );
         println!(
-            "    until the answer reached the client's socket (without the client's own wake-up), minus upstream: p50 {:.3} ms p99 {:.3} ms",
-            ms(pct(&at_socket, 0.5)),
-            ms(pct(&at_socket, 0.99)),
+            "    until the answer reached the client's socket (without the client's own wake-up), minus upstream: {}",
+            p50_p99(&at_socket),
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
