@@ -2,15 +2,18 @@
 //! 1. a cached blob served through the proxy beside docker-registry serving it from its disk,
 //!    same run, same client: throughput of each and their ratio;
 //! 2. the latency a pass-through manifest request adds, p50/p99, with 1 and 64 concurrent
-//!    clients: proxy minus direct at the same percentile (direct and proxied requests
-//!    interleaved so both see the same load), and per proxied request its time minus the
+//!    clients: proxy minus direct at the same percentile, beside a plain TCP relay minus
+//!    direct as the least any proxy adds (direct, proxied and relayed requests taken in turn
+//!    so all see the same load), and per proxied request its time minus the
 //!    upstream's share the proxy reports (`Server-Timing`), which leaves out the registry's
 //!    own queueing that dominates both p99s with 64 clients; that share split into the
 //!    proxy's handler and the hop around it. The clients are lean (a thread and a keep-alive
 //!    connection each, plain HTTP/1.1), so their own scheduling stays out of the figures as
 //!    far as two cores allow; and each client asks the kernel when an answer reached its
 //!    socket (`SO_TIMESTAMPING`, software receive stamps), so the time until then is also
-//!    given without the client's own wake-up, which direct requests pay the same.
+//!    given without the client's own wake-up, which direct requests pay the same. Before
+//!    the latency runs, a probe of how much the machine takes from busy cores (on a VM, the
+//!    host).
 //!
 //! Run: `cargo bench -p shoal-peer --bench proxy` (SHOAL_BENCH_BLOB_MIB sets the blob size,
 //! default 1024; SHOAL_BENCH_ROUNDS the downloads of it from each, default 3;
@@ -201,24 +204,25 @@ fn timing_us(list: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// Latencies (µs), each list sorted, of `total` GETs of `path` at `direct` and as many at
-/// `via`, spread over `clients` concurrent clients: direct, proxied, per proxied GET its
-/// latency minus the upstream's share, the proxy's handler minus the upstream's share, and
-/// the latency minus the handler (the hop: sockets, the proxy's HTTP layer, waits for a core),
-/// and the time until the answer reached the client's socket minus the upstream's share.
-/// Each client alternates the two (which goes first alternates too), so both see the same load.
-fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) -> [Vec<u64>; 6] {
+/// Latencies (µs), each list sorted, of `total` GETs of `path` at each of `direct`, `via`
+/// (the proxy) and `relay`, spread over `clients` concurrent clients: direct, proxied, per
+/// proxied GET its latency minus the upstream's share, the proxy's handler minus the
+/// upstream's share, and the latency minus the handler (the hop: sockets, the proxy's HTTP
+/// layer, waits for a core), the time until the answer reached the client's socket minus the
+/// upstream's share, and relayed. Each client takes the three in turn (which goes first
+/// rotates too), so all see the same load.
+fn latencies(targets: [&str; 3], path: &str, clients: usize, total: usize) -> [Vec<u64>; 7] {
     let per = total / clients;
     let jobs: Vec<_> = (0..clients)
         .map(|c| {
-            let (direct, via, path) = (direct.to_string(), via.to_string(), path.to_string());
+            let (targets, path) = (targets.map(str::to_string), path.to_string());
             std::thread::spawn(move || {
-                let mut conns = [Conn::open(&direct, &path), Conn::open(&via, &path)];
-                let mut out: [Vec<u64>; 6] = Default::default();
+                let mut conns = targets.map(|t| Conn::open(&t, &path));
+                let mut out: [Vec<u64>; 7] = Default::default();
                 for i in 0..per {
-                    for k in [(i + c) % 2, (i + c + 1) % 2] {
+                    for k in (0..3).map(|j| (i + c + j) % 3) {
                         let r = conns[k].get();
-                        out[k].push(r.us);
+                        out[if k == 2 { 6 } else { k }].push(r.us);
                         if k == 1 {
                             let up = r.upstream.expect("the proxy reports Server-Timing");
                             let handler = r.handler.expect("the proxy reports its handler time");
@@ -233,7 +237,7 @@ fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) 
             })
         })
         .collect();
-    let mut all: [Vec<u64>; 6] = Default::default();
+    let mut all: [Vec<u64>; 7] = Default::default();
     for j in jobs {
         for (a, v) in all.iter_mut().zip(j.join().expect("client thread")) {
             a.extend(v);
@@ -248,6 +252,75 @@ fn latencies(direct: &str, via: &str, path: &str, clients: usize, total: usize) 
 fn pct(sorted: &[u64], p: f64) -> u64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).copied().unwrap_or(0)
+}
+
+/// A plain TCP relay to `upstream` on a runtime of its own, as the peer has: what any proxy
+/// adds at the least (one more hop, two more sockets and their wake-ups), measured beside the
+/// proxy in the same run as its baseline.
+fn start_relay(rt: &tokio::runtime::Runtime, upstream: String) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay listener");
+    let addr = listener.local_addr().expect("relay address").to_string();
+    listener.set_nonblocking(true).expect("relay listener");
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("relay listener");
+        while let Ok((mut down, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+/// What the machine itself takes from busy cores, measured before the latency runs while
+/// nothing of ours is running: `cores` threads, one pinned to each of the first `cores` cores,
+/// read the clock in a loop for `secs`. A gap between two readings is time the thread did not
+/// run; on an otherwise idle guest that is the host running something else on the vCPU.
+/// Returns the gaps over 1 ms, the longest gap, and the share of the time lost in gaps over
+/// 0.2 ms.
+fn host_stalls(cores: usize, secs: f64) -> (usize, Duration, f64) {
+    let spin = move |cpu: usize| {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let (mut over_1ms, mut longest, mut lost) = (0, Duration::ZERO, Duration::ZERO);
+        let mut last = Instant::now();
+        while last < end {
+            let now = Instant::now();
+            let gap = now - last;
+            if gap > Duration::from_micros(200) {
+                lost += gap;
+                over_1ms += usize::from(gap > Duration::from_millis(1));
+                longest = longest.max(gap);
+            }
+            last = now;
+        }
+        (over_1ms, longest, lost)
+    };
+    let threads: Vec<_> = (0..cores)
+        .map(|cpu| std::thread::spawn(move || spin(cpu)))
+        .collect();
+    let (mut over_1ms, mut longest, mut lost) = (0, Duration::ZERO, Duration::ZERO);
+    for t in threads {
+        let (o, l, s) = t.join().expect("probe thread");
+        over_1ms += o;
+        longest = longest.max(l);
+        lost += s;
+    }
+    (
+        over_1ms,
+        longest,
+        lost.as_secs_f64() / (secs * cores as f64),
+    )
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -336,17 +409,37 @@ async fn main() {
     );
     println!("throughput ratio proxy/registry: {:.2}", best.1 / best.0);
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ((one, one_max, _), (all, all_max, all_lost)) =
+        tokio::task::spawn_blocking(move || (host_stalls(1, 2.0), host_stalls(cores, 2.0)))
+            .await
+            .expect("host probe");
+    println!(
+        "host: 1 core busy: {one} stalls over 1 ms in 2 s, longest {:.2} ms | all {cores} cores busy: {all} stalls over 1 ms, longest {:.2} ms, {:.1} % of the time lost",
+        one_max.as_secs_f64() * 1000.0,
+        all_max.as_secs_f64() * 1000.0,
+        all_lost * 100.0
+    );
+
     let path = format!("/v2/{REPO}/manifests/v1");
-    let (direct_addr, via_addr) = (registry.host(), proxy.to_string());
+    let relay_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("relay")
+        .enable_all()
+        .build()
+        .expect("relay runtime");
+    let relay = start_relay(&relay_rt, registry.host());
+    let targets = [registry.host(), proxy.to_string(), relay];
     let _ = img;
     for clients in [1usize, 64] {
-        let (d, v, p) = (direct_addr.clone(), via_addr.clone(), path.clone());
-        let [d, p, own, handler, hop, at_socket] = tokio::task::spawn_blocking(move || {
-            let _ = latencies(&d, &v, &p, clients, clients * 4); // warm connections
-            latencies(&d, &v, &p, clients, requests)
-        })
-        .await
-        .expect("latency run");
+        let (t, p) = (targets.clone(), path.clone());
+        let [d, p, own, handler, hop, at_socket, relayed] =
+            tokio::task::spawn_blocking(move || {
+                let t = [t[0].as_str(), &t[1], &t[2]];
+                let _ = latencies(t, &p, clients, clients * 4); // warm connections
+                latencies(t, &p, clients, requests)
+            })
+            .await
+            .expect("latency run");
         let ms = |us: u64| us as f64 / 1000.0;
         let p50_p99 = |v: &[u64]| {
             format!(
@@ -355,13 +448,22 @@ async fn main() {
                 ms(pct(v, 0.99))
             )
         };
+        // Signed: below zero, the percentile through the proxy (or relay) was the faster one.
+        let added = |v: &[u64]| {
+            let diff = |q| (pct(v, q) as f64 - pct(&d, q) as f64) / 1000.0;
+            format!("added p50 {:+.3} ms p99 {:+.3} ms", diff(0.5), diff(0.99))
+        };
         println!(
-            "manifest, {clients:>2} clients: direct {} | proxy {} | added p50 {:.3} ms p99 {:.3} ms | per request, proxy minus upstream: {}",
+            "manifest, {clients:>2} clients: direct {} | proxy {} | {} | per request, proxy minus upstream: {}",
             p50_p99(&d),
             p50_p99(&p),
-            ms(pct(&p, 0.5).saturating_sub(pct(&d, 0.5))),
-            ms(pct(&p, 0.99).saturating_sub(pct(&d, 0.99))),
+            added(&p),
             p50_p99(&own),
+        );
+        println!(
+            "    through a plain TCP relay instead (the least any proxy adds): {} | {}",
+            p50_p99(&relayed),
+            added(&relayed),
         );
         println!(
             "    of which: in the proxy's handler {} | the hop {}",
@@ -379,4 +481,5 @@ async fn main() {
         .await
         .expect("peer shutdown");
     peer_rt.shutdown_background();
+    relay_rt.shutdown_background();
 }

@@ -74,8 +74,8 @@ impl Store {
         };
         let pack = self.inner.packs.path(&at);
         out.resize(at.len as usize, 0);
-        let good = match self.inner.packs.read(&at, out) {
-            Ok(()) => Blake3Hash::of(out) == *hash,
+        let good = match self.inner.packs.read_hashed(&at, out) {
+            Ok(read) => read == *hash,
             Err(e) if bytes_gone(&e) => false,
             Err(e) => return Err(Error::io("read", &pack, e)),
         };

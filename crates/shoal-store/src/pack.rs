@@ -322,9 +322,9 @@ impl Packs {
         }
     }
 
-    /// Reads the bytes at `at` into `buf` (exactly `at.len` long).
-    pub fn read(&self, at: &ChunkLoc, buf: &mut [u8]) -> io::Result<()> {
-        self.pack(at.pack)?.data.read_exact_at(buf, at.offset)
+    /// Reads the bytes at `at` into `buf` (exactly `at.len` long) and returns their hash.
+    pub fn read_hashed(&self, at: &ChunkLoc, buf: &mut [u8]) -> io::Result<Blake3Hash> {
+        crate::read::read_hashed(&self.pack(at.pack)?.data, at.offset, buf)
     }
 
     /// Gives `at` back: punches it out of its pack and journals the drop; deletes a pack that

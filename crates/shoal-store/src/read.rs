@@ -22,6 +22,19 @@ pub const MAX_RANGE: u64 = 64 << 20;
 /// A piece is read and hashed this much at a time, so the hash reads bytes still in the cache.
 const VERIFY_SLICE: usize = 256 << 10;
 
+/// Fills `out` from `file` at `offset` and returns the BLAKE3 hash of what was read, hashing
+/// each slice right after reading it, while it is still in the CPU cache.
+pub(crate) fn read_hashed(file: &File, offset: u64, out: &mut [u8]) -> std::io::Result<Blake3Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut done = 0;
+    for slice in out.chunks_mut(VERIFY_SLICE) {
+        file.read_exact_at(slice, offset + done as u64)?;
+        hasher.update(slice);
+        done += slice.len();
+    }
+    Ok(Blake3Hash::from_bytes(*hasher.finalize().as_bytes()))
+}
+
 impl Store {
     /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
     /// as [`Error::Corrupt`], never returned.
@@ -83,20 +96,7 @@ impl Store {
         let path = self.inner.paths.data(digest);
         let base = layout.piece_offset(index);
         let read = match file {
-            Some(f) => {
-                let mut hasher = blake3::Hasher::new();
-                let mut done = 0;
-                let mut result = Ok(());
-                for slice in out.chunks_mut(VERIFY_SLICE) {
-                    result = f.read_exact_at(slice, base + done as u64);
-                    if result.is_err() {
-                        break;
-                    }
-                    hasher.update(slice);
-                    done += slice.len();
-                }
-                result.map(|()| Blake3Hash::from_bytes(*hasher.finalize().as_bytes()))
-            }
+            Some(f) => read_hashed(f, base, out),
             None => Err(std::io::ErrorKind::NotFound.into()),
         };
         let good = match read {
