@@ -19,7 +19,8 @@ use crate::store::{Counters, Store};
 /// Largest range one `read_range` call returns (64 MiB); stream longer ranges piece by piece.
 pub const MAX_RANGE: u64 = 64 << 20;
 
-/// A piece is read and hashed this much at a time, so the hash reads bytes still in the cache.
+/// A piece or chunk is read and hashed this much at a time, so the hash reads bytes still in
+/// the CPU cache.
 const VERIFY_SLICE: usize = 256 << 10;
 
 /// Fills `out` from `file` at `offset` and returns the BLAKE3 hash of what was read, hashing
