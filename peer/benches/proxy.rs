@@ -2,7 +2,7 @@
 //! 1. a cached blob served through the proxy beside docker-registry serving it from its disk,
 //!    same run, same client: throughput of each and their ratio;
 //! 2. the latency a pass-through manifest request adds, p50/p99, with 1 and 64 concurrent
-//!    clients: proxy minus direct at the same percentile, beside a plain TCP relay minus
+//!    clients: proxy minus direct at the same percentile, beside a minimal HTTP relay minus
 //!    direct as the least any proxy adds (direct, proxied and relayed requests taken in turn
 //!    so all see the same load), and per proxied request its time minus the
 //!    upstream's share the proxy reports (`Server-Timing`), which leaves out the registry's
@@ -209,20 +209,26 @@ fn timing_us(list: &str, name: &str) -> Option<u64> {
 /// proxied GET its latency minus the upstream's share, the proxy's handler minus the
 /// upstream's share, and the latency minus the handler (the hop: sockets, the proxy's HTTP
 /// layer, waits for a core), the time until the answer reached the client's socket minus the
-/// upstream's share, and relayed. Each client takes the three in turn (which goes first
-/// rotates too), so all see the same load.
-fn latencies(targets: [&str; 3], path: &str, clients: usize, total: usize) -> [Vec<u64>; 7] {
+/// upstream's share; then relayed, and per relayed GET its latency and the time until its
+/// socket, each minus the relay's upstream share. Each client takes the three in turn (which
+/// goes first rotates too), so all see the same load.
+fn latencies(targets: [&str; 3], path: &str, clients: usize, total: usize) -> [Vec<u64>; 9] {
     let per = total / clients;
     let jobs: Vec<_> = (0..clients)
         .map(|c| {
             let (targets, path) = (targets.map(str::to_string), path.to_string());
             std::thread::spawn(move || {
                 let mut conns = targets.map(|t| Conn::open(&t, &path));
-                let mut out: [Vec<u64>; 7] = Default::default();
+                let mut out: [Vec<u64>; 9] = Default::default();
                 for i in 0..per {
                     for k in (0..3).map(|j| (i + c + j) % 3) {
                         let r = conns[k].get();
                         out[if k == 2 { 6 } else { k }].push(r.us);
+                        if k == 2 {
+                            let up = r.upstream.expect("the relay reports Server-Timing");
+                            out[7].push(r.us.saturating_sub(up));
+                            out[8].push(r.at_socket_us.saturating_sub(up));
+                        }
                         if k == 1 {
                             let up = r.upstream.expect("the proxy reports Server-Timing");
                             let handler = r.handler.expect("the proxy reports its handler time");
@@ -237,7 +243,7 @@ fn latencies(targets: [&str; 3], path: &str, clients: usize, total: usize) -> [V
             })
         })
         .collect();
-    let mut all: [Vec<u64>; 7] = Default::default();
+    let mut all: [Vec<u64>; 9] = Default::default();
     for j in jobs {
         for (a, v) in all.iter_mut().zip(j.join().expect("client thread")) {
             a.extend(v);
@@ -254,27 +260,74 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted.get(i).copied().unwrap_or(0)
 }
 
-/// A plain TCP relay to `upstream` on a runtime of its own, as the peer has: what any proxy
-/// adds at the least (one more hop, two more sockets and their wake-ups), measured beside the
-/// proxy in the same run as its baseline.
+/// A minimal HTTP relay to `upstream` on a runtime of its own, as the peer has: each request
+/// on a connection goes upstream as it came and its answer comes back with
+/// `Server-Timing: upstream;dur=MS` added, measured as the proxy measures it. This is the
+/// least any HTTP proxy does (one more hop, two more sockets and their wake-ups, no parsing
+/// beyond the answer's length), measured beside the proxy in the same run as its baseline.
 fn start_relay(rt: &tokio::runtime::Runtime, upstream: String) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay listener");
     let addr = listener.local_addr().expect("relay address").to_string();
     listener.set_nonblocking(true).expect("relay listener");
     rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("relay listener");
-        while let Ok((mut down, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            });
+        while let Ok((down, _)) = listener.accept().await {
+            tokio::spawn(relay_conn(down, upstream.clone()));
         }
     });
     addr
+}
+
+/// One relayed connection (see [`start_relay`]); the bench's requests are GETs without a body.
+async fn relay_conn(mut down: tokio::net::TcpStream, upstream: String) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up = tokio::net::TcpStream::connect(&upstream).await?;
+    down.set_nodelay(true)?;
+    up.set_nodelay(true)?;
+    let (mut req, mut resp, mut buf) = (Vec::new(), Vec::new(), vec![0u8; 64 << 10]);
+    loop {
+        req.clear();
+        while !req.ends_with(b"\r\n\r\n") {
+            let n = down.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+        let asked = Instant::now();
+        up.write_all(&req).await?;
+        resp.clear();
+        let (head, len) = loop {
+            let n = up.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            resp.extend_from_slice(&buf[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head)) = r.parse(&resp) {
+                let len = r
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                    .unwrap_or(0usize);
+                break (head, len);
+            }
+        };
+        while resp.len() < head + len {
+            let n = up.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            resp.extend_from_slice(&buf[..n]);
+        }
+        let ms = asked.elapsed().as_secs_f64() * 1000.0;
+        let timing = format!("Server-Timing: upstream;dur={ms:.3}\r\n");
+        // Before the blank line that ends the head.
+        resp.splice(head - 2..head - 2, timing.bytes());
+        down.write_all(&resp).await?;
+    }
 }
 
 /// What the machine itself takes from busy cores, measured before the latency runs while
@@ -432,7 +485,7 @@ async fn main() {
     let _ = img;
     for clients in [1usize, 64] {
         let (t, p) = (targets.clone(), path.clone());
-        let [d, p, own, handler, hop, at_socket, relayed] =
+        let [d, p, own, handler, hop, at_socket, relayed, relay_own, relay_at_socket] =
             tokio::task::spawn_blocking(move || {
                 let t = [t[0].as_str(), &t[1], &t[2]];
                 let _ = latencies(t, &p, clients, clients * 4); // warm connections
@@ -461,9 +514,11 @@ async fn main() {
             p50_p99(&own),
         );
         println!(
-            "    through a plain TCP relay instead (the least any proxy adds): {} | {}",
+            "    through a minimal HTTP relay instead (the least any proxy adds): {} | {} | per request, relay minus upstream: {} | until the client's socket: {}",
             p50_p99(&relayed),
             added(&relayed),
+            p50_p99(&relay_own),
+            p50_p99(&relay_at_socket),
         );
         println!(
             "    of which: in the proxy's handler {} | the hop {}",
