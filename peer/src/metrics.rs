@@ -49,6 +49,11 @@ pub fn register(registry: &mut Registry, peer: &Arc<Peer>) {
             "Registry proxy answers, by route (blob, passthrough, invalid) and status class",
             stats.requests.clone(),
         );
+        registry.register(
+            "shoal_proxy_pinned_connections",
+            "Upstream connections the registry proxy opened to pin to a client connection",
+            stats.pinned_connections.clone(),
+        );
     }
     registry.register_collector(Box::new(PeerCollector {
         peer: Arc::downgrade(peer),

@@ -347,6 +347,128 @@ async fn private_blobs_need_the_clients_credentials() {
     peer.shutdown().await;
 }
 
+/// Pass-through on one kept-alive client connection, which the proxy serves on an upstream
+/// connection pinned to it: small answers, a HEAD, an answer too large to read whole (streamed,
+/// after which the next request pins a new connection), and an upstream gone (a clean 502, no
+/// hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pass_through_on_a_kept_alive_connection() {
+    common::init_logs();
+    let Some(registry) = or_skip(Registry::start(RegistryOpts::default()).await) else {
+        return;
+    };
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let img = registry
+        .push_random_image(REPO, "v1", 4096, 3)
+        .await
+        .unwrap();
+    // An OCI manifest over the proxy's read-whole bound (256 KiB), by a large annotation.
+    let config: serde_json::Value = serde_json::from_slice(&img.manifest).unwrap();
+    let mut big = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config["config"],
+        "layers": config["layers"],
+        "annotations": { "filler": "x".repeat(400 << 10) },
+    });
+    big["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    big["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
+    let big = serde_json::to_vec(&big).unwrap();
+    let big_digest = registry
+        .push_manifest(
+            REPO,
+            "big",
+            "application/vnd.oci.image.manifest.v1+json",
+            &big,
+        )
+        .await
+        .unwrap();
+    let peer = c
+        .start(with_proxy(c.config("p1", false), Some(registry.host())))
+        .await;
+    let proxy = peer.proxy_addr().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("http://{proxy}/v2/{REPO}/{path}");
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+    for round in 0..2 {
+        let r = http
+            .get(url("manifests/v1"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "round {round}");
+        let digest = r.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(digest, img.manifest_digest);
+        assert_eq!(r.bytes().await.unwrap(), img.manifest);
+
+        let r = http
+            .head(url("manifests/v1"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // reqwest's content_length() is the body's, empty for a HEAD: read the header.
+        let len = r.headers()["content-length"].to_str().unwrap();
+        assert_eq!(len, img.manifest.len().to_string());
+
+        let r = http
+            .get(url("manifests/big"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], big_digest.as_str());
+        assert_eq!(r.bytes().await.unwrap(), big, "the streamed answer, whole");
+
+        let r = http.get(url("tags/list")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let tags: serde_json::Value = r.json().await.unwrap();
+        let mut tags: Vec<&str> = tags["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.as_str())
+            .collect();
+        tags.sort_unstable();
+        assert_eq!(tags, ["big", "v1"]);
+
+        let r = http
+            .get(url("manifests/nope"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "the upstream's answer, unchanged");
+        // Read whole, so that the client keeps its connection.
+        assert!(r.text().await.unwrap().contains("MANIFEST_UNKNOWN"));
+    }
+
+    // One pinned connection at the start and one after each streamed answer, not one per
+    // request.
+    let opened = peer.proxy_stats().unwrap().pinned_connections.get();
+    assert_eq!(opened, 3, "upstream connections pinned");
+
+    drop(registry);
+    let started = std::time::Instant::now();
+    let r = http.get(url("manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status(), 502, "upstream gone");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    peer.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skopeo_copies_through_the_proxy() {
     if need_binaries(&["skopeo"]).is_err() {

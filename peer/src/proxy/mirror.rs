@@ -66,15 +66,20 @@ impl Upstream {
 
     /// The upstream URL for `path` with `query`, minus the mirror's own `ns=` parameter.
     pub fn url(&self, path: &str, query: Option<&str>) -> String {
+        format!("{}{}", self.base, Self::target(path, query))
+    }
+
+    /// `path` with `query` minus the mirror's own `ns=` parameter (a request's origin form).
+    pub fn target(path: &str, query: Option<&str>) -> String {
         let rest: Vec<&str> = query
             .unwrap_or("")
             .split('&')
             .filter(|p| !p.is_empty() && !p.starts_with("ns="))
             .collect();
         if rest.is_empty() {
-            format!("{}{path}", self.base)
+            path.to_string()
         } else {
-            format!("{}{path}?{}", self.base, rest.join("&"))
+            format!("{path}?{}", rest.join("&"))
         }
     }
 }

@@ -10,7 +10,10 @@
 //!  authz.rs: HEAD upstream with the client's Authorization   passthrough.rs: the same request to
 //!   (cached briefly per credential, repository and blob);     the upstream, Authorization
 //!   401/403/404 go back to the client, never a byte           forwarded, answer streamed back
-//!        |                                                     unchanged (401 challenges too)
+//!        |                                                     unchanged (401 challenges too);
+//!        |                                                     GET/HEAD to a plain-HTTP upstream
+//!        |                                                     on the client connection's own
+//!        |                                                     upstream connection (pinned.rs)
 //!        v
 //!  blobs.rs: Downloader::open(digest) (one task per digest, shared by every client and every
 //!   repository) -> Range: 206 from the covering pieces, 416, or 200 -> api/cached.rs: held
@@ -23,6 +26,7 @@ mod authz;
 mod blobs;
 mod mirror;
 mod passthrough;
+mod pinned;
 mod server;
 mod stats;
 

@@ -1,18 +1,22 @@
 //! Pass-through: manifests, tags, referrers, catalog, token endpoints and anything else that is
 //! not a blob by digest go to the upstream as they came (Authorization included) and the answer
 //! comes back unchanged and streamed, 401 challenges too, so the client runs its own token flow.
-//! Tags are never cached. Also the swarm's fallback: a blob range straight from the upstream.
+//! Tags are never cached. Bodiless GETs and HEADs to a plain-HTTP upstream go out on the client
+//! connection's pinned upstream connection (pinned.rs), everything else through a shared pool.
+//! Also the swarm's fallback: a blob range straight from the upstream.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use http::{header, HeaderMap, HeaderName, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 
 use super::mirror::{Upstream, UPSTREAM_HEADER};
-use super::server::State;
+use super::pinned::{self, Answer, PinError, PinSlot};
+use super::server::{State, USER_AGENT};
 use super::{registry_error, Body};
 
 /// Upstream answers up to this size are read whole before the client gets them: one write of
@@ -74,6 +78,9 @@ pub(crate) async fn forward(
             )
         }
     };
+    if let Some(out) = try_pinned(state, &parts, &body, up).await {
+        return out;
+    }
     let url = up.url(parts.uri.path(), parts.uri.query());
     let mut rb = state
         .http
@@ -91,15 +98,18 @@ pub(crate) async fn forward(
             }
             out
         }
-        Err(e) => {
-            tracing::info!(upstream = %up.host, path = parts.uri.path(), error = %e, "upstream unreachable");
-            registry_error(
-                StatusCode::BAD_GATEWAY,
-                "UNAVAILABLE",
-                &format!("upstream registry {} did not answer: {e}", up.host),
-            )
-        }
+        Err(e) => upstream_unreachable(up, &e),
     }
+}
+
+/// The answer when the upstream could not be reached.
+fn upstream_unreachable(up: &Upstream, e: &dyn std::fmt::Display) -> Response<Body> {
+    tracing::info!(upstream = %up.host, error = %e, "upstream unreachable");
+    registry_error(
+        StatusCode::BAD_GATEWAY,
+        "UNAVAILABLE",
+        &format!("upstream registry {} did not answer: {e}", up.host),
+    )
 }
 
 /// Adds `Server-Timing: metric;dur=MS` (W3C Server Timing), the time since `since`, as a field
@@ -118,13 +128,7 @@ const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// a small one (manifests, tokens, errors) read whole and sent with the head in one write, a
 /// larger one streamed.
 pub(crate) async fn relay(resp: reqwest::Response) -> Response<Body> {
-    let status = resp.status();
-    let mut headers = HeaderMap::with_capacity(resp.headers().len());
-    for (name, value) in resp.headers() {
-        if !hop_by_hop(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
+    let (status, headers) = (resp.status(), answer_headers(resp.headers()));
     let body = if resp.content_length().is_some_and(|n| n <= WHOLE_UP_TO) {
         match resp.bytes().await {
             Ok(b) => Full::new(b).map_err(|never| match never {}).boxed_unsync(),
@@ -143,10 +147,94 @@ pub(crate) async fn relay(resp: reqwest::Response) -> Response<Body> {
             .map_err(std::io::Error::other);
         BodyExt::boxed_unsync(StreamBody::new(frames))
     };
+    answer(status, headers, body)
+}
+
+/// An upstream answer's headers as the client gets them: without hop-by-hop ones.
+fn answer_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(from.len());
+    for (name, value) in from {
+        if !hop_by_hop(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// A response of `status`, `headers` and `body`.
+fn answer(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
     let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
+}
+
+/// A bodiless GET or HEAD to a plain-HTTP upstream on the client connection's pinned upstream
+/// connection (pinned.rs), when it has one free; `None` sends the request through the pool
+/// (also after a pinned exchange failed: GET and HEAD may be sent again).
+async fn try_pinned(
+    state: &State,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    up: &Upstream,
+) -> Option<Response<Body>> {
+    if !body.is_empty()
+        || !matches!(parts.method, http::Method::GET | http::Method::HEAD)
+        || !up.base.starts_with("http://")
+    {
+        return None;
+    }
+    let mut slot = parts.extensions.get::<Arc<PinSlot>>()?.try_lock().ok()?;
+    let mut req = Request::builder()
+        .method(parts.method.clone())
+        .uri(Upstream::target(parts.uri.path(), parts.uri.query()))
+        .body(Empty::new())
+        .ok()?;
+    let headers = req.headers_mut();
+    *headers = request_headers(&parts.headers);
+    headers.insert(header::HOST, http::HeaderValue::from_str(&up.host).ok()?);
+    // What the pool's client adds to a request without them.
+    headers
+        .entry(header::USER_AGENT)
+        .or_insert(http::HeaderValue::from_static(USER_AGENT));
+    headers
+        .entry(header::ACCEPT)
+        .or_insert(http::HeaderValue::from_static("*/*"));
+    let asked = Instant::now();
+    let answered = pinned::exchange(
+        &mut slot,
+        &state.stats.pinned_connections,
+        &up.host,
+        req,
+        WHOLE_UP_TO,
+        Duration::from_millis(state.cfg.upstream_connect_timeout_ms),
+        Duration::from_millis(state.cfg.upstream_read_timeout_ms),
+    )
+    .await;
+    let mut out = match answered {
+        Ok(Answer::Whole(resp)) => {
+            let (head, bytes) = resp.into_parts();
+            let body = Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            answer(head.status, answer_headers(&head.headers), body)
+        }
+        Ok(Answer::Streamed(resp)) => {
+            let (head, body) = resp.into_parts();
+            let body = body.map_err(std::io::Error::other).boxed_unsync();
+            answer(head.status, answer_headers(&head.headers), body)
+        }
+        // Unreachable: the pool would wait for the same connect again.
+        Err(PinError::Connect(e)) => return Some(upstream_unreachable(up, &e)),
+        Err(e) => {
+            tracing::debug!(upstream = %up.host, error = %e, "pinned upstream connection failed; through the pool");
+            return None;
+        }
+    };
+    if state.cfg.server_timing {
+        add_server_timing(&mut out, "upstream", asked);
+    }
+    Some(out)
 }
 
 /// Bytes `start..end` of a blob straight from the upstream with the client's Authorization:

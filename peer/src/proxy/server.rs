@@ -17,9 +17,13 @@ use tokio::sync::{mpsc, watch};
 
 use super::authz::Authz;
 use super::mirror::{blob_route, Upstream};
+use super::pinned::PinSlot;
 use super::{blobs, passthrough, registry_error, Body, ProxyConfig, ProxyStats};
 use crate::download::Downloader;
 use crate::error::PeerError;
+
+/// The User-Agent of the proxy's own upstream requests (the client's is forwarded as it is).
+pub(crate) const USER_AGENT: &str = concat!("shoal-proxy/", env!("CARGO_PKG_VERSION"));
 
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list) accepted.
 const MAX_HEAD_BYTES: usize = 64 << 10;
@@ -110,7 +114,7 @@ pub(crate) async fn start(
             .connect_timeout(Duration::from_millis(cfg.upstream_connect_timeout_ms))
             .read_timeout(Duration::from_millis(cfg.upstream_read_timeout_ms))
             .pool_max_idle_per_host(256)
-            .user_agent(concat!("shoal-proxy/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             .build()
             .map_err(|e| PeerError::Config(format!("proxy upstream HTTP client: {e}")))
     };
@@ -198,8 +202,11 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let header_timeout = Duration::from_millis(state.cfg.header_timeout_ms);
-    let svc = hyper::service::service_fn(move |req| {
+    // This connection's pinned upstream connection (pinned.rs), found by pass-through.
+    let pin: Arc<PinSlot> = Arc::default();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let state = Arc::clone(&state);
+        req.extensions_mut().insert(Arc::clone(&pin));
         async move { Ok::<_, Infallible>(handle(&state, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

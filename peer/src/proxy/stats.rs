@@ -1,6 +1,7 @@
 //! Counters of the proxy's answers, by route and status class, for `/metrics`
 //! (`shoal_proxy_requests_total`): how many blob requests the swarm answered, how many went to the
-//! upstream, and how many failed.
+//! upstream, and how many failed; and how many upstream connections were opened to pin to a
+//! client connection (`shoal_proxy_pinned_connections_total`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +22,8 @@ pub struct RequestLabels {
 pub struct ProxyStats {
     /// Answers by route and status class.
     pub requests: Family<RequestLabels, Counter>,
+    /// Upstream connections opened to be pinned to a client connection (pinned.rs).
+    pub pinned_connections: Counter,
 }
 
 impl ProxyStats {
