@@ -28,6 +28,8 @@ pub(crate) struct Pinned {
     host: String,
     sender: SendRequest<Empty<Bytes>>,
     conn: Pin<Box<Conn>>,
+    /// The connection future has finished (closed): never polled or used again.
+    ended: bool,
 }
 
 /// Why a pinned exchange failed. The caller answers 502 when the upstream could not be reached
@@ -78,6 +80,7 @@ impl Pinned {
             host: host.to_string(),
             sender,
             conn: Box::pin(conn),
+            ended: false,
         })
     }
 
@@ -88,13 +91,19 @@ impl Pinned {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
+            if self.ended {
+                return Poll::Ready(Err(PinError::Closed));
+            }
             match self.conn.as_mut().poll(cx) {
                 Poll::Pending => Poll::Pending,
                 // Ended: whatever `fut` still waits for will not come, unless it came just now.
-                Poll::Ready(ended) => Poll::Ready(match fut.as_mut().poll(cx) {
-                    Poll::Ready(out) => Ok(out),
-                    Poll::Pending => Err(ended.err().map_or(PinError::Closed, PinError::Http)),
-                }),
+                Poll::Ready(ended) => {
+                    self.ended = true;
+                    Poll::Ready(match fut.as_mut().poll(cx) {
+                        Poll::Ready(out) => Ok(out),
+                        Poll::Pending => Err(ended.err().map_or(PinError::Closed, PinError::Http)),
+                    })
+                }
             }
         })
         .await
@@ -114,7 +123,7 @@ pub(crate) async fn exchange(
     read_timeout: Duration,
 ) -> Result<Answer, PinError> {
     let mut pinned = match slot.take() {
-        Some(p) if p.host == host && !p.sender.is_closed() => p,
+        Some(p) if p.host == host && !p.ended && !p.sender.is_closed() => p,
         _ => {
             opened.inc();
             Pinned::connect(host, connect_timeout).await?
@@ -140,7 +149,9 @@ pub(crate) async fn exchange(
         .await
         .map_err(|_| PinError::TimedOut)???
         .to_bytes();
-    *slot = Some(pinned);
+    if !pinned.ended {
+        *slot = Some(pinned);
+    }
     Ok(Answer::Whole(Response::from_parts(parts, body)))
 }
 
