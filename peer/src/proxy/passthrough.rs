@@ -211,26 +211,26 @@ async fn try_pinned(
         Duration::from_millis(state.cfg.upstream_read_timeout_ms),
     )
     .await;
-    let mut out = match answered {
+    let (head, body) = match answered {
         Ok(Answer::Whole(resp)) => {
             let (head, bytes) = resp.into_parts();
-            let body = Full::new(bytes)
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            answer(head.status, answer_headers(&head.headers), body)
+            let body = Full::new(bytes).map_err(|never| match never {});
+            (head, body.boxed_unsync())
         }
         Ok(Answer::Streamed(resp)) => {
             let (head, body) = resp.into_parts();
-            let body = body.map_err(std::io::Error::other).boxed_unsync();
-            answer(head.status, answer_headers(&head.headers), body)
+            (head, body.map_err(std::io::Error::other).boxed_unsync())
         }
-        // Unreachable: the pool would wait for the same connect again.
-        Err(PinError::Connect(e)) => return Some(upstream_unreachable(up, &e)),
+        // Unreachable or silent: the pool would only wait as long again.
+        Err(e @ (PinError::Connect(_) | PinError::TimedOut)) => {
+            return Some(upstream_unreachable(up, &e))
+        }
         Err(e) => {
             tracing::debug!(upstream = %up.host, error = %e, "pinned upstream connection failed; through the pool");
             return None;
         }
     };
+    let mut out = answer(head.status, answer_headers(&head.headers), body);
     if state.cfg.server_timing {
         add_server_timing(&mut out, "upstream", asked);
     }

@@ -33,8 +33,8 @@ pub(crate) struct Pinned {
 }
 
 /// Why a pinned exchange failed. The caller answers 502 when the upstream could not be reached
-/// at all, and otherwise (a kept-alive connection gone stale) sends the request through the
-/// pool.
+/// or did not answer in time, and otherwise (a kept-alive connection gone stale) sends the
+/// request through the pool.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PinError {
     #[error("{0}")]
