@@ -1,6 +1,7 @@
 //! Registry proxy benchmark (docs/benchmarks.md, "Registry proxy (issue 6)"):
 //! 1. a cached blob served through the proxy beside docker-registry serving it from its disk,
-//!    same run, same client: throughput of each and their ratio;
+//!    same run, same client, in rounds that alternate which goes first: the best throughput of
+//!    each, their ratio, and the median of the rounds' own ratios;
 //! 2. the latency a pass-through manifest request adds, p50/p99, with 1 and 64 concurrent
 //!    clients: proxy minus direct at the same percentile, beside a minimal HTTP relay minus
 //!    direct as the least any proxy adds (direct, proxied and relayed requests taken in turn
@@ -16,7 +17,7 @@
 //!    host).
 //!
 //! Run: `cargo bench -p shoal-peer --bench proxy` (SHOAL_BENCH_BLOB_MIB sets the blob size,
-//! default 1024; SHOAL_BENCH_ROUNDS the downloads of it from each, default 3;
+//! default 1024; SHOAL_BENCH_ROUNDS the downloads of it from each, default 10;
 //! SHOAL_BENCH_REQUESTS the manifest requests per client count, default 4000).
 
 use std::io::Write;
@@ -445,13 +446,22 @@ async fn main() {
     );
     let _ = download(&http, &direct).await; // registry's file into the page cache too
 
-    let mut best = (0f64, 0f64);
-    for _ in 0..env_num("SHOAL_BENCH_ROUNDS", 3) {
-        let (_, d) = download(&http, &direct).await;
-        let (_, p) = download(&http, &via).await;
+    // Rounds alternate which side goes first; each round's ratio compares two downloads made
+    // back to back, so their median is the comparison least moved by the host's stalls.
+    let (mut best, mut ratios) = ((0f64, 0f64), Vec::new());
+    for round in 0..env_num("SHOAL_BENCH_ROUNDS", 10).max(1) {
+        let (d, p) = if round % 2 == 0 {
+            let d = download(&http, &direct).await.1;
+            (d, download(&http, &via).await.1)
+        } else {
+            let p = download(&http, &via).await.1;
+            (download(&http, &direct).await.1, p)
+        };
         best.0 = best.0.max(mib as f64 / d);
         best.1 = best.1.max(mib as f64 / p);
+        ratios.push(d / p);
     }
+    ratios.sort_by(f64::total_cmp);
     println!(
         "blob {mib} MiB  docker-registry from disk: {:.0} MiB/s",
         best.0
@@ -460,7 +470,14 @@ async fn main() {
         "blob {mib} MiB  proxy from cache:          {:.0} MiB/s",
         best.1
     );
-    println!("throughput ratio proxy/registry: {:.2}", best.1 / best.0);
+    println!(
+        "throughput ratio proxy/registry: best {:.2} | per round: median {:.2}, lowest {:.2}, highest {:.2} ({} rounds)",
+        best.1 / best.0,
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+        ratios.len()
+    );
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ((one, one_max, _), (all, all_max, all_lost)) =
