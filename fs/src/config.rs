@@ -21,6 +21,9 @@ pub struct FsConfig {
     pub blob_dir: Option<PathBuf>,
     /// Expected `sha256:<hex>` of a bootstrap file given as `source` (its manifest digest entry).
     pub bootstrap_digest: Option<String>,
+    /// Where the data blobs of a bootstrap file given as `source` live: `docker://HOST/REPO`
+    /// (read through the peer, else that repository). Instead of `blob_dir`.
+    pub origin: Option<String>,
     /// Verified-chunk cache directory (a Shoal store); one mounting process owns it at a time.
     pub cache_dir: PathBuf,
     /// Bytes the chunk cache may use.
@@ -55,6 +58,9 @@ pub struct FsConfig {
     pub memory_cache_bytes: u64,
     /// Let users other than the mounting one read the mount (needs `user_allow_other` when not root).
     pub allow_other: bool,
+    /// Write the mount's counters here as JSON about once a second (the snapshotter's metrics
+    /// and `shoal status` read them).
+    pub stats_file: Option<PathBuf>,
 }
 
 impl Default for FsConfig {
@@ -64,6 +70,7 @@ impl Default for FsConfig {
             mountpoint: PathBuf::new(),
             blob_dir: None,
             bootstrap_digest: None,
+            origin: None,
             cache_dir: PathBuf::from("/var/lib/shoal/fs-cache"),
             cache_quota: 10 << 30,
             peer_socket: None,
@@ -80,6 +87,7 @@ impl Default for FsConfig {
             read_threads: 16,
             memory_cache_bytes: 64 << 20,
             allow_other: false,
+            stats_file: None,
         }
     }
 }

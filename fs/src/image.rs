@@ -4,8 +4,9 @@
 //! - `docker://HOST/REPO[:TAG|@DIGEST]`: manifest and bootstrap from the registry; blobs by range
 //!   from the same repository (and through the peer, which is told that reference).
 //! - `oci:DIR[:TAG]`: a converted image in a local OCI layout; blobs from `DIR/blobs`.
-//! - a bootstrap file: blobs from `blob_dir` (`sha256/<hex>` files); checked against
-//!   `bootstrap_digest` when given.
+//! - a bootstrap file: blobs from `origin` (`docker://HOST/REPO`, through the peer too) or from
+//!   `blob_dir` (`sha256/<hex>` files); checked against `bootstrap_digest` when given (the
+//!   snapshotter always gives it).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -84,16 +85,20 @@ pub async fn open(cfg: &FsConfig) -> Result<OpenedImage> {
     open_bootstrap_file(cfg, Path::new(src))
 }
 
-async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
-    let reference = Reference::parse(&cfg.source)?;
-    let opts = RegistryOptions {
+/// How this mount speaks to registries.
+fn registry_options(cfg: &FsConfig) -> RegistryOptions {
+    RegistryOptions {
         plain_http: cfg.plain_http.iter().cloned().collect(),
         read_timeout: cfg.fetch_timeout(),
         request_timeout: cfg.fetch_timeout(),
         max_attempts: 3,
         ..RegistryOptions::default()
-    };
-    let client = RegistryClient::new(opts)?;
+    }
+}
+
+async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
+    let reference = Reference::parse(&cfg.source)?;
+    let client = RegistryClient::new(registry_options(cfg))?;
     let pulled = client.pull_manifest(&reference).await?;
     let manifest = ImageManifest::from_reader(pulled.bytes.as_ref()).map_err(|e| {
         image_err(
@@ -148,19 +153,28 @@ fn open_layout(cfg: &FsConfig, r: &LayoutRef) -> Result<OpenedImage> {
 }
 
 fn open_bootstrap_file(cfg: &FsConfig, path: &Path) -> Result<OpenedImage> {
-    let Some(blob_dir) = &cfg.blob_dir else {
-        return Err(FsError::BadSource {
-            source_name: cfg.source.clone(),
-            reason: "a bootstrap file needs blob_dir (--blob-dir) to read its data blobs from"
-                .into(),
-        });
-    };
     if !path.is_file() {
         return Err(FsError::BadSource {
             source_name: cfg.source.clone(),
             reason: "no such file".into(),
         });
     }
+    let (origin, origin_ref): (Arc<dyn Origin>, Option<String>) = match (&cfg.origin, &cfg.blob_dir) {
+        (Some(repo), _) => {
+            let reference = Reference::parse(repo)?;
+            let client = RegistryClient::new(registry_options(cfg))?;
+            let repo = format!("docker://{}/{}", reference.registry(), reference.repository());
+            (Arc::new(RegistryOrigin::new(client, reference)), Some(repo))
+        }
+        (None, Some(blob_dir)) => (Arc::new(LocalDirOrigin::new(blob_dir)), None),
+        (None, None) => {
+            return Err(FsError::BadSource {
+                source_name: cfg.source.clone(),
+                reason: "a bootstrap file needs blob_dir (--blob-dir) or origin (--origin docker://HOST/REPO) to read its data blobs from"
+                    .into(),
+            })
+        }
+    };
     let boot = Bootstrap::open(path)?;
     match &cfg.bootstrap_digest {
         Some(want) => check_digest(cfg, boot.bytes(), want)?,
@@ -170,8 +184,8 @@ fn open_bootstrap_file(cfg: &FsConfig, path: &Path) -> Result<OpenedImage> {
     }
     Ok(OpenedImage {
         boot: Arc::new(boot),
-        origin: Arc::new(LocalDirOrigin::new(blob_dir)),
-        origin_ref: None,
+        origin,
+        origin_ref,
         manifest: None,
     })
 }

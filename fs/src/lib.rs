@@ -9,7 +9,8 @@
 //! [`fetch`] (peer, else origin), decompresses and verifies ([`verify`]) -> the store caches them.
 //! [`ahead`] picks what a sequential read will want next (loaded in the background),
 //! [`prefetch`] warms the cache in the background, [`access_log`] records first reads,
-//! [`metrics`] counts. Configuration: [`config`].
+//! [`metrics`] counts. Configuration: [`config`]. [`snapshotter`] is containerd's remote
+//! snapshotter that mounts images this way for containers.
 
 pub mod access_log;
 pub mod ahead;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod mount;
 pub mod prefetch;
 pub mod read;
+pub mod snapshotter;
 pub mod verify;
 
 pub use config::FsConfig;

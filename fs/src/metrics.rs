@@ -190,12 +190,14 @@ impl Metrics {
             } else {
                 self.fetched_stored.load(Ordering::Relaxed) as f64 / self.total_stored as f64
             },
+            image_stored_bytes: self.total_stored,
         }
     }
 }
 
-/// A copy of the main figures.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A copy of the main figures (also what a mount writes to its `stats_file`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MetricsSnapshot {
     /// Bytes returned to readers.
     pub read_bytes: u64,
@@ -215,4 +217,6 @@ pub struct MetricsSnapshot {
     pub read_errors: u64,
     /// Share of the image's stored bytes fetched.
     pub image_fetched_ratio: f64,
+    /// Stored bytes of the whole image.
+    pub image_stored_bytes: u64,
 }

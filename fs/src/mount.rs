@@ -28,6 +28,7 @@ pub struct MountHandle {
     reader: Arc<Reader>,
     stop: Arc<AtomicBool>,
     prefetch: Option<JoinHandle<()>>,
+    stats: Option<JoinHandle<()>>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -137,6 +138,13 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
     } else {
         None
     };
+    let stats = match &config.stats_file {
+        Some(path) => Some(
+            spawn_stats_writer(path.clone(), Arc::clone(&reader.metrics), Arc::clone(&stop))
+                .map_err(|e| FsError::io("starting the stats writer for", path, e))?,
+        ),
+        None => None,
+    };
     Ok(MountHandle {
         session: Some(session),
         mountpoint: config.mountpoint,
@@ -144,8 +152,40 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
         reader,
         stop,
         prefetch,
+        stats,
         rt: Some(rt),
     })
+}
+
+/// How often a mount's counters are written to its stats file.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes the mount's counters to `path` (atomically) every [`STATS_INTERVAL`] and once more
+/// when `stop` is set: the snapshotter's metrics and `shoal status` read them from there.
+fn spawn_stats_writer(
+    path: PathBuf,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("shoal-fs-stats".into())
+        .spawn(move || {
+            let tmp = path.with_extension("tmp");
+            loop {
+                let done = stop.load(Ordering::Relaxed);
+                let write = serde_json::to_vec(&metrics.snapshot())
+                    .map_err(std::io::Error::other)
+                    .and_then(|b| std::fs::write(&tmp, b))
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = write {
+                    tracing::debug!(path = %path.display(), error = %e, "could not write the mount's stats");
+                }
+                if done {
+                    return;
+                }
+                std::thread::park_timeout(STATS_INTERVAL);
+            }
+        })
 }
 
 /// The kernel keeps a FUSE mount's readahead at its 128 KiB default whatever `max_readahead`
@@ -271,6 +311,10 @@ impl MountHandle {
             }
         }
         if let Some(t) = self.prefetch.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.stats.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         // Fetch-ahead work still running uses the runtime: let it end first.

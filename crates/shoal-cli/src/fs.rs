@@ -37,6 +37,12 @@ pub struct MountArgs {
     /// Expected `sha256:<hex>` of a bootstrap file given as SOURCE.
     #[arg(long)]
     bootstrap_digest: Option<String>,
+    /// `docker://HOST/REPO` holding the data blobs of a bootstrap file given as SOURCE.
+    #[arg(long)]
+    origin: Option<String>,
+    /// Write the mount's counters to FILE as JSON about once a second.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
     /// Verified-chunk cache directory.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -107,6 +113,8 @@ impl MountArgs {
         c.mountpoint = self.mountpoint;
         set(&mut c.blob_dir, self.blob_dir.map(Some));
         set(&mut c.bootstrap_digest, self.bootstrap_digest.map(Some));
+        set(&mut c.origin, self.origin.map(Some));
+        set(&mut c.stats_file, self.stats_file.map(Some));
         set(&mut c.cache_dir, self.cache_dir);
         set(&mut c.cache_quota, self.cache_quota);
         set(&mut c.fetch_timeout_secs, self.fetch_timeout_secs);

@@ -9,6 +9,7 @@ mod peer;
 mod preheat;
 mod registry;
 mod scheduler;
+mod snapshotter;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Point containerd at the local peer's registry proxy (hosts.toml per registry).
     ContainerdConfig(containerd::ContainerdConfigArgs),
+    /// Run containerd's remote snapshotter: containers start on lazily mounted Shoal images.
+    Snapshotter(snapshotter::SnapshotterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Preheat(args) => preheat::run(args),
         Command::Status(args) => status::run(args),
         Command::ContainerdConfig(args) => containerd::run(args),
+        Command::Snapshotter(args) => snapshotter::run(args),
     }
 }
 

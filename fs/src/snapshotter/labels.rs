@@ -1,0 +1,147 @@
+//! What a Prepare's labels say about the layer being unpacked. containerd's unpacker sets
+//! `containerd.io/snapshot.ref` (the chain id the layer will be committed as) and passes on every
+//! layer annotation under `containerd.io/snapshot/`: the Shoal image format marks its layers
+//! there (docs/format.md, "OCI image"), and containerd's CRI adds the image reference and the
+//! layer's digest (`containerd.io/snapshot/cri.*`, with `disable_snapshot_annotations = false`).
+
+use std::collections::BTreeMap;
+
+use shoal_origin::Reference;
+
+use super::error::{Result, SnapshotterError};
+
+/// The chain id the unpacker will commit this layer as (containerd's remote-snapshot key).
+pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
+/// Shoal layer kind: `blob` or `bootstrap` (a layer annotation of converted images).
+pub const SHOAL_LAYER: &str = "containerd.io/snapshot/shoal.layer";
+/// The image reference containerd's CRI is pulling.
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// The digest of the layer being unpacked (CRI).
+pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The digest of the image manifest (CRI).
+pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+
+/// A layer of a Shoal image, as a Prepare announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShoalLayer {
+    /// A data blob: its files are in the image's mount; nothing to download.
+    Blob {
+        /// The chain id to commit it as.
+        target: String,
+    },
+    /// The bootstrap, top of the chain: the image is mounted lazily here.
+    Bootstrap {
+        /// The chain id to commit it as.
+        target: String,
+        /// `sha256:<hex>` of the bootstrap.
+        digest: String,
+        /// The image reference (`HOST/REPO[:TAG|@DIGEST]`).
+        reference: Reference,
+    },
+}
+
+/// The Shoal layer a Prepare announces, `None` for any other layer (unpacked the ordinary way).
+pub fn shoal_layer(labels: &BTreeMap<String, String>) -> Result<Option<ShoalLayer>> {
+    let Some(kind) = labels.get(SHOAL_LAYER) else {
+        return Ok(None);
+    };
+    let Some(target) = labels.get(TARGET_REF).cloned() else {
+        // Not containerd's unpacker (no chain id to commit under): an ordinary snapshot, and the
+        // caller's applier will refuse the layer's media type by name.
+        return Ok(None);
+    };
+    match kind.as_str() {
+        "blob" => Ok(Some(ShoalLayer::Blob { target })),
+        "bootstrap" => {
+            let need = |key: &str| {
+                labels.get(key).ok_or_else(|| {
+                    SnapshotterError::InvalidArgument(format!(
+                        "Shoal bootstrap layer {target} came without the {key} label: pull through \
+                         containerd's CRI with disable_snapshot_annotations = false, or with \
+                         `shoal image pull`"
+                    ))
+                })
+            };
+            let digest = need(CRI_LAYER_DIGEST)?.clone();
+            if !is_sha256(&digest) {
+                return Err(SnapshotterError::InvalidArgument(format!(
+                    "{CRI_LAYER_DIGEST} {digest:?} is not a sha256 digest"
+                )));
+            }
+            let image_ref = need(CRI_IMAGE_REF)?;
+            let reference = Reference::parse(&format!("docker://{image_ref}")).map_err(|e| {
+                SnapshotterError::InvalidArgument(format!("image reference {image_ref:?}: {e}"))
+            })?;
+            Ok(Some(ShoalLayer::Bootstrap {
+                target,
+                digest,
+                reference,
+            }))
+        }
+        other => Err(SnapshotterError::InvalidArgument(format!(
+            "{SHOAL_LAYER} is {other:?}: this snapshotter knows `blob` and `bootstrap` (a newer image format?)"
+        ))),
+    }
+}
+
+/// True for `sha256:` and 64 lower-case hex digits.
+pub fn is_sha256(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn recognises_shoal_layers() {
+        assert_eq!(shoal_layer(&labels(&[(TARGET_REF, "c1")])).unwrap(), None);
+        assert_eq!(
+            shoal_layer(&labels(&[(TARGET_REF, "c1"), (SHOAL_LAYER, "blob")])).unwrap(),
+            Some(ShoalLayer::Blob {
+                target: "c1".into()
+            })
+        );
+        let top = shoal_layer(&labels(&[
+            (TARGET_REF, "c2"),
+            (SHOAL_LAYER, "bootstrap"),
+            (CRI_LAYER_DIGEST, D),
+            (CRI_IMAGE_REF, "127.0.0.1:5000/app:v1"),
+        ]))
+        .unwrap();
+        let Some(ShoalLayer::Bootstrap {
+            digest, reference, ..
+        }) = top
+        else {
+            panic!("not a bootstrap: {top:?}")
+        };
+        assert_eq!(digest, D);
+        assert_eq!(reference.repository(), "app");
+    }
+
+    #[test]
+    fn a_bootstrap_without_what_it_needs_is_a_clear_error() {
+        let err = shoal_layer(&labels(&[(TARGET_REF, "c2"), (SHOAL_LAYER, "bootstrap")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("disable_snapshot_annotations"), "{err}");
+        let err = shoal_layer(&labels(&[
+            (TARGET_REF, "c2"),
+            (SHOAL_LAYER, "bootstrap"),
+            (CRI_LAYER_DIGEST, "sha256:zz"),
+            (CRI_IMAGE_REF, "r/x"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, SnapshotterError::InvalidArgument(_)));
+        assert!(shoal_layer(&labels(&[(TARGET_REF, "c"), (SHOAL_LAYER, "zzz")])).is_err());
+    }
+}
