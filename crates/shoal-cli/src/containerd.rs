@@ -1,6 +1,7 @@
 //! `shoal containerd-config`: points containerd at the local peer's registry proxy by writing a
 //! `hosts.toml` per registry (and `_default`) under containerd's `config_path`, keeping a backup
-//! of what was there; `--remove` puts the backups back.
+//! of what was there; `--remove` puts the backups back. `--snapshotter` also makes the `shoal`
+//! snapshotter containerd's CRI snapshotter (containerd_snapshotter.rs).
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ const BACKUP: &str = "hosts.toml.shoal-backup";
 pub struct ContainerdConfigArgs {
     /// Registries (`host[:port]`, e.g. `docker.io`) whose pulls go through the proxy;
     /// `_default` covers every registry without a hosts.toml of its own.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "snapshotter")]
     registries: Vec<String>,
     /// The proxy's address as containerd reaches it.
     #[arg(long, default_value = "http://127.0.0.1:4480")]
@@ -31,10 +32,28 @@ pub struct ContainerdConfigArgs {
     /// Restore what was there before (and delete the files this command wrote).
     #[arg(long)]
     remove: bool,
+    /// Also add the `shoal` snapshotter to containerd's config and make it the CRI's
+    /// snapshotter (lazy container starts); a backup of the config is kept.
+    #[arg(long)]
+    snapshotter: bool,
+    /// The snapshotter's socket, as containerd dials it.
+    #[arg(long, default_value = "/run/shoal/snapshotter.sock")]
+    snapshotter_socket: PathBuf,
 }
 
 /// Runs `shoal containerd-config`.
 pub fn run(args: ContainerdConfigArgs) -> anyhow::Result<()> {
+    if args.snapshotter {
+        let msg = if args.remove {
+            crate::containerd_snapshotter::uninstall(&args.containerd_config)?
+        } else {
+            crate::containerd_snapshotter::install(&args.containerd_config, &args.snapshotter_socket)?
+        };
+        println!("{msg}");
+        if args.registries.is_empty() {
+            return Ok(());
+        }
+    }
     let dir = match &args.config_path {
         Some(d) => d.clone(),
         None => config_path_of(&args.containerd_config)?,

@@ -2,6 +2,7 @@
 
 mod ca;
 mod containerd;
+mod containerd_snapshotter;
 mod fs;
 mod get;
 mod image;
@@ -50,7 +51,8 @@ enum Command {
     Preheat(preheat::PreheatArgs),
     /// Print the local peer's state: scheduler connection, cache, tasks.
     Status(status::StatusArgs),
-    /// Point containerd at the local peer's registry proxy (hosts.toml per registry).
+    /// Point containerd at the local peer's registry proxy (hosts.toml per registry), and at the
+    /// `shoal` snapshotter with `--snapshotter`.
     ContainerdConfig(containerd::ContainerdConfigArgs),
     /// Run containerd's remote snapshotter: containers start on lazily mounted Shoal images.
     Snapshotter(snapshotter::SnapshotterArgs),

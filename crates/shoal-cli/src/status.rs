@@ -1,10 +1,13 @@
 //! `shoal status`: the local peer's state from its local API (`GET /status`): who it is, its
-//! scheduler connection, cache usage and its downloads.
+//! scheduler connection, cache usage and its downloads; and, on a node running `shoal
+//! snapshotter`, what each lazily mounted image read and fetched (from the mounts' own stats, so
+//! it answers whether the snapshotter runs or not).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use shoal_fs::snapshotter::{read_stats, ImageInfo};
 use shoal_peer::{ApiClient, NodeStatus};
 
 /// `shoal status`: print the local peer's state.
@@ -16,6 +19,9 @@ pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
+    /// The snapshotter's root, whose lazily mounted images are listed when it exists.
+    #[arg(long, default_value = shoal_fs::snapshotter::DEFAULT_ROOT)]
+    snapshotter_root: PathBuf,
 }
 
 fn mib(bytes: u64) -> String {
@@ -90,16 +96,68 @@ pub fn render(s: &NodeStatus) -> String {
     out
 }
 
+/// One lazily mounted image in `shoal status --json`.
+#[derive(serde::Serialize)]
+struct LazyImageStatus {
+    reference: String,
+    bootstrap: String,
+    #[serde(flatten)]
+    stats: shoal_fs::MetricsSnapshot,
+}
+
+/// The lazy-image part of the report: is lazy loading working here?
+pub fn render_images(images: &[(ImageInfo, shoal_fs::MetricsSnapshot)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "lazy images: {}", images.len());
+    for (info, s) in images {
+        let _ = writeln!(
+            out,
+            "  {}  read {}, fetched {} from peers / {} from origin, {:.1}% of {} fetched",
+            info.reference,
+            mib(s.read_bytes),
+            mib(s.fetched_peer),
+            mib(s.fetched_origin),
+            100.0 * s.image_fetched_ratio,
+            mib(s.image_stored_bytes)
+        );
+    }
+    out
+}
+
 /// Runs `shoal status`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    crate::get::check_peer_running(&args.api)?;
-    let client = ApiClient::new(&args.api);
-    let status = crate::registry::block_on(client.status())?
-        .with_context(|| format!("asking the peer at {} for its status", args.api.display()))?;
+    let images = args
+        .snapshotter_root
+        .is_dir()
+        .then(|| read_stats(&args.snapshotter_root.join("images")));
+    let peer = crate::get::check_peer_running(&args.api).and_then(|()| {
+        let client = ApiClient::new(&args.api);
+        crate::registry::block_on(client.status())?
+            .with_context(|| format!("asking the peer at {} for its status", args.api.display()))
+    });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let images: Option<Vec<LazyImageStatus>> = images.map(|v| {
+            v.into_iter()
+                .map(|(i, stats)| LazyImageStatus {
+                    reference: i.reference,
+                    bootstrap: i.bootstrap,
+                    stats,
+                })
+                .collect()
+        });
+        let doc = serde_json::json!({
+            "peer": peer.as_ref().ok(),
+            "lazy_images": images,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        print!("{}", render(&status));
+        if let Ok(status) = &peer {
+            print!("{}", render(status));
+        }
+        if let Some(images) = &images {
+            print!("{}", render_images(images));
+        }
     }
-    Ok(())
+    peer.map(|_| ())
 }
