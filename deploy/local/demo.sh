@@ -114,14 +114,15 @@ pids+=($!)
 wait_http "http://127.0.0.1:$reg_port/v2/" "$work/logs/registry.log"
 "$shoal" image convert --source "oci:$work/oci:demo" --output "oci:$work/shoal-pushed:demo" \
     --target "docker://127.0.0.1:$reg_port/demo:1"
-# The image's data blob: the largest layer of the pushed Shoal image.
+# The image's data blob: the pushed Shoal image's layer of the data blob media type.
 read -r blob blob_size < <(python3 - "$work/shoal-pushed" <<'PY'
 import json, sys
 root = sys.argv[1]
 index = json.load(open(f"{root}/index.json"))
 algo, hexd = index["manifests"][0]["digest"].split(":")
 manifest = json.load(open(f"{root}/blobs/{algo}/{hexd}"))
-layer = max(manifest["layers"], key=lambda l: l["size"])
+layer = next(l for l in manifest["layers"]
+             if l["mediaType"] == "application/vnd.oci.image.layer.shoal.blob.v1")
 print(layer["digest"], layer["size"])
 PY
 )

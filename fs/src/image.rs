@@ -14,7 +14,7 @@ use std::sync::Arc;
 use oci_spec::image::ImageManifest;
 use sha2::{Digest as _, Sha256};
 use shoal_format::bootstrap::Bootstrap;
-use shoal_format::image::is_shoal;
+use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
 use shoal_origin::{
     LocalDirOrigin, Origin, Reference, RegistryClient, RegistryOptions, RegistryOrigin,
@@ -45,18 +45,19 @@ fn image_err(cfg: &FsConfig, reason: impl Into<String>) -> FsError {
     }
 }
 
-/// The bootstrap layer of a Shoal manifest.
-fn bootstrap_layer(cfg: &FsConfig, m: &ImageManifest) -> Result<oci_spec::image::Descriptor> {
-    if !is_shoal(m) {
-        return Err(image_err(
+/// The bootstrap layer of a Shoal manifest, found by its media type; `name` is the manifest's
+/// digest. An old-layout image is refused with an error that says to convert it again.
+fn bootstrap_layer(
+    cfg: &FsConfig,
+    name: &str,
+    m: &ImageManifest,
+) -> Result<oci_spec::image::Descriptor> {
+    find_bootstrap(name, m)?.cloned().ok_or_else(|| {
+        image_err(
             cfg,
-            "not a Shoal image: the manifest's first layer is not a bootstrap (convert it with `shoal image convert`)",
-        ));
-    }
-    m.layers()
-        .first()
-        .cloned()
-        .ok_or_else(|| image_err(cfg, "manifest has no layers"))
+            format!("manifest {name} is not a Shoal image: it has no bootstrap layer (convert it with `shoal image convert`)"),
+        )
+    })
 }
 
 /// Checks `bytes` against `sha256:<hex>` `want`.
@@ -109,7 +110,7 @@ async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
             ),
         )
     })?;
-    let layer = bootstrap_layer(cfg, &manifest)?;
+    let layer = bootstrap_layer(cfg, pulled.digest.as_ref(), &manifest)?;
     if layer.size() > MAX_BOOTSTRAP {
         return Err(image_err(
             cfg,
@@ -139,7 +140,7 @@ async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
 
 fn open_layout(cfg: &FsConfig, r: &LayoutRef) -> Result<OpenedImage> {
     let (desc, manifest) = oci::resolve(r)?;
-    let layer = bootstrap_layer(cfg, &manifest)?;
+    let layer = bootstrap_layer(cfg, desc.digest().as_ref(), &manifest)?;
     // read_blob checks size and sha256 against the manifest's descriptor before we parse it.
     let bytes = oci::read_blob(&r.dir, &layer, MAX_BOOTSTRAP)?;
     let boot = Bootstrap::load(bytes)?;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{build_image, compare, flip_byte, fuse_ready, mountpoint, Compared};
 use shoal_format::bootstrap::Bootstrap;
+use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
 use shoal_fs::{mount, FsConfig};
 
@@ -29,7 +30,12 @@ fn layout_bootstrap(layout: &Path) -> Bootstrap {
         tag: None,
     };
     let (_, manifest) = oci::resolve(&r).unwrap();
-    let bytes = oci::read_blob(layout, &manifest.layers()[0], 1 << 30).unwrap();
+    let bytes = oci::read_blob(
+        layout,
+        find_bootstrap("test image", &manifest).unwrap().unwrap(),
+        1 << 30,
+    )
+    .unwrap();
     Bootstrap::load(bytes).unwrap()
 }
 
@@ -305,13 +311,14 @@ fn registry_mount_reads_lazily_and_fails_in_time_when_offline() {
         fs::read(img.tree.join("data/big.bin")).unwrap()
     );
     let s = m.metrics().snapshot();
-    let blob_size: u64 = manifest.layers()[1].size();
+    // The data blob: the first layer (data blobs come before the bootstrap).
+    let blob_size: u64 = manifest.layers()[0].size();
     assert!(
         s.fetched_origin > 3 << 20 && s.fetched_origin < blob_size,
         "lazy: fetched {} of {blob_size}",
         s.fetched_origin
     );
-    let served = rt.block_on(reg.blob_bytes_served(manifest.layers()[1].digest().as_ref()));
+    let served = rt.block_on(reg.blob_bytes_served(manifest.layers()[0].digest().as_ref()));
     assert!(
         served < blob_size,
         "registry served {served} of {blob_size}: not lazy"

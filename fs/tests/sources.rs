@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{build_image, compare, flip_byte, fuse_ready, mountpoint, Compared};
 use shoal_format::bootstrap::Bootstrap;
+use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
 use shoal_fs::fetch::{ChunkSource, OriginSource};
 use shoal_fs::read::{Reader, ReaderParts};
@@ -25,7 +26,15 @@ fn bootstrap(layout: &Path) -> Bootstrap {
         tag: None,
     };
     let (_, manifest) = oci::resolve(&r).unwrap();
-    Bootstrap::load(oci::read_blob(layout, &manifest.layers()[0], 1 << 30).unwrap()).unwrap()
+    Bootstrap::load(
+        oci::read_blob(
+            layout,
+            find_bootstrap("test image", &manifest).unwrap().unwrap(),
+            1 << 30,
+        )
+        .unwrap(),
+    )
+    .unwrap()
 }
 
 fn ino_of(boot: &Bootstrap, path: &str) -> u32 {

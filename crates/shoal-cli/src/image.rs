@@ -297,8 +297,8 @@ fn shoal_ref(
     let (source, pulled) = local_source(src, reg, &Progress::new(quiet))?;
     let mut guards: Vec<TempDir> = pulled.into_iter().collect();
     if let Source::Layout(r) = &source {
-        let (_, manifest) = shoal_format::oci::resolve(r)?;
-        if shoal_format::image::is_shoal(&manifest) {
+        let (desc, manifest) = shoal_format::oci::resolve(r)?;
+        if shoal_format::image::find_bootstrap(desc.digest().as_ref(), &manifest)?.is_some() {
             return Ok((r.clone(), guards));
         }
     }

@@ -45,6 +45,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A manifest names a Shoal image in a layout this build does not read (the layout of earlier
+    /// versions, or Shoal layers that do not add up to an image); says what to do.
+    #[error("manifest {manifest}: {reason}")]
+    ImageLayout {
+        /// The manifest (digest or reference).
+        manifest: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// Build options were out of range (chunk size, piece size, level, prefetch list).
     #[error("invalid build option: {0}")]
     BadOption(String),

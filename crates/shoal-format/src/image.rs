@@ -31,34 +31,68 @@ pub struct ShoalImage {
     pub meta: ImageMeta,
 }
 
-/// True when `manifest` describes a Shoal image (first layer is a bootstrap).
-pub fn is_shoal(manifest: &ImageManifest) -> bool {
-    manifest
+/// The bootstrap layer of a Shoal image, found by its media type (docs/format.md, "OCI image");
+/// `Ok(None)` for any other image. `name` (the manifest's digest or reference) goes into errors.
+///
+/// Refuses a manifest in the layout of earlier Shoal versions (Shoal config, bootstrap first) with
+/// an error that says to convert the image again, and one whose Shoal layers do not add up to an
+/// image (several bootstraps, data blobs without a bootstrap).
+pub fn find_bootstrap<'m>(
+    name: &str,
+    manifest: &'m ImageManifest,
+) -> Result<Option<&'m Descriptor>> {
+    let refuse = |reason: String| Error::ImageLayout {
+        manifest: name.to_string(),
+        reason,
+    };
+    let media = |d: &Descriptor| d.media_type().to_string();
+    let legacy = std::iter::once(manifest.config())
+        .chain(manifest.layers())
+        .any(|d| oci::LEGACY_MEDIA_TYPES.contains(&media(d).as_str()));
+    if legacy {
+        return Err(refuse(
+            "a Shoal image in the layout of earlier Shoal versions (a Shoal config, the bootstrap as \
+             first layer), which containerd cannot pull and this version does not read: convert the \
+             source image again with `shoal image convert`"
+                .into(),
+        ));
+    }
+    let mut boots = manifest
         .layers()
-        .first()
-        .is_some_and(|l| l.media_type().to_string() == oci::MEDIA_BOOTSTRAP)
+        .iter()
+        .filter(|l| media(l) == oci::MEDIA_BOOTSTRAP);
+    let (first, more) = (boots.next(), boots.count());
+    if more > 0 {
+        return Err(refuse(format!(
+            "{} Shoal bootstrap layers; a Shoal image has exactly one",
+            more + 1
+        )));
+    }
+    if first.is_none()
+        && manifest
+            .layers()
+            .iter()
+            .any(|l| media(l) == oci::MEDIA_BLOB)
+    {
+        return Err(refuse(
+            "Shoal data blob layers but no bootstrap layer: the manifest is incomplete".into(),
+        ));
+    }
+    Ok(first)
 }
 
 impl ShoalImage {
     /// Opens `oci:DIR[:TAG]`: the bootstrap's sha256 must match the manifest, then it is loaded.
     pub fn open(r: &LayoutRef) -> Result<ShoalImage> {
         let (manifest_desc, manifest) = oci::resolve(r)?;
-        if !is_shoal(&manifest) {
-            return Err(Error::Oci {
-                path: r.dir.clone(),
-                reason: format!(
-                    "manifest {} is not a Shoal image (no bootstrap layer)",
-                    manifest_desc.digest()
-                ),
-            });
-        }
-        let bootstrap_desc = manifest
-            .layers()
-            .first()
+        let name = manifest_desc.digest().to_string();
+        let bootstrap_desc = find_bootstrap(&name, &manifest)?
             .cloned()
             .ok_or_else(|| Error::Oci {
                 path: r.dir.clone(),
-                reason: "manifest has no layers".into(),
+                reason: format!(
+                    "manifest {name} is not a Shoal image (no bootstrap layer): convert it with `shoal image convert`"
+                ),
             })?;
         let bytes =
             oci::read_blob(&r.dir, &bootstrap_desc, MAX_BOOTSTRAP).map_err(|e| Error::Verify {

@@ -15,18 +15,33 @@ use sha2::{Digest as _, Sha256 as Sha};
 use crate::error::{Error, Result};
 use crate::model::Sha256;
 
-/// Media type of the bootstrap layer of a Shoal image.
-pub const MEDIA_BOOTSTRAP: &str = "application/vnd.shoal.image.bootstrap.v1";
-/// Media type of a Shoal data blob (compressed chunks back to back).
-pub const MEDIA_BLOB: &str = "application/vnd.shoal.image.blob.v1";
-/// Media type of a Shoal image config.
-pub const MEDIA_CONFIG: &str = "application/vnd.shoal.image.config.v1+json";
-/// Manifest and bootstrap annotation: the image's Merkle root hash (BLAKE3, hex).
+/// Media type of the bootstrap layer of a Shoal image (the manifest's last layer). Under
+/// `application/vnd.oci.image.layer.` so that containerd treats it as a layer.
+pub const MEDIA_BOOTSTRAP: &str = "application/vnd.oci.image.layer.shoal.bootstrap.v1";
+/// Media type of a Shoal data blob layer (compressed chunks back to back).
+pub const MEDIA_BLOB: &str = "application/vnd.oci.image.layer.shoal.blob.v1";
+/// Media types of the layout before Shoal images were containerd images (config, bootstrap, data
+/// blob): read only to refuse such an image with an error that says to convert it again.
+pub const LEGACY_MEDIA_TYPES: [&str; 3] = [
+    "application/vnd.shoal.image.config.v1+json",
+    "application/vnd.shoal.image.bootstrap.v1",
+    "application/vnd.shoal.image.blob.v1",
+];
+/// Manifest annotation: the image's Merkle root hash (BLAKE3, hex).
 pub const ANN_ROOT: &str = "dev.shoal.image.root";
 /// Manifest annotation: the chunk size in bytes.
 pub const ANN_CHUNK_SIZE: &str = "dev.shoal.image.chunk-size";
 /// Data blob annotation: the piece size in bytes.
 pub const ANN_PIECE_SIZE: &str = "dev.shoal.blob.piece-size";
+/// Layer annotation naming a Shoal layer's role (`blob` or `bootstrap`); containerd passes
+/// `containerd.io/snapshot/` annotations to the snapshotter's Prepare as labels.
+pub const ANN_LAYER: &str = "containerd.io/snapshot/shoal.layer";
+/// Bootstrap layer annotation: the image's Merkle root hash (hex), for the snapshotter.
+pub const ANN_LAYER_ROOT: &str = "containerd.io/snapshot/shoal.root";
+/// [`ANN_LAYER`] value of a data blob layer.
+pub const LAYER_BLOB: &str = "blob";
+/// [`ANN_LAYER`] value of the bootstrap layer.
+pub const LAYER_BOOTSTRAP: &str = "bootstrap";
 /// Index annotation naming a manifest's tag.
 pub const ANN_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -342,6 +357,6 @@ pub fn add_manifest(dir: &Path, manifest: &ImageManifest, tag: &str) -> Result<D
 
 /// JSON with object keys sorted: oci-spec keeps annotations in a `HashMap`, whose order changes
 /// from run to run, and a manifest's digest must not.
-fn canonical_json<T: serde::Serialize>(v: &T) -> serde_json::Result<String> {
+pub(crate) fn canonical_json<T: serde::Serialize>(v: &T) -> serde_json::Result<String> {
     serde_json::to_string(&serde_json::to_value(v)?)
 }

@@ -49,24 +49,7 @@ pub fn verify(r: &LayoutRef) -> Result<VerifyReport> {
         ..Default::default()
     };
 
-    // The manifest must list exactly the blobs the bootstrap refers to.
-    let layers = img.manifest.layers();
-    let listed: Vec<_> = layers
-        .iter()
-        .skip(1)
-        .map(|d| (oci::parse_digest(d.digest()), d.size()))
-        .collect();
-    let wanted: Vec<_> = meta
-        .blobs
-        .iter()
-        .map(|b| (Some(b.digest), b.size))
-        .collect();
-    if listed != wanted {
-        return Err(fail(
-            format!("manifest {}", img.manifest_desc.digest()),
-            "its data blob layers differ from the blobs the bootstrap lists",
-        ));
-    }
+    check_layout(&img, &report.root)?;
 
     for (i, b) in meta.blobs.iter().enumerate() {
         let name = format!("blob {}", oci::digest_string(&b.digest));
@@ -145,6 +128,87 @@ pub fn verify(r: &LayoutRef) -> Result<VerifyReport> {
     }
     report.chunks = meta.chunks.len() as u64;
     Ok(report)
+}
+
+/// Checks the manifest and config against docs/format.md, "OCI image": the data blob layers are
+/// exactly the bootstrap's blobs (digest and size, in order), the bootstrap is the last layer, the
+/// layers carry the annotations the snapshotter reads, and the config has one diff_id per layer,
+/// equal to the layer's digest (what containerd checks before it unpacks).
+fn check_layout(img: &ShoalImage, root: &str) -> Result<()> {
+    let manifest = format!("manifest {}", img.manifest_desc.digest());
+    let layers = img.manifest.layers();
+    let (last, blobs) = layers
+        .split_last()
+        .ok_or_else(|| fail(&manifest, "has no layers"))?;
+    if last.digest() != img.bootstrap_desc.digest() {
+        return Err(fail(&manifest, "the bootstrap is not its last layer"));
+    }
+    let listed: Vec<_> = blobs
+        .iter()
+        .map(|d| {
+            (
+                d.media_type().to_string(),
+                oci::parse_digest(d.digest()),
+                d.size(),
+            )
+        })
+        .collect();
+    let wanted: Vec<_> = img
+        .meta
+        .blobs
+        .iter()
+        .map(|b| (oci::MEDIA_BLOB.to_string(), Some(b.digest), b.size))
+        .collect();
+    if listed != wanted {
+        return Err(fail(
+            &manifest,
+            "its data blob layers differ from the blobs the bootstrap lists",
+        ));
+    }
+    let ann = |d: &oci_spec::image::Descriptor, key: &str| {
+        d.annotations()
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .cloned()
+            .unwrap_or_default()
+    };
+    if let Some(d) = blobs
+        .iter()
+        .find(|d| ann(d, oci::ANN_LAYER) != oci::LAYER_BLOB)
+    {
+        return Err(fail(
+            &manifest,
+            format!(
+                "data blob layer {} lacks the annotation {}={}",
+                d.digest(),
+                oci::ANN_LAYER,
+                oci::LAYER_BLOB
+            ),
+        ));
+    }
+    if ann(last, oci::ANN_LAYER) != oci::LAYER_BOOTSTRAP || ann(last, oci::ANN_LAYER_ROOT) != root {
+        return Err(fail(
+            &manifest,
+            format!(
+                "the bootstrap layer lacks the annotations {}={} and {}=<root hash>",
+                oci::ANN_LAYER,
+                oci::LAYER_BOOTSTRAP,
+                oci::ANN_LAYER_ROOT
+            ),
+        ));
+    }
+    let config = format!("config {}", img.manifest.config().digest());
+    let bytes = oci::read_config(&img.dir, &img.manifest)?;
+    let parsed = oci_spec::image::ImageConfiguration::from_reader(&bytes[..])
+        .map_err(|e| fail(&config, format!("not an OCI image config: {e}")))?;
+    let layer_digests: Vec<String> = layers.iter().map(|l| l.digest().to_string()).collect();
+    if *parsed.rootfs().diff_ids() != layer_digests {
+        return Err(fail(
+            &config,
+            "rootfs.diff_ids are not the manifest's layer digests, in order",
+        ));
+    }
+    Ok(())
 }
 
 /// The path of the first file that uses chunk `chunk`, for error messages.

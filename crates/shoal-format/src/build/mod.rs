@@ -3,7 +3,7 @@
 //!
 //! Data path by module: `source` (what to read) -> `layer` (tar stream) -> `flatten` (tree) ->
 //! `chunker` (BLAKE3 + zstd into a spill file) -> `meta` (inodes, chunk table) -> `blob` (final data
-//! blob, prefetched files first) -> `oci` (manifest). `dict` supplies chunks of earlier images.
+//! blob, prefetched files first) -> `manifest` (layers, OCI image config, manifest). `dict` supplies chunks of earlier images.
 //! `scan` runs `layer` -> `flatten` with chunks hashed in memory, writing nothing (a layer check).
 
 mod blob;
@@ -11,6 +11,7 @@ mod chunker;
 mod dict;
 mod flatten;
 mod layer;
+mod manifest;
 mod meta;
 mod scan;
 mod source;
@@ -23,7 +24,6 @@ pub use source::Source;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use oci_spec::image::{Descriptor, ImageManifestBuilder, MediaType};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -186,7 +186,6 @@ pub fn convert(
         .into_iter()
         .partition(|c| spill.chunks.contains_key(&meta.chunks[*c as usize].hash));
 
-    let mut descs: Vec<Descriptor> = Vec::new();
     let mut blob_bytes = 0;
     if !new.is_empty() {
         let stored: Vec<_> = new
@@ -228,42 +227,12 @@ pub fn convert(
     let root = merkle::compute(&mut meta)?;
     let boot = bootstrap::encode(&meta)?;
     let root_hex = hex::encode(root);
-    let mut boot_desc = oci::write_blob(&out.dir, oci::MEDIA_BOOTSTRAP, &boot)?;
-    boot_desc.set_annotations(Some(HashMap::from([(
-        oci::ANN_ROOT.to_string(),
-        root_hex.clone(),
-    )])));
-    descs.push(boot_desc);
-    for b in &meta.blobs {
-        let mut d = oci::descriptor(oci::MEDIA_BLOB, &b.digest, b.size)?;
-        d.set_annotations(Some(HashMap::from([(
-            oci::ANN_PIECE_SIZE.to_string(),
-            b.piece_size.to_string(),
-        )])));
-        descs.push(d);
-    }
-    let config = config_json(src, &meta, &root_hex)?;
-    let config_desc = oci::write_blob(&out.dir, oci::MEDIA_CONFIG, config.as_bytes())?;
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageManifest)
-        .config(config_desc)
-        .layers(descs)
-        .annotations(HashMap::from([
-            (oci::ANN_ROOT.to_string(), root_hex.clone()),
-            (oci::ANN_CHUNK_SIZE.to_string(), meta.chunk_size.to_string()),
-        ]))
-        .build()
-        .map_err(|e| Error::Oci {
-            path: out.dir.clone(),
-            reason: format!("building manifest: {e}"),
-        })?;
     let tag = out
         .tag
         .clone()
         .or_else(|| opts.tag.clone())
         .unwrap_or_else(|| "latest".into());
-    let mdesc = oci::add_manifest(&out.dir, &manifest, &tag)?;
+    let mdesc = manifest::write_image(src, out, &tag, &meta, &boot, &root_hex)?;
 
     let summary = crate::image::summarize(&meta);
     let seconds = start.elapsed().as_secs_f64();
@@ -286,32 +255,4 @@ pub fn convert(
     };
     tracing::info!(?stats, "converted");
     Ok((meta, stats))
-}
-
-/// The Shoal image config: the runtime config of the source image (if any) plus Shoal's facts.
-fn config_json(src: &Source, meta: &ImageMeta, root: &str) -> Result<String> {
-    let mut cfg = serde_json::Map::new();
-    if let Source::Layout(r) = src {
-        let (_, manifest) = oci::resolve(r)?;
-        let bytes = oci::read_config(&r.dir, &manifest)?;
-        if let Ok(serde_json::Value::Object(orig)) = serde_json::from_slice(&bytes) {
-            for key in [
-                "architecture",
-                "os",
-                "variant",
-                "config",
-                "created",
-                "author",
-            ] {
-                if let Some(v) = orig.get(key) {
-                    cfg.insert(key.into(), v.clone());
-                }
-            }
-        }
-    }
-    cfg.insert(
-        "shoal".into(),
-        serde_json::json!({ "version": 1, "root": root, "chunk_size": meta.chunk_size }),
-    );
-    serde_json::to_string(&cfg).map_err(|e| Error::BadOption(format!("encoding config: {e}")))
 }

@@ -79,15 +79,14 @@ pub(crate) fn apply(src: &Source, tree: &mut Tree, chunker: &mut Chunker) -> Res
             applied.layers = 1;
         }
         Source::Layout(r) => {
-            let (_, manifest) = oci::resolve(r)?;
+            let (desc, manifest) = oci::resolve(r)?;
+            if crate::image::find_bootstrap(desc.digest().as_ref(), &manifest)?.is_some() {
+                return Err(bad_source(
+                    format!("oci:{}", r.dir.display()),
+                    "already a Shoal image; inspect, verify or unpack it instead of converting it",
+                ));
+            }
             for (i, layer) in manifest.layers().iter().enumerate() {
-                let mt = layer.media_type().to_string();
-                if mt == oci::MEDIA_BOOTSTRAP || mt == oci::MEDIA_BLOB {
-                    return Err(bad_source(
-                        format!("oci:{}", r.dir.display()),
-                        "already a Shoal image; inspect, verify or unpack it instead of converting it",
-                    ));
-                }
                 let digest = oci::parse_digest(layer.digest()).ok_or_else(|| {
                     bad_source(
                         format!("oci:{}", r.dir.display()),
