@@ -2,7 +2,7 @@
 
 # Debian packages: the real registry, image tools, FUSE, the container runtime, and network tools.
 SHOAL_DEBS=(docker-registry umoci skopeo fuse3 containerd runc apache2-utils attr debootstrap
-    iproute2 iptables zstd curl pkg-config busybox-static)
+    iproute2 iptables zstd curl pkg-config busybox-static protobuf-compiler)
 
 as_root() {
     if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
