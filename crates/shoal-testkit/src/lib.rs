@@ -1,4 +1,4 @@
-//! Test fixtures: real servers (registry, S3, relay) started on loopback for Shoal tests.
+//! Test fixtures: real servers (registry, S3, relay, containerd) started by Shoal's tests.
 //!
 //! - [`Registry`]: Debian's `docker-registry` with a generated config (anonymous, htpasswd basic
 //!   auth, or bearer tokens from a small issuer in this crate), its access log parsed.
@@ -6,17 +6,33 @@
 //! - [`Relay`]: an HTTP relay in front of a server that injects 5xx answers, cuts bodies, and
 //!   redirects blob GETs to a "storage" address on another host name (to check credentials are
 //!   not forwarded).
+//! - [`Containerd`]: Debian's containerd 1.6 with its CRI plugin and real runc, in a private
+//!   mount namespace ([`MountNs`]) with its own `/run`, roots on tmpfs and a generated config
+//!   (snapshotter `overlayfs` or Shoal's proxy plugin, registry hosts dirs); [`Cri`] drives it
+//!   the way kubelet does. [`LayerBuilder`], [`write_layout`] and [`sandbox_image`] build the
+//!   small busybox images those tests run, as OCI layouts pushed with [`OciLayout::push`].
 //!
 //! Everything is stopped on drop. [`need_binaries`] tells a test to skip when a tool is missing
 //! (and fails under `CI=true`, where every tool must be installed).
 
+mod containerd;
+pub mod cri;
 pub mod http;
+mod mntns;
 mod moto;
+mod oci_image;
 mod registry;
 mod relay;
 pub mod token;
 
+pub use containerd::{Containerd, ContainerdOpts, Teardown, CRI_NAMESPACE, OVERLAYFS, SHOAL};
+pub use cri::{Auth, Container, ContainerLog, ContainerSpec, Cri, CriError, Exit, Pod};
+pub use mntns::{CgroupScope, MountNs, NsProcess};
 pub use moto::MotoS3;
+pub use oci_image::{
+    oci_arch, read_blob, sandbox_image, write_layout, ImageConfig, LayerBuilder, LayerDesc,
+    OciLayout, BUSYBOX,
+};
 pub use registry::{
     parse_access_line, random_bytes, sha256_digest, AccessEntry, Registry, RegistryAuth,
     RegistryOpts, TestImage,

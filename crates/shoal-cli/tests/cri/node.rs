@@ -1,0 +1,208 @@
+//! The scenario harness of the CRI tests: a node (a registry, a containerd with its CRI, the
+//! sandbox image pushed) and a workload image whose program prints the sha256 of its files.
+//!
+//! ```ignore
+//! let Some(node) = Node::start(NodeOpts::default()).await else { return };
+//! let image = node.push(&Workload::standard().layout(node.dir())?, "work/plain", "1").await;
+//! let pod = node.cri.run_pod("plain").await?;
+//! node.cri.pull(&image, None).await?;
+//! let (exit, log) = node.cri.run(&pod, Workload::standard().spec(&image), MINUTE).await?;
+//! Workload::standard().check(&exit, &log);
+//! node.stop().await;
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use shoal_testkit::{
+    or_skip, sandbox_image, write_layout, Auth, ContainerLog, ContainerSpec, Containerd,
+    ContainerdOpts, Cri, Exit, ImageConfig, LayerBuilder, OciLayout, Registry, RegistryAuth,
+    RegistryOpts,
+};
+
+/// How long a container of these tests may run.
+pub const MINUTE: Duration = Duration::from_secs(60);
+
+/// What a node is made of.
+#[derive(Default)]
+pub struct NodeOpts {
+    /// The registry's authentication (anonymous or htpasswd).
+    pub auth: RegistryAuth,
+    /// Changes to containerd's options (snapshotter, proxy plugin, network namespace);
+    /// `None`: overlayfs.
+    pub containerd: Option<Box<dyn FnOnce(ContainerdOpts) -> ContainerdOpts + Send>>,
+}
+
+/// A registry and a containerd whose CRI pulls from it (the sandbox image already pushed).
+pub struct Node {
+    /// The registry (htpasswd when `NodeOpts::auth` says so).
+    pub registry: Registry,
+    /// containerd, its namespace and its config.
+    pub ctrd: Containerd,
+    /// A CRI client on it.
+    pub cri: Cri,
+    /// The credentials the registry wants, if it wants any.
+    pub auth: Option<Auth>,
+    /// The sandbox image's reference.
+    pub sandbox: String,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts the node, or prints why the test is skipped (not root, a tool missing) and
+    /// returns `None`; never skips under `CI=true`.
+    pub async fn start(opts: NodeOpts) -> Option<Node> {
+        let registry = or_skip(
+            Registry::start(RegistryOpts {
+                auth: opts.auth.clone(),
+            })
+            .await,
+        )?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = or_skip(sandbox_image(&dir.path().join("pause")))?;
+        let sandbox = layout
+            .push(&registry, "shoal-test/pause", "1")
+            .await
+            .expect("pushing the sandbox image");
+        let mut co = ContainerdOpts::new(&sandbox);
+        if let Some(f) = opts.containerd {
+            co = f(co);
+        }
+        let ctrd = or_skip(Containerd::start(co).await)?;
+        ctrd.add_registry(&registry.host(), None)
+            .expect("hosts.toml for the registry");
+        let cri = ctrd.cri().await.expect("CRI client");
+        let auth = match &opts.auth {
+            RegistryAuth::Basic { user, password } => Some(Auth {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            _ => None,
+        };
+        if auth.is_some() {
+            // containerd pulls the sandbox image without credentials: a node with a private
+            // registry has it already (kubelet's pull of it, or a node image).
+            cri.pull(&sandbox, auth.as_ref())
+                .await
+                .expect("pulling the sandbox image with credentials");
+        }
+        Some(Node {
+            registry,
+            ctrd,
+            cri,
+            auth,
+            sandbox,
+            dir,
+        })
+    }
+
+    /// A scratch directory for image layouts.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Pushes a layout to `repo:tag`; returns its CRI reference.
+    pub async fn push(&self, layout: &OciLayout, repo: &str, tag: &str) -> String {
+        layout
+            .push(&self.registry, repo, tag)
+            .await
+            .unwrap_or_else(|e| panic!("pushing {repo}:{tag}: {e}"))
+    }
+
+    /// Stops containerd and checks that nothing of it is left (processes, namespace, cgroups,
+    /// mounts, files), and that no shim or container outlived its pod.
+    pub async fn stop(self) {
+        let Node { ctrd, registry, .. } = self;
+        let report = ctrd.stop().await.expect("a clean containerd teardown");
+        assert!(
+            report.cri_errors.is_empty(),
+            "removing pods: {:?}",
+            report.cri_errors
+        );
+        assert!(
+            report.lingering.is_empty(),
+            "processes outlived their pods and containerd: {:?}",
+            report.lingering
+        );
+        drop(registry);
+    }
+}
+
+/// A workload image: busybox and some files; its program prints their sha256.
+pub struct Workload {
+    /// (absolute path in the image, content).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl Workload {
+    /// Files of several shapes: empty, small, just over 1 MiB, a few MiB of noise, nested.
+    pub fn standard() -> Workload {
+        let files = vec![
+            ("/data/empty".into(), Vec::new()),
+            (
+                "/data/hello.txt".into(),
+                b"hello from a CRI container\n".to_vec(),
+            ),
+            (
+                "/data/one-mib-and-one".into(),
+                shoal_testkit::random_bytes((1 << 20) + 1, 1),
+            ),
+            (
+                "/data/deep/a/b/c/noise.bin".into(),
+                shoal_testkit::random_bytes(3 << 20, 2),
+            ),
+            ("/etc/shoal-test.conf".into(), b"key = value\n".repeat(100)),
+        ];
+        Workload { files }
+    }
+
+    /// The image as an OCI layout in `base/NAME`: busybox in one layer, the files in another.
+    pub fn layout(&self, base: &Path, name: &str) -> OciLayout {
+        let bb = LayerBuilder::busybox()
+            .and_then(|b| b.finish())
+            .expect("busybox layer");
+        let mut files = LayerBuilder::new();
+        for (p, data) in &self.files {
+            files.file(p, data, 0o644).expect("tar entry");
+        }
+        let files = files.finish().expect("files layer");
+        let cfg = ImageConfig {
+            entrypoint: vec!["/bin/sh".into()],
+            env: vec!["PATH=/bin".into()],
+            ..ImageConfig::default()
+        };
+        write_layout(&base.join(name), &[bb, files], &cfg, true, "1").expect("image layout")
+    }
+
+    /// The container: `busybox sha256sum FILES...`.
+    pub fn spec(&self, image: &str) -> ContainerSpec {
+        ContainerSpec::new(image)
+            .command(["/bin/busybox", "sha256sum"])
+            .args(self.files.iter().map(|(p, _)| p.clone()))
+    }
+
+    /// What the program must print.
+    pub fn expected(&self) -> String {
+        self.files
+            .iter()
+            .map(|(p, d)| format!("{}  {p}", hex::encode(Sha256::digest(d))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Asserts the container exited 0 and printed the files' sha256.
+    pub fn check(&self, exit: &Exit, log: &ContainerLog) {
+        assert_eq!(
+            exit.code,
+            0,
+            "workload exited {exit:?}; stderr: {}",
+            log.stderr()
+        );
+        assert_eq!(
+            log.stdout(),
+            self.expected(),
+            "the files' sha256 in the image"
+        );
+    }
+}
