@@ -47,7 +47,10 @@ pub fn run(args: ContainerdConfigArgs) -> anyhow::Result<()> {
         let msg = if args.remove {
             crate::containerd_snapshotter::uninstall(&args.containerd_config)?
         } else {
-            crate::containerd_snapshotter::install(&args.containerd_config, &args.snapshotter_socket)?
+            crate::containerd_snapshotter::install(
+                &args.containerd_config,
+                &args.snapshotter_socket,
+            )?
         };
         println!("{msg}");
         if args.registries.is_empty() {

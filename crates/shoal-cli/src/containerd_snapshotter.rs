@@ -128,14 +128,29 @@ mod tests {
         let cri = &v["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
         assert_eq!(cri["snapshotter"].as_str(), Some("shoal"));
         assert_eq!(cri["disable_snapshot_annotations"].as_bool(), Some(false));
-        assert_eq!(v["proxy_plugins"]["shoal"]["type"].as_str(), Some("snapshot"));
-        assert_eq!(add(&after, Path::new("/run/shoal/snapshotter.sock")).unwrap(), after, "idempotent");
+        assert_eq!(
+            v["proxy_plugins"]["shoal"]["type"].as_str(),
+            Some("snapshot")
+        );
+        assert_eq!(
+            add(&after, Path::new("/run/shoal/snapshotter.sock")).unwrap(),
+            after,
+            "idempotent"
+        );
 
         let v3 = add("version = 3\n", Path::new("/s.sock")).unwrap();
         let v: toml::Value = toml::from_str(&v3).unwrap();
-        assert_eq!(v["plugins"]["io.containerd.cri.v1.images"]["snapshotter"].as_str(), Some("shoal"));
-        assert!(add("", Path::new("/s.sock")).unwrap().starts_with("version = 2"));
-        assert!(add("[plugins]\n", Path::new("/s.sock")).is_err(), "version 1 is refused");
+        assert_eq!(
+            v["plugins"]["io.containerd.cri.v1.images"]["snapshotter"].as_str(),
+            Some("shoal")
+        );
+        assert!(add("", Path::new("/s.sock"))
+            .unwrap()
+            .starts_with("version = 2"));
+        assert!(
+            add("[plugins]\n", Path::new("/s.sock")).is_err(),
+            "version 1 is refused"
+        );
         assert!(add("version = 2\nproxy_plugins = 3\n", Path::new("/s.sock")).is_err());
     }
 
@@ -148,7 +163,10 @@ mod tests {
         install(&cfg, Path::new("/b.sock")).unwrap();
         assert!(std::fs::read_to_string(&cfg).unwrap().contains("/b.sock"));
         uninstall(&cfg).unwrap();
-        assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "version = 2\n# original\n");
+        assert_eq!(
+            std::fs::read_to_string(&cfg).unwrap(),
+            "version = 2\n# original\n"
+        );
         assert!(uninstall(&cfg).is_err(), "nothing left to restore");
     }
 }

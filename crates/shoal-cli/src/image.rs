@@ -42,6 +42,9 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pull a Shoal image into containerd lazily (no data blob downloaded), for `ctr run
+    /// --snapshotter shoal`.
+    Pull(crate::image_pull::PullArgs),
     /// Materialise an image's tree under a new directory.
     Unpack {
         /// `docker://REF`, `oci:DIR[:TAG]`, a directory, or a tar layer.
@@ -112,6 +115,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     let reg = &args.registry;
     match args.command {
         ImageCommand::Convert(a) => convert(a, reg),
+        ImageCommand::Pull(a) => crate::image_pull::run(a, reg),
         ImageCommand::Inspect { src, json } => {
             let (img, _tmp) = open_any(&src, reg, json)?;
             let s = img.summary();

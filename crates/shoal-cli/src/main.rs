@@ -6,6 +6,7 @@ mod containerd_snapshotter;
 mod fs;
 mod get;
 mod image;
+mod image_pull;
 mod peer;
 mod preheat;
 mod registry;

@@ -89,7 +89,7 @@ pub struct Containerd {
 #[derive(Debug, Default)]
 pub struct Teardown {
     /// Processes still alive after the pods were removed and containerd had stopped (the
-    /// namespace holder and processes the test spawned in the namespace are not counted).
+    /// namespace holder is not counted; a test stops what it spawned in the namespace first).
     pub lingering: Vec<String>,
     /// Errors of the CRI calls that removed the pods.
     pub cri_errors: Vec<String>,

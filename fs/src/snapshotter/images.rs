@@ -63,14 +63,22 @@ pub enum MountState {
     Absent,
 }
 
-/// The state of `mnt`.
-pub fn mount_state(mnt: &Path) -> MountState {
+/// The state of `mnt`, served by process `pid` (0: not known).
+pub fn mount_state(mnt: &Path, pid: u32) -> MountState {
     let parent_dev = mnt
         .parent()
         .and_then(|p| std::fs::metadata(p).ok())
         .map(|m| m.dev());
     match std::fs::metadata(mnt) {
-        Ok(m) if Some(m.dev()) != parent_dev => MountState::Serving,
+        // A FUSE mount whose process died still answers stat from the kernel's attribute cache
+        // (the image never changes, so attributes are cached long): ask after the process.
+        Ok(m) if Some(m.dev()) != parent_dev => {
+            if pid == 0 || serves(pid, mnt) {
+                MountState::Serving
+            } else {
+                MountState::Dead
+            }
+        }
         Ok(_) => MountState::Absent,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => MountState::Absent,
         Err(_) => MountState::Dead,
@@ -131,7 +139,7 @@ impl LazyImages {
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.image_dir(key);
         let mnt = self.mountpoint(key);
-        match mount_state(&mnt) {
+        match mount_state(&mnt, image.pid) {
             MountState::Serving => return Ok(image.pid),
             MountState::Dead => {
                 tracing::warn!(image = %image.reference, mountpoint = %mnt.display(), "lazy mount died; mounting it again");
@@ -234,7 +242,7 @@ impl LazyImages {
         let pid = child.id();
         let deadline = Instant::now() + s.mount_timeout;
         loop {
-            if mount_state(&mnt) == MountState::Serving {
+            if mount_state(&mnt, pid) == MountState::Serving {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -285,7 +293,7 @@ impl LazyImages {
 
     /// Unmounts `mnt` (lazily) and makes sure the mount process `pid` ends.
     fn stop_process(&self, key: &str, pid: u32, mnt: &Path) {
-        if mount_state(mnt) != MountState::Absent {
+        if mount_state(mnt, pid) != MountState::Absent {
             if let Err(e) = crate::umount(mnt) {
                 tracing::warn!(mountpoint = %mnt.display(), error = %e, "could not unmount a lazy image");
             }
@@ -328,7 +336,7 @@ impl LazyImages {
     pub fn reconcile(&self, known: &[(String, LazyImage)]) -> Vec<(String, SnapshotterError)> {
         let mut failed = Vec::new();
         for (key, image) in known {
-            match mount_state(&self.mountpoint(key)) {
+            match mount_state(&self.mountpoint(key), image.pid) {
                 MountState::Serving => {
                     tracing::info!(image = %image.reference, pid = image.pid, "adopted a lazy mount that kept serving")
                 }

@@ -13,7 +13,7 @@ use super::error::{Result, SnapshotterError};
 /// The chain id the unpacker will commit this layer as (containerd's remote-snapshot key).
 pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
 /// Shoal layer kind: `blob` or `bootstrap` (a layer annotation of converted images).
-pub const SHOAL_LAYER: &str = "containerd.io/snapshot/shoal.layer";
+pub const SHOAL_LAYER: &str = shoal_format::oci::ANN_LAYER;
 /// The image reference containerd's CRI is pulling.
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// The digest of the layer being unpacked (CRI).
@@ -51,8 +51,8 @@ pub fn shoal_layer(labels: &BTreeMap<String, String>) -> Result<Option<ShoalLaye
         return Ok(None);
     };
     match kind.as_str() {
-        "blob" => Ok(Some(ShoalLayer::Blob { target })),
-        "bootstrap" => {
+        shoal_format::oci::LAYER_BLOB => Ok(Some(ShoalLayer::Blob { target })),
+        shoal_format::oci::LAYER_BOOTSTRAP => {
             let need = |key: &str| {
                 labels.get(key).ok_or_else(|| {
                     SnapshotterError::InvalidArgument(format!(

@@ -222,10 +222,11 @@ impl Snapshots {
                 Content::Placeholder => {}
                 Content::Lazy { image, whole } => {
                     let mnt = self.images.mountpoint(image);
-                    if super::images::mount_state(&mnt) != MountState::Serving {
-                        let mut record = self.state.image(image)?.ok_or_else(|| {
-                            SnapshotterError::NotFound(format!("lazy image {image}"))
-                        })?;
+                    let mut record = self
+                        .state
+                        .image(image)?
+                        .ok_or_else(|| SnapshotterError::NotFound(format!("lazy image {image}")))?;
+                    if super::images::mount_state(&mnt, record.pid) != MountState::Serving {
                         record.pid = self.images.ensure(image, &record)?;
                         self.state.put_image(image, &record)?;
                     }

@@ -9,3 +9,5 @@
 
 mod node;
 mod overlayfs;
+mod shoal;
+mod shoal_node;

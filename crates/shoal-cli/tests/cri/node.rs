@@ -15,6 +15,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+use crate::shoal_node::ShoalParts;
 use shoal_testkit::{
     or_skip, sandbox_image, write_layout, Auth, ContainerLog, ContainerSpec, Containerd,
     ContainerdOpts, Cri, Exit, ImageConfig, LayerBuilder, OciLayout, Registry, RegistryAuth,
@@ -32,6 +34,9 @@ pub struct NodeOpts {
     /// Changes to containerd's options (snapshotter, proxy plugin, network namespace);
     /// `None`: overlayfs.
     pub containerd: Option<Box<dyn FnOnce(ContainerdOpts) -> ContainerdOpts + Send>>,
+    /// Run Shoal's node parts: the CRI's snapshotter is `shoal`, pulls go through a peer's
+    /// registry proxy.
+    pub shoal: bool,
 }
 
 /// A registry and a containerd whose CRI pulls from it (the sandbox image already pushed).
@@ -46,6 +51,8 @@ pub struct Node {
     pub auth: Option<Auth>,
     /// The sandbox image's reference.
     pub sandbox: String,
+    /// The peer and the snapshotter, with `NodeOpts::shoal`.
+    pub shoal: Option<ShoalParts>,
     dir: tempfile::TempDir,
 }
 
@@ -66,12 +73,18 @@ impl Node {
             .await
             .expect("pushing the sandbox image");
         let mut co = ContainerdOpts::new(&sandbox);
+        if opts.shoal {
+            co = co.with_shoal_snapshotter("shoal-snapshotter.sock");
+        }
         if let Some(f) = opts.containerd {
             co = f(co);
         }
         let ctrd = or_skip(Containerd::start(co).await)?;
         ctrd.add_registry(&registry.host(), None)
             .expect("hosts.toml for the registry");
+        let shoal = opts
+            .shoal
+            .then(|| ShoalParts::start(dir.path(), &registry, &ctrd));
         let cri = ctrd.cri().await.expect("CRI client");
         let auth = match &opts.auth {
             RegistryAuth::Basic { user, password } => Some(Auth {
@@ -93,6 +106,7 @@ impl Node {
             cri,
             auth,
             sandbox,
+            shoal,
             dir,
         })
     }
@@ -113,7 +127,28 @@ impl Node {
     /// Stops containerd and checks that nothing of it is left (processes, namespace, cgroups,
     /// mounts, files), and that no shim or container outlived its pod.
     pub async fn stop(self) {
-        let Node { ctrd, registry, .. } = self;
+        let Node {
+            ctrd,
+            registry,
+            shoal,
+            cri,
+            ..
+        } = self;
+        if let Some(shoal) = shoal.as_ref() {
+            // As kubelet's image GC would: pods, then images. containerd's CRI deletes images with
+            // a synchronous GC, so each lazy image's snapshots reach the snapshotter's Remove and
+            // its mount goes with the last of them; no mount process may outlive that.
+            let errors = cri.remove_all_pods().await;
+            assert!(errors.is_empty(), "removing pods: {errors:?}");
+            for image in cri.list_images().await.expect("ListImages") {
+                cri.remove_image(&image.id).await.expect("RemoveImage");
+            }
+            shoal.assert_no_lazy_images(&ctrd);
+        }
+        let mut shoal = shoal;
+        if let Some(s) = shoal.as_mut() {
+            s.stop_snapshotter();
+        }
         let report = ctrd.stop().await.expect("a clean containerd teardown");
         assert!(
             report.cri_errors.is_empty(),
@@ -125,6 +160,7 @@ impl Node {
             "processes outlived their pods and containerd: {:?}",
             report.lingering
         );
+        drop(shoal);
         drop(registry);
     }
 }

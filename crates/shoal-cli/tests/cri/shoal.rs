@@ -1,0 +1,266 @@
+//! Shoal's snapshotter under containerd's CRI: converted images start on their lazy mount (their
+//! data blobs never downloaded by containerd), plain images run through the same snapshotter, a
+//! flipped byte in the node's cache never reaches a container, a killed snapshotter leaves
+//! running containers reading, private images start with credentials, and `shoal image pull`
+//! serves `ctr run --snapshotter shoal`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use shoal_testkit::{write_layout, ContainerSpec, ImageConfig, LayerBuilder, OciLayout};
+
+use crate::node::{Node, NodeOpts, Workload, MINUTE};
+use crate::shoal_node::shoal_bin;
+
+/// Bytes of the image no workload reads: a lazy start must not fetch them.
+const UNREAD: usize = 48 << 20;
+
+/// The workload's image with a large file nobody reads, as an OCI layout.
+fn image_with_unread_bytes(work: &Workload, base: &Path, name: &str) -> OciLayout {
+    let bb = LayerBuilder::busybox()
+        .and_then(|b| b.finish())
+        .expect("busybox layer");
+    let mut files = LayerBuilder::new();
+    for (p, data) in &work.files {
+        files.file(p, data, 0o644).expect("tar entry");
+    }
+    files
+        .file(
+            "/opt/unread.bin",
+            &shoal_testkit::random_bytes(UNREAD, 9),
+            0o644,
+        )
+        .expect("tar entry");
+    let files = files.finish().expect("files layer");
+    let cfg = ImageConfig {
+        entrypoint: vec!["/bin/sh".into()],
+        env: vec!["PATH=/bin".into()],
+        ..ImageConfig::default()
+    };
+    write_layout(&base.join(name), &[bb, files], &cfg, true, "1").expect("image layout")
+}
+
+/// Converts `layout` with `shoal image convert` and pushes it as `reference`.
+fn convert_and_push(layout: &OciLayout, reference: &str) {
+    let out = Command::new(shoal_bin())
+        .args(["image", "convert", "--source"])
+        .arg(format!("oci:{}:1", layout.dir.display()))
+        .args(["--target", &format!("docker://{reference}")])
+        .output()
+        .expect("shoal image convert");
+    assert!(
+        out.status.success(),
+        "converting: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Flips bytes of every chunk the lazy mounts cached on disk (every 256 KiB of their packs).
+fn flip_cached_chunks(images: &Path) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut flipped = 0;
+    let mut stack = vec![images.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "pack") {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&p)
+                    .unwrap();
+                let len = f.metadata().unwrap().len();
+                let mut off = 0;
+                while off < len {
+                    let mut b = [0u8; 1];
+                    f.read_exact_at(&mut b, off).unwrap();
+                    f.write_all_at(&[b[0] ^ 0x40], off).unwrap();
+                    flipped += 1;
+                    off += 256 << 10;
+                }
+            }
+        }
+    }
+    flipped
+}
+
+/// Pids of the lazy mount processes under `root` (`shoal fs mount ... <root>/images/*/mnt`).
+fn mount_pids(root_inside: &Path) -> Vec<u32> {
+    let want = root_inside.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.iter().any(|a| a == "mount")
+                    && args
+                        .iter()
+                        .any(|a| a.starts_with(&want) && a.ends_with("/mnt"))
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_images_start_lazily_and_plain_ones_run_beside_them() {
+    let Some(node) = Node::start(NodeOpts {
+        shoal: true,
+        ..NodeOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let shoal = node.shoal.as_ref().expect("shoal parts");
+    let work = Workload::standard();
+    let layout = image_with_unread_bytes(&work, node.dir(), "lazy");
+    let image = format!("{}/shoal-test/lazy:1", node.registry.host());
+    tokio::task::block_in_place(|| convert_and_push(&layout, &image));
+
+    // The sandbox (a plain image) already goes through the Shoal snapshotter.
+    let pod = node.cri.run_pod("lazy").await.expect("RunPodSandbox");
+    node.cri
+        .pull(&image, None)
+        .await
+        .expect("PullImage of a converted image");
+    let (exit, log) = node
+        .cri
+        .run(&pod, work.spec(&image), MINUTE)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "running on the lazy mount: {e}\n{}",
+                shoal.snapshotter_log()
+            )
+        });
+    work.check(&exit, &log);
+    let s = shoal.wait_stats(&node.ctrd, |s| s.read_bytes > 0);
+    let fetched = s.fetched_peer + s.fetched_origin;
+    eprintln!(
+        "lazy start: read {} bytes, fetched {fetched} of {} stored ({:.1}%)",
+        s.read_bytes,
+        s.image_stored_bytes,
+        100.0 * s.image_fetched_ratio
+    );
+    assert!(
+        s.image_fetched_ratio < 0.5 && s.image_stored_bytes > UNREAD as u64,
+        "a lazy start fetches a small share of the image: {s:?}"
+    );
+    assert!(fetched > 0, "{s:?}");
+    let status = Command::new(shoal_bin())
+        .args(["status", "--api"])
+        .arg(&shoal.peer_socket)
+        .arg("--snapshotter-root")
+        .arg(shoal.root(&node.ctrd))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("lazy images: 1") && text.contains("shoal-test/lazy:1"),
+        "{text}"
+    );
+
+    // A plain OCI image through the same snapshotter: containerd unpacks it.
+    let plain = node
+        .push(&work.layout(node.dir(), "plain"), "shoal-test/plain", "1")
+        .await;
+    node.cri
+        .pull(&plain, None)
+        .await
+        .expect("PullImage of a plain image");
+    let (exit, log) = node
+        .cri
+        .run(&pod, work.spec(&plain), MINUTE)
+        .await
+        .expect("plain run");
+    work.check(&exit, &log);
+
+    // A flipped byte in the node's cache: the mount process is gone (its memory cache with it),
+    // the next container gets a new mount over the same disk cache, and still reads right bytes.
+    let root = shoal.root(&node.ctrd);
+    let flipped = flip_cached_chunks(&root.join("images"));
+    assert!(flipped > 0, "no cached chunk found to corrupt");
+    for pid in mount_pids(&shoal_root_inside(&node)) {
+        // SAFETY: kill(2) on a mount process of this test's snapshotter.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let (exit, log) = node
+        .cri
+        .run(&pod, work.spec(&image), MINUTE)
+        .await
+        .expect("run after corruption");
+    work.check(&exit, &log);
+    let s = shoal.wait_stats(&node.ctrd, |s| s.verify_failures > 0 && s.read_bytes > 0);
+    eprintln!("after flipping {flipped} cached bytes: {} chunks failed verification and were fetched again", s.verify_failures);
+    node.stop().await;
+}
+
+/// The snapshotter's root as its processes name it (inside containerd's namespace).
+fn shoal_root_inside(node: &Node) -> std::path::PathBuf {
+    node.ctrd.snapshotter_root("shoal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_snapshotter_leaves_running_containers_reading() {
+    let Some(mut node) = Node::start(NodeOpts {
+        shoal: true,
+        ..NodeOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    // Ten files of 2 MiB, read one every 400 ms: the reads span the snapshotter's death.
+    let files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| {
+            (
+                format!("/data/f{i}"),
+                shoal_testkit::random_bytes(2 << 20, 100 + i),
+            )
+        })
+        .collect();
+    let work = Workload { files };
+    let layout = image_with_unread_bytes(&work, node.dir(), "slow");
+    let image = format!("{}/shoal-test/slow:1", node.registry.host());
+    tokio::task::block_in_place(|| convert_and_push(&layout, &image));
+    let pod = node.cri.run_pod("slow").await.expect("RunPodSandbox");
+    node.cri.pull(&image, None).await.expect("PullImage");
+    let script = work
+        .files
+        .iter()
+        .map(|(p, _)| format!("/bin/busybox sha256sum {p}; /bin/busybox sleep 0.4"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let spec = ContainerSpec::new(&image).command(["/bin/sh", "-c", &script]);
+    let c = node.cri.create(&pod, spec).await.expect("CreateContainer");
+    node.cri.start(&c).await.expect("StartContainer");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let ctrd = &node.ctrd;
+    let shoal = node.shoal.as_mut().expect("shoal parts");
+    shoal.kill_snapshotter();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    shoal.start_snapshotter(ctrd);
+    let exit = node
+        .cri
+        .wait_exit(&c, MINUTE)
+        .await
+        .expect("the container exits");
+    let log = node.cri.logs(&c).expect("its log");
+    work.check(&exit, &log);
+    // New containers start after the restart (state and mount adopted).
+    let (exit, log) = node
+        .cri
+        .run(&pod, work.spec(&image), MINUTE)
+        .await
+        .expect("a new container");
+    work.check(&exit, &log);
+    node.stop().await;
+}
