@@ -264,3 +264,61 @@ async fn a_killed_snapshotter_leaves_running_containers_reading() {
     work.check(&exit, &log);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_image_pull_serves_ctr_run() {
+    let Some(node) = Node::start(NodeOpts {
+        shoal: true,
+        ..NodeOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let work = Workload::standard();
+    let layout = image_with_unread_bytes(&work, node.dir(), "ctr");
+    let image = format!("{}/shoal-test/ctr:1", node.registry.host());
+    tokio::task::block_in_place(|| convert_and_push(&layout, &image));
+    let out = Command::new(shoal_bin())
+        .args([
+            "image",
+            "pull",
+            &image,
+            "--namespace",
+            "k8s.io",
+            "--containerd",
+        ])
+        .arg(node.ctrd.socket())
+        .output()
+        .expect("shoal image pull");
+    assert!(
+        out.status.success(),
+        "shoal image pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--snapshotter",
+        "shoal",
+        &image,
+        "shoal-pull-1",
+    ];
+    args.push("/bin/busybox");
+    args.push("sha256sum");
+    let paths: Vec<&str> = work.files.iter().map(|(p, _)| p.as_str()).collect();
+    args.extend(paths);
+    let printed = node.ctrd.ctr(&args).expect("ctr run --snapshotter shoal");
+    assert_eq!(
+        printed.trim_end(),
+        work.expected(),
+        "the files' sha256 in the image"
+    );
+    let s = node
+        .shoal
+        .as_ref()
+        .expect("shoal parts")
+        .wait_stats(&node.ctrd, |s| s.read_bytes > 0);
+    assert!(s.image_fetched_ratio < 0.5, "{s:?}");
+    node.stop().await;
+}
