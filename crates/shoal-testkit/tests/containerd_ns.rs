@@ -136,3 +136,37 @@ async fn drop_kills_pods_and_helpers() {
     assert!(!dir.exists(), "the temp dir is gone");
     assert!(cgroups.iter().all(|d| !d.exists()), "the cgroups are gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_toml_sends_pulls_through_the_mirror() {
+    let Some(reg) = or_skip(Registry::start(Default::default()).await) else {
+        return;
+    };
+    let layouts = tempfile::tempdir().unwrap();
+    let Some(pause) = or_skip(sandbox_image(layouts.path())) else {
+        return;
+    };
+    pause.push(&reg, "t/pause", "1").await.unwrap();
+    let Some(ctrd) = or_skip(Containerd::start(ContainerdOpts::new(NO_SANDBOX)).await) else {
+        return;
+    };
+    // Nothing listens on the registry named in the reference: only the mirror can answer.
+    let nobody = format!("127.0.0.1:{}", shoal_testkit::free_port().unwrap());
+    ctrd.add_registry(&nobody, Some(&reg.url())).unwrap();
+    let cri = ctrd.cri().await.unwrap();
+    cri.pull(&format!("{nobody}/t/pause:1"), None)
+        .await
+        .expect("pulled through the mirror");
+    assert!(
+        !ctrd.log_tail(1000).contains("hosts.toml"),
+        "containerd took the hosts.toml: {}",
+        ctrd.log_tail(20)
+    );
+    let log = reg.access_log().await;
+    assert!(
+        log.iter()
+            .any(|e| e.path.contains("/v2/t/pause/manifests/1")),
+        "{log:?}"
+    );
+    ctrd.stop().await.unwrap();
+}

@@ -114,6 +114,11 @@ impl Node {
     /// mounts, files), and that no shim or container outlived its pod.
     pub async fn stop(self) {
         let Node { ctrd, registry, .. } = self;
+        let log = ctrd.log_tail(100_000);
+        assert!(
+            !log.contains("failed to decode hosts.toml"),
+            "containerd refused the registry config: {log}"
+        );
         let report = ctrd.stop().await.expect("a clean containerd teardown");
         assert!(
             report.cri_errors.is_empty(),
