@@ -73,10 +73,12 @@ impl MountNs {
             ));
         }
         script.push_str("; echo ready; exec sleep infinity");
+        // Not `ip netns exec`: it mounts a fresh /sys, which hides the cgroup mounts runc needs.
         let mut cmd = match netns {
             Some(n) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", n, "unshare"]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{n}"))
+                    .args(["--", "unshare"]);
                 c
             }
             None => Command::new("unshare"),

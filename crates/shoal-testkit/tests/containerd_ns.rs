@@ -170,3 +170,61 @@ async fn hosts_toml_sends_pulls_through_the_mirror() {
     );
     ctrd.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shoal_proxy_plugin_is_configured_before_the_snapshotter_runs() {
+    let opts = ContainerdOpts::new(NO_SANDBOX).with_shoal_snapshotter("snap.sock");
+    let Some(ctrd) = or_skip(Containerd::start(opts).await) else {
+        return;
+    };
+    assert_eq!(ctrd.shoal_socket(), Some(ctrd.dir().join("snap.sock")));
+    let plugins = ctrd.ctr(&["plugins", "ls"]).expect("ctr plugins ls");
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains("io.containerd.snapshotter.v1") && l.contains(" shoal ")),
+        "{plugins}"
+    );
+    let cri = ctrd
+        .cri()
+        .await
+        .expect("the CRI answers without the snapshotter");
+    cri.version().await.expect("CRI Version");
+    ctrd.stop().await.expect("a clean teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_namespace_keeps_the_cgroup_mounts() {
+    if or_skip(Containerd::start(ContainerdOpts::new(NO_SANDBOX)).await).is_none() {
+        return; // not root or no containerd: skipped with the reason printed
+    }
+    let name = format!("shoal-tk-{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip netns add {name}");
+    let ctrd = Containerd::start(ContainerdOpts {
+        netns: Some(name.clone()),
+        ..ContainerdOpts::new(NO_SANDBOX)
+    })
+    .await;
+    let probe = ctrd.as_ref().map_err(|e| e.to_string()).map(|c| {
+        let out = |args: &[&str]| {
+            let o = c.ns().command(args[0]).args(&args[1..]).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        (
+            out(&["ip", "-o", "link"]),
+            out(&["cat", "/proc/self/mountinfo"]),
+        )
+    });
+    if let Ok(c) = ctrd {
+        c.stop().await.expect("a clean teardown");
+    }
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    let (links, mounts) = probe.expect("containerd in a network namespace");
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    // runc needs them ("no cgroup mount found in mountinfo" under `ip netns exec`).
+    assert!(mounts.contains(" - cgroup"), "{mounts}");
+}
