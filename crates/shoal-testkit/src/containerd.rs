@@ -20,7 +20,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use crate::cri::Cri;
-use crate::mntns::{self, CgroupScope, MountNs, NsProcess};
+use crate::mntns::{self, CgroupScope, MountNs, NsProcess, PinnedNs};
 use crate::{need_binaries, TestkitError};
 
 /// containerd's own snapshotter for plain OCI images.
@@ -202,6 +202,11 @@ impl Containerd {
             .map(|s| self.path.join(s))
     }
 
+    /// containerd's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.containerd.as_ref().map(NsProcess::pid)
+    }
+
     /// containerd's gRPC socket (CRI and containerd's own API).
     pub fn socket(&self) -> PathBuf {
         self.path.join("containerd.sock")
@@ -263,10 +268,16 @@ impl Containerd {
                 "registry {registry:?} must be host[:port]"
             )));
         }
+        // containerd 1.6 refuses a hosts.toml without a `host` tree ("invalid `host` tree") and
+        // then falls back to https: the registry itself is listed after the mirror.
         let mut toml = format!("server = \"http://{registry}\"\n");
-        if let Some(m) = mirror {
+        for h in mirror
+            .into_iter()
+            .map(str::to_string)
+            .chain([format!("http://{registry}")])
+        {
             toml.push_str(&format!(
-                "\n[host.\"{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+                "\n[host.\"{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
             ));
         }
         let d = self.hosts_dir().join(registry);
@@ -326,7 +337,9 @@ impl Containerd {
             let _ = tokio::task::spawn_blocking(move || p.terminate(Duration::from_secs(10))).await;
         }
         let holder = self.ns.holder_pid().to_string();
-        report.lingering = mntns::remaining(self.ns.inode(), &self.cgroups)
+        report.lingering = self
+            .ns
+            .processes(&self.cgroups)
             .into_iter()
             .filter(|p| p.split(' ').next() != Some(holder.as_str()))
             .collect();
@@ -358,17 +371,6 @@ impl Containerd {
                 .into_iter()
                 .map(|d| format!("cgroup {}", d.display())),
         );
-        let inode = self.ns.inode();
-        if std::fs::read_dir("/proc").is_ok_and(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .is_some_and(|pid| mntns::mnt_ns(pid) == Some(inode))
-            })
-        }) {
-            left.push(format!("mount namespace {inode}"));
-        }
         let needle = self.path.to_string_lossy().into_owned();
         if let Ok(m) = fs::read_to_string("/proc/self/mountinfo") {
             left.extend(
@@ -518,13 +520,15 @@ fn sweep_stale() {
             continue;
         }
         let scope = CgroupScope::from_dirs(cgroups);
-        if let (true, Some((pid, _)), Some(inode)) = (alive(holder), holder, inode) {
-            if u32::try_from(pid).is_ok_and(|p| mntns::mnt_ns(p) == Some(inode)) {
+        if let (Some((pid, _)), Some(inode)) = (holder, inode) {
+            // Pin the holder's namespace first, then check it is still that holder in it.
+            let pinned = u32::try_from(pid).ok().and_then(PinnedNs::of);
+            if let Some(ns) = pinned.filter(|ns| ns.inode() == inode && alive(holder)) {
                 eprintln!(
                     "removing a containerd test instance left by a killed test: {}",
                     dir.display()
                 );
-                mntns::kill_everything(inode, &scope, Duration::from_secs(15));
+                mntns::kill_everything(&ns, &scope, Duration::from_secs(15));
             }
         }
         scope.remove();

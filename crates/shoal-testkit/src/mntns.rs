@@ -10,7 +10,10 @@
 //!
 //! Teardown kills exactly this namespace's processes: those whose mount namespace is this one,
 //! their descendants (containers live in namespaces of their own, below the shims) and those in
-//! the test's cgroups (see [`CgroupScope`]). The host's namespace is never a target.
+//! the test's cgroups (see [`CgroupScope`]). The host's namespace is never a target. Namespace
+//! inode numbers are reused as soon as a namespace is gone, so a namespace is only ever matched
+//! while this process holds it open ([`PinnedNs`]): another test's new namespace cannot take its
+//! number meanwhile.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -25,8 +28,32 @@ use crate::TestkitError;
 /// A private mount namespace held open by a holder process; see the module doc.
 pub struct MountNs {
     holder: Child,
+    /// Open until [`MountNs::kill_all`] has ended every process: closing it ends the namespace.
+    pinned: Option<PinnedNs>,
     inode: u64,
     log_dir: PathBuf,
+}
+
+/// A mount namespace held open by this process (an fd on `/proc/PID/ns/mnt`): its inode
+/// number names it, and only it, while the fd is open.
+pub(crate) struct PinnedNs {
+    _fd: File,
+    inode: u64,
+}
+
+impl PinnedNs {
+    /// Pins the mount namespace `pid` is in now.
+    pub(crate) fn of(pid: u32) -> Option<PinnedNs> {
+        use std::os::unix::fs::MetadataExt;
+        let fd = File::open(format!("/proc/{pid}/ns/mnt")).ok()?;
+        let inode = fd.metadata().ok()?.ino();
+        Some(PinnedNs { _fd: fd, inode })
+    }
+
+    /// The namespace's inode number.
+    pub(crate) fn inode(&self) -> u64 {
+        self.inode
+    }
 }
 
 impl MountNs {
@@ -46,10 +73,12 @@ impl MountNs {
             ));
         }
         script.push_str("; echo ready; exec sleep infinity");
+        // Not `ip netns exec`: it mounts a fresh /sys, which hides the cgroup mounts runc needs.
         let mut cmd = match netns {
             Some(n) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", n, "unshare"]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{n}"))
+                    .args(["--", "unshare"]);
                 c
             }
             None => Command::new("unshare"),
@@ -85,11 +114,17 @@ impl MountNs {
                 err.trim()
             )));
         }
-        let inode = mnt_ns(holder.id()).ok_or_else(|| {
-            TestkitError::Setup("the namespace holder has no readable mount namespace".into())
-        })?;
+        let Some(pinned) = PinnedNs::of(holder.id()) else {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            return Err(TestkitError::Setup(
+                "the namespace holder has no readable mount namespace".into(),
+            ));
+        };
+        let inode = pinned.inode();
         let ns = MountNs {
             holder,
+            pinned: Some(pinned),
             inode,
             log_dir: log_dir.to_path_buf(),
         };
@@ -176,19 +211,41 @@ impl MountNs {
             .unwrap_or_default()
     }
 
-    /// Kills every process of the namespace (and `cgroups`' processes), the holder last, and
-    /// waits until they are gone (at most `timeout`). Returns what was still alive then.
+    /// Kills every process of the namespace (and `cgroups`' processes), waits until they are
+    /// gone (at most `timeout`), then lets the namespace go (its mounts with it). Returns what
+    /// was still alive (`pid comm`); the namespace is kept then, so a second call can retry.
     pub fn kill_all(&mut self, cgroups: &CgroupScope, timeout: Duration) -> Vec<String> {
-        let left = kill_everything(self.inode, cgroups, timeout);
+        let Some(pinned) = &self.pinned else {
+            return Vec::new();
+        };
+        let left = kill_everything(pinned, cgroups, timeout);
+        // Reaps the holder (our child), which kill_everything has killed.
         let _ = self.holder.kill();
         let _ = self.holder.wait();
+        if left.is_empty() {
+            self.pinned = None;
+        }
         left
+    }
+
+    /// The live processes of the namespace and of `cgroups` (`pid comm`); none once
+    /// [`MountNs::kill_all`] has ended it.
+    pub fn processes(&self, cgroups: &CgroupScope) -> Vec<String> {
+        self.pinned
+            .as_ref()
+            .map(|p| targets(p, cgroups))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, c)| format!("{p} {c}"))
+            .collect()
     }
 }
 
 impl Drop for MountNs {
     fn drop(&mut self) {
-        kill_everything(self.inode, &CgroupScope::none(), Duration::from_secs(10));
+        if let Some(p) = &self.pinned {
+            kill_everything(p, &CgroupScope::none(), Duration::from_secs(10));
+        }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }
@@ -404,9 +461,10 @@ fn stat(pid: u32) -> Option<(u32, char, String)> {
     Some((ppid, state, comm))
 }
 
-/// The live (non-zombie) processes of namespace `inode`, their descendants, and the processes of
+/// The live (non-zombie) processes of namespace `ns`, their descendants, and the processes of
 /// `cgroups`; never this process, its ancestors, or a process in the host's namespace.
-fn targets(inode: u64, cgroups: &CgroupScope) -> Vec<(u32, String)> {
+fn targets(ns: &PinnedNs, cgroups: &CgroupScope) -> Vec<(u32, String)> {
+    let inode = ns.inode();
     let me = std::process::id();
     let host = [mnt_ns(me), mnt_ns(1)];
     if host.contains(&Some(inode)) {
@@ -472,10 +530,14 @@ fn signal_pid(pid: u32, signal: i32) {
 
 /// SIGKILLs the targets (see [`targets`]) until none is left or `timeout` passes; returns the
 /// ones still alive (as `pid comm`).
-pub(crate) fn kill_everything(inode: u64, cgroups: &CgroupScope, timeout: Duration) -> Vec<String> {
+pub(crate) fn kill_everything(
+    ns: &PinnedNs,
+    cgroups: &CgroupScope,
+    timeout: Duration,
+) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let t = targets(inode, cgroups);
+        let t = targets(ns, cgroups);
         if t.is_empty() {
             return Vec::new();
         }
@@ -487,14 +549,6 @@ pub(crate) fn kill_everything(inode: u64, cgroups: &CgroupScope, timeout: Durati
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The live processes of namespace `inode` and of `cgroups`, as `pid comm`.
-pub(crate) fn remaining(inode: u64, cgroups: &CgroupScope) -> Vec<String> {
-    targets(inode, cgroups)
-        .into_iter()
-        .map(|(p, c)| format!("{p} {c}"))
-        .collect()
 }
 
 /// The last `n` lines of a file.
@@ -521,10 +575,11 @@ mod tests {
 
     #[test]
     fn the_hosts_namespace_is_never_a_target() {
-        let own = mnt_ns(std::process::id()).expect("own mount namespace");
-        assert!(targets(own, &CgroupScope::none()).is_empty());
-        if let Some(init) = mnt_ns(1) {
-            assert!(targets(init, &CgroupScope::none()).is_empty());
+        let own = PinnedNs::of(std::process::id()).expect("own mount namespace");
+        assert_eq!(Some(own.inode()), mnt_ns(std::process::id()));
+        assert!(targets(&own, &CgroupScope::none()).is_empty());
+        if let Some(init) = PinnedNs::of(1) {
+            assert!(targets(&init, &CgroupScope::none()).is_empty());
         }
     }
 

@@ -136,3 +136,95 @@ async fn drop_kills_pods_and_helpers() {
     assert!(!dir.exists(), "the temp dir is gone");
     assert!(cgroups.iter().all(|d| !d.exists()), "the cgroups are gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_toml_sends_pulls_through_the_mirror() {
+    let Some(reg) = or_skip(Registry::start(Default::default()).await) else {
+        return;
+    };
+    let layouts = tempfile::tempdir().unwrap();
+    let Some(pause) = or_skip(sandbox_image(layouts.path())) else {
+        return;
+    };
+    pause.push(&reg, "t/pause", "1").await.unwrap();
+    let Some(ctrd) = or_skip(Containerd::start(ContainerdOpts::new(NO_SANDBOX)).await) else {
+        return;
+    };
+    // Nothing listens on the registry named in the reference: only the mirror can answer.
+    let nobody = format!("127.0.0.1:{}", shoal_testkit::free_port().unwrap());
+    ctrd.add_registry(&nobody, Some(&reg.url())).unwrap();
+    let cri = ctrd.cri().await.unwrap();
+    cri.pull(&format!("{nobody}/t/pause:1"), None)
+        .await
+        .expect("pulled through the mirror");
+    assert!(
+        !ctrd.log_tail(1000).contains("hosts.toml"),
+        "containerd took the hosts.toml: {}",
+        ctrd.log_tail(20)
+    );
+    let log = reg.access_log().await;
+    assert!(
+        log.iter()
+            .any(|e| e.path.contains("/v2/t/pause/manifests/1")),
+        "{log:?}"
+    );
+    ctrd.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shoal_proxy_plugin_is_configured_before_the_snapshotter_runs() {
+    let opts = ContainerdOpts::new(NO_SANDBOX).with_shoal_snapshotter("snap.sock");
+    let Some(ctrd) = or_skip(Containerd::start(opts).await) else {
+        return;
+    };
+    assert_eq!(ctrd.shoal_socket(), Some(ctrd.dir().join("snap.sock")));
+    let plugins = ctrd.ctr(&["plugins", "ls"]).expect("ctr plugins ls");
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains("io.containerd.snapshotter.v1") && l.contains(" shoal ")),
+        "{plugins}"
+    );
+    let cri = ctrd
+        .cri()
+        .await
+        .expect("the CRI answers without the snapshotter");
+    cri.version().await.expect("CRI Version");
+    ctrd.stop().await.expect("a clean teardown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_namespace_keeps_the_cgroup_mounts() {
+    if or_skip(Containerd::start(ContainerdOpts::new(NO_SANDBOX)).await).is_none() {
+        return; // not root or no containerd: skipped with the reason printed
+    }
+    let name = format!("shoal-tk-{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip netns add {name}");
+    let ctrd = Containerd::start(ContainerdOpts {
+        netns: Some(name.clone()),
+        ..ContainerdOpts::new(NO_SANDBOX)
+    })
+    .await;
+    let probe = ctrd.as_ref().map_err(|e| e.to_string()).map(|c| {
+        let out = |args: &[&str]| {
+            let o = c.ns().command(args[0]).args(&args[1..]).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        (
+            out(&["ip", "-o", "link"]),
+            out(&["cat", "/proc/self/mountinfo"]),
+        )
+    });
+    if let Ok(c) = ctrd {
+        c.stop().await.expect("a clean teardown");
+    }
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    let (links, mounts) = probe.expect("containerd in a network namespace");
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    // runc needs them ("no cgroup mount found in mountinfo" under `ip netns exec`).
+    assert!(mounts.contains(" - cgroup"), "{mounts}");
+}

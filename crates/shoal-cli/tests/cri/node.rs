@@ -149,6 +149,11 @@ impl Node {
         if let Some(s) = shoal.as_mut() {
             s.stop_snapshotter();
         }
+        let log = ctrd.log_tail(100_000);
+        assert!(
+            !log.contains("failed to decode hosts.toml"),
+            "containerd refused the registry config: {log}"
+        );
         let report = ctrd.stop().await.expect("a clean containerd teardown");
         assert!(
             report.cri_errors.is_empty(),
