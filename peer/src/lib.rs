@@ -15,6 +15,7 @@ pub mod api;
 mod budget;
 mod config;
 mod convert;
+mod credentials;
 pub mod discovery;
 pub mod download;
 mod error;
@@ -164,7 +165,8 @@ impl Peer {
             None => (None, None),
         };
 
-        let origins = Origins::new(&config.plain_http_registries)?;
+        let seen_credentials = Arc::new(credentials::SeenCredentials::default());
+        let origins = Origins::new(&config.plain_http_registries, Arc::clone(&seen_credentials))?;
         let downloader = Arc::new(Downloader::new(Ctx {
             store: store.clone(),
             transport: Arc::clone(&transport),
@@ -210,6 +212,7 @@ impl Peer {
                 Arc::clone(&downloader),
                 store.clone(),
                 &identity,
+                seen_credentials,
             );
             Some(p.await?)
         } else {

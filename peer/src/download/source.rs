@@ -13,6 +13,7 @@ use shoal_proto::{Digest, OriginRef};
 use tokio::sync::mpsc;
 
 use crate::convert::origin_digest;
+use crate::credentials::SeenCredentials;
 use crate::error::PeerError;
 
 /// Chunks of origin bytes queued between the network and the blocking import.
@@ -23,11 +24,13 @@ pub(super) const IMPORT_QUEUE: usize = 16;
 pub(crate) struct Origins {
     client: RegistryClient,
     cache: Mutex<HashMap<String, Arc<RegistryOrigin>>>,
+    /// Credentials the registry proxy saw for a repository, for requests that bring none.
+    seen: Arc<SeenCredentials>,
 }
 
 impl Origins {
     /// A pool with a registry client; `plain_http` hosts are spoken to without TLS.
-    pub fn new(plain_http: &[String]) -> Result<Self, PeerError> {
+    pub fn new(plain_http: &[String], seen: Arc<SeenCredentials>) -> Result<Self, PeerError> {
         let opts = RegistryOptions {
             plain_http: plain_http.iter().cloned().collect(),
             ..RegistryOptions::default()
@@ -35,12 +38,25 @@ impl Origins {
         Ok(Origins {
             client: RegistryClient::new(opts)?,
             cache: Mutex::new(HashMap::new()),
+            seen,
         })
     }
 
     /// The origin named by `origin` (`docker://HOST/REPO`); requests carry the client's
-    /// forwarded Authorization when `origin` has one, else this peer's own credentials.
+    /// forwarded Authorization when `origin` has one, else the one the registry proxy last saw
+    /// accepted for that repository, else this peer's own credentials.
     pub fn get(&self, origin: &OriginRef) -> Result<Arc<RegistryOrigin>, PeerError> {
+        if origin.authorization.is_none() {
+            if let Ok(r) = Reference::parse(&origin.reference) {
+                if let Some(a) = self.seen.get(r.registry(), r.repository()) {
+                    let with = OriginRef {
+                        reference: origin.reference.clone(),
+                        authorization: Some(a),
+                    };
+                    return self.get(&with);
+                }
+            }
+        }
         // Keyed by reference and credential: one client's Authorization never serves another.
         let key = match &origin.authorization {
             Some(a) => format!(

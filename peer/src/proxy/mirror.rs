@@ -103,6 +103,13 @@ pub(crate) fn blob_route(path: &str) -> Option<(&str, Digest)> {
     Some((name, Digest::parse(digest).ok()?))
 }
 
+/// The repository of a manifest request (`/v2/<name>/manifests/<reference>`).
+pub(crate) fn manifest_repository(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    let (name, reference) = rest.rsplit_once("/manifests/")?;
+    (!reference.is_empty() && name.len() <= 255 && valid_name(name)).then_some(name)
+}
+
 /// OCI repository name characters: lowercase alphanumerics and separators `._-/`.
 fn valid_name(name: &str) -> bool {
     name.split('/').all(|c| {
@@ -142,6 +149,17 @@ mod tests {
             "http://reg.lan:5000/v2/a/tags/list?n=10"
         );
         assert_eq!(u.url("/v2/", Some("ns=x")), "http://reg.lan:5000/v2/");
+    }
+
+    #[test]
+    fn manifest_repositories() {
+        assert_eq!(
+            manifest_repository("/v2/library/app/manifests/v1"),
+            Some("library/app")
+        );
+        assert_eq!(manifest_repository("/v2/app/manifests/"), None);
+        assert_eq!(manifest_repository("/v2/App/manifests/v1"), None);
+        assert_eq!(manifest_repository("/v2/app/blobs/sha256:aa"), None);
     }
 
     #[test]

@@ -16,9 +16,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::authz::Authz;
+use super::mirror::manifest_repository;
 use super::mirror::{blob_route, Upstream};
 use super::pinned::PinSlot;
 use super::{blobs, passthrough, registry_error, Body, ProxyConfig, ProxyStats};
+use crate::credentials::SeenCredentials;
 use crate::download::Downloader;
 use crate::error::PeerError;
 
@@ -44,6 +46,8 @@ pub(crate) struct State {
     pub plain_http: HashSet<String>,
     pub authz: Authz,
     pub stats: ProxyStats,
+    /// Credentials the upstream accepted on manifest requests, by repository.
+    pub seen: Arc<SeenCredentials>,
 }
 
 /// A running proxy.
@@ -97,6 +101,7 @@ pub(crate) async fn start(
     downloader: Arc<Downloader>,
     store: AsyncStore,
     identity: &Arc<shoal_tls::NodeIdentity>,
+    seen: Arc<SeenCredentials>,
 ) -> Result<ProxyServer, PeerError> {
     let tls = if cfg.tls {
         let c = shoal_tls::https_server_config(identity)?;
@@ -127,6 +132,7 @@ pub(crate) async fn start(
         store,
         cfg: cfg.clone(),
         stats: ProxyStats::default(),
+        seen,
     });
     let stats = state.stats.clone();
     let listener = TcpListener::bind(cfg.listen)
@@ -256,10 +262,25 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     };
     let is_read = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let path = req.uri().path().to_string();
+    // A manifest read with credentials the upstream accepts: later fetches of that repository
+    // that bring none (lazy mounts, the snapshotter) use them (credentials.rs).
+    let manifest_auth = manifest_repository(&path)
+        .filter(|_| is_read)
+        .zip(
+            req.headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map(|(repo, auth)| (repo.to_string(), auth.to_string()));
     let (route, mut resp) = match blob_route(&path) {
         Some((name, blob)) if is_read => ("blob", blobs::serve(state, req, &up, name, blob).await),
         _ => ("passthrough", passthrough::forward(state, req, &up).await),
     };
+    if let Some((repo, auth)) = manifest_auth {
+        if resp.status().is_success() {
+            state.seen.remember(&up.host, &repo, &auth);
+        }
+    }
     state.stats.record(route, resp.status());
     if state.cfg.server_timing {
         passthrough::add_server_timing(&mut resp, "proxy", entered);

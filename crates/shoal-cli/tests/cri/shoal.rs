@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use shoal_testkit::{write_layout, ContainerSpec, ImageConfig, LayerBuilder, OciLayout};
+use shoal_testkit::{
+    write_layout, Auth, ContainerSpec, ImageConfig, LayerBuilder, OciLayout, RegistryAuth,
+};
 
 use crate::node::{Node, NodeOpts, Workload, MINUTE};
 use crate::shoal_node::shoal_bin;
@@ -43,12 +45,24 @@ fn image_with_unread_bytes(work: &Workload, base: &Path, name: &str) -> OciLayou
 
 /// Converts `layout` with `shoal image convert` and pushes it as `reference`.
 fn convert_and_push(layout: &OciLayout, reference: &str) {
-    let out = Command::new(shoal_bin())
-        .args(["image", "convert", "--source"])
+    convert_and_push_as(layout, reference, None)
+}
+
+/// Like [`convert_and_push`], to a registry that wants `auth`.
+fn convert_and_push_as(layout: &OciLayout, reference: &str, auth: Option<&Auth>) {
+    let mut cmd = Command::new(shoal_bin());
+    cmd.args(["image", "convert", "--source"])
         .arg(format!("oci:{}:1", layout.dir.display()))
-        .args(["--target", &format!("docker://{reference}")])
-        .output()
-        .expect("shoal image convert");
+        .args(["--target", &format!("docker://{reference}")]);
+    if let Some(a) = auth {
+        cmd.args([
+            "--registry-user",
+            &a.user,
+            "--registry-password",
+            &a.password,
+        ]);
+    }
+    let out = cmd.output().expect("shoal image convert");
     assert!(
         out.status.success(),
         "converting: {}",
@@ -320,5 +334,64 @@ async fn shoal_image_pull_serves_ctr_run() {
         .expect("shoal parts")
         .wait_stats(&node.ctrd, |s| s.read_bytes > 0);
     assert!(s.image_fetched_ratio < 0.5, "{s:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_starts_lazily_with_credentials_and_fails_cleanly_without() {
+    let Some(node) = Node::start(NodeOpts {
+        auth: RegistryAuth::Basic {
+            user: "shoal".into(),
+            password: "s3cret-pass".into(),
+        },
+        shoal: true,
+        ..NodeOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let auth = node.auth.clone().expect("the registry wants credentials");
+    let work = Workload::standard();
+    let layout = image_with_unread_bytes(&work, node.dir(), "private");
+    let image = format!("{}/shoal-test/private:1", node.registry.host());
+    tokio::task::block_in_place(|| convert_and_push_as(&layout, &image, Some(&auth)));
+
+    let err = node
+        .cri
+        .pull(&image, None)
+        .await
+        .expect_err("a pull without credentials");
+    assert!(
+        err.message().contains("401"),
+        "the error names the refusal: {err}"
+    );
+    assert!(
+        node.cri
+            .image_status(&image)
+            .await
+            .expect("ImageStatus")
+            .is_none(),
+        "a refused pull leaves no image"
+    );
+    // With credentials: the bootstrap and every chunk are fetched with what containerd sent the
+    // proxy (Kubernetes pull secrets never reach the snapshotter).
+    node.cri
+        .pull(&image, Some(&auth))
+        .await
+        .expect("PullImage with credentials");
+    let pod = node.cri.run_pod("private").await.expect("RunPodSandbox");
+    let (exit, log) = node
+        .cri
+        .run(&pod, work.spec(&image), MINUTE)
+        .await
+        .expect("the container runs");
+    work.check(&exit, &log);
+    let s = node
+        .shoal
+        .as_ref()
+        .expect("shoal parts")
+        .wait_stats(&node.ctrd, |s| s.read_bytes > 0);
+    assert!(s.image_fetched_ratio < 0.5 && s.read_errors == 0, "{s:?}");
     node.stop().await;
 }
