@@ -227,6 +227,22 @@ fn shipped_configs_parse_with_the_real_structs() {
     assert!(!systemd_peer.advertise.is_empty());
 
     for path in [
+        k8s.join("base/config/snapshotter.toml"),
+        deploy_dir().join("systemd/snapshotter.toml.example"),
+    ] {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg: shoal_fs::snapshotter::SnapshotterConfig =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        cfg.validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            cfg.root.to_str(),
+            Some(shoal_fs::snapshotter::DEFAULT_ROOT),
+            "where the CRI measures image-fs usage"
+        );
+        assert_eq!(cfg.peer_socket.as_deref(), Some(peer.api_socket.as_path()));
+    }
+    for path in [
         k8s.join("base/config/scheduler.toml"),
         deploy_dir().join("systemd/scheduler.toml.example"),
     ] {
