@@ -308,6 +308,31 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `ctr run --rm` of `image` (already in containerd, e.g. pulled through the CRI or by
+    /// `shoal image pull`) on `snapshotter` as container `id`, running `args`; its stdout. The
+    /// container's cgroup goes below this instance's cgroup parent, so teardown finds it.
+    pub fn ctr_run(
+        &self,
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<String, TestkitError> {
+        let cgroup = format!("{}/{id}", self.cgroup_parent);
+        let mut all = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            "--cgroup",
+            &cgroup,
+            image,
+            id,
+        ];
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
     /// The last `n` lines containerd logged.
     pub fn log_tail(&self, n: usize) -> String {
         mntns::tail(&self.path.join("containerd.log"), n)

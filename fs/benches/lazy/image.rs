@@ -3,6 +3,9 @@
 //! of the startup list), packed once as one tar layer. The same layer becomes a plain OCI image
 //! (gzip, for `skopeo copy` + `umoci unpack`) and a Shoal image (`convert`), both pushed to the
 //! registry.
+//!
+//! Shared with the CRI cold-start bench (`crates/shoal-cli/benches/cri_cold`, through `#[path]`):
+//! it provides `Res` and `check` at its crate root too.
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -4,6 +4,8 @@
 //! end (Go's net/http sets it on every connection). `http` (`LAZY_RELAY=http`): the chaos crate's
 //! HTTP `FaultRelay`, which leaves Nagle on towards the client, so a small response written in
 //! two pieces can wait for the client's delayed ACK; kept for comparison.
+//!
+//! Shared with the CRI cold-start bench (`crates/shoal-cli/benches/cri_cold`, through `#[path]`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

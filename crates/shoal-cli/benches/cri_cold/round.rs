@@ -1,0 +1,270 @@
+//! One round: a fresh containerd in the client host, a pod, then the timed cold start and the
+//! start with the image already local.
+
+use std::io::Read;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use shoal_chaos::TestNet;
+use shoal_testkit::{ContainerLog, ContainerSpec, Containerd, ContainerdOpts, Cri, Exit, Pod};
+
+use crate::image;
+use crate::relay::Relay;
+use crate::variant::{Images, Variant};
+use crate::Res;
+
+/// The startup workload: `busybox sha256sum` of the startup list, and what it must print.
+pub struct Workload {
+    /// Absolute paths in the image.
+    pub files: Vec<String>,
+    /// `sha256  path` lines of the machine's files (the image's source).
+    expected: String,
+    /// Bytes the workload reads (the files' sizes).
+    pub bytes: u64,
+}
+
+impl Workload {
+    /// The lazy fs bench's startup list, hashed from this machine's files.
+    pub fn startup() -> Res<Workload> {
+        let files: Vec<String> = image::startup_list()
+            .into_iter()
+            .map(|p| format!("/{p}"))
+            .collect();
+        let (mut lines, mut bytes) = (Vec::new(), 0);
+        let mut buf = vec![0u8; 1 << 20];
+        for f in &files {
+            let mut h = Sha256::new();
+            let mut file = std::fs::File::open(f).map_err(|e| format!("{f}: {e}"))?;
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(buf.get(..n).ok_or("short read")?);
+                bytes += n as u64;
+            }
+            lines.push(format!("{}  {f}", hex::encode(h.finalize())));
+        }
+        Ok(Workload {
+            files,
+            expected: lines.join("\n"),
+            bytes,
+        })
+    }
+
+    fn spec(&self, image: &str) -> ContainerSpec {
+        ContainerSpec::new(image)
+            .command(["/bin/busybox", "sha256sum"])
+            .args(self.files.iter().cloned())
+    }
+
+    fn check(&self, exit: &Exit, log: &ContainerLog) -> Res<()> {
+        if exit.code != 0 {
+            return Err(format!("workload exited {exit:?}: {}", log.stderr()).into());
+        }
+        if log.stdout() != self.expected {
+            return Err("the workload's sha256 differ from the source files'".into());
+        }
+        Ok(())
+    }
+}
+
+/// What one round measured.
+pub struct Round {
+    /// The PullImage call.
+    pub pull: Duration,
+    /// PullImage called -> the workload's exit (containerd's `finished_at`).
+    pub cold: Duration,
+    /// The workload's own run (`started_at` -> `finished_at`) in the cold start.
+    pub cold_run: Duration,
+    /// CreateContainer called -> exit, with the image already local.
+    pub local: Duration,
+    /// Bytes the relay sent over the link during the cold start (HTTP headers included).
+    pub link_bytes: u64,
+    /// CPU time containerd spent from PullImage to the workload's exit (gunzip and unpack run
+    /// in containerd itself).
+    pub containerd_cpu: Duration,
+    /// containerd's peak RSS (KiB).
+    pub containerd_rss: u64,
+    /// Each helper's peak RSS (KiB).
+    pub helpers_rss: Vec<(String, u64)>,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn since(t0_ns: i64, t_ns: i64) -> Duration {
+    Duration::from_nanos(u64::try_from(t_ns - t0_ns).unwrap_or(0))
+}
+
+/// Peak RSS (`VmHWM`, KiB) of `pid`, 0 when unknown.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of `pid` so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.get(s.rfind(')')? + 2..)?.to_string();
+            let f: Vec<u64> = rest
+                .split(' ')
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.iter().sum::<u64>())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+/// Create, start, wait, check; returns (time from the create call to the exit, the exit).
+async fn start_and_wait(
+    cri: &Cri,
+    pod: &Pod,
+    workload: &Workload,
+    image: &str,
+) -> Res<(Duration, Exit)> {
+    let t0 = now_ns();
+    let c = cri.create(pod, workload.spec(image)).await?;
+    cri.start(&c).await?;
+    let exit = cri.wait_exit(&c, Duration::from_secs(600)).await?;
+    workload.check(&exit, &cri.logs(&c)?)?;
+    Ok((since(t0, exit.finished_at), exit))
+}
+
+/// Runs one round of `variant` in the client host (host 1) of `net`.
+pub async fn run(
+    variant: Variant,
+    images: &Images,
+    net: &TestNet,
+    relay: &Relay,
+    workload: &Workload,
+    tmpfs: bool,
+) -> Res<Round> {
+    let opts = variant.containerd_opts(ContainerdOpts {
+        netns: Some(net.host(1).netns().name().to_string()),
+        tmpfs,
+        ..ContainerdOpts::new(&images.sandbox)
+    });
+    let ctrd = Containerd::start(opts).await?;
+    let helpers = variant.start_helpers(&ctrd, images).await?;
+    let cri = ctrd.cri().await?;
+    let pod = cri.run_pod("bench").await?;
+    let image = variant.image(images);
+
+    let before = relay.bytes();
+    let cpu0 = ctrd.pid().map_or(Duration::ZERO, cpu_time);
+    let t0 = now_ns();
+    let t = Instant::now();
+    cri.pull(&image, None).await?;
+    let pull = t.elapsed();
+    let (_, exit) = start_and_wait(&cri, &pod, workload, &image).await?;
+    let cold = since(t0, exit.finished_at);
+    let cold_run = since(exit.started_at, exit.finished_at);
+    let link_bytes = relay.bytes() - before;
+    let containerd_cpu = ctrd
+        .pid()
+        .map_or(Duration::ZERO, cpu_time)
+        .saturating_sub(cpu0);
+
+    let (local, _) = start_and_wait(&cri, &pod, workload, &image).await?;
+    let containerd_rss = ctrd.pid().map_or(0, peak_rss_kib);
+    let helpers_rss = helpers.rss();
+    drop(helpers);
+    ctrd.stop().await?;
+    Ok(Round {
+        pull,
+        cold,
+        cold_run,
+        local,
+        link_bytes,
+        containerd_cpu,
+        containerd_rss,
+        helpers_rss,
+    })
+}
+
+/// Workload bytes at the link rate plus the local start: what no implementation can beat.
+fn physical_limit(workload: &Workload, mbit: u64, local: Duration) -> Duration {
+    Duration::from_secs_f64(workload.bytes as f64 * 8.0 / (mbit as f64 * 1e6)) + local
+}
+
+impl Round {
+    /// One line of figures.
+    pub fn line(&self, mbit: u64, workload: &Workload) -> String {
+        let limit = physical_limit(workload, mbit, self.local);
+        let helpers: String = self
+            .helpers_rss
+            .iter()
+            .map(|(n, kib)| format!(", {n} peak RSS {:.1} MiB", *kib as f64 / 1024.0))
+            .collect();
+        format!(
+            "cold {:.2} s (PullImage {:.2} s, then create..exit {:.2} s, workload run {:.3} s); \
+             local start {:.3} s; physical limit {:.3} s (cold/limit {:.1}); \
+             {:.1} MB over the link; containerd CPU {:.2} s, peak RSS {:.1} MiB{helpers}",
+            self.cold.as_secs_f64(),
+            self.pull.as_secs_f64(),
+            (self.cold - self.pull.min(self.cold)).as_secs_f64(),
+            self.cold_run.as_secs_f64(),
+            self.local.as_secs_f64(),
+            limit.as_secs_f64(),
+            self.cold.as_secs_f64() / limit.as_secs_f64(),
+            self.link_bytes as f64 / 1e6,
+            self.containerd_cpu.as_secs_f64(),
+            self.containerd_rss as f64 / 1024.0,
+        )
+    }
+}
+
+/// Medians (and spread) over rounds.
+pub fn summary(rounds: &[Round], mbit: u64, workload: &Workload) -> String {
+    let stat = |f: &dyn Fn(&Round) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
+        let (lo, hi) = (
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0),
+        );
+        format!("{med:.3} s ({lo:.3}..{hi:.3})")
+    };
+    format!(
+        "cold {}, PullImage {}, containerd CPU {}, local start {}, physical limit {}",
+        stat(&|r| r.cold.as_secs_f64()),
+        stat(&|r| r.pull.as_secs_f64()),
+        stat(&|r| r.containerd_cpu.as_secs_f64()),
+        stat(&|r| r.local.as_secs_f64()),
+        stat(&|r| physical_limit(workload, mbit, r.local).as_secs_f64()),
+    )
+}
+
+/// The issue's targets for a lazy variant, from the baseline's medians: at most 5 % of its cold
+/// start, and at most 1.3 × the physical limit.
+pub fn targets(baseline: &[Round], mbit: u64, workload: &Workload) -> String {
+    let median = |f: &dyn Fn(&Round) -> f64| {
+        let mut v: Vec<f64> = baseline.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    format!(
+        "a lazy start must end within {:.3} s (5 % of the overlayfs cold start) and {:.3} s \
+         (1.3 x the physical limit)",
+        0.05 * median(&|r| r.cold.as_secs_f64()),
+        1.3 * median(&|r| physical_limit(workload, mbit, r.local).as_secs_f64()),
+    )
+}
