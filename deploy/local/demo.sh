@@ -2,8 +2,11 @@
 # Shoal's main job on one machine, no cluster needed: builds a real multi-layer OCI image from files
 # already on this machine, converts it to a Shoal image, verifies every hash, unpacks it, checks the
 # result against the source image, then pushes it to a real registry on loopback and moves its data
-# blob through a swarm (a scheduler, a seed and two peers) and prints what it did.
-# SHOAL_BIN=path/to/shoal skips the build and runs that binary.
+# blob through a swarm (a scheduler, a seed and two peers) and prints what it did; containerd pulls
+# through the peers' registry proxies; the image is mounted lazily; and last, containerd's CRI
+# (driven as kubelet drives it) starts a container on the lazily mounted image through the
+# `shoal` snapshotter.
+# SHOAL_BIN=path/to/shoal skips the build of the binary and runs that one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/local/deps.sh
@@ -17,6 +20,11 @@ else
     cargo build --release --locked -p shoal-cli
     shoal="$CARGO_TARGET_DIR/release/shoal"
 fi
+cri_demo() { # the CRI client of the last stage (crates/shoal-testkit/examples/cri_demo.rs)
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$(default_target_dir)}"
+    cargo build --release --locked -q -p shoal-testkit --example cri_demo
+    "$CARGO_TARGET_DIR/release/examples/cri_demo" "$@"
+}
 
 work=$(mktemp -d -t shoal-demo.XXXXXX)
 pids=()
@@ -294,4 +302,8 @@ echo "the mount read $read_bytes bytes of files; it fetched $fetched_peer bytes 
     "$fetched_origin from the origin, of the image's $image_bytes stored bytes ($(field image_fetched_percent) %)"
 [[ -n $fetched_peer && $fetched_peer -gt 0 && $((fetched_peer + fetched_origin)) -lt $image_bytes ]] ||
     { echo "the lazy mount demo did not hold up" >&2; exit 1; }
+
+echo "== containerd's CRI, as kubelet drives it, starts a container on the lazily mounted image (shoal snapshotter)"
+cri_demo "$shoal" "127.0.0.1:$reg_port" "127.0.0.1:$reg_port/demo:1" -- /usr/bin/busybox sh -c \
+    'echo "hello from a CRI container on a lazy mount: $(/usr/bin/busybox ls /usr/bin | /usr/bin/busybox wc -l) programs in /usr/bin, built $(/usr/bin/busybox cat /build-date)"'
 echo "== done"

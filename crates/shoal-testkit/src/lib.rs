@@ -10,7 +10,8 @@
 //!   mount namespace ([`MountNs`]) with its own `/run`, roots on tmpfs and a generated config
 //!   (snapshotter `overlayfs` or Shoal's proxy plugin, registry hosts dirs); [`Cri`] drives it
 //!   the way kubelet does. [`LayerBuilder`], [`write_layout`] and [`sandbox_image`] build the
-//!   small busybox images those tests run, as OCI layouts pushed with [`OciLayout::push`].
+//!   small busybox images those tests run, as OCI layouts pushed with [`OciLayout::push`];
+//!   [`ShoalNode`] runs a node's `shoal peer` and `shoal snapshotter` beside it.
 //!
 //! Everything is stopped on drop. [`need_binaries`] tells a test to skip when a tool is missing
 //! (and fails under `CI=true`, where every tool must be installed).
@@ -23,6 +24,7 @@ mod moto;
 mod oci_image;
 mod registry;
 mod relay;
+mod shoal_node;
 pub mod token;
 
 pub use containerd::{Containerd, ContainerdOpts, Teardown, CRI_NAMESPACE, OVERLAYFS, SHOAL};
@@ -38,6 +40,7 @@ pub use registry::{
     RegistryOpts, TestImage,
 };
 pub use relay::{Relay, RelayFaults, RelayStats};
+pub use shoal_node::ShoalNode;
 
 /// What went wrong setting up a fixture.
 #[derive(Debug, thiserror::Error)]

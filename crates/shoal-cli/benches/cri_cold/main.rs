@@ -22,9 +22,10 @@
 //! as medians: cold time (pull, then start-to-exit), local start, bytes over the link, the
 //! physical limit (workload bytes ÷ link rate + local start) and containerd's peak RSS.
 //!
-//! Variants (`CRI_VARIANTS`, comma-separated; default all that exist): `overlayfs`, containerd's
-//! snapshotter pulling the plain OCI image (gzip layer), the baseline. The Shoal snapshotter
-//! variant goes into `variant.rs` (see `Variant`).
+//! Variants (`CRI_VARIANTS`, comma-separated; default both): `overlayfs`, containerd's
+//! snapshotter pulling the plain OCI image (gzip layer), the baseline; `shoal`, the same files
+//! converted, started on Shoal's snapshotter through a peer on the client host (variant.rs).
+//! A lazy round also prints what its mounts read and fetched and each Shoal process's peak RSS.
 //!
 //! Environment: `CRI_ROUNDS` (3), `CRI_TMPFS=1` (containerd's root on tmpfs; default the disk,
 //! as on a node), `SHOAL_BENCH_DIR` (where the image and containerd's roots go; temp dir).
@@ -191,6 +192,10 @@ fn run() -> Res<()> {
         if *v == Variant::Overlayfs {
             println!("targets: {}", round::targets(rs, mbit, &workload));
         }
+    }
+    let of = |want: Variant| results.iter().find(|(v, _)| *v == want).map(|(_, rs)| rs);
+    if let (Some(base), Some(lazy)) = (of(Variant::Overlayfs), of(Variant::Shoal)) {
+        println!("{}", round::compare(base, lazy, mbit, &workload));
     }
     drop(relay);
     drop(net);

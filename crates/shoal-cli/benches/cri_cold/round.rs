@@ -88,6 +88,8 @@ pub struct Round {
     pub containerd_rss: u64,
     /// Each helper's peak RSS (KiB).
     pub helpers_rss: Vec<(String, u64)>,
+    /// Lazy variants: (bytes the workloads read, stored bytes the mounts fetched).
+    pub lazy_bytes: Option<(u64, u64)>,
 }
 
 fn now_ns() -> i64 {
@@ -185,6 +187,7 @@ pub async fn run(
     let (local, _) = start_and_wait(&cri, &pod, workload, &image).await?;
     let containerd_rss = ctrd.pid().map_or(0, peak_rss_kib);
     let helpers_rss = helpers.rss();
+    let lazy_bytes = helpers.lazy_bytes(&ctrd);
     drop(helpers);
     ctrd.stop().await?;
     Ok(Round {
@@ -196,6 +199,7 @@ pub async fn run(
         containerd_cpu,
         containerd_rss,
         helpers_rss,
+        lazy_bytes,
     })
 }
 
@@ -213,10 +217,19 @@ impl Round {
             .iter()
             .map(|(n, kib)| format!(", {n} peak RSS {:.1} MiB", *kib as f64 / 1024.0))
             .collect();
+        let lazy = match self.lazy_bytes {
+            Some((read, fetched)) if read > 0 => format!(
+                "; lazy mounts read {:.1} MB, fetched {:.1} MB (fetched/read {:.2})",
+                read as f64 / 1e6,
+                fetched as f64 / 1e6,
+                fetched as f64 / read as f64
+            ),
+            _ => String::new(),
+        };
         format!(
             "cold {:.2} s (PullImage {:.2} s, then create..exit {:.2} s, workload run {:.3} s); \
              local start {:.3} s; physical limit {:.3} s (cold/limit {:.1}); \
-             {:.1} MB over the link; containerd CPU {:.2} s, peak RSS {:.1} MiB{helpers}",
+             {:.1} MB over the link; containerd CPU {:.2} s, peak RSS {:.1} MiB{helpers}{lazy}",
             self.cold.as_secs_f64(),
             self.pull.as_secs_f64(),
             (self.cold - self.pull.min(self.cold)).as_secs_f64(),
@@ -266,5 +279,26 @@ pub fn targets(baseline: &[Round], mbit: u64, workload: &Workload) -> String {
          (1.3 x the physical limit)",
         0.05 * median(&|r| r.cold.as_secs_f64()),
         1.3 * median(&|r| physical_limit(workload, mbit, r.local).as_secs_f64()),
+    )
+}
+
+/// The lazy variant against the baseline of the same run: cold start ÷ overlayfs cold start
+/// (target 0.05) and ÷ its physical limit (target 1.3), by medians.
+pub fn compare(baseline: &[Round], lazy: &[Round], mbit: u64, workload: &Workload) -> String {
+    let median = |rs: &[Round], f: &dyn Fn(&Round) -> f64| {
+        let mut v: Vec<f64> = rs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let cold = median(lazy, &|r| r.cold.as_secs_f64());
+    let base = median(baseline, &|r| r.cold.as_secs_f64());
+    let limit = median(lazy, &|r| {
+        physical_limit(workload, mbit, r.local).as_secs_f64()
+    });
+    format!(
+        "shoal against overlayfs, same run: cold {cold:.3} s = {:.3} x the overlayfs cold start \
+         (target <= 0.05) and {:.2} x its physical limit {limit:.3} s (target <= 1.3)",
+        cold / base,
+        cold / limit
     )
 }

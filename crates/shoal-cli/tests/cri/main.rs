@@ -10,4 +10,3 @@
 mod node;
 mod overlayfs;
 mod shoal;
-mod shoal_node;

@@ -16,7 +16,12 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::shoal_node::ShoalParts;
+use shoal_testkit::ShoalNode;
+
+/// The `shoal` binary under test.
+pub fn shoal_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shoal")
+}
 use shoal_testkit::{
     or_skip, sandbox_image, write_layout, Auth, ContainerLog, ContainerSpec, Containerd,
     ContainerdOpts, Cri, Exit, ImageConfig, LayerBuilder, OciLayout, Registry, RegistryAuth,
@@ -52,7 +57,7 @@ pub struct Node {
     /// The sandbox image's reference.
     pub sandbox: String,
     /// The peer and the snapshotter, with `NodeOpts::shoal`.
-    pub shoal: Option<ShoalParts>,
+    pub shoal: Option<ShoalNode>,
     dir: tempfile::TempDir,
 }
 
@@ -82,9 +87,10 @@ impl Node {
         let ctrd = or_skip(Containerd::start(co).await)?;
         ctrd.add_registry(&registry.host(), None)
             .expect("hosts.toml for the registry");
-        let shoal = opts
-            .shoal
-            .then(|| ShoalParts::start(dir.path(), &registry, &ctrd));
+        let shoal = opts.shoal.then(|| {
+            ShoalNode::start(shoal_bin().as_ref(), dir.path(), &registry.host(), &ctrd)
+                .expect("the node's shoal peer and snapshotter")
+        });
         let cri = ctrd.cri().await.expect("CRI client");
         let auth = match &opts.auth {
             RegistryAuth::Basic { user, password } => Some(Auth {
@@ -143,11 +149,12 @@ impl Node {
             for image in cri.list_images().await.expect("ListImages") {
                 cri.remove_image(&image.id).await.expect("RemoveImage");
             }
-            shoal.assert_no_lazy_images(&ctrd);
+            assert_no_lazy_images(shoal, &ctrd);
         }
         let mut shoal = shoal;
         if let Some(s) = shoal.as_mut() {
-            s.stop_snapshotter();
+            s.stop_snapshotter()
+                .expect("the snapshotter stops on SIGTERM");
         }
         let log = ctrd.log_tail(100_000);
         assert!(
@@ -246,4 +253,56 @@ impl Workload {
             "the files' sha256 in the image"
         );
     }
+}
+
+/// Counters of every lazily mounted image of `shoal`'s snapshotter (the mounts' stats files).
+pub fn image_stats(
+    shoal: &ShoalNode,
+    ctrd: &Containerd,
+) -> Vec<(shoal_fs::snapshotter::ImageInfo, shoal_fs::MetricsSnapshot)> {
+    shoal_fs::snapshotter::read_stats(&shoal.root(ctrd).join("images"))
+}
+
+/// Waits until a lazy image's counters show `pred` (mounts write them once a second).
+pub fn wait_stats(
+    shoal: &ShoalNode,
+    ctrd: &Containerd,
+    pred: impl Fn(&shoal_fs::MetricsSnapshot) -> bool,
+) -> shoal_fs::MetricsSnapshot {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = image_stats(shoal, ctrd);
+        if let Some((_, s)) = stats.iter().find(|(_, s)| pred(s)) {
+            return s.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "image stats never matched: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every lazy image is unmounted, its process gone and its directory removed.
+fn assert_no_lazy_images(shoal: &ShoalNode, ctrd: &Containerd) {
+    let images = shoal.root(ctrd).join("images");
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "lazy images left after their snapshots went: {left:?}"
+    );
+    let mounts: Vec<String> = ctrd
+        .mounts()
+        .into_iter()
+        .filter(|m| m.contains("fuse.shoal"))
+        .collect();
+    assert!(mounts.is_empty(), "FUSE mounts left: {mounts:?}");
+    let procs: Vec<_> = shoal
+        .pids()
+        .into_iter()
+        .filter(|(n, _)| n == "shoal-fs-mount")
+        .collect();
+    assert!(procs.is_empty(), "mount processes left: {procs:?}");
 }

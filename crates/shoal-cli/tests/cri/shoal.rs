@@ -12,8 +12,7 @@ use shoal_testkit::{
     write_layout, Auth, ContainerSpec, ImageConfig, LayerBuilder, OciLayout, RegistryAuth,
 };
 
-use crate::node::{Node, NodeOpts, Workload, MINUTE};
-use crate::shoal_node::shoal_bin;
+use crate::node::{shoal_bin, wait_stats, Node, NodeOpts, Workload, MINUTE};
 
 /// Bytes of the image no workload reads: a lazy start must not fetch them.
 const UNREAD: usize = 48 << 20;
@@ -101,28 +100,6 @@ fn flip_cached_chunks(images: &Path) -> usize {
     flipped
 }
 
-/// Pids of the lazy mount processes under `root` (`shoal fs mount ... <root>/images/*/mnt`).
-fn mount_pids(root_inside: &Path) -> Vec<u32> {
-    let want = root_inside.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let args: Vec<String> = c
-                    .split(|b| *b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                args.iter().any(|a| a == "mount")
-                    && args
-                        .iter()
-                        .any(|a| a.starts_with(&want) && a.ends_with("/mnt"))
-            })
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converted_images_start_lazily_and_plain_ones_run_beside_them() {
     let Some(node) = Node::start(NodeOpts {
@@ -156,7 +133,7 @@ async fn converted_images_start_lazily_and_plain_ones_run_beside_them() {
             )
         });
     work.check(&exit, &log);
-    let s = shoal.wait_stats(&node.ctrd, |s| s.read_bytes > 0);
+    let s = wait_stats(shoal, &node.ctrd, |s| s.read_bytes > 0);
     let fetched = s.fetched_peer + s.fetched_origin;
     eprintln!(
         "lazy start: read {} bytes, fetched {fetched} of {} stored ({:.1}%)",
@@ -202,7 +179,11 @@ async fn converted_images_start_lazily_and_plain_ones_run_beside_them() {
     let root = shoal.root(&node.ctrd);
     let flipped = flip_cached_chunks(&root.join("images"));
     assert!(flipped > 0, "no cached chunk found to corrupt");
-    for pid in mount_pids(&shoal_root_inside(&node)) {
+    for (_, pid) in shoal
+        .pids()
+        .into_iter()
+        .filter(|(n, _)| n == "shoal-fs-mount")
+    {
         // SAFETY: kill(2) on a mount process of this test's snapshotter.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
@@ -212,14 +193,11 @@ async fn converted_images_start_lazily_and_plain_ones_run_beside_them() {
         .await
         .expect("run after corruption");
     work.check(&exit, &log);
-    let s = shoal.wait_stats(&node.ctrd, |s| s.verify_failures > 0 && s.read_bytes > 0);
+    let s = wait_stats(shoal, &node.ctrd, |s| {
+        s.verify_failures > 0 && s.read_bytes > 0
+    });
     eprintln!("after flipping {flipped} cached bytes: {} chunks failed verification and were fetched again", s.verify_failures);
     node.stop().await;
-}
-
-/// The snapshotter's root as its processes name it (inside containerd's namespace).
-fn shoal_root_inside(node: &Node) -> std::path::PathBuf {
-    node.ctrd.snapshotter_root("shoal")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +239,9 @@ async fn a_killed_snapshotter_leaves_running_containers_reading() {
     let shoal = node.shoal.as_mut().expect("shoal parts");
     shoal.kill_snapshotter();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    shoal.start_snapshotter(ctrd);
+    shoal
+        .start_snapshotter(ctrd)
+        .expect("restarting the snapshotter");
     let exit = node
         .cri
         .wait_exit(&c, MINUTE)
@@ -328,11 +308,9 @@ async fn shoal_image_pull_serves_ctr_run() {
         work.expected(),
         "the files' sha256 in the image"
     );
-    let s = node
-        .shoal
-        .as_ref()
-        .expect("shoal parts")
-        .wait_stats(&node.ctrd, |s| s.read_bytes > 0);
+    let s = wait_stats(node.shoal.as_ref().expect("shoal parts"), &node.ctrd, |s| {
+        s.read_bytes > 0
+    });
     assert!(s.image_fetched_ratio < 0.5, "{s:?}");
     node.stop().await;
 }
@@ -387,11 +365,9 @@ async fn a_private_image_starts_lazily_with_credentials_and_fails_cleanly_withou
         .await
         .expect("the container runs");
     work.check(&exit, &log);
-    let s = node
-        .shoal
-        .as_ref()
-        .expect("shoal parts")
-        .wait_stats(&node.ctrd, |s| s.read_bytes > 0);
+    let s = wait_stats(node.shoal.as_ref().expect("shoal parts"), &node.ctrd, |s| {
+        s.read_bytes > 0
+    });
     assert!(s.image_fetched_ratio < 0.5 && s.read_errors == 0, "{s:?}");
     node.stop().await;
 }
