@@ -166,6 +166,10 @@ pub enum OriginError {
         #[source]
         source: object_store::Error,
     },
+    /// An origin, or a host an origin sent a request on to, outside the operator's
+    /// `allowed_origins` (the message names the entry to add).
+    #[error(transparent)]
+    NotAllowed(#[from] crate::allow::Refusal),
     /// Bad client configuration (TLS roots, options).
     #[error("invalid origin configuration: {0}")]
     Config(String),

@@ -1,5 +1,9 @@
 //! Where bytes come from when no peer has them: OCI registries, S3-compatible stores and local directories.
 //!
+//! Which origins a daemon may use at all is the operator's list, [`AllowedOrigins`] (`allow`):
+//! a [`RegistryClient`] built with one refuses other registries, and never follows a registry
+//! to a loopback or link-local address the list does not name.
+//!
 //! Every origin implements [`Origin`]: the size of a blob ([`Origin::stat`]) and a byte range of it
 //! as a stream of [`Bytes`] ([`Origin::read_range`]). Origins do not verify content: the caller
 //! (store, peer) checks every piece against its digest. Registries also resolve references to
@@ -17,6 +21,7 @@
 //!   cache, docker `config.json` credentials, redirect handling, retries with backoff and jitter,
 //!   and the push upload protocol.
 
+pub mod allow;
 mod error;
 mod local;
 mod registry;
@@ -24,6 +29,7 @@ mod s3;
 
 use std::pin::Pin;
 
+pub use allow::{AllowedOrigin, AllowedOrigins, ListOwner, Refusal, RefusalReason};
 pub use bytes::Bytes;
 pub use error::OriginError;
 pub use local::LocalDirOrigin;

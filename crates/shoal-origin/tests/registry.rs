@@ -1,18 +1,21 @@
 //! Registry client against the real `docker-registry`: auth modes, token cache and renewal,
 //! docker config.json, push/pull round trips, multi-arch indexes, mirrors (`ns=`), retries,
-//! resumed streams and redirects that must not carry credentials.
+//! resumed streams, redirects that must not carry credentials, and the allowed-origins rule for
+//! redirects and token realms (never to an unlisted loopback or link-local address).
 
 mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
 use shoal_origin::{
-    collect_stream, parse_digest, ByteRange, Credentials, OriginError, PlatformSpec, PushOutcome,
-    Reference, RegistryClient, RegistryOptions, RegistryOrigin, OCI_INDEX, OCI_MANIFEST,
+    collect_stream, parse_digest, AllowedOrigins, ByteRange, Credentials, ListOwner, OriginError,
+    PlatformSpec, PushOutcome, Reference, RefusalReason, RegistryClient, RegistryOptions,
+    RegistryOrigin, OCI_INDEX, OCI_MANIFEST,
 };
 use shoal_testkit::{
     or_skip, random_bytes, sha256_digest, Registry, RegistryAuth, RegistryOpts, Relay,
@@ -528,6 +531,114 @@ async fn redirects_to_storage_never_carry_credentials() {
     assert_eq!(
         st.storage_requests_with_auth, 0,
         "Authorization must not follow a redirect to another host"
+    );
+}
+
+fn guarded(list: &[String]) -> RegistryClient {
+    let allowed = AllowedOrigins::parse(list, ListOwner::Peer).unwrap();
+    RegistryClient::new(RegistryOptions {
+        allowed: Some(Arc::new(allowed)),
+        ..opts()
+    })
+    .unwrap()
+}
+
+fn refusal(e: OriginError) -> shoal_origin::Refusal {
+    match e {
+        OriginError::NotAllowed(r) => r,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn redirects_to_loopback_or_link_local_are_refused_unless_listed() {
+    let Some(reg) = start(RegistryAuth::Anonymous).await else {
+        return;
+    };
+    let img = reg
+        .push_random_image("redir/guard", "v1", 1 << 20, 23)
+        .await
+        .unwrap();
+    let relay = Relay::start(&reg.url()).await.unwrap();
+    relay.faults().redirect_blobs.store(true, Ordering::SeqCst);
+    let r = Reference::parse(&format!("docker://{}/redir/guard:v1", relay.host())).unwrap();
+    let storage = format!("127.0.0.1:{}", relay.storage_port());
+    let redirect_to = |base: Option<String>| *relay.faults().redirect_base.lock().unwrap() = base;
+    let c = guarded(&[relay.host()]);
+    assert_eq!(
+        c.pull_manifest(&r).await.unwrap().digest.to_string(),
+        img.manifest_digest,
+        "the listed registry answers"
+    );
+
+    // 127.0.0.1 and 169.254.169.254 as literals, and a name resolving to loopback.
+    redirect_to(Some(format!("http://{storage}")));
+    let e = refusal(fetch_all(&c, &r, &img.layer_digest).await.unwrap_err());
+    assert_eq!(e.reason, RefusalReason::Loopback);
+    for part in [
+        format!("registry {} sent the request for blob", relay.host()),
+        format!("on to {storage}, a loopback address: refused"),
+        format!("add \"{storage}\" to allowed_origins"),
+    ] {
+        assert!(e.message.contains(&part), "{part:?} missing in: {e}");
+    }
+    redirect_to(Some("http://169.254.169.254".into()));
+    let e = refusal(fetch_all(&c, &r, &img.layer_digest).await.unwrap_err());
+    assert_eq!(e.reason, RefusalReason::LinkLocal);
+    assert!(
+        e.message.contains("169.254.169.254, a link-local address"),
+        "{e}"
+    );
+    redirect_to(None); // the relay's own default: http://localhost:<storage port>
+    let e = refusal(fetch_all(&c, &r, &img.layer_digest).await.unwrap_err());
+    assert_eq!(e.reason, RefusalReason::Loopback);
+    assert!(e.message.contains("which resolves to"), "{e}");
+    let st = relay.stats();
+    assert_eq!(st.redirects, 3);
+    assert_eq!(
+        st.storage_requests, 0,
+        "no request reached the redirect target"
+    );
+
+    // Listed by host and port, the same redirects are followed.
+    let port = relay.storage_port();
+    let c = guarded(&[relay.host(), storage.clone(), format!("localhost:{port}")]);
+    assert!(fetch_all(&c, &r, &img.layer_digest).await.unwrap() == img.layer);
+    redirect_to(Some(format!("http://{storage}")));
+    assert!(fetch_all(&c, &r, &img.layer_digest).await.unwrap() == img.layer);
+    assert_eq!(relay.stats().storage_requests, 2);
+
+    // A registry that is not listed gets no request at all.
+    let before = relay.stats().requests;
+    let e = refusal(guarded(&[reg.host()]).pull_manifest(&r).await.unwrap_err());
+    assert_eq!(e.reason, RefusalReason::NotAllowed);
+    assert!(
+        e.message.contains(&format!("registry {}", relay.host())),
+        "{e}"
+    );
+    assert_eq!(relay.stats().requests, before);
+}
+
+#[tokio::test]
+async fn a_token_realm_on_loopback_must_be_listed_too() {
+    let Some(reg) = start(RegistryAuth::Token { credentials: None }).await else {
+        return;
+    };
+    let img = reg
+        .push_random_image("tok/guard", "v1", 64 << 10, 29)
+        .await
+        .unwrap();
+    let r = Reference::parse(&reg.reference("tok/guard", "v1")).unwrap();
+    let issuer = reg.issuer_host().unwrap();
+    let e = refusal(guarded(&[reg.host()]).pull_manifest(&r).await.unwrap_err());
+    assert_eq!(e.reason, RefusalReason::Loopback);
+    assert!(e.message.contains("sent the token request"), "{e}");
+    assert!(e.message.contains(&issuer), "{e}");
+    assert_eq!(reg.token_requests(), 0);
+    let c = guarded(&[reg.host(), issuer]);
+    assert_eq!(
+        c.pull_manifest(&r).await.unwrap().digest.to_string(),
+        img.manifest_digest
     );
 }
 

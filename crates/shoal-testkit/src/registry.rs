@@ -199,6 +199,11 @@ impl Registry {
         format!("docker://{}/{repo}:{tag}", self.host())
     }
 
+    /// `127.0.0.1:PORT` of the token issuer (the realm's host), in token mode.
+    pub fn issuer_host(&self) -> Option<String> {
+        self.issuer.as_ref().map(|i| i.server.addr.to_string())
+    }
+
     /// Token requests the issuer has answered (token mode; 0 otherwise).
     pub fn token_requests(&self) -> usize {
         self.issuer

@@ -27,6 +27,9 @@ pub struct RelayFaults {
     pub cut_after: AtomicU64,
     /// Answer blob GETs with 307 to the storage listener at `localhost:<port>`.
     pub redirect_blobs: AtomicBool,
+    /// With `redirect_blobs`: send them to this base URL instead (`http://127.0.0.1:<port>`
+    /// reaches the storage listener too; `http://169.254.169.254` reaches nothing here).
+    pub redirect_base: Mutex<Option<String>>,
     /// While set, blob GET bodies stop after `hold_after` bytes until it is cleared (an origin
     /// import kept in progress for as long as a test needs).
     pub hold_blob_bodies: AtomicBool,
@@ -169,8 +172,15 @@ async fn relay_main(
         }
         bump(&s, |st| st.redirects += 1);
         let port = s.storage_port.load(Ordering::SeqCst);
+        let base = s
+            .faults
+            .redirect_base
+            .lock()
+            .ok()
+            .and_then(|b| b.clone())
+            .unwrap_or_else(|| format!("http://localhost:{port}"));
         let mut r = http::text(307, "");
-        if let Ok(v) = format!("http://localhost:{port}/storage/{id}?signature=testkit").parse() {
+        if let Ok(v) = format!("{base}/storage/{id}?signature=testkit").parse() {
             r.headers_mut().insert("location", v);
         }
         return r;

@@ -27,7 +27,7 @@ pub use pull::{
 pub use push::PushOutcome;
 pub use reference::{is_loopback_host, Reference};
 
-use crate::{BlobStat, ByteRange, ByteStream, Digest, Origin, OriginError};
+use crate::{AllowedOrigins, BlobStat, ByteRange, ByteStream, Digest, Origin, OriginError};
 
 /// How to reach registries: credentials, plain-HTTP hosts, mirrors, timeouts and retries.
 #[derive(Debug, Clone)]
@@ -58,6 +58,11 @@ pub struct RegistryOptions {
     pub backoff_base: Duration,
     /// Longest backoff delay.
     pub backoff_max: Duration,
+    /// The operator's allowed origins: with a list, registries outside it are refused before
+    /// any request, and requests never follow a registry (redirect, upload location, token
+    /// realm) to a loopback or link-local address the list does not name. `None`: no limit
+    /// (tools run by hand on a reference the user typed).
+    pub allowed: Option<Arc<AllowedOrigins>>,
 }
 
 impl Default for RegistryOptions {
@@ -76,6 +81,7 @@ impl Default for RegistryOptions {
             max_attempts: 5,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            allowed: None,
         }
     }
 }
@@ -120,6 +126,9 @@ impl RegistryClient {
             .connect_timeout(opts.connect_timeout)
             .read_timeout(opts.read_timeout)
             .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")));
+        if let Some(allowed) = &opts.allowed {
+            builder = builder.dns_resolver(allowed.resolver());
+        }
         for pem in &opts.extra_root_pem {
             let cert = reqwest::Certificate::from_pem(pem)
                 .map_err(|e| OriginError::Config(format!("extra root certificate: {e}")))?;

@@ -1,6 +1,7 @@
 //! One registry request: endpoint choice (mirror `ns=`, HTTP for loopback), authentication
 //! (basic, bearer tokens per scope, renewal on 401), redirects that never carry credentials to
-//! another host, and retries with exponential backoff and jitter on 5xx, 429 and broken connections.
+//! another host (nor, under an allowed-origins list, to an unlisted loopback or link-local
+//! address: allow/target.rs), and retries with exponential backoff and jitter on 5xx, 429 and broken connections.
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ impl RegistryClient {
     /// The endpoint for a reference's registry.
     pub(crate) fn endpoint(&self, reference: &Reference) -> Result<Endpoint, OriginError> {
         let upstream = reference.registry();
+        if let Some(allowed) = &self.opts.allowed {
+            allowed.check_registry(upstream)?;
+        }
         let (host, ns) = match self.opts.mirrors.get(upstream) {
             Some(mirror) => (mirror.clone(), Some(upstream.to_string())),
             None => (upstream.to_string(), None),
@@ -97,9 +101,19 @@ impl RegistryClient {
         let mut redirects = 0usize;
         let mut renewed = false;
         let mut learned = false;
+        // The last URL off the registry's own origin that the allowed-origins rule passed.
+        let mut checked: Option<Url> = None;
         loop {
             attempt += 1;
             let same_origin = url.origin() == ep.base.origin();
+            if !same_origin && checked.as_ref() != Some(&url) {
+                let from = format!(
+                    "registry {} sent the request for {} on to",
+                    ep.host, req.what
+                );
+                self.check_target(&url, &from).await?;
+                checked = Some(url.clone());
+            }
             let auth = if same_origin && self.authorization.is_some() {
                 self.authorization.as_deref().map(str::to_string)
             } else if same_origin {
@@ -180,6 +194,17 @@ impl RegistryClient {
                 continue;
             }
             return Ok(resp);
+        }
+    }
+
+    /// With an allowed-origins list: whether a request may go on to `url`, off the
+    /// registry's own origin (redirects, upload locations, token realms).
+    async fn check_target(&self, url: &Url, from: &str) -> Result<(), OriginError> {
+        match &self.opts.allowed {
+            Some(allowed) => Ok(allowed
+                .check_target(url, from, self.opts.connect_timeout)
+                .await?),
+            None => Ok(()),
         }
     }
 
@@ -310,6 +335,10 @@ impl RegistryClient {
         let mut url = Url::parse(realm).map_err(|e| bad(format!("realm {realm:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad(format!("realm {realm:?} is not http(s)")));
+        }
+        if url.origin() != ep.base.origin() {
+            let from = format!("registry {} sent the token request for {what} to", ep.host);
+            self.check_target(&url, &from).await?;
         }
         {
             let mut q = url.query_pairs_mut();
