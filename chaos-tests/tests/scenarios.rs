@@ -198,6 +198,7 @@ impl Cluster {
                         .args(["--log", "info", "scheduler", "--host-id", &id])
                         .args(["--listen", &format!("0.0.0.0:{SCHED_PORT}")])
                         .args(["--metrics-listen", &format!("0.0.0.0:{METRICS_PORT}")])
+                        .args(["--allowed-origins", &relay_host])
                         .arg("--tls-dir")
                         .arg(&tls),
                 )
@@ -279,6 +280,7 @@ impl Cluster {
             scheduler_timeout_ms: 2_000,
             piece_table_wait_ms: 3_000,
             plain_http_registries: vec![self.relay_host.clone()],
+            allowed_origins: vec![self.relay_host.clone()],
             ..PeerConfig::default()
         };
         if let Some(all) = &self.dht {

@@ -147,6 +147,7 @@ fn reads_go_through_the_local_peer_and_fall_back_to_the_origin() {
             listen: "127.0.0.1:0".parse().unwrap(),
             api_socket: socket.clone(),
             cache_bytes: Some(1 << 30),
+            allowed_origins: vec![reg.host()],
             ..shoal_peer::PeerConfig::default()
         }))
         .expect("start peer");

@@ -403,6 +403,7 @@ async fn main() {
         api_socket: dir.path().join("peer.sock"),
         cache_bytes: Some((mib + 256) << 20),
         dht: false,
+        allowed_origins: vec![registry.host()],
         ..PeerConfig::default()
     };
     cfg.proxy.enabled = true;

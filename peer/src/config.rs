@@ -92,6 +92,11 @@ pub struct PeerConfig {
     pub piece_size: Option<u32>,
     /// Registries spoken to over plain HTTP (loopback is always plain HTTP).
     pub plain_http_registries: Vec<String>,
+    /// The only origins this peer fetches from, or (a seed) fetches from for the scheduler:
+    /// registries as `host[:port]`, `s3://HOST[:PORT]/BUCKET`, `dir:/PATH`. Empty: none. A
+    /// registry's redirects are followed, but to a loopback or link-local address only when
+    /// that `host:port` is listed too (docs/operations.md, "Allowed origins").
+    pub allowed_origins: Vec<String>,
     /// FOR TESTS ONLY: flip one byte of every piece this peer uploads (to test corruption
     /// detection in a real swarm). Never set this in production.
     pub test_corrupt_uploads: bool,
@@ -135,6 +140,7 @@ impl Default for PeerConfig {
             piece_table_wait_ms: 120_000,
             piece_size: None,
             plain_http_registries: Vec::new(),
+            allowed_origins: Vec::new(),
             test_corrupt_uploads: false,
             proxy: crate::proxy::ProxyConfig::default(),
         }
@@ -190,7 +196,18 @@ impl PeerConfig {
                 )));
             }
         }
+        self.allowed_list()?;
         Ok(())
+    }
+
+    /// `allowed_origins` parsed; refusals speak of "this seed" on a seed.
+    pub fn allowed_list(&self) -> Result<shoal_origin::AllowedOrigins, PeerError> {
+        let owner = match self.seed {
+            true => shoal_origin::ListOwner::Seed,
+            false => shoal_origin::ListOwner::Peer,
+        };
+        shoal_origin::AllowedOrigins::parse(&self.allowed_origins, owner)
+            .map_err(|e| PeerError::Config(e.to_string()))
     }
 
     /// The store quota in force.
@@ -252,5 +269,14 @@ mod tests {
         cfg.upload_slots = 1;
         cfg.piece_memory_bytes = 1 << 20;
         assert!(cfg.validate().is_err(), "a budget smaller than one piece");
+        cfg.piece_memory_bytes = 256 << 20;
+        cfg.allowed_origins = vec!["registry.example".into(), "dir:/srv/blobs".into()];
+        cfg.validate().unwrap();
+        cfg.allowed_origins.push("registry.example/team".into());
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("allowed_origins entry \"registry.example/team\""),
+            "{err}"
+        );
     }
 }

@@ -49,6 +49,10 @@ pub enum PeerError {
         /// Why.
         reason: String,
     },
+    /// An origin outside an `allowed_origins` list: this peer's, the scheduler's or a seed's
+    /// (the message names the entry to add, and where).
+    #[error("{0}")]
+    NotAllowed(String),
     /// A request (local API, range) was invalid.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -82,6 +86,12 @@ pub enum PeerError {
         /// The body.
         message: String,
     },
+}
+
+impl From<shoal_origin::Refusal> for PeerError {
+    fn from(r: shoal_origin::Refusal) -> Self {
+        PeerError::NotAllowed(r.message)
+    }
 }
 
 impl PeerError {

@@ -83,6 +83,11 @@ impl Peer {
         }
         let store = AsyncStore::open(store_cfg).await?;
         let role = if config.seed { Role::Seed } else { Role::Peer };
+        // The only origins this node reaches (proxy, local API, downloads, seed orders).
+        let allowed = Arc::new(config.allowed_list()?);
+        if let Some(warning) = allowed.empty_warning() {
+            tracing::warn!("{warning}");
+        }
         // One cap on piece bytes in memory for downloads, origin reads and uploads (budget.rs).
         let budget = budget::PieceBudget::new(config.piece_memory_bytes);
         let transport = Arc::new(Transport::bind(
@@ -145,18 +150,21 @@ impl Peer {
                     is_seed: config.seed,
                 };
                 let up = Arc::clone(&uploader);
-                let load: scheduler_client::LoadFn = Arc::new(move || Heartbeat {
-                    free_upload_slots: up.free_slots(),
-                    upload_bytes_per_sec: 0,
-                    download_bytes_per_sec: 0,
-                });
+                let hooks = scheduler_client::HostHooks {
+                    load: Arc::new(move || Heartbeat {
+                        free_upload_slots: up.free_slots(),
+                        upload_bytes_per_sec: 0,
+                        download_bytes_per_sec: 0,
+                    }),
+                    gate: seed::push_gate(config.seed, Arc::clone(&allowed)),
+                };
                 let (client, events) = SchedulerRing::new(
                     Arc::clone(&transport),
                     source,
                     config.scheduler_name.clone(),
                     config.scheduler_timeout(),
                     registration,
-                    load,
+                    hooks,
                 );
                 tasks.push(client.spawn());
                 (Some(client), Some(events))
@@ -164,7 +172,7 @@ impl Peer {
             None => (None, None),
         };
 
-        let origins = Origins::new(&config.plain_http_registries)?;
+        let origins = Origins::new(&config.plain_http_registries, Arc::clone(&allowed))?;
         let downloader = Arc::new(Downloader::new(Ctx {
             store: store.clone(),
             transport: Arc::clone(&transport),
@@ -207,6 +215,7 @@ impl Peer {
             let p = proxy::start(
                 config.proxy.clone(),
                 &config.plain_http_registries,
+                Arc::clone(&allowed),
                 Arc::clone(&downloader),
                 store.clone(),
                 &identity,
@@ -250,6 +259,11 @@ impl Peer {
     /// The registry proxy's request counters, when `proxy.enabled`.
     pub fn proxy_stats(&self) -> Option<&proxy::ProxyStats> {
         self.proxy.as_ref().map(|p| p.stats())
+    }
+
+    /// The operator's allowed origins, with the refusals counted so far (for `/metrics`).
+    pub fn allowed_origins(&self) -> &Arc<shoal_origin::AllowedOrigins> {
+        self.downloader.allowed_origins()
     }
 
     /// The downloads (for in-process users such as the registry proxy).

@@ -1,7 +1,8 @@
 //! The peer's Prometheus metrics, read at scrape time from the counters the peer keeps anyway
 //! (downloads, uploads, store) plus the piece fetch latency histogram: bytes from peers vs the
-//! origin (in all and per blob), proxy answers by status, piece latency, cache usage and hit ratio, uploads, scheduler connection. `shoal peer`
-//! serves them on `/metrics` (shoal-telemetry).
+//! origin (in all and per blob), proxy answers by status, origins refused by reason, piece
+//! latency, cache usage and hit ratio, uploads, scheduler connection. `shoal peer` serves them on
+//! `/metrics` (shoal-telemetry).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
@@ -118,6 +119,18 @@ impl Collector for PeerCollector {
                         ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
                     }
                 }
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "shoal_peer_origin_refusals",
+                "Requests refused by allowed_origins, by reason (not_allowed: an origin not listed; \
+                 loopback, link_local: a request sent on to an unlisted such address)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, v) in peer.allowed_origins().refusals() {
+                ConstCounter::new(v).encode(m.encode_family(&[("reason", reason.label())])?)?;
             }
         }
         counter(

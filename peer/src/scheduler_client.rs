@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    ErrorCode, Heartbeat, PushReply, RegisterHost, SchedulerPush, SchedulerReply, SchedulerRequest,
+    ErrorCode, ErrorReply, Heartbeat, PushReply, RegisterHost, SchedulerPush, SchedulerReply,
+    SchedulerRequest,
 };
 use tokio::sync::mpsc;
 
@@ -39,6 +40,19 @@ pub(crate) enum SchedEvent {
 /// Where the load figures of heartbeats come from.
 pub(crate) type LoadFn = Arc<dyn Fn() -> Heartbeat + Send + Sync>;
 
+/// Whether this host takes a push on (`Ok`) or refuses it, with the reason the scheduler is
+/// told (a non-seed ordered to the origin, an origin outside allowed_origins: seed.rs).
+pub(crate) type PushGate = Arc<dyn Fn(&SchedulerPush) -> Result<(), ErrorReply> + Send + Sync>;
+
+/// What the host tells its schedulers: heartbeat figures, and which pushes it takes.
+#[derive(Clone)]
+pub(crate) struct HostHooks {
+    /// Heartbeat figures.
+    pub load: LoadFn,
+    /// Pushes taken or refused.
+    pub gate: PushGate,
+}
+
 /// A handle on the scheduler connection; cheap to share.
 pub(crate) struct SchedulerClient {
     transport: Arc<Transport>,
@@ -48,7 +62,7 @@ pub(crate) struct SchedulerClient {
     registration: RegisterHost,
     link: Mutex<Option<Link>>,
     events: mpsc::UnboundedSender<SchedEvent>,
-    load: LoadFn,
+    hooks: HostHooks,
     stopped: AtomicBool,
 }
 
@@ -70,7 +84,7 @@ impl SchedulerClient {
         name: String,
         timeout: Duration,
         registration: RegisterHost,
-        load: LoadFn,
+        hooks: HostHooks,
         events: mpsc::UnboundedSender<SchedEvent>,
     ) -> Arc<Self> {
         Arc::new(SchedulerClient {
@@ -81,7 +95,7 @@ impl SchedulerClient {
             registration,
             link: Mutex::new(None),
             events,
-            load,
+            hooks,
             stopped: AtomicBool::new(false),
         })
     }
@@ -200,7 +214,7 @@ impl SchedulerClient {
         let pushes = tokio::spawn(accept_pushes(
             link.clone(),
             self.events.clone(),
-            self.registration.is_seed,
+            Arc::clone(&self.hooks.gate),
         ));
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
@@ -211,7 +225,7 @@ impl SchedulerClient {
             tokio::select! {
                 reason = link.conn.closed() => break Err(PeerError::Scheduler(format!("connection closed: {reason}"))),
                 _ = tick.tick() => {
-                    let hb = SchedulerRequest::Heartbeat((self.load)());
+                    let hb = SchedulerRequest::Heartbeat((self.hooks.load)());
                     if let Err(e) = self.request(&hb).await {
                         link.conn.close(shoal_proto::close_code::CANCELLED.into(), b"heartbeat failed");
                         break Err(e);
@@ -248,11 +262,11 @@ impl SchedulerClient {
     }
 }
 
-/// Reads the scheduler's pushes: one message per stream, answered Accepted (or Refused for a
-/// FetchFromOrigin sent to a non-seed), then handed on as an event.
-async fn accept_pushes(link: Link, events: mpsc::UnboundedSender<SchedEvent>, is_seed: bool) {
+/// Reads the scheduler's pushes: one message per stream, answered Accepted or Refused as `gate`
+/// says, then (accepted) handed on as an event.
+async fn accept_pushes(link: Link, events: mpsc::UnboundedSender<SchedEvent>, gate: PushGate) {
     while let Ok((mut send, mut recv)) = link.conn.accept_bi().await {
-        let events = events.clone();
+        let (events, gate) = (events.clone(), Arc::clone(&gate));
         let codec = link.codec;
         tokio::spawn(async move {
             let push = match codec.read::<_, SchedulerPush>(&mut recv).await {
@@ -263,14 +277,12 @@ async fn accept_pushes(link: Link, events: mpsc::UnboundedSender<SchedEvent>, is
                     return;
                 }
             };
-            let reply = match &push {
-                SchedulerPush::FetchFromOrigin(_) if !is_seed => {
-                    PushReply::Refused(shoal_proto::ErrorReply::new(
-                        ErrorCode::Refused,
-                        "this peer is not a seed; it fetches from origin only on its own behalf",
-                    ))
+            let reply = match gate(&push) {
+                Ok(()) => PushReply::Accepted,
+                Err(why) => {
+                    tracing::warn!(reason = %why.message, "push from the scheduler refused");
+                    PushReply::Refused(why)
                 }
-                _ => PushReply::Accepted,
             };
             let accepted = reply == PushReply::Accepted;
             let _ = codec.write(&mut send, &reply).await;

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::config::PeerConfig;
 use crate::error::PeerError;
-use crate::scheduler_client::{LoadFn, SchedEvent, SchedulerClient};
+use crate::scheduler_client::{HostHooks, SchedEvent, SchedulerClient};
 use crate::transport::Transport;
 
 /// Where the scheduler list comes from.
@@ -64,7 +64,7 @@ struct Template {
     name: String,
     timeout: Duration,
     registration: RegisterHost,
-    load: LoadFn,
+    hooks: HostHooks,
     events: mpsc::UnboundedSender<SchedEvent>,
 }
 
@@ -98,7 +98,7 @@ impl SchedulerRing {
         name: String,
         timeout: Duration,
         registration: RegisterHost,
-        load: LoadFn,
+        hooks: HostHooks,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<SchedEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let ring = Arc::new(SchedulerRing {
@@ -107,7 +107,7 @@ impl SchedulerRing {
                 name,
                 timeout,
                 registration,
-                load,
+                hooks,
                 events,
             },
             source,
@@ -180,7 +180,7 @@ impl SchedulerRing {
                     t.name.clone(),
                     t.timeout,
                     t.registration.clone(),
-                    Arc::clone(&t.load),
+                    t.hooks.clone(),
                     t.events.clone(),
                 );
                 let task = client.spawn();

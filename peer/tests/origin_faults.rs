@@ -72,6 +72,7 @@ async fn a_black_holed_origin_fails_within_the_idle_limit_and_is_named() {
     };
     let (reference, _origin) = black_hole().await;
     let mut cfg = c.config("lonely", false);
+    cfg.allowed_origins.push(common::host_of(&reference));
     cfg.dht = false;
     cfg.origin_idle_timeout_ms = 1_000;
     let peer = c.start(cfg).await;
@@ -99,6 +100,7 @@ async fn an_origin_error_reaches_the_client_with_the_origin_and_its_status() {
     };
     let (reference, _origin) = failing_get(403).await;
     let mut cfg = c.config("unlucky", false);
+    cfg.allowed_origins.push(common::host_of(&reference));
     cfg.dht = false;
     let socket = cfg.api_socket.clone();
     let _peer = c.start(cfg).await;

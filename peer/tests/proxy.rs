@@ -11,7 +11,9 @@ use common::{cluster, sha256, REPO};
 use shoal_peer::{Peer, PeerConfig};
 use shoal_testkit::{need_binaries, or_skip, Registry, RegistryAuth, RegistryOpts};
 
+/// `cfg` with the proxy on; a default upstream is allowed too.
 fn with_proxy(mut cfg: PeerConfig, default_upstream: Option<String>) -> PeerConfig {
+    cfg.allowed_origins.extend(default_upstream.clone());
     cfg.proxy.enabled = true;
     cfg.proxy.listen = "127.0.0.1:0".parse().unwrap();
     cfg.proxy.default_upstream = default_upstream;
@@ -781,4 +783,240 @@ async fn containerd_pulls_and_runs_through_two_nodes() {
     assert!(out.contains("second-node"), "{out}");
     assert_eq!(sha256(&img.layer), img.layer_digest);
     drop(nodes);
+}
+
+/// An uncompressed tar layer with one small file holding `data`.
+fn small_layer(data: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, "etc/shoal-test.txt", data).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Two registries, only one in the node's allowed_origins: containerd pulls from the allowed
+/// one through the proxy; any request naming the other (`ns=`, the Shoal-Upstream header,
+/// through containerd) is answered 403, naming that registry and the setting, before anything
+/// is contacted: the other registry's log shows no request at all. With the registry itself as
+/// its fallback, containerd then pulls it without Shoal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_allowed_registry_is_reached_through_the_proxy() {
+    if need_binaries(&["containerd", "ctr", "curl"]).is_err() {
+        return;
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI runs as root"
+        );
+        eprintln!("SKIP: containerd needs root");
+        return;
+    }
+    let Some(c) = cluster(true).await else { return };
+    let Some(other) = or_skip(Registry::start(RegistryOpts::default()).await) else {
+        return;
+    };
+    let (reg, other_host) = (c.registry.host(), other.host());
+    let allowed = c
+        .registry
+        .push_image_for(
+            "shoal/allowed",
+            "1",
+            small_layer(b"allowed\n"),
+            "linux",
+            "amd64",
+        )
+        .await
+        .unwrap();
+    let foreign = other
+        .push_image_for(
+            "shoal/foreign",
+            "1",
+            small_layer(b"foreign\n"),
+            "linux",
+            "amd64",
+        )
+        .await
+        .unwrap();
+    let seen_before = other.access_log().await.len();
+    let peer = c.start(with_proxy(c.config("n1", false), None)).await;
+    let proxy = peer.proxy_addr().unwrap();
+    let dir = c.dir.path().join("ctrd").join("n1");
+    let ctrd = blocking(move || Containerd::start(&dir)).await;
+    let pull = |image: String, hosts: PathBuf| {
+        let hosts = hosts.display().to_string();
+        ctrd.ctr(&[
+            "image",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            &hosts,
+            &image,
+        ])
+    };
+
+    // The allowed registry: through the proxy and the swarm.
+    let hosts = ctrd.hosts_dir(&reg, proxy);
+    pull(format!("{reg}/shoal/allowed:1"), hosts.clone()).unwrap();
+    let layer = shoal_proto::Digest::parse(&allowed.layer_digest).unwrap();
+    assert!(peer.downloader().status(&layer).unwrap().complete);
+
+    // The other registry, with the proxy as containerd's only host: refused.
+    std::fs::create_dir_all(hosts.join(&other_host)).unwrap();
+    std::fs::write(
+        hosts.join(&other_host).join("hosts.toml"),
+        format!(
+            "server = \"http://{proxy}\"\n\n[host.\"http://{proxy}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    let err = pull(format!("{other_host}/shoal/foreign:1"), hosts.clone()).unwrap_err();
+    assert!(err.contains("403"), "{err}");
+    let paths = [
+        format!("/v2/shoal/foreign/manifests/1?ns={other_host}"),
+        format!(
+            "/v2/shoal/foreign/blobs/{}?ns={other_host}",
+            foreign.layer_digest
+        ),
+    ];
+    for path in &paths {
+        let g = curl(&format!("http://{proxy}{path}"), &[]);
+        assert_eq!(g.status, 403, "{path}");
+        let body = String::from_utf8_lossy(&g.body);
+        for part in [
+            "DENIED",
+            &format!("registry {other_host} is not an allowed origin of this peer"),
+            &format!("add \\\"{other_host}\\\" to allowed_origins"),
+            "--allowed-origins",
+        ] {
+            assert!(body.contains(part), "{part:?} missing in {body}");
+        }
+    }
+    let g = curl(
+        &format!(
+            "http://{proxy}/v2/shoal/foreign/blobs/{}",
+            foreign.layer_digest
+        ),
+        &["-H", &format!("Shoal-Upstream: {other_host}")],
+    );
+    assert_eq!(g.status, 403);
+    assert_eq!(
+        other.access_log().await.len(),
+        seen_before,
+        "the refused registry saw a request: {}",
+        other.log_tail(10)
+    );
+    let foreign_layer = shoal_proto::Digest::parse(&foreign.layer_digest).unwrap();
+    assert!(peer.downloader().status(&foreign_layer).is_none());
+    let refused = peer.allowed_origins().refusals()[0].1;
+    assert!(refused >= 4, "{refused} refusals counted");
+    let stats = peer.proxy_stats().unwrap();
+    let refused_answers = stats
+        .requests
+        .get_or_create(&shoal_peer::proxy::RequestLabels {
+            route: "refused",
+            status: "4xx",
+        })
+        .get();
+    assert!(refused_answers >= 4, "{refused_answers}");
+
+    // With the registry itself as the fallback, containerd pulls it on its own.
+    std::fs::write(
+        hosts.join(&other_host).join("hosts.toml"),
+        format!(
+            "server = \"http://{other_host}\"\n\n[host.\"http://{proxy}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    pull(format!("{other_host}/shoal/foreign:1"), hosts).unwrap();
+    assert!(other.access_log().await.len() > seen_before);
+    assert!(peer.downloader().status(&foreign_layer).is_none());
+    drop(ctrd);
+}
+
+/// A registry whose blob GETs redirect to a loopback address (here the relay's own storage
+/// listener, which would serve them) or to 169.254.169.254: the swarm's origin fetch and the
+/// proxy's fallback to the upstream both refuse to follow, so the redirect target sees nothing;
+/// listed by host and port, the same redirect is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_redirects_to_loopback_or_link_local_are_not_followed() {
+    let Some(c) = cluster(false).await else {
+        return;
+    };
+    let (blob, data) = c.push_blob(3 << 20, 71).await;
+    let relay = shoal_testkit::Relay::start(&c.registry.url())
+        .await
+        .unwrap();
+    relay
+        .faults()
+        .redirect_blobs
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let storage = format!("127.0.0.1:{}", relay.storage_port());
+    let fetch = |peer: &Peer| {
+        let url = format!(
+            "http://{}/v2/{REPO}/blobs/{blob}?ns={}",
+            peer.proxy_addr().unwrap(),
+            relay.host()
+        );
+        async move {
+            let resp = reqwest::get(&url).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("status {}", resp.status()));
+            }
+            resp.bytes()
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| format!("body: {e}"))
+        }
+    };
+    for (name, base) in [
+        ("n1", format!("http://{storage}")),
+        ("n2", "http://169.254.169.254".to_string()),
+    ] {
+        *relay.faults().redirect_base.lock().unwrap() = Some(base);
+        let mut cfg = with_proxy(c.config(name, false), None);
+        cfg.dht = false;
+        cfg.allowed_origins.push(relay.host());
+        let peer = c.start(cfg).await;
+        let got = fetch(&peer).await;
+        assert!(
+            got.is_err(),
+            "{name}: the blob came through a refused redirect"
+        );
+        let r = peer.allowed_origins().refusals();
+        assert!(
+            r[1].1 + r[2].1 >= 2,
+            "{name}: the swarm and the fallback refused: {r:?}"
+        );
+        let failure = || peer.downloader().status(&blob).and_then(|s| s.error);
+        common::wait_until(Duration::from_secs(10), || failure().is_some()).await;
+        let why = failure().unwrap_or_default();
+        let kind = if name == "n1" {
+            "a loopback address"
+        } else {
+            "a link-local address"
+        };
+        assert!(
+            why.contains(kind) && why.contains("allowed_origins"),
+            "{name}: {why}"
+        );
+        peer.shutdown().await;
+    }
+    assert_eq!(relay.stats().storage_requests, 0, "a redirect was followed");
+
+    // Listed, the redirect to the storage listener is followed.
+    *relay.faults().redirect_base.lock().unwrap() = Some(format!("http://{storage}"));
+    let mut cfg = with_proxy(c.config("n3", false), None);
+    cfg.dht = false;
+    cfg.allowed_origins.extend([relay.host(), storage]);
+    let peer = c.start(cfg).await;
+    assert!(fetch(&peer).await.unwrap() == data);
+    assert!(relay.stats().storage_requests >= 1);
 }

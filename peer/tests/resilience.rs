@@ -12,8 +12,7 @@ use common::*;
 use futures::StreamExt;
 use shoal_peer::scheduler_ring::rendezvous_order;
 use shoal_peer::{Peer, PeerConfig};
-use shoal_scheduler::service::{SchedulerService, ServiceConfig};
-use shoal_scheduler::SchedulerConfig;
+use shoal_scheduler::service::SchedulerService;
 
 const MIB: usize = 1 << 20;
 
@@ -38,12 +37,12 @@ impl Sched {
 }
 
 fn start_sched(c: &Cluster, listen: SocketAddr) -> Sched {
-    let cfg = ServiceConfig {
-        listen,
-        host_id: SCHEDULER.into(),
-        tls_dir: c.identity(SCHEDULER),
-        core: SchedulerConfig::default(),
-    };
+    start_sched_allowing(c, listen, &[])
+}
+
+/// A scheduler that also allows `extra` origins.
+fn start_sched_allowing(c: &Cluster, listen: SocketAddr, extra: &[String]) -> Sched {
+    let cfg = c.scheduler_config(listen, extra);
     let mut metrics = prometheus_client::registry::Registry::default();
     let svc = SchedulerService::start(cfg, &mut metrics).unwrap();
     let addr = svc.local_addr().unwrap();
@@ -111,13 +110,19 @@ async fn a_pull_started_with_every_scheduler_down_follows_an_import_in_progress(
         reference: format!("docker://{}/{REPO}", relay.host()),
         authorization: None,
     };
-    let sched = start_sched(&c, "127.0.0.1:0".parse().unwrap());
+    let via_relay = [relay.host()];
+    let sched = start_sched_allowing(&c, "127.0.0.1:0".parse().unwrap(), &via_relay);
     let addrs = [sched.addr];
-    let mut seed_cfg = config(&c, "seed-1", true, &addrs);
+    let node = |name: &str, seed: bool| {
+        let mut cfg = config(&c, name, seed, &addrs);
+        cfg.allowed_origins.extend_from_slice(&via_relay);
+        cfg
+    };
+    let mut seed_cfg = node("seed-1", true);
     seed_cfg.origin_idle_timeout_ms = 60_000;
     let seed = start_with(seed_cfg, 1).await;
-    let early = start_with(config(&c, "peer-0", false, &addrs), 1).await;
-    let late = start_with(config(&c, "peer-1", false, &addrs), 1).await;
+    let early = start_with(node("peer-0", false), 1).await;
+    let late = start_with(node("peer-1", false), 1).await;
     dht_joined(&[&seed, &early, &late], 2).await;
     let from_peers = |p: &Peer| {
         p.downloader()
@@ -350,12 +355,7 @@ async fn three_schedulers_one_killed_its_blobs_move_and_come_back() {
         let start = std::time::Instant::now();
         loop {
             // The old endpoint's socket closes once its driver notices: retry the bind briefly.
-            let cfg = ServiceConfig {
-                listen: victim_addr,
-                host_id: SCHEDULER.into(),
-                tls_dir: c.identity(SCHEDULER),
-                core: SchedulerConfig::default(),
-            };
+            let cfg = c.scheduler_config(victim_addr, &[]);
             let mut metrics = prometheus_client::registry::Registry::default();
             match SchedulerService::start(cfg, &mut metrics) {
                 Ok(svc) => {

@@ -466,3 +466,75 @@ async fn a_download_survives_the_scheduler_dying_mid_transfer() {
         "every byte came from the seed or the origin, once"
     );
 }
+
+/// Through the local API (what `shoal get`, fs and the snapshotter use): a source outside the
+/// peer's own allowed_origins is answered 403 before anything is contacted; one the peer allows
+/// but the scheduler does not is refused by the scheduler, also 403, naming the scheduler's
+/// setting, and nobody is ordered to fetch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origins_outside_the_lists_are_refused_through_the_local_api() {
+    let Some(mut c) = cluster(false).await else {
+        return;
+    };
+    let mut sched = c.scheduler_config("127.0.0.1:0".parse().unwrap(), &[]);
+    sched.allowed_origins.clear();
+    let mut metrics = prometheus_client::registry::Registry::default();
+    c.scheduler =
+        Some(shoal_scheduler::service::SchedulerService::start(sched, &mut metrics).unwrap());
+    let (blob, _) = c.push_blob(1 << 20, 61).await;
+    let mut seed = c.config("seed-1", true);
+    seed.dht = false;
+    let seed = c.start(seed).await;
+    let mut cfg = c.config("peer-a", false);
+    cfg.dht = false;
+    let client = shoal_peer::ApiClient::new(&cfg.api_socket);
+    let peer = c.start(cfg).await;
+    let api_error = |r: Result<shoal_peer::BlobResponse, shoal_peer::PeerError>| match r {
+        Err(shoal_peer::PeerError::Api { status, message }) => (status, message),
+        Err(e) => panic!("expected an API error, got {e}"),
+        Ok(_) => panic!("expected a refusal, got the blob"),
+    };
+
+    let elsewhere = "docker://127.0.0.1:1/swarm/app";
+    let (status, message) = api_error(client.get_blob(&blob, Some(elsewhere), None).await);
+    assert_eq!(status, 403, "{message}");
+    for part in [
+        "registry 127.0.0.1:1 is not an allowed origin of this peer",
+        "add \"127.0.0.1:1\" to allowed_origins in the `shoal peer` config",
+        "--allowed-origins",
+    ] {
+        assert!(message.contains(part), "{part:?} missing in {message}");
+    }
+    assert!(
+        peer.downloader().status(&blob).is_none(),
+        "no task was made"
+    );
+
+    let served = c.registry.access_log().await.len();
+    let origin = c.origin().reference;
+    let (status, message) = api_error(client.get_blob(&blob, Some(&origin), None).await);
+    assert_eq!(status, 403, "{message}");
+    let host = c.registry.host();
+    for part in [
+        format!("the scheduler refused {blob}"),
+        format!("registry {host} is not an allowed origin of the scheduler"),
+        "allowed_origins in the `shoal scheduler` config".to_string(),
+    ] {
+        assert!(message.contains(&part), "{part:?} missing in {message}");
+    }
+    // The peer's own size check (a HEAD) is all the registry saw; no seed was ordered.
+    let log = c.registry.access_log().await;
+    assert!(
+        log[served..].iter().all(|e| e.method == "HEAD"),
+        "{:?}",
+        &log[served..]
+    );
+    assert!(seed.downloader().status(&blob).is_none());
+    assert_eq!(seed.allowed_origins().refusals()[0].1, 0);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    assert!(
+        text.contains("shoal_scheduler_origin_refusals_total{reason=\"not_allowed\"} 1"),
+        "{text}"
+    );
+}

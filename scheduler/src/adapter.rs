@@ -11,6 +11,12 @@ use shoal_proto::{
     SchedulerRequest,
 };
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use shoal_origin::AllowedOrigins;
+
 use crate::clock::Clock;
 use crate::error::SchedulerError;
 use crate::host::{HostLoad, HostRegistration, Locality};
@@ -39,11 +45,25 @@ impl Handled {
     }
 }
 
-/// Keeps what the core does not: each blob's origin reference (for seed fetch orders).
+/// Keeps what the core does not: each blob's origin reference (for seed fetch orders), which
+/// must be in the scheduler's `allowed_origins`, and the origins a seed refused to fetch.
 /// Bounded by the core's task count: entries of blobs the core dropped go at [`Self::expire`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProtoAdapter {
     origins: HashMap<TaskId, proto::OriginRef>,
+    allowed: AllowedOrigins,
+    /// Blob -> (the origin reference a seed refused, the reason every asker is given).
+    refused: HashMap<TaskId, (String, String)>,
+    /// `shoal_scheduler_origin_refusals{reason}`.
+    refusals: Family<ReasonLabels, Counter>,
+}
+
+/// Label of `origin_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `not_allowed` (a task or preheat naming an origin outside allowed_origins) or
+    /// `seed_refused` (a seed refused the fetch order: outside its own list).
+    pub reason: &'static str,
 }
 
 fn error_reply(e: &SchedulerError) -> SchedulerReply {
@@ -87,9 +107,70 @@ fn failure_kind(reason: FailureReason) -> Option<FailureKind> {
 }
 
 impl ProtoAdapter {
-    /// An adapter with no origins known.
-    pub fn new() -> Self {
-        Self::default()
+    /// An adapter with no origins known that accepts those in `allowed`; its refusal counter
+    /// goes to `registry`.
+    pub fn new(allowed: AllowedOrigins, registry: &mut Registry) -> Self {
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "shoal_scheduler_origin_refusals",
+            "Task origins refused: not_allowed (outside allowed_origins), seed_refused (by a seed)",
+            refusals.clone(),
+        );
+        Self {
+            origins: HashMap::new(),
+            allowed,
+            refused: HashMap::new(),
+            refusals,
+        }
+    }
+
+    /// The refusal of `origin` when it is not in the scheduler's list.
+    fn check_origin(&self, origin: &proto::OriginRef) -> Option<Handled> {
+        let refusal = self.allowed.check_reference(&origin.reference).err()?;
+        self.count("not_allowed");
+        Some(Handled::reply(SchedulerReply::Error(ErrorReply::new(
+            ErrorCode::Refused,
+            refusal.message,
+        ))))
+    }
+
+    fn count(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Why `task` is refused to every asker: a seed refused its current origin.
+    fn refused_reason(&self, task: &TaskId) -> Option<&str> {
+        let (origin, why) = self.refused.get(task)?;
+        let current = self.origins.get(task)?;
+        (current.reference == *origin).then_some(why.as_str())
+    }
+
+    /// Host `from` refused `push` with `reply`. For an origin fetch order: the host leaves the
+    /// task, and the task's origin is refused to every asker from now on (no other seed and no
+    /// peer is sent to it), with the host's reason.
+    pub fn push_refused<C: Clock>(
+        &mut self,
+        s: &mut Scheduler<C>,
+        from: &HostId,
+        push: &SchedulerPush,
+        reply: &ErrorReply,
+    ) {
+        let SchedulerPush::FetchFromOrigin(order) = push else {
+            return;
+        };
+        let Ok(task) = task_id(&order.task.blob) else {
+            return;
+        };
+        tracing::warn!(seed = %from, blob = %task, origin = %order.origin.reference, reason = %reply.message,
+            "seed refused to fetch from the origin; the task fails for every peer");
+        let _ = s.leave_task(from, &task);
+        self.count("seed_refused");
+        let why = format!(
+            "seed {from} refused to fetch it from {}: {}",
+            order.origin.reference, reply.message
+        );
+        self.refused
+            .insert(task, (order.origin.reference.clone(), why));
     }
 
     /// Handles one request from `from` (the host id its certificate and Hello proved).
@@ -112,6 +193,7 @@ impl ProtoAdapter {
     pub fn expire<C: Clock>(&mut self, s: &mut Scheduler<C>) -> Vec<HostId> {
         let gone = s.expire_hosts();
         self.origins.retain(|t, _| s.task_peer_count(t) > 0);
+        self.refused.retain(|t, _| s.task_peer_count(t) > 0);
         gone
     }
 
@@ -168,6 +250,10 @@ impl ProtoAdapter {
             }
             SchedulerRequest::RegisterTask(t) => {
                 let task = task_id(&t.task.blob)?;
+                // Checked before the task exists: an origin outside the list never reaches a seed.
+                if let Some(refused) = t.origin.as_ref().and_then(|o| self.check_origin(o)) {
+                    return Ok(refused);
+                }
                 let held = match &t.held {
                     Some(set) => Held::Bitmap(set.as_bytes().to_vec()),
                     None => Held::Nothing,
@@ -207,6 +293,12 @@ impl ProtoAdapter {
             }
             SchedulerRequest::RequestParents(r) => {
                 let task = task_id(&r.blob)?;
+                if let Some(why) = self.refused_reason(&task) {
+                    return Ok(Handled::reply(SchedulerReply::Error(ErrorReply::new(
+                        ErrorCode::Refused,
+                        why,
+                    ))));
+                }
                 let exclude: Vec<HostId> =
                     r.exclude.iter().filter_map(|h| host_id(h).ok()).collect();
                 s.block_parents(&me, &task, &exclude)?;
@@ -288,6 +380,9 @@ impl ProtoAdapter {
 
     /// Orders a seed to fetch each blob of a preheat that no seed holds or fetches yet.
     fn preheat<C: Clock>(&mut self, s: &mut Scheduler<C>, p: proto::Preheat) -> Handled {
+        if let Some(refused) = self.check_origin(&p.origin) {
+            return refused;
+        }
         let mut outcomes = Vec::with_capacity(p.blobs.len());
         let mut pushes = Vec::new();
         for meta in p.blobs {
@@ -418,6 +513,185 @@ mod tests {
         proto::HostId::new(name).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// An adapter allowing the registry the tests' origins name.
+    fn adapter(registry: &mut Registry) -> ProtoAdapter {
+        let list = ["registry.invalid".to_string()];
+        let allowed = AllowedOrigins::parse(&list, shoal_origin::ListOwner::Scheduler)
+            .unwrap_or_else(|e| panic!("{e}"));
+        ProtoAdapter::new(allowed, registry)
+    }
+
+    fn origin(reference: &str) -> proto::OriginRef {
+        proto::OriginRef {
+            reference: reference.into(),
+            authorization: None,
+        }
+    }
+
+    fn register_task(
+        a: &mut ProtoAdapter,
+        s: &mut Scheduler<ManualClock>,
+        peer: &str,
+        meta: proto::TaskMeta,
+        reference: &str,
+    ) -> Handled {
+        let req = SchedulerRequest::RegisterTask(proto::RegisterTask {
+            task: meta,
+            piece_table: None,
+            held: None,
+            origin: Some(origin(reference)),
+        });
+        a.handle(s, &pid(peer), req)
+    }
+
+    fn ask(
+        a: &mut ProtoAdapter,
+        s: &mut Scheduler<ManualClock>,
+        peer: &str,
+        meta: proto::TaskMeta,
+    ) -> Handled {
+        let req = SchedulerRequest::RequestParents(proto::RequestParents {
+            blob: meta.blob,
+            wanted: proto::PieceSet::full(meta.piece_count()).unwrap_or_else(|e| panic!("{e}")),
+            exclude: vec![],
+        });
+        a.handle(s, &pid(peer), req)
+    }
+
+    fn refused(h: &Handled) -> &str {
+        match &h.reply {
+            SchedulerReply::Error(e) if e.code == ErrorCode::Refused => &e.message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn counted(registry: &Registry, reason: &str) -> bool {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry)
+            .unwrap_or_else(|e| panic!("{e}"));
+        text.contains(&format!(
+            "shoal_scheduler_origin_refusals_total{{reason=\"{reason}\"}} 1"
+        ))
+    }
+
+    #[test]
+    fn origins_outside_the_list_are_refused_before_a_task_or_a_seed_order_exists() {
+        let mut registry = Registry::default();
+        let mut s = Scheduler::new(
+            SchedulerConfig::default(),
+            ManualClock::new(),
+            &mut registry,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut a = adapter(&mut registry);
+        register(&mut a, &mut s, "seed-1", true);
+        register(&mut a, &mut s, "peer-1", false);
+        let meta = proto::TaskMeta {
+            blob: proto::Digest::from_bytes([5; 32]),
+            size: 4 << 20,
+            piece_size: 1 << 20,
+        };
+        let h = register_task(
+            &mut a,
+            &mut s,
+            "peer-1",
+            meta,
+            "docker://169.254.169.254/app",
+        );
+        let why = refused(&h);
+        assert!(
+            why.contains("registry 169.254.169.254 is not an allowed origin of the scheduler"),
+            "{why}"
+        );
+        assert!(
+            why.contains("allowed_origins in the `shoal scheduler` config"),
+            "{why}"
+        );
+        assert!(counted(&registry, "not_allowed"));
+        // No task: asking for parents finds none, and no seed is ordered anywhere.
+        let h = ask(&mut a, &mut s, "peer-1", meta);
+        assert!(
+            matches!(&h.reply, SchedulerReply::Error(e) if e.code == ErrorCode::UnknownTask),
+            "{h:?}"
+        );
+        assert!(h.pushes.is_empty());
+        let preheat = SchedulerRequest::Preheat(proto::Preheat {
+            blobs: vec![meta],
+            origin: origin("docker://127.0.0.1:5000/app"),
+        });
+        let h = a.handle(&mut s, &pid("peer-1"), preheat);
+        assert!(refused(&h).contains("registry 127.0.0.1:5000"), "{h:?}");
+        assert!(h.pushes.is_empty());
+    }
+
+    #[test]
+    fn a_seed_refusing_an_origin_fails_that_task_for_everyone_and_it_is_not_ordered_elsewhere() {
+        let mut registry = Registry::default();
+        let mut s = Scheduler::new(
+            SchedulerConfig::default(),
+            ManualClock::new(),
+            &mut registry,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut a = adapter(&mut registry);
+        register(&mut a, &mut s, "seed-1", true);
+        register(&mut a, &mut s, "seed-2", true);
+        register(&mut a, &mut s, "peer-1", false);
+        register(&mut a, &mut s, "peer-2", false);
+        let meta = |b: u8| proto::TaskMeta {
+            blob: proto::Digest::from_bytes([b; 32]),
+            size: 4 << 20,
+            piece_size: 1 << 20,
+        };
+        let (foreign, other) = (meta(6), meta(7));
+        let reference = "docker://registry.invalid/foreign";
+        let h = register_task(&mut a, &mut s, "peer-1", foreign, reference);
+        assert!(matches!(h.reply, SchedulerReply::Task(_)), "{h:?}");
+        let h = ask(&mut a, &mut s, "peer-1", foreign);
+        let [(seed, push)] = &h.pushes[..] else {
+            panic!("one seed ordered: {h:?}");
+        };
+        let reply = ErrorReply::new(ErrorCode::Refused, "not an allowed origin of this seed");
+        a.push_refused(&mut s, seed, push, &reply);
+        assert!(counted(&registry, "seed_refused"));
+        for peer in ["peer-1", "peer-2"] {
+            if peer == "peer-2" {
+                let h = register_task(&mut a, &mut s, peer, foreign, reference);
+                assert!(matches!(h.reply, SchedulerReply::Task(_)), "{h:?}");
+            }
+            let h = ask(&mut a, &mut s, peer, foreign);
+            let why = refused(&h);
+            assert!(
+                why.contains(&format!("seed {seed} refused to fetch it from {reference}")),
+                "{why}"
+            );
+            assert!(why.contains("not an allowed origin of this seed"), "{why}");
+            assert!(h.pushes.is_empty(), "not ordered elsewhere: {h:?}");
+        }
+        // Another blob goes on as usual: a seed is ordered for it.
+        let h = register_task(
+            &mut a,
+            &mut s,
+            "peer-2",
+            other,
+            "docker://registry.invalid/app",
+        );
+        assert!(matches!(h.reply, SchedulerReply::Task(_)), "{h:?}");
+        let h = ask(&mut a, &mut s, "peer-2", other);
+        assert_eq!(h.pushes.len(), 1, "{h:?}");
+        // The same blob from an origin the seeds take is a task again.
+        let h = register_task(
+            &mut a,
+            &mut s,
+            "peer-2",
+            foreign,
+            "docker://registry.invalid/app",
+        );
+        assert!(matches!(h.reply, SchedulerReply::Task(_)), "{h:?}");
+        let h = ask(&mut a, &mut s, "peer-2", foreign);
+        assert!(!matches!(h.reply, SchedulerReply::Error(_)), "{h:?}");
+    }
+
     fn register(a: &mut ProtoAdapter, s: &mut Scheduler<ManualClock>, name: &str, seed: bool) {
         let req = SchedulerRequest::RegisterHost(proto::RegisterHost {
             host_id: pid(name),
@@ -440,7 +714,7 @@ mod tests {
             &mut registry,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let mut a = ProtoAdapter::new();
+        let mut a = adapter(&mut registry);
         register(&mut a, &mut s, "seed-1", true);
         register(&mut a, &mut s, "peer-1", false);
         let meta = proto::TaskMeta {
@@ -500,7 +774,7 @@ mod tests {
             &mut registry,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let mut a = ProtoAdapter::new();
+        let mut a = adapter(&mut registry);
         let beat = SchedulerRequest::Heartbeat(proto::Heartbeat {
             free_upload_slots: 1,
             upload_bytes_per_sec: 0,
@@ -540,7 +814,7 @@ mod tests {
             &mut registry,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let mut a = ProtoAdapter::new();
+        let mut a = adapter(&mut registry);
         register(&mut a, &mut s, "seed-1", true);
         register(&mut a, &mut s, "peer-1", false);
         register(&mut a, &mut s, "peer-2", false);

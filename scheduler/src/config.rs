@@ -145,6 +145,9 @@ pub struct SchedulerServiceConfig {
     pub tls_dir: PathBuf,
     /// TCP address of `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: SocketAddr,
+    /// The only origins a task (or a preheat) may name, so the only ones seeds are ordered to:
+    /// registries as `host[:port]`, `s3://HOST[:PORT]/BUCKET`, `dir:/PATH`. Empty: none.
+    pub allowed_origins: Vec<String>,
     /// The core's limits and selection settings.
     pub core: SchedulerConfig,
 }
@@ -156,6 +159,7 @@ impl Default for SchedulerServiceConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 4471)),
             tls_dir: PathBuf::from("/etc/shoal/tls"),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 4490)),
+            allowed_origins: Vec::new(),
             core: SchedulerConfig::default(),
         }
     }
@@ -177,6 +181,7 @@ impl SchedulerServiceConfig {
                 "host_id must be the scheduler certificate's name".into(),
             ));
         }
+        allowed_list(&self.allowed_origins)?;
         self.core.validate()
     }
 
@@ -186,9 +191,18 @@ impl SchedulerServiceConfig {
             listen: self.listen,
             host_id: self.host_id.clone(),
             tls_dir: self.tls_dir.clone(),
+            allowed_origins: self.allowed_origins.clone(),
             core: self.core.clone(),
         }
     }
+}
+
+/// `allowed_origins` parsed, with an error naming the bad entry.
+pub(crate) fn allowed_list(
+    list: &[String],
+) -> Result<shoal_origin::AllowedOrigins, SchedulerError> {
+    shoal_origin::AllowedOrigins::parse(list, shoal_origin::ListOwner::Scheduler)
+        .map_err(|e| SchedulerError::Config(e.to_string()))
 }
 
 #[cfg(test)]
@@ -219,6 +233,15 @@ mod tests {
         assert_eq!(SchedulerServiceConfig::default().listen.port(), 4471);
         let err = toml::from_str::<SchedulerServiceConfig>("listen_addr = \"x\"").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
+        let bad = SchedulerServiceConfig {
+            allowed_origins: vec!["reg.example".into(), "http://reg.example".into()],
+            ..cfg.clone()
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("allowed_origins entry \"http://reg.example\""),
+            "{err}"
+        );
         let round = toml::to_string(&cfg).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             toml::from_str::<SchedulerServiceConfig>(&round).ok(),

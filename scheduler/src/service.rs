@@ -27,6 +27,8 @@ pub struct ServiceConfig {
     pub host_id: String,
     /// Directory with `tls.crt`, `tls.key` and `ca.crt`.
     pub tls_dir: PathBuf,
+    /// The only origins tasks and preheats may name (`SchedulerServiceConfig::allowed_origins`).
+    pub allowed_origins: Vec<String>,
     /// The core's settings.
     pub core: SchedulerConfig,
 }
@@ -96,6 +98,10 @@ impl SchedulerService {
     ) -> Result<Self, ServiceError> {
         shoal_tls::install_crypto_provider();
         let me = WireHost::new(cfg.host_id.clone())?;
+        let allowed = crate::config::allowed_list(&cfg.allowed_origins)?;
+        if let Some(warning) = allowed.empty_warning() {
+            tracing::warn!("{warning}");
+        }
         let identity = NodeIdentity::load(IdentityPaths::in_dir(&cfg.tls_dir))?;
         let watch = identity.spawn_watcher(shoal_tls::DEFAULT_RELOAD_INTERVAL);
         let mut server = shoal_tls::quic_server_config(&identity, &[ALPN_SCHEDULER])?;
@@ -109,8 +115,9 @@ impl SchedulerService {
                 source,
             })?;
         let core = Scheduler::new(cfg.core, crate::SystemClock, registry)?;
+        let adapter = ProtoAdapter::new(allowed, registry);
         let shared = Arc::new(Shared {
-            core: Mutex::new((core, ProtoAdapter::new())),
+            core: Mutex::new((core, adapter)),
             links: Mutex::new(HashMap::new()),
         });
         let accept = {
@@ -263,13 +270,16 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: Wire
 }
 
 /// Sends a push (a seed's origin-fetch order) to `to` on the connection it made, in the
-/// background; a host that is not connected or refuses is logged (it is asked again on the next
-/// decision that needs it).
-fn push_to(shared: &Shared, to: HostId, push: SchedulerPush) {
+/// background; a host that is not connected or does not answer is logged (it is asked again on
+/// the next decision that needs it). A seed that refuses an order (its origin is outside the
+/// seed's allowed_origins) leaves the task, whose origin is then refused to every asker: the
+/// fetch is not ordered elsewhere.
+fn push_to(shared: &Arc<Shared>, to: HostId, push: SchedulerPush) {
     let Some(link) = shared.links.lock().ok().and_then(|l| l.get(&to).cloned()) else {
         tracing::warn!(host = %to, "cannot push to a host that is not connected");
         return;
     };
+    let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let sent = async {
             let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -286,7 +296,10 @@ fn push_to(shared: &Shared, to: HostId, push: SchedulerPush) {
         match tokio::time::timeout(Duration::from_secs(10), sent).await {
             Ok(Ok(PushReply::Accepted)) => {}
             Ok(Ok(PushReply::Refused(e))) => {
-                tracing::warn!(host = %to, reason = %e.message, "push refused")
+                tracing::warn!(host = %to, reason = %e.message, "push refused");
+                let mut guard = shared.core();
+                let (core, adapter) = &mut *guard;
+                adapter.push_refused(core, &to, &push, &e);
             }
             Ok(Err(e)) => tracing::warn!(host = %to, error = %e, "push failed"),
             Err(_) => tracing::warn!(host = %to, "push not answered within 10 s"),

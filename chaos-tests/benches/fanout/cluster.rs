@@ -81,7 +81,10 @@ impl Swarm {
         let scheduler = sched_host
             .spawn(
                 "scheduler",
-                node_cmd(&exe).args(["scheduler", &listen]).arg(&tls),
+                node_cmd(&exe)
+                    .args(["scheduler", &listen])
+                    .arg(&tls)
+                    .arg(&relay_host),
             )
             .map_err(|e| e.to_string())?;
         let sched_addr = sched_host.sock(SCHED_PORT);
@@ -101,6 +104,7 @@ impl Swarm {
                 cache_bytes: Some(opts.blob_bytes * 2 + (256 << 20)),
                 piece_size: opts.piece_size,
                 plain_http_registries: vec![relay_host.clone()],
+                allowed_origins: vec![relay_host.clone()],
                 ..PeerConfig::default()
             };
             std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;

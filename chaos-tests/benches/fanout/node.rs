@@ -9,7 +9,7 @@ use shoal_peer::PeerConfig;
 use shoal_scheduler::service::ServiceConfig;
 use shoal_scheduler::SchedulerConfig;
 
-/// Runs the node named by `args` (`scheduler LISTEN TLS_DIR` or `peer CONFIG.toml`); exits
+/// Runs the node named by `args` (`scheduler LISTEN TLS_DIR ALLOWED,ORIGINS` or `peer CONFIG.toml`); exits
 /// non-zero with the reason when it cannot start.
 pub fn run(args: &[String]) -> ! {
     let _ = tracing_subscriber::fmt()
@@ -28,7 +28,7 @@ pub fn run(args: &[String]) -> ! {
         Err(e) => fail(&format!("tokio runtime: {e}")),
     };
     let result = match args {
-        [role, listen, tls] if role == "scheduler" => {
+        [role, listen, tls, allowed] if role == "scheduler" => {
             let listen: SocketAddr = match listen.parse() {
                 Ok(a) => a,
                 Err(e) => fail(&format!("scheduler listen address {listen}: {e}")),
@@ -37,6 +37,7 @@ pub fn run(args: &[String]) -> ! {
                 listen,
                 host_id: "scheduler".into(),
                 tls_dir: PathBuf::from(tls),
+                allowed_origins: allowed.split(',').map(str::to_string).collect(),
                 core: SchedulerConfig::default(),
             };
             rt.block_on(shoal_scheduler::service::run(cfg))

@@ -319,6 +319,8 @@ fn main() {
         s(&sched_tls),
         "--metrics-listen",
         &sched_metrics.to_string(),
+        "--allowed-origins",
+        &registry.host(),
     ]
     .iter()
     .map(|a| a.to_string())
@@ -331,9 +333,12 @@ fn main() {
             "--seed".to_string(),
             "--upload-bytes-per-sec".to_string(),
             seed_rate.to_string(),
+            "--allowed-origins".to_string(),
+            registry.host(),
         ],
     );
-    let (peer_pid, socket, peer_metrics) = bench.start_peer("peer-1", scheduler, &[]);
+    let allowed = ["--allowed-origins".to_string(), registry.host()];
+    let (peer_pid, socket, peer_metrics) = bench.start_peer("peer-1", scheduler, &allowed);
 
     // Idle: registered, nothing asked yet.
     std::thread::sleep(Duration::from_secs(2));

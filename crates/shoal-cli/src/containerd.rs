@@ -54,7 +54,41 @@ pub fn run(args: ContainerdConfigArgs) -> anyhow::Result<()> {
         };
         println!("{msg}");
     }
+    if !args.remove {
+        print!("{}", allowing_lines(&args.registries));
+    }
     Ok(())
+}
+
+/// What the peer's config needs so that its proxy serves the registries just configured: the
+/// `allowed_origins` line (a registry outside it is answered 403, and containerd then pulls
+/// from the registry itself, without Shoal).
+fn allowing_lines(registries: &[String]) -> String {
+    let named: Vec<&str> = registries
+        .iter()
+        .map(String::as_str)
+        .filter(|r| *r != "_default")
+        .collect();
+    let mut out = String::from(
+        "The peer serves only registries in its allowed_origins (a refused one is answered 403 \
+         and containerd then pulls from it without Shoal).\n",
+    );
+    if !named.is_empty() {
+        let quoted: Vec<String> = named.iter().map(|r| format!("{r:?}")).collect();
+        out.push_str(&format!(
+            "Add to the `shoal peer` config (and to the seeds' and schedulers'):\n  \
+             allowed_origins = [{}]\n  (or the flag --allowed-origins={})\n",
+            quoted.join(", "),
+            named.join(",")
+        ));
+    }
+    if registries.iter().any(|r| r == "_default") {
+        out.push_str(
+            "_default sends every other registry to the proxy too: list each one the nodes may \
+             pull from in allowed_origins.\n",
+        );
+    }
+    out
 }
 
 /// The registry `config_path` in containerd's config (v2: the CRI plugin; v3: CRI images).
@@ -233,5 +267,34 @@ mod tests {
         assert!(!dir.join("_default").exists());
         assert!(check_registry("../etc").is_err() && check_registry("a/b").is_err());
         assert!(check_registry("127.0.0.1:5000").is_ok());
+    }
+
+    #[test]
+    fn the_allowing_line_lists_what_was_configured() {
+        let regs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let out = allowing_lines(&regs(&["docker.io", "127.0.0.1:5000", "_default"]));
+        assert!(
+            out.contains("allowed_origins = [\"docker.io\", \"127.0.0.1:5000\"]"),
+            "{out}"
+        );
+        assert!(
+            out.contains("--allowed-origins=docker.io,127.0.0.1:5000"),
+            "{out}"
+        );
+        assert!(out.contains("_default sends every other registry"), "{out}");
+        // The line is what a peer config parses.
+        let line = out
+            .lines()
+            .find(|l| l.contains("allowed_origins ="))
+            .unwrap();
+        let cfg: shoal_peer::PeerConfig = toml::from_str(line.trim()).unwrap();
+        let allowed = cfg.allowed_list().unwrap();
+        assert!(allowed.allows_registry("registry-1.docker.io"));
+        assert!(allowed.allows_registry("127.0.0.1:5000"));
+        let only_default = allowing_lines(&regs(&["_default"]));
+        assert!(
+            !only_default.contains("allowed_origins = ["),
+            "{only_default}"
+        );
     }
 }

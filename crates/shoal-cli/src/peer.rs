@@ -145,6 +145,9 @@ config_flags! {
         dht_bootstrap: std::net::SocketAddr => dht_bootstrap,
         /// Registries spoken to over plain HTTP (loopback always is).
         plain_http_registries: String => plain_http_registries,
+        /// The only origins this node fetches from: registries as HOST[:PORT],
+        /// s3://HOST[:PORT]/BUCKET, dir:/PATH [default: none].
+        allowed_origins: String => allowed_origins,
     }
 }
 

@@ -59,7 +59,11 @@ config_flags! {
         /// Most ancestors visited by the cycle check.
         core_cycle_check_limit: usize => set core.cycle_check_limit,
     }
-    lists {}
+    lists {
+        /// The only origins tasks and preheats may name: registries as HOST[:PORT],
+        /// s3://HOST[:PORT]/BUCKET, dir:/PATH [default: none].
+        allowed_origins: String => allowed_origins,
+    }
 }
 
 /// `shoal scheduler`: run the scheduler until SIGINT/SIGTERM.
@@ -149,12 +153,15 @@ mod tests {
             file.to_str().unwrap(),
             "--core-max-parents",
             "5",
+            "--allowed-origins",
+            "reg.example,127.0.0.1:5000",
         ]);
         let args = <SchedulerArgs as clap::FromArgMatches>::from_arg_matches(&m).unwrap();
         let cfg = effective_config(&args).unwrap();
         assert_eq!(cfg.host_id, "s1");
         assert_eq!(cfg.core.max_parents, 5);
         assert_eq!(cfg.core.max_hosts, 10);
+        assert_eq!(cfg.allowed_origins, ["reg.example", "127.0.0.1:5000"]);
         assert_eq!(cfg.listen.port(), 4471);
     }
 }

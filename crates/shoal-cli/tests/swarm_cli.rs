@@ -57,6 +57,8 @@ struct Node {
 struct Swarm {
     dir: tempfile::TempDir,
     registry: Registry,
+    /// What every peer and seed allows: the registry (on loopback, so listed like any other).
+    allowed: String,
     scheduler: SocketAddr,
     sched_metrics: SocketAddr,
     procs: Vec<Proc>,
@@ -224,6 +226,8 @@ impl Swarm {
             "--cache-bytes",
             "1073741824",
             "--dht=false",
+            "--allowed-origins",
+            &self.allowed,
         ];
         if seed {
             args.push("--seed");
@@ -240,12 +244,22 @@ impl Swarm {
 }
 
 async fn start() -> Option<(Swarm, Node, Node, Node)> {
+    start_allowing(&[]).await
+}
+
+/// The swarm, its scheduler also allowing `scheduler_also` (the peers and seed do not).
+async fn start_allowing(scheduler_also: &[String]) -> Option<(Swarm, Node, Node, Node)> {
     shoal_tls::install_crypto_provider();
     let registry = or_skip(Registry::start(RegistryOpts::default()).await)?;
     let dir = tempfile::tempdir().expect("temp dir");
+    let allowed = registry.host();
+    let mut sched_allowed = vec![allowed.clone()];
+    sched_allowed.extend_from_slice(scheduler_also);
+    let sched_allowed = sched_allowed.join(",");
     let mut swarm = Swarm {
         dir,
         registry,
+        allowed,
         scheduler: free_udp(),
         sched_metrics: free_tcp(),
         procs: Vec::new(),
@@ -266,6 +280,8 @@ async fn start() -> Option<(Swarm, Node, Node, Node)> {
             s(&sched_tls),
             "--metrics-listen",
             &metrics,
+            "--allowed-origins",
+            &sched_allowed,
         ],
     );
     swarm.wait_ready(sched_metrics);
@@ -424,6 +440,237 @@ async fn get_through_two_peers_moves_the_blob_out_of_the_registry_once_and_prehe
         swarm.registry.blob_bytes_served(&image.layer_digest).await,
         (6 * MIB) as u64
     );
+    drop(swarm);
+}
+
+/// A host with a valid cluster certificate speaking the scheduler protocol itself, the way any
+/// certificate holder can: one connection, one stream per request.
+struct Rogue {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    codec: shoal_proto::Codec,
+}
+
+impl Rogue {
+    async fn connect(scheduler: SocketAddr, tls: &Path, me: &str) -> Rogue {
+        let identity = shoal_tls::NodeIdentity::load(shoal_tls::IdentityPaths::in_dir(tls))
+            .expect("rogue identity");
+        let config = shoal_tls::quic_client_config(&identity, &[shoal_proto::ALPN_SCHEDULER])
+            .expect("client config");
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+        let conn = endpoint
+            .connect_with(config, scheduler, SCHEDULER)
+            .expect("connect")
+            .await
+            .expect("TLS with the scheduler");
+        let (mut send, mut recv) = conn.open_bi().await.expect("hello stream");
+        let hello = shoal_proto::Hello::new(
+            shoal_proto::Role::Peer,
+            shoal_proto::HostId::new(me).unwrap(),
+        );
+        let negotiated = shoal_proto::client_handshake(&mut recv, &mut send, &hello)
+            .await
+            .expect("Hello");
+        let _ = send.finish();
+        let rogue = Rogue {
+            _endpoint: endpoint,
+            conn,
+            codec: negotiated.codec,
+        };
+        let reply = rogue
+            .ask(shoal_proto::SchedulerRequest::RegisterHost(
+                shoal_proto::RegisterHost {
+                    host_id: shoal_proto::HostId::new(me).unwrap(),
+                    addresses: vec!["127.0.0.1:9".parse().unwrap()],
+                    locality: shoal_proto::Locality::default(),
+                    upload_slots: 4,
+                    upload_bytes_per_sec: 0,
+                    is_seed: false,
+                },
+            ))
+            .await;
+        assert!(
+            matches!(reply, shoal_proto::SchedulerReply::Registered(_)),
+            "{reply:?}"
+        );
+        rogue
+    }
+
+    async fn ask(&self, req: shoal_proto::SchedulerRequest) -> shoal_proto::SchedulerReply {
+        let (mut send, mut recv) = self.conn.open_bi().await.expect("request stream");
+        self.codec.write(&mut send, &req).await.expect("request");
+        let _ = send.finish();
+        self.codec.read(&mut recv).await.expect("reply")
+    }
+
+    async fn register_task(
+        &self,
+        meta: shoal_proto::TaskMeta,
+        reference: &str,
+    ) -> shoal_proto::SchedulerReply {
+        self.ask(shoal_proto::SchedulerRequest::RegisterTask(
+            shoal_proto::RegisterTask {
+                task: meta,
+                piece_table: None,
+                held: None,
+                origin: Some(shoal_proto::OriginRef {
+                    reference: reference.into(),
+                    authorization: None,
+                }),
+            },
+        ))
+        .await
+    }
+
+    async fn request_parents(&self, meta: shoal_proto::TaskMeta) -> shoal_proto::SchedulerReply {
+        self.ask(shoal_proto::SchedulerRequest::RequestParents(
+            shoal_proto::RequestParents {
+                blob: meta.blob,
+                wanted: shoal_proto::PieceSet::full(meta.piece_count()).unwrap(),
+                exclude: vec![],
+            },
+        ))
+        .await
+    }
+}
+
+fn refusal(reply: &shoal_proto::SchedulerReply) -> Option<&str> {
+    match reply {
+        shoal_proto::SchedulerReply::Error(e) if e.code == shoal_proto::ErrorCode::Refused => {
+            Some(&e.message)
+        }
+        _ => None,
+    }
+}
+
+/// A certificate holder registers a task whose origin the scheduler allows but the seed does
+/// not: the seed refuses the order without connecting anywhere (its log shows the refusal and
+/// no fetch; the target registry's log shows nothing), the task then fails for its asker with
+/// the seed's reason and is not ordered elsewhere, and the swarm goes on serving other blobs.
+/// An origin outside even the scheduler's list is refused at once, and `shoal get` naming one
+/// outside the peer's list fails with the peer's 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_for_an_origin_the_seed_does_not_allow_fails_without_any_connection() {
+    let Some(target) = or_skip(Registry::start(RegistryOpts::default()).await) else {
+        return;
+    };
+    let foreign = target
+        .push_blob("foreign/app", &shoal_testkit::random_bytes(2 * MIB, 13))
+        .await
+        .expect("push");
+    let Some((swarm, seed, p1, _p2)) = start_allowing(&[target.host()]).await else {
+        return;
+    };
+    let seen_before = target.access_log().await.len();
+    let rogue = Rogue::connect(swarm.scheduler, &swarm.issue("rogue"), "rogue").await;
+    let meta = shoal_proto::TaskMeta {
+        blob: shoal_proto::Digest::parse(&foreign).unwrap(),
+        size: (2 * MIB) as u64,
+        piece_size: MIB as u32,
+    };
+    let reference = format!("docker://{}/foreign/app", target.host());
+    let reply = rogue.register_task(meta, &reference).await;
+    assert!(
+        matches!(reply, shoal_proto::SchedulerReply::Task(_)),
+        "the scheduler allows it: {reply:?}"
+    );
+    // The first ask orders the seed; once the seed has refused, every ask is refused.
+    let start = Instant::now();
+    let why = loop {
+        let reply = rogue.request_parents(meta).await;
+        if let Some(why) = refusal(&reply) {
+            break why.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "still not refused: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for part in [
+        format!("seed seed-1 refused to fetch it from {reference}"),
+        format!(
+            "registry {} is not an allowed origin of this seed",
+            target.host()
+        ),
+        format!(
+            "add \"{}\" to allowed_origins in the `shoal peer` config",
+            target.host()
+        ),
+    ] {
+        assert!(why.contains(&part), "{part:?} missing in {why}");
+    }
+    let again = rogue.request_parents(meta).await;
+    assert!(refusal(&again).is_some(), "{again:?}");
+    // An origin outside the scheduler's own list never becomes a task.
+    let metadata = "docker://169.254.169.254/latest/app";
+    let reply = rogue.register_task(meta, metadata).await;
+    let why = refusal(&reply).unwrap_or_else(|| panic!("{reply:?}"));
+    assert!(
+        why.contains("registry 169.254.169.254 is not an allowed origin of the scheduler"),
+        "{why}"
+    );
+
+    // `shoal get` of the foreign blob through a peer, whose own list lacks the registry.
+    let out = swarm.path("foreign");
+    let blob = format!("{reference}@{foreign}");
+    let got = tokio::task::block_in_place(|| {
+        shoal(&["get", &blob, "-o", s(&out), "--api", s(&p1.socket)])
+    });
+    assert!(!got.status.success());
+    let err = String::from_utf8_lossy(&got.stderr);
+    assert!(err.contains("local API answered 403"), "{err}");
+    assert!(
+        err.contains(&format!("add \"{}\" to allowed_origins", target.host())),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // Nobody connected to the target, and the seed never started a fetch.
+    assert_eq!(
+        target.access_log().await.len(),
+        seen_before,
+        "the target saw requests: {}",
+        target.log_tail(10)
+    );
+    let seed_log = std::fs::read_to_string(swarm.path("seed-1.log")).unwrap_or_default();
+    assert!(
+        seed_log.contains("push from the scheduler refused"),
+        "{seed_log}"
+    );
+    assert!(!seed_log.contains("fetching from origin"), "{seed_log}");
+    let (_, text) = http_get(seed.metrics, "/metrics").expect("seed metrics");
+    assert_eq!(
+        metric(
+            &text,
+            "shoal_peer_origin_refusals_total{reason=\"not_allowed\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shoal_peer_download_bytes_total{source=\"origin\"}"),
+        Some(0.0)
+    );
+    let (_, text) = http_get(swarm.sched_metrics, "/metrics").expect("scheduler metrics");
+    for reason in ["seed_refused", "not_allowed"] {
+        let name = format!("shoal_scheduler_origin_refusals_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&text, &name), Some(1.0), "{text}");
+    }
+
+    // Other tasks are unaffected: a blob of the allowed registry through the swarm.
+    let data = shoal_testkit::random_bytes(3 * MIB, 17);
+    let digest = swarm
+        .registry
+        .push_blob("cli/other", &data)
+        .await
+        .expect("push");
+    let out = swarm.path("other");
+    let blob = swarm.blob_ref("cli/other", &digest);
+    tokio::task::block_in_place(|| {
+        shoal_ok(&["get", &blob, "-o", s(&out), "--api", s(&p1.socket)])
+    });
+    assert_eq!(sha256_file(&out), digest);
     drop(swarm);
 }
 

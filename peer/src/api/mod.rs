@@ -3,7 +3,8 @@
 //!
 //! - `GET|HEAD /blobs/sha256:<hex>?source=docker://HOST/REPO` — the blob, or with a `Range`
 //!   header one byte range of it (206), streamed as pieces arrive (read ahead from the store when
-//!   it holds them all, cached.rs); 416 for a range outside it.
+//!   it holds them all, cached.rs); 416 for a range outside it; 403 when the source is outside
+//!   `allowed_origins` (here, or the scheduler's or a seed's), the body saying which entry to add.
 //! - `POST /blobs/sha256:<hex>/fetch?source=...` — fetch the whole blob; answers with its status
 //!   once it is complete and verified.
 //! - `GET /tasks`, `GET /tasks/sha256:<hex>` — download status (JSON).
@@ -156,6 +157,8 @@ fn error(e: &PeerError) -> Response<Body> {
     let status = match e {
         PeerError::BadRequest(_) | PeerError::Proto(_) => StatusCode::BAD_REQUEST,
         PeerError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        // The body names the origin and the allowed_origins entry to add.
+        PeerError::NotAllowed(_) => StatusCode::FORBIDDEN,
         PeerError::Origin(o) if o.to_string().contains("not found") => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_GATEWAY,
     };

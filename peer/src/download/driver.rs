@@ -249,6 +249,9 @@ impl Task {
                 let wait = match s.request(&ask).await {
                     Ok(SchedulerReply::Parents(ParentsReply::BackToSource { .. })) => false,
                     Ok(SchedulerReply::Parents(_)) => true,
+                    Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::Refused => {
+                        return Err(super::refused_by_scheduler(&self.blob, &e));
+                    }
                     Ok(other) => {
                         tracing::warn!(blob = %self.blob, reply = ?other, "unexpected scheduler answer");
                         false
@@ -303,6 +306,9 @@ impl Task {
                         self.adopt_table(meta, table).await?;
                         return Ok(true);
                     }
+                }
+                Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::Refused => {
+                    return Err(super::refused_by_scheduler(&self.blob, &e));
                 }
                 _ => return Ok(false),
             }

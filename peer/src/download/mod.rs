@@ -163,6 +163,11 @@ impl Downloader {
         &self.ctx.stats
     }
 
+    /// The origins this peer may fetch from.
+    pub fn allowed_origins(&self) -> &Arc<shoal_origin::AllowedOrigins> {
+        self.ctx.origins.allowed()
+    }
+
     /// This node's id, seed mode, scheduler addresses configured, and schedulers connected now
     /// (local API `GET /status`).
     pub(crate) fn node(&self) -> (String, bool, Vec<std::net::SocketAddr>, usize) {
@@ -201,6 +206,10 @@ impl Downloader {
         blob: Digest,
         origin: Option<OriginRef>,
     ) -> Result<Arc<Task>, PeerError> {
+        // An origin outside allowed_origins never becomes a task's (nor replaces one).
+        if let Some(o) = &origin {
+            self.ctx.origins.check(o)?;
+        }
         let task = self.task(blob, origin);
         task.resolve().await?;
         Ok(task)
@@ -343,6 +352,12 @@ fn request_blob(req: &SchedulerRequest) -> Option<Digest> {
         SchedulerRequest::GetPieceHashes { blob, .. } => Some(*blob),
         _ => None,
     }
+}
+
+/// The download error for a scheduler that refused a task (its origin is outside the
+/// scheduler's or a seed's allowed_origins): final, the download is not tried elsewhere.
+pub(crate) fn refused_by_scheduler(blob: &Digest, e: &shoal_proto::ErrorReply) -> PeerError {
+    PeerError::NotAllowed(format!("the scheduler refused {blob}: {}", e.message))
 }
 
 /// Announcement of a task, with what is known of it.

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use shoal_origin::{ByteRange, Origin, Reference, RegistryClient, RegistryOptions, RegistryOrigin};
+use shoal_origin::{
+    AllowedOrigins, ByteRange, Origin, Reference, RegistryClient, RegistryOptions, RegistryOrigin,
+};
 use shoal_proto::{Digest, OriginRef};
 use tokio::sync::mpsc;
 
@@ -18,29 +20,45 @@ use crate::error::PeerError;
 /// Chunks of origin bytes queued between the network and the blocking import.
 pub(super) const IMPORT_QUEUE: usize = 16;
 
-/// Origins by reference, sharing one registry client (connection pool, tokens).
+/// Origins by reference, sharing one registry client (connection pool, tokens), and only those
+/// the operator allows.
 #[derive(Debug)]
 pub(crate) struct Origins {
     client: RegistryClient,
+    allowed: Arc<AllowedOrigins>,
     cache: Mutex<HashMap<String, Arc<RegistryOrigin>>>,
 }
 
 impl Origins {
-    /// A pool with a registry client; `plain_http` hosts are spoken to without TLS.
-    pub fn new(plain_http: &[String]) -> Result<Self, PeerError> {
+    /// A pool with a registry client; `plain_http` hosts are spoken to without TLS; nothing
+    /// outside `allowed` is reached (nor an unlisted loopback or link-local address through it).
+    pub fn new(plain_http: &[String], allowed: Arc<AllowedOrigins>) -> Result<Self, PeerError> {
         let opts = RegistryOptions {
             plain_http: plain_http.iter().cloned().collect(),
+            allowed: Some(Arc::clone(&allowed)),
             ..RegistryOptions::default()
         };
         Ok(Origins {
             client: RegistryClient::new(opts)?,
+            allowed,
             cache: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The origin named by `origin` (`docker://HOST/REPO`); requests carry the client's
-    /// forwarded Authorization when `origin` has one, else this peer's own credentials.
+    /// The operator's list (its refusal counters are metrics).
+    pub fn allowed(&self) -> &Arc<AllowedOrigins> {
+        &self.allowed
+    }
+
+    /// Whether `origin` is allowed; the refusal names the entry to add.
+    pub fn check(&self, origin: &OriginRef) -> Result<(), PeerError> {
+        Ok(self.allowed.check_reference(&origin.reference)?)
+    }
+
+    /// The origin named by `origin` (`docker://HOST/REPO`), if allowed; requests carry the
+    /// client's forwarded Authorization when `origin` has one, else this peer's own credentials.
     pub fn get(&self, origin: &OriginRef) -> Result<Arc<RegistryOrigin>, PeerError> {
+        self.check(origin)?;
         // Keyed by reference and credential: one client's Authorization never serves another.
         let key = match &origin.authorization {
             Some(a) => format!(

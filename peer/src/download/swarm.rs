@@ -624,6 +624,9 @@ impl Task {
                     .await;
                 Ok(None)
             }
+            Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::Refused => {
+                Err(super::refused_by_scheduler(&self.blob, &e))
+            }
             Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::UnknownTask => {
                 // A restarted scheduler: announce the task again, then ask next round.
                 if let Some(a) = self.announcement() {

@@ -220,6 +220,9 @@ impl Task {
                     table = info.piece_table;
                     answered = true;
                 }
+                Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::Refused => {
+                    return Err(super::refused_by_scheduler(&self.blob, &e));
+                }
                 Ok(other) => {
                     tracing::warn!(blob = %self.blob, reply = ?other, "scheduler did not take the task")
                 }

@@ -95,6 +95,11 @@ impl Task {
                 self.release();
                 false
             }
+            // A refused task: the driver asks again and fails with the scheduler's reason.
+            Ok(SchedulerReply::Error(e)) if e.code == shoal_proto::ErrorCode::Refused => {
+                self.release();
+                false
+            }
             _ => true,
         }
     }

@@ -6,6 +6,8 @@
 //! ```text
 //!  GET /v2/<name>/blobs/sha256:<hex>?ns=<registry>      anything else under /v2/ (and tokens)
 //!        | mirror.rs: upstream = ns= | header | default         |
+//!        | server.rs: not in allowed_origins? 403, nothing contacted
+//!        |                                                      |
 //!        v                                                      v
 //!  authz.rs: HEAD upstream with the client's Authorization   passthrough.rs: the same request to
 //!   (cached briefly per credential, repository and blob);     the upstream, Authorization

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use shoal_origin::AllowedOrigins;
 use shoal_store::AsyncStore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -42,6 +43,8 @@ pub(crate) struct State {
     /// (reqwest drops the Authorization header on a redirect to another host).
     pub http_follow: reqwest::Client,
     pub plain_http: HashSet<String>,
+    /// The registries this node may reach; others are answered 403 before anything else.
+    pub allowed: Arc<AllowedOrigins>,
     pub authz: Authz,
     pub stats: ProxyStats,
 }
@@ -94,6 +97,7 @@ impl ProxyServer {
 pub(crate) async fn start(
     cfg: ProxyConfig,
     plain_http: &[String],
+    allowed: Arc<AllowedOrigins>,
     downloader: Arc<Downloader>,
     store: AsyncStore,
     identity: &Arc<shoal_tls::NodeIdentity>,
@@ -104,13 +108,20 @@ pub(crate) async fn start(
     } else {
         None
     };
+    if let Some(d) = cfg.default_upstream.as_deref() {
+        if !allowed.allows_registry(d) {
+            tracing::warn!(default_upstream = d, "proxy.default_upstream is not in allowed_origins: requests naming no registry will be refused (403)");
+        }
+    }
     let client = |follow: bool| {
         reqwest::Client::builder()
             .redirect(if follow {
-                reqwest::redirect::Policy::limited(10)
+                follow_allowed(Arc::clone(&allowed))
             } else {
                 reqwest::redirect::Policy::none()
             })
+            // Names resolving to loopback or link-local addresses reach only listed hosts.
+            .dns_resolver(allowed.resolver())
             .connect_timeout(Duration::from_millis(cfg.upstream_connect_timeout_ms))
             .read_timeout(Duration::from_millis(cfg.upstream_read_timeout_ms))
             .pool_max_idle_per_host(256)
@@ -122,6 +133,7 @@ pub(crate) async fn start(
         http: client(false)?,
         http_follow: client(true)?,
         plain_http: plain_http.iter().cloned().collect(),
+        allowed,
         authz: Authz::new(Duration::from_secs(cfg.authz_cache_secs)),
         downloader,
         store,
@@ -146,6 +158,24 @@ pub(crate) async fn start(
         accept,
         drained: tokio::sync::Mutex::new(drained),
         grace: Duration::from_millis(cfg.shutdown_grace_ms),
+    })
+}
+
+/// Redirects of the swarm's fallback reads: at most 10, never to an unlisted loopback or
+/// link-local IP (names that resolve there are stopped by the client's resolver).
+fn follow_allowed(allowed: Arc<AllowedOrigins>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 10 {
+            return attempt.error("more than 10 redirects");
+        }
+        let from = match attempt.previous().first().and_then(|u| u.host_str()) {
+            Some(h) => format!("registry {h} redirected a blob request to"),
+            None => "a redirect went to".to_string(),
+        };
+        match allowed.check_target_literal(attempt.url(), &from) {
+            Ok(()) => attempt.follow(),
+            Err(refusal) => attempt.error(refusal),
+        }
     })
 }
 
@@ -254,6 +284,12 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             return registry_error(StatusCode::BAD_REQUEST, "UNSUPPORTED", &why);
         }
     };
+    // Before any connection (upstream, scheduler, peers): only registries the operator listed.
+    if let Err(refusal) = state.allowed.check_registry(&up.host) {
+        tracing::info!(upstream = %up.host, path = %req.uri().path(), "proxy request refused: registry not allowed");
+        state.stats.record("refused", StatusCode::FORBIDDEN);
+        return registry_error(StatusCode::FORBIDDEN, "DENIED", &refusal.message);
+    }
     let is_read = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let path = req.uri().path().to_string();
     let (route, mut resp) = match blob_route(&path) {

@@ -10,8 +10,8 @@ use prometheus_client::metrics::family::Family;
 /// Labels of one proxy answer.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `blob` (served through the swarm), `passthrough` (forwarded upstream) or `invalid`
-    /// (refused before routing: no upstream named).
+    /// `blob` (served through the swarm), `passthrough` (forwarded upstream), `invalid`
+    /// (no upstream named) or `refused` (an upstream outside allowed_origins: 403).
     pub route: &'static str,
     /// The status class: `2xx`, `3xx`, `4xx` or `5xx`.
     pub status: &'static str,

@@ -64,13 +64,27 @@ impl Cluster {
         dir
     }
 
-    pub fn start_scheduler(&mut self) {
-        let cfg = ServiceConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
+    /// The origins every node and the scheduler allow: the cluster's registry (loopback, so
+    /// it must be listed like any other).
+    pub fn allowed(&self) -> Vec<String> {
+        vec![self.registry.host()]
+    }
+
+    /// A scheduler's settings on `listen`, allowing [`Self::allowed`] and `extra`.
+    pub fn scheduler_config(&self, listen: SocketAddr, extra: &[String]) -> ServiceConfig {
+        let mut allowed_origins = self.allowed();
+        allowed_origins.extend_from_slice(extra);
+        ServiceConfig {
+            listen,
             host_id: SCHEDULER.into(),
             tls_dir: self.identity(SCHEDULER),
+            allowed_origins,
             core: SchedulerConfig::default(),
-        };
+        }
+    }
+
+    pub fn start_scheduler(&mut self) {
+        let cfg = self.scheduler_config("127.0.0.1:0".parse().unwrap(), &[]);
         let mut reg = prometheus_client::registry::Registry::default();
         self.scheduler = Some(SchedulerService::start(cfg, &mut reg).unwrap());
     }
@@ -104,6 +118,7 @@ impl Cluster {
             connect_timeout_ms: 3_000,
             scheduler_timeout_ms: 3_000,
             piece_table_wait_ms: 60_000,
+            allowed_origins: self.allowed(),
             ..PeerConfig::default()
         }
     }
@@ -135,6 +150,12 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `host[:port]` of a `docker://HOST/REPO` reference (what allowed_origins lists).
+pub fn host_of(reference: &str) -> String {
+    let rest = reference.strip_prefix("docker://").unwrap_or(reference);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }
 
 pub fn sha256(data: &[u8]) -> String {
