@@ -20,8 +20,9 @@
 //!   bind-mounts over `/etc/hosts`) naming the headless Services' pods, so `scheduler_dns` and
 //!   `dht_bootstrap_dns` resolve as cluster DNS would. Removed on drop.
 //! - The origin: the registry is reached through a pass-through `FaultRelay` in an origin host,
-//!   over plain HTTP; the one config line added is `plain_http_registries = ["<origin>"]` in the
-//!   seed's and peer's TOML (a real registry speaks HTTPS and needs no such line).
+//!   over plain HTTP; the config changes are `plain_http_registries = ["<origin>"]` in the seed's
+//!   and peer's TOML (a real registry speaks HTTPS and needs no such line), and `<origin>`
+//!   appended to the `allowed_origins` every shipped TOML must set (as an operator edits it).
 //! - Not emulated: the image's user (`runAsUser`), read-only root filesystems, resource limits,
 //!   mount propagation and /dev/fuse (no FUSE mount happens in this test).
 //!
@@ -487,6 +488,12 @@ async fn the_base_manifests_command_lines_run_a_swarm_that_pulls_through_both_no
                 for (file, text) in files {
                     let mut t: toml::Value = toml::from_str(text).expect("config TOML");
                     rewrite_toml(&mut t, &mounts);
+                    // The shipped list, plus this test's origin (as an operator edits it).
+                    let list = t
+                        .get_mut("allowed_origins")
+                        .and_then(|v| v.as_array_mut())
+                        .unwrap_or_else(|| panic!("{cm}/{file} sets no allowed_origins"));
+                    list.push(origin.clone().into());
                     if let Some(tab) = t.as_table_mut().filter(|_| file != "scheduler.toml") {
                         tab.insert(
                             "plain_http_registries".into(),

@@ -220,11 +220,22 @@ fn shipped_configs_parse_with_the_real_structs() {
     }
     let peer = peer_config(&k8s.join("base/config/peer.toml"));
     assert!(!peer.seed && peer.proxy.enabled);
+    // Nothing is allowed by default: every shipped config lists its origins, the same list.
+    assert!(!peer.allowed_origins.is_empty());
+    for path in &seeds {
+        assert_eq!(
+            peer_config(path).allowed_origins,
+            peer.allowed_origins,
+            "{}",
+            path.display()
+        );
+    }
     assert_eq!(peer.proxy.listen.port(), 4480);
     assert_eq!(peer.metrics_listen.port(), 4490, "the probes' port");
     assert_eq!(peer.scheduler_dns.as_deref(), Some("shoal-scheduler:4471"));
     let systemd_peer = peer_config(&deploy_dir().join("systemd/peer.toml.example"));
     assert!(!systemd_peer.advertise.is_empty());
+    assert!(!systemd_peer.allowed_origins.is_empty());
 
     for path in [
         k8s.join("base/config/scheduler.toml"),
@@ -237,7 +248,13 @@ fn shipped_configs_parse_with_the_real_structs() {
         assert_eq!(cfg.host_id, peer.scheduler_name, "peers dial this name");
         assert_eq!(cfg.listen.port(), 4471);
         assert_eq!(cfg.metrics_listen.port(), 4490, "the probes' port");
+        assert!(!cfg.allowed_origins.is_empty(), "{}", path.display());
     }
+    let sched = shoal_scheduler::SchedulerServiceConfig::from_toml_file(
+        &k8s.join("base/config/scheduler.toml"),
+    )
+    .expect("scheduler.toml");
+    assert_eq!(sched.allowed_origins, peer.allowed_origins);
 }
 
 #[test]

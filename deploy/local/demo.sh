@@ -133,12 +133,14 @@ for name in shoal-scheduler seed-1 peer-1 peer-2; do
     "$shoal" ca issue --name "$name" --dir "$work/ca" --out "$work/tls/$name" --ip 127.0.0.1
 done
 
-echo "== a scheduler, a seed and two peers on loopback"
+echo "== a scheduler, a seed and two peers on loopback, allowed to fetch from that registry only"
+# Nothing is allowed by default; a registry on loopback must be listed like any other.
+allowed=127.0.0.1:$reg_port
 sched_port=$(free_port udp)
 sched_metrics=$(free_port tcp)
 "$shoal" --log info scheduler --host-id shoal-scheduler --listen "127.0.0.1:$sched_port" \
     --tls-dir "$work/tls/shoal-scheduler" --metrics-listen "127.0.0.1:$sched_metrics" \
-    2> "$work/logs/scheduler.log" &
+    --allowed-origins "$allowed" 2> "$work/logs/scheduler.log" &
 pids+=($!)
 wait_http "http://127.0.0.1:$sched_metrics/readyz" "$work/logs/scheduler.log"
 declare -A metrics_of proxy_of
@@ -153,7 +155,7 @@ for name in seed-1 peer-1 peer-2; do
     "$shoal" --log info peer "${seed[@]}" "${proxy[@]}" --data-dir "$work/$name" --tls-dir "$work/tls/$name" \
         --listen "127.0.0.1:$(free_port udp)" --scheduler "127.0.0.1:$sched_port" \
         --api-socket "$work/$name/peer.sock" --metrics-listen "127.0.0.1:${metrics_of[$name]}" \
-        --cache-bytes $((4 << 30)) 2> "$work/logs/$name.log" &
+        --cache-bytes $((4 << 30)) --allowed-origins "$allowed" 2> "$work/logs/$name.log" &
     pids+=($!)
     wait_http "http://127.0.0.1:${metrics_of[$name]}/readyz" "$work/logs/$name.log"
 done
@@ -191,6 +193,14 @@ done
 echo "registry served $served bytes of the $blob_size-byte blob (two peers fetched it)"
 echo "peer-2 received $from_peers bytes from peers and $from_origin from the origin"
 [[ $ok == yes && $served == "$blob_size" ]] || { echo "the swarm demo did not hold up" >&2; exit 1; }
+
+echo "== a registry nobody listed: peer 1 refuses it (403) without contacting it"
+if "$shoal" get "docker://127.0.0.2:$reg_port/demo@$blob" -o "$work/refused.blob" \
+    --api "$work/peer-1/peer.sock" 2> "$work/logs/refused.txt"; then
+    echo "a registry outside allowed_origins was fetched from" >&2; exit 1
+fi
+grep -m1 "local API answered 403" "$work/logs/refused.txt" | sed 's/^ */  /' ||
+    { echo "the refusal did not say 403:" >&2; cat "$work/logs/refused.txt" >&2; exit 1; }
 
 echo "== containerd pulls the three-layer image through peer 1's registry proxy, then peer 2's"
 image=127.0.0.1:$reg_port/demo-oci:1
