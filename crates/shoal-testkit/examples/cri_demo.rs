@@ -42,7 +42,7 @@ async fn run(bin: &Path, registry: &str, image: &str, cmd: &[String]) -> Res<()>
         ContainerdOpts::new(&sandbox).with_shoal_snapshotter("shoal-snapshotter.sock"),
     )
     .await?;
-    let mut shoal = ShoalNode::start(bin, dir.path(), registry, &ctrd)?;
+    let shoal = ShoalNode::start(bin, dir.path(), registry, &ctrd)?;
     let cri = ctrd.cri().await?;
     let pod = cri.run_pod("demo").await?;
     println!(
@@ -90,8 +90,7 @@ async fn run(bin: &Path, registry: &str, image: &str, cmd: &[String]) -> Res<()>
         .into_iter()
         .filter(|(n, _)| n == "shoal-fs-mount")
         .count();
-    shoal.stop_snapshotter()?;
-    drop(shoal);
+    shoal.stop()?;
     let report = ctrd.stop().await?;
     if exit.code != 0 || !errors.is_empty() || left != 0 || !report.lingering.is_empty() {
         return Err(format!(

@@ -175,6 +175,24 @@ impl ShoalNode {
         }
     }
 
+    /// Stops the snapshotter, then the peer (SIGTERM); `Err` unless both exit cleanly. Lazy
+    /// mounts still up stay (they outlive the snapshotter by design).
+    pub fn stop(mut self) -> Result<(), TestkitError> {
+        self.stop_snapshotter()?;
+        if let Some(mut p) = self.peer.take() {
+            match p.terminate(Duration::from_secs(15)) {
+                Some(s) if s.success() => {}
+                other => {
+                    return Err(TestkitError::Setup(format!(
+                        "the peer did not exit cleanly on SIGTERM ({other:?}): {}",
+                        p.log_tail(30)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// SIGKILL to the snapshotter (a crash; its lazy mounts stay).
     pub fn kill_snapshotter(&mut self) {
         if let Some(mut p) = self.snapshotter.take() {

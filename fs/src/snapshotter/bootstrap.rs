@@ -50,7 +50,12 @@ pub async fn fetch(
     if let Some(socket) = &src.peer_socket {
         match from_peer(socket, reference, digest, &tmp).await {
             Ok(()) => return persist(&tmp, dest),
-            Err(e) => {
+            // The operator's allow-list said no: going around the peer would defeat it.
+            Err(PeerFailure::Refused(why)) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(fail(format!("the local peer refused its origin: {why}")));
+            }
+            Err(PeerFailure::Failed(e)) => {
                 tracing::warn!(%image, error = %e, "bootstrap not fetched through the local peer; fetching it from the registry");
                 peer_error = Some(e);
             }
@@ -114,12 +119,26 @@ impl Sink {
     }
 }
 
+/// Why the peer did not deliver.
+enum PeerFailure {
+    /// It refused the origin (403: not in its `allowed_origins`).
+    Refused(String),
+    /// Anything else (not running, the swarm and the origin failed): the registry is tried.
+    Failed(String),
+}
+
+impl From<String> for PeerFailure {
+    fn from(s: String) -> Self {
+        PeerFailure::Failed(s)
+    }
+}
+
 async fn from_peer(
     socket: &Path,
     reference: &Reference,
     digest: &str,
     tmp: &Path,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), PeerFailure> {
     let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         format!(
             "connecting to {}: {e} (is `shoal peer` running?)",
@@ -145,7 +164,7 @@ async fn from_peer(
         .uri(uri)
         .header(header::HOST, "shoal-peer")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PeerFailure::Failed(e.to_string()))?;
     let resp = sender
         .send_request(req)
         .await
@@ -157,7 +176,12 @@ async fn from_peer(
             .await
             .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
             .unwrap_or_default();
-        return Err(format!("the peer answered {status}: {body}"));
+        if status == StatusCode::FORBIDDEN {
+            return Err(PeerFailure::Refused(body));
+        }
+        return Err(PeerFailure::Failed(format!(
+            "the peer answered {status}: {body}"
+        )));
     }
     let mut sink = Sink::create(tmp)?;
     let mut body = BodyStream::new(resp.into_body());
@@ -167,7 +191,7 @@ async fn from_peer(
             sink.put(&data)?;
         }
     }
-    sink.finish(digest)
+    Ok(sink.finish(digest)?)
 }
 
 async fn from_registry(

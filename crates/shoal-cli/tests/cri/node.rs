@@ -151,10 +151,9 @@ impl Node {
             }
             assert_no_lazy_images(shoal, &ctrd);
         }
-        let mut shoal = shoal;
-        if let Some(s) = shoal.as_mut() {
-            s.stop_snapshotter()
-                .expect("the snapshotter stops on SIGTERM");
+        if let Some(s) = shoal {
+            s.stop()
+                .expect("the snapshotter and the peer stop on SIGTERM");
         }
         let log = ctrd.log_tail(100_000);
         assert!(
@@ -172,7 +171,6 @@ impl Node {
             "processes outlived their pods and containerd: {:?}",
             report.lingering
         );
-        drop(shoal);
         drop(registry);
     }
 }
