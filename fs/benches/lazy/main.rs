@@ -15,8 +15,10 @@
 //!    prefetch list. Printed: times, lazy/full ratio, bytes fetched / bytes read.
 //! 2. Warm reads: a 1 GiB file through a mount whose cache holds it, beside the native file:
 //!    sequential MiB/s and random 4 KiB IOPS, page cache dropped and hot.
+//! 3. SQLite (sqlite.rs): indexed queries on a database of at least 200 MB in an image, page
+//!    cache dropped, time on the mount / time on a native copy.
 //!
-//! Flags: `--no-cold`, `--no-warm`; `LAZY_AHEAD` / `LAZY_BLOB_AHEAD` override the mount's
+//! Flags: `--no-cold`, `--no-warm`, `--no-sqlite`; `LAZY_AHEAD` / `LAZY_BLOB_AHEAD` override the mount's
 //! fetch-ahead windows (bytes), `LAZY_SWEEP=FILE:BLOB,...` compares several in one cold run,
 //! `LAZY_REPEAT` repeats each lazy run. Files go under `SHOAL_BENCH_DIR` (or the temp dir).
 //! Not root or a tool missing: prints `SKIP:` and exits 0.
@@ -24,6 +26,7 @@
 mod cold;
 mod image;
 mod relay;
+mod sqlite;
 mod warm;
 
 use std::path::Path;
@@ -108,7 +111,10 @@ fn main() {
 
 fn run(args: &[String]) -> Res<()> {
     for a in args {
-        if !matches!(a.as_str(), "--bench" | "--no-cold" | "--no-warm") {
+        if !matches!(
+            a.as_str(),
+            "--bench" | "--no-cold" | "--no-warm" | "--no-sqlite"
+        ) {
             return Err(format!("unknown argument {a}").into());
         }
     }
@@ -132,6 +138,9 @@ fn run(args: &[String]) -> Res<()> {
     }
     if !args.iter().any(|a| a == "--no-warm") {
         warm_reads(work.path())?;
+    }
+    if !args.iter().any(|a| a == "--no-sqlite") {
+        sqlite::run(work.path())?;
     }
     Ok(())
 }
