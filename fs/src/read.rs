@@ -286,6 +286,36 @@ impl Reader {
         Ok(out)
     }
 
+    /// A read answered at once, waiting on nothing but the local disk: part of one chunk, as a
+    /// slice of it in memory or its covering groups from the disk cache (checked). `None`: the
+    /// read needs [`Reader::read`] (a whole chunk, several, a fetch, or an error to report).
+    /// The FUSE loop answers these in place, without handing them to a read thread.
+    pub fn read_cached(&self, ino: u32, offset: u64, size: u32) -> Option<Bytes> {
+        let inode = self.boot.inode(ino)?;
+        if inode.kind() != InodeKind::File || offset >= inode.size() || size == 0 {
+            return None;
+        }
+        let end = inode.size().min(offset.saturating_add(u64::from(size)));
+        let cs = u64::from(self.boot.chunk_size());
+        let k = offset / cs;
+        if (end - 1) / cs != k {
+            return None;
+        }
+        let c = self
+            .boot
+            .file_chunks(ino)
+            .ok()?
+            .get(usize::try_from(k).ok()?)?;
+        let base = k * cs;
+        let want = offset - base..end - base;
+        if want.end > u64::from(c.size) {
+            return None; // a chunk shorter than the file says: read() reports it
+        }
+        let out = self.part(&c, want)?;
+        self.metrics.read_bytes.inc_by(out.len() as u64);
+        Some(out)
+    }
+
     /// Loads `chunks` ahead of the reads that will want them (ahead.rs picks them): the
     /// ones neither in memory nor being loaded already are read from the disk cache or fetched,
     /// verified either way. Failures only log: the read that wants the chunk tries again.
