@@ -37,6 +37,10 @@ const MAX_STORED: u32 = 32 << 20;
 /// wait a second full timeout on a hung origin.
 const RECENT_TIMEOUT_HOLD: Duration = Duration::from_secs(5);
 
+/// A read of at most 1/this of a chunk that memory does not hold reads only its covering
+/// groups from the disk cache; a larger one loads the whole chunk.
+const PART_MAX_DIVISOR: u64 = 8;
+
 /// Most chunks remembered as recently timed out (a bound on the map, not a tuning knob).
 const RECENT_TIMEOUT_MAX: usize = 4096;
 
@@ -366,7 +370,8 @@ impl Reader {
     }
 
     /// Bytes `want` of chunk `c` when that is not the whole chunk: a slice of it in memory, else
-    /// its covering groups from the disk cache, checked against its group hashes. `None` sends
+    /// (for a small part) its covering groups from the disk cache, checked against its group
+    /// hashes. `None` sends
     /// the read down the whole-chunk path (which waits for a load already running, fetches
     /// what no cache holds, and refetches a chunk the disk cache just dropped as corrupt).
     fn part(&self, c: &ChunkView, want: Range<u64>) -> Option<Bytes> {
@@ -378,7 +383,13 @@ impl Reader {
             let to = (want.end as usize).min(b.len());
             return Some(b.slice((want.start as usize).min(to)..to));
         }
-        if self.inflight.busy(&c.hash) {
+        // A large part is a sequential stream's readahead (the kernel sends 256 KiB requests):
+        // the whole chunk, kept in memory for the requests that follow, costs less than reading
+        // it from the disk cache part by part (sequential reads ran at 0.25 of native instead
+        // of 0.64 that way; docs/benchmarks.md, issue 27).
+        if want.end - want.start > u64::from(c.size) / PART_MAX_DIVISOR
+            || self.inflight.busy(&c.hash)
+        {
             return None;
         }
         let mut buf = self.bufs.take(0);

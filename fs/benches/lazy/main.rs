@@ -14,11 +14,13 @@
 //!    sqlite3'` opened, taken with `strace -e openat`), without and with the list as the image's
 //!    prefetch list. Printed: times, lazy/full ratio, bytes fetched / bytes read.
 //! 2. Warm reads: a 1 GiB file through a mount whose cache holds it, beside the native file:
-//!    sequential MiB/s and random 4 KiB IOPS, page cache dropped and hot.
+//!    sequential MiB/s and random 4 KiB IOPS (and CPU per read), page cache dropped and hot;
+//!    then the FUSE floor: random 4 KiB reads the daemon answers from memory.
 //! 3. SQLite (sqlite.rs): indexed queries on a database of at least 200 MB in an image, page
 //!    cache dropped, time on the mount / time on a native copy.
 //!
-//! Flags: `--no-cold`, `--no-warm`, `--no-sqlite`; `LAZY_AHEAD` / `LAZY_BLOB_AHEAD` override the mount's
+//! Flags: `--no-cold`, `--no-warm`, `--no-sqlite`; `LAZY_SQLITE_MB`, `LAZY_SQLITE_QUERIES`,
+//! `LAZY_SQLITE_PASSES` size the SQLite run; `LAZY_AHEAD` / `LAZY_BLOB_AHEAD` override the mount's
 //! fetch-ahead windows (bytes), `LAZY_SWEEP=FILE:BLOB,...` compares several in one cold run,
 //! `LAZY_REPEAT` repeats each lazy run. Files go under `SHOAL_BENCH_DIR` (or the temp dir).
 //! Not root or a tool missing: prints `SKIP:` and exits 0.
@@ -313,7 +315,7 @@ fn warm_reads(work: &Path) -> Res<()> {
     let mut rows = Vec::new();
     for (label, drop) in [("page cache dropped", true), ("page cache hot", false)] {
         // Best of `LAZY_WARM_PASSES` (3), native and mount alternating: others share the cores.
-        let (mut seq, mut iops) = (vec![0f64; 2], vec![(0f64, 0usize); 2]);
+        let (mut seq, mut iops) = (vec![0f64; 2], vec![(0f64, 0usize, 0f64); 2]);
         let (ops, limit) = if drop {
             (20_000, Duration::from_secs(8))
         } else {
@@ -346,11 +348,13 @@ fn warm_reads(work: &Path) -> Res<()> {
             seq[1] / seq[0]
         );
         println!(
-            "warm random 4 KiB, {label}: native {:.0} IOPS ({} reads), mount {:.0} IOPS ({} reads), ratio {:.2}",
+            "warm random 4 KiB, {label}: native {:.0} IOPS ({} reads, {:.1} µs CPU each), mount {:.0} IOPS ({} reads, {:.1} µs CPU each), ratio {:.2}",
             iops[0].0,
             iops[0].1,
+            iops[0].2,
             iops[1].0,
             iops[1].1,
+            iops[1].2,
             iops[1].0 / iops[0].0
         );
     }
@@ -374,7 +378,7 @@ fn fuse_floor(cfg: &FsConfig, through: &Path, passes: u64, size: u64) -> Res<()>
         ..cfg.clone()
     })?;
     warm::seq_read(through)?;
-    let mut best = (0f64, 0usize);
+    let mut best = (0f64, 0usize, 0f64);
     for _ in 0..passes {
         warm::drop_caches()?;
         let r = warm::random_reads(through, 20_000, Duration::from_secs(8), 11)?;
@@ -383,8 +387,8 @@ fn fuse_floor(cfg: &FsConfig, through: &Path, passes: u64, size: u64) -> Res<()>
         }
     }
     println!(
-        "warm random 4 KiB, page cache dropped, every chunk in the daemon's memory (FUSE floor): {:.0} IOPS ({} reads)",
-        best.0, best.1
+        "warm random 4 KiB, page cache dropped, every chunk in the daemon's memory (FUSE floor): {:.0} IOPS ({} reads, {:.1} µs CPU each)",
+        best.0, best.1, best.2
     );
     m.unmount()?;
     Ok(())
