@@ -1,6 +1,6 @@
 # The lazy bench's SQLite workload (sqlite.rs runs it with the system Python).
 #   build DB MB      a deterministic database of at least MB megabytes: one table, two indexes
-#   query DB N SEED  N indexed queries picked by SEED; prints "seconds checksum rows"
+#   query DB N SEED  N indexed queries picked by SEED; prints "seconds cpu-seconds checksum rows"
 import random
 import sqlite3
 import sys
@@ -53,6 +53,7 @@ def query(path, n, seed):
     checksum = 0
     found = 0
     t = time.perf_counter()
+    cpu = time.process_time()
     for i, row in enumerate(picks):
         k, name = keys[row]
         kind = i % 4
@@ -71,8 +72,9 @@ def query(path, n, seed):
         found += len(r)
         checksum = zlib.crc32(repr(r).encode(), checksum)
     secs = time.perf_counter() - t
+    cpu = time.process_time() - cpu
     db.close()
-    print("%.6f %d %d" % (secs, checksum, found))
+    print("%.6f %.6f %d %d" % (secs, cpu, checksum, found))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ fn python(script: &Path, args: &[&str]) -> Res<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// One query run: (seconds, checksum of the rows).
-fn queries(script: &Path, db: &Path, n: u64, seed: u64) -> Res<(f64, String)> {
+/// One query run: (seconds, CPU seconds of the querying process and of this one, which runs
+/// the mount's daemon threads; checksum of the rows).
+fn queries(script: &Path, db: &Path, n: u64, seed: u64) -> Res<(f64, f64, String)> {
+    let daemon = warm::cpu_secs();
     let out = python(
         script,
         &[
@@ -40,10 +42,12 @@ fn queries(script: &Path, db: &Path, n: u64, seed: u64) -> Res<(f64, String)> {
             &seed.to_string(),
         ],
     )?;
+    let daemon = warm::cpu_secs() - daemon;
     let mut it = out.split_whitespace();
     let secs: f64 = it.next().ok_or("no time from the query run")?.parse()?;
+    let cpu: f64 = it.next().ok_or("no CPU time from the query run")?.parse()?;
     let sum = it.collect::<Vec<_>>().join(" ");
-    Ok((secs, sum))
+    Ok((secs, cpu + daemon, sum))
 }
 
 /// Builds the database, converts it into an image, mounts it, warms the mount's cache and
@@ -86,14 +90,14 @@ pub fn run(work: &Path) -> Res<()> {
     );
     let mut ratios = Vec::new();
     for pass in 0..passes {
-        let mut secs = [0f64; 2];
+        let (mut secs, mut cpu) = ([0f64; 2], [0f64; 2]);
         let mut sums = [String::new(), String::new()];
         // Alternate which side goes first: the shared disk and cores drift.
         let order: [usize; 2] = if pass % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let db = if i == 0 { &native } else { &through };
             warm::drop_caches()?;
-            (secs[i], sums[i]) = queries(&script, db, n, 100 + pass)?;
+            (secs[i], cpu[i], sums[i]) = queries(&script, db, n, 100 + pass)?;
         }
         if sums[0] != sums[1] {
             return Err(format!(
@@ -104,8 +108,11 @@ pub fn run(work: &Path) -> Res<()> {
         }
         let ratio = secs[1] / secs[0];
         println!(
-            "sqlite pass {pass}: {n} queries, page cache dropped: native {:.3} s, mount {:.3} s, ratio {ratio:.2}",
-            secs[0], secs[1]
+            "sqlite pass {pass}: {n} queries, page cache dropped: native {:.3} s ({:.0} µs CPU per query), mount {:.3} s ({:.0} µs CPU per query, with the daemon's), ratio {ratio:.2}",
+            secs[0],
+            cpu[0] * 1e6 / n as f64,
+            secs[1],
+            cpu[1] * 1e6 / n as f64
         );
         ratios.push(ratio);
     }
