@@ -1,6 +1,7 @@
 //! The FUSE operations over the bootstrap: lookup, getattr, readdir(plus), readlink, xattrs,
 //! statfs, open and read. Metadata is answered in place from the bootstrap on the FUSE loop
-//! threads; reads go to a thread pool (read.rs may wait on the network) and reply from there.
+//! threads, and so is a read of part of a chunk that memory or the disk cache holds; other
+//! reads go to a thread pool (read.rs may wait on the network) and reply from there.
 //!
 //! FUSE inode numbers are the bootstrap's inode index + 1 (the root is 1); hardlinks share one
 //! inode, so they share one number and report their link count.
@@ -300,16 +301,22 @@ impl Filesystem for ImageFs {
             log.record(idx, || path_of(reader.bootstrap(), parents, idx));
         }
         let next = self.ahead.plan(&self.reader, idx, offset, size);
-        let reader = Arc::clone(&self.reader);
-        self.pool
-            .spawn(move || match reader.read(idx, offset, size) {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
-                    reader.metrics.read_errors.inc();
-                    tracing::error!(ino = idx, offset, size, error = %e, "read failed: EIO");
-                    reply.error(Errno::EIO);
-                }
-            });
+        // Part of a chunk held in memory or in the disk cache: answered here, which saves the
+        // hand-over to a read thread (a wake-up, on the order of the disk read itself).
+        if let Some(data) = self.reader.read_cached(idx, offset, size) {
+            reply.data(&data);
+        } else {
+            let reader = Arc::clone(&self.reader);
+            self.pool
+                .spawn(move || match reader.read(idx, offset, size) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => {
+                        reader.metrics.read_errors.inc();
+                        tracing::error!(ino = idx, offset, size, error = %e, "read failed: EIO");
+                        reply.error(Errno::EIO);
+                    }
+                });
+        }
         if !next.is_empty() {
             let reader = Arc::clone(&self.reader);
             self.ahead_pool.spawn(move || reader.load_ahead(&next));

@@ -3,6 +3,11 @@
 //! between them bounded) from the peer, else the origin -> decompress -> BLAKE3 == chunk name ->
 //! cache -> reply.
 //!
+//! A read of part of a chunk that is not in memory (a random read) takes only the 16 KiB groups
+//! it covers from the disk cache, each checked against the chunk's group hashes (shoal-store,
+//! docs/store.md "Reading part of a chunk"), and leaves the memory cache to whole chunks: a
+//! random 4 KiB read neither hashes a whole chunk nor pushes a whole chunk out of memory.
+//!
 //! A chunk that fails verification is dropped, its source told, and it is fetched again straight
 //! from the origin; a second failure is an I/O error. Wrong bytes never leave this module. Every
 //! read ends by its deadline (`fetch_timeout_secs`), so an unreachable network means EIO, not a
@@ -10,7 +15,8 @@
 //! retry of a failed read does not double the wait.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -30,6 +36,10 @@ const MAX_STORED: u32 = 32 << 20;
 /// kernel retries a failed 1 MiB readahead with a 4 KiB read of the same page, which must not
 /// wait a second full timeout on a hung origin.
 const RECENT_TIMEOUT_HOLD: Duration = Duration::from_secs(5);
+
+/// A read of at most 1/this of a chunk that memory does not hold reads only its covering
+/// groups from the disk cache; a larger one loads the whole chunk.
+const PART_MAX_DIVISOR: u64 = 8;
 
 /// Most chunks remembered as recently timed out (a bound on the map, not a tuning knob).
 const RECENT_TIMEOUT_MAX: usize = 4096;
@@ -91,12 +101,47 @@ pub struct Reader {
     inflight: Flights,
     /// Chunks whose fetch timed out lately, and until when a read of them fails at once.
     timed_out: std::sync::Mutex<HashMap<[u8; 32], Instant>>,
-    /// Set at unmount: no new fetch-ahead work starts.
-    closed: std::sync::atomic::AtomicBool,
-    /// Fetch-ahead loads running now (unmount waits for them before stopping the runtime).
-    ahead_running: std::sync::atomic::AtomicUsize,
+    /// Fetch-ahead loads running now, and whether the mount is closing.
+    ahead: AheadWork,
     /// The mount's counters.
     pub metrics: Arc<Metrics>,
+}
+
+/// The fetch-ahead loads running now; unmount waits for them before stopping the runtime
+/// (woken by the last one, not polling).
+#[derive(Default)]
+struct AheadWork {
+    /// (loads running, closed: no new load starts).
+    state: Mutex<(usize, bool)>,
+    idle: Condvar,
+}
+
+impl AheadWork {
+    /// Counts a load in, unless the mount is closing.
+    fn start(&self) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.1 {
+            return false;
+        }
+        st.0 += 1;
+        true
+    }
+
+    /// Counts a load out; wakes a closer once none is left.
+    fn end(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(1);
+        if st.0 == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Lets no new load start, then waits up to `wait` for the running ones.
+    fn close(&self, wait: Duration) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = true;
+        let _idle = self.idle.wait_timeout_while(st, wait, |st| st.0 > 0);
+    }
 }
 
 /// What a [`Reader`] reads from and how.
@@ -162,8 +207,7 @@ impl Reader {
             max_gap: parts.max_gap,
             inflight: Flights::default(),
             timed_out: Default::default(),
-            closed: Default::default(),
-            ahead_running: Default::default(),
+            ahead: AheadWork::default(),
             metrics: parts.metrics,
         })
     }
@@ -199,14 +243,35 @@ impl Reader {
                     .ok_or(ReadError::MissingChunk { ino, index: k })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let datas = self.load(&views, Instant::now() + self.timeout)?;
-        let mut parts = Vec::with_capacity(datas.len());
-        for (k, data) in (k0..=k1).zip(datas) {
+        // Part of a chunk that is not in memory: only its covering groups, from the disk cache.
+        let mut parts: Vec<Option<Bytes>> = (k0..=k1)
+            .zip(&views)
+            .map(|(k, c)| {
+                let base = k * cs;
+                let want = offset.max(base) - base..(end - base).min(u64::from(c.size));
+                self.part(c, want)
+            })
+            .collect();
+        let whole: Vec<ChunkView> = views
+            .iter()
+            .zip(&parts)
+            .filter(|(_, p)| p.is_none())
+            .map(|(c, _)| *c)
+            .collect();
+        let mut datas = self
+            .load(&whole, Instant::now() + self.timeout)?
+            .into_iter();
+        for (k, part) in (k0..=k1).zip(parts.iter_mut()) {
+            if part.is_some() {
+                continue;
+            }
+            let data = datas.next().unwrap_or_default();
             let base = k * cs;
             let to = ((end - base) as usize).min(data.len());
             let from = ((offset.max(base) - base) as usize).min(to);
-            parts.push(data.slice(from..to));
+            *part = Some(data.slice(from..to));
         }
+        let mut parts: Vec<Bytes> = parts.into_iter().flatten().collect();
         let out = match parts.len() {
             1 => parts.pop().unwrap_or_default(),
             _ => {
@@ -225,26 +290,49 @@ impl Reader {
         Ok(out)
     }
 
-    /// Loads `chunks` ahead of the reads that will want them (read-ahead.rs picks them): the
+    /// A read answered at once, waiting on nothing but the local disk: part of one chunk, as a
+    /// slice of it in memory or its covering groups from the disk cache (checked). `None`: the
+    /// read needs [`Reader::read`] (a whole chunk, several, a fetch, or an error to report).
+    /// The FUSE loop answers these in place, without handing them to a read thread.
+    pub fn read_cached(&self, ino: u32, offset: u64, size: u32) -> Option<Bytes> {
+        let inode = self.boot.inode(ino)?;
+        if inode.kind() != InodeKind::File || offset >= inode.size() || size == 0 {
+            return None;
+        }
+        let end = inode.size().min(offset.saturating_add(u64::from(size)));
+        let cs = u64::from(self.boot.chunk_size());
+        let k = offset / cs;
+        if (end - 1) / cs != k {
+            return None;
+        }
+        let c = self
+            .boot
+            .file_chunks(ino)
+            .ok()?
+            .get(usize::try_from(k).ok()?)?;
+        let base = k * cs;
+        let want = offset - base..end - base;
+        if want.end > u64::from(c.size) {
+            return None; // a chunk shorter than the file says: read() reports it
+        }
+        let out = self.part(&c, want)?;
+        self.metrics.read_bytes.inc_by(out.len() as u64);
+        Some(out)
+    }
+
+    /// Loads `chunks` ahead of the reads that will want them (ahead.rs picks them): the
     /// ones neither in memory nor being loaded already are read from the disk cache or fetched,
     /// verified either way. Failures only log: the read that wants the chunk tries again.
     pub fn load_ahead(&self, chunks: &[ChunkView]) {
-        use std::sync::atomic::Ordering;
-        self.ahead_running.fetch_add(1, Ordering::SeqCst);
-        if !self.closed.load(Ordering::SeqCst) {
+        if self.ahead.start() {
             self.load_ahead_now(chunks);
+            self.ahead.end();
         }
-        self.ahead_running.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Stops fetch-ahead: none starts from now on; waits up to `wait` for running ones.
     pub fn close(&self, wait: Duration) {
-        use std::sync::atomic::Ordering;
-        self.closed.store(true, Ordering::SeqCst);
-        let until = Instant::now() + wait;
-        while self.ahead_running.load(Ordering::SeqCst) > 0 && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.ahead.close(wait);
     }
 
     fn load_ahead_now(&self, chunks: &[ChunkView]) {
@@ -279,6 +367,49 @@ impl Reader {
     /// Makes sure `chunks` are cached (prefetch), fetching what is missing.
     pub fn warm(&self, chunks: &[ChunkView]) -> Result<(), ReadError> {
         self.load(chunks, Instant::now() + self.timeout).map(|_| ())
+    }
+
+    /// Bytes `want` of chunk `c` when that is not the whole chunk: a slice of it in memory, else
+    /// (for a small part) its covering groups from the disk cache, checked against its group
+    /// hashes. `None` sends
+    /// the read down the whole-chunk path (which waits for a load already running, fetches
+    /// what no cache holds, and refetches a chunk the disk cache just dropped as corrupt).
+    fn part(&self, c: &ChunkView, want: Range<u64>) -> Option<Bytes> {
+        if want.start == 0 && want.end >= u64::from(c.size) {
+            return None;
+        }
+        if let Some(b) = self.mem.get(&c.hash) {
+            self.metrics.cache_hits.inc();
+            let to = (want.end as usize).min(b.len());
+            return Some(b.slice((want.start as usize).min(to)..to));
+        }
+        // A large part is a sequential stream's readahead (the kernel sends 256 KiB requests):
+        // the whole chunk, kept in memory for the requests that follow, costs less than reading
+        // it from the disk cache part by part (sequential reads ran at 0.25 of native instead
+        // of 0.64 that way; docs/benchmarks.md, issue 27).
+        if want.end - want.start > u64::from(c.size) / PART_MAX_DIVISOR
+            || self.inflight.busy(&c.hash)
+        {
+            return None;
+        }
+        let mut buf = self.bufs.take(0);
+        let hash = Blake3Hash::from_bytes(c.hash);
+        match self.store.read_chunk_part(&hash, want, &mut buf) {
+            Ok(at) => {
+                self.metrics.cache_hits.inc();
+                Some(self.bufs.lend(buf).slice(at))
+            }
+            Err(e) => {
+                self.bufs.give_back(buf);
+                if e.is_corrupt() {
+                    self.metrics.verify_failed("cache");
+                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "cached chunk failed verification; refetching");
+                } else if !e.is_not_present() {
+                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "chunk cache read failed; refetching");
+                }
+                None
+            }
+        }
     }
 
     fn cached(&self, c: &ChunkView) -> Option<Bytes> {

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::blob::{BlobStatus, PutOutcome};
+use crate::blob::BlobStatus;
+use crate::config::PutOutcome;
+use crate::config::{StoreConfig, StoreStats};
 use crate::error::{Error, Result};
 use crate::flight::FetchError;
 use crate::index::PinGuard;
 use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
-use crate::store::{Store, StoreConfig, StoreStats};
+use crate::store::Store;
 
 /// An async handle on a [`Store`]. Cheap to clone; clones share the store and the flights.
 #[derive(Clone, Debug)]

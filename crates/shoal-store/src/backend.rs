@@ -4,11 +4,13 @@ use std::io::Read;
 
 use bytes::Bytes;
 
-use crate::blob::{BlobStatus, PutOutcome};
+use crate::blob::BlobStatus;
+use crate::config::PutOutcome;
+use crate::config::StoreStats;
 use crate::error::Result;
 use crate::flight::FetchError;
 use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
-use crate::store::{Store, StoreStats};
+use crate::store::Store;
 
 /// What a content store does; [`Store`] (on disk) is the implementation today.
 /// Semantics are those documented on [`Store`]'s methods of the same names.

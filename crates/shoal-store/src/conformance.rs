@@ -13,11 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::backend::ContentStore;
-use crate::blob::PutOutcome;
+use crate::config::PutOutcome;
+use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::flight::FetchError;
 use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
-use crate::store::StoreConfig;
 
 /// Opens a backend on a config.
 pub type Open<'a, S> = &'a dyn Fn(StoreConfig) -> Result<S>;

@@ -1,13 +1,17 @@
-//! The in-memory index entries: what is held, how many bytes it costs, who pins it, when it was used.
+//! The in-memory index: what is held, how many bytes it costs, who pins it, when it was used.
+//! Memory only; the files behind the entries belong to the ledger (ledger.rs).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
 
 use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
 use crate::pack::ChunkLoc;
+use crate::paths::{lock, now_ms};
 use crate::pieceset::PieceSet;
+
+/// Lock stripes for structural changes (create, commit, remove) of entries.
+const STRIPES: usize = 64;
 
 /// The unit of eviction: a whole blob (all its pieces) or one chunk.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -80,17 +84,51 @@ pub(crate) struct Entry {
     pub digest: Mutex<Option<Box<DigestAhead>>>,
 }
 
-/// Locks a mutex, taking the data even if another thread panicked while holding it.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// Every indexed blob and chunk by key (eviction is the ledger's own: moka cannot pin entries
+/// nor evict down to a low watermark), and the stripes that serialise changes to one key.
+pub(crate) struct Index {
+    map: moka::sync::Cache<EntryKey, Arc<Entry>>,
+    /// Serialise create, commit and remove of one key (readers never take these).
+    stripes: Vec<Mutex<()>>,
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+impl Index {
+    /// An empty index.
+    pub fn new() -> Self {
+        Index {
+            map: moka::sync::Cache::builder().build(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// The live entry for `key`, if any.
+    pub fn get(&self, key: &EntryKey) -> Option<Arc<Entry>> {
+        self.map.get(key).filter(|e| !lock(&e.state).removed)
+    }
+
+    /// Adds (or replaces) the entry for its key.
+    pub fn insert(&self, entry: Arc<Entry>) {
+        self.map.insert(entry.key, entry);
+    }
+
+    /// Forgets `entry`, unless its key already names a newer one.
+    pub fn forget(&self, entry: &Arc<Entry>) {
+        if let Some(current) = self.map.get(&entry.key) {
+            if Arc::ptr_eq(&current, entry) {
+                self.map.invalidate(&entry.key);
+            }
+        }
+    }
+
+    /// Every entry (some may be removed by the time they are looked at).
+    pub fn entries(&self) -> impl Iterator<Item = Arc<Entry>> + '_ {
+        self.map.iter().map(|(_, e)| e)
+    }
+
+    /// The lock stripe that serialises structural changes to `key`.
+    pub fn stripe(&self, key: &EntryKey) -> &Mutex<()> {
+        &self.stripes[usize::from(key.first_byte()) % STRIPES]
+    }
 }
 
 impl Entry {
@@ -128,13 +166,13 @@ impl Entry {
         })
     }
 
-    /// A new, unpinned chunk entry for the bytes at `at`.
+    /// A new, unpinned chunk entry for the bytes (and group hashes) at `at`.
     pub fn chunk(hash: Blake3Hash, at: ChunkLoc, last_access: u64) -> Arc<Self> {
         Self::build(
             EntryKey::Chunk(hash),
             None,
             Some(at),
-            at.len,
+            at.span(),
             None,
             last_access,
         )

@@ -15,6 +15,8 @@ pub const MIN_PIECE_SIZE: u32 = 4 << 10;
 pub const MAX_PIECE_SIZE: u32 = 64 << 20;
 /// Most pieces one blob may have (keeps a piece table at most 32 MiB).
 pub const MAX_PIECES: u32 = 1 << 20;
+/// Largest chunk the store accepts (64 MiB; image chunks are at most 16 MiB).
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 
 fn parse_hex32(input: &str) -> Result<[u8; 32]> {
     let refuse = |reason| Error::InvalidKey {

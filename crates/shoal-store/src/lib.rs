@@ -11,39 +11,49 @@
 //! [`Store`] is the synchronous core (threads, e.g. FUSE workers); [`AsyncStore`] wraps it for tokio.
 //! The on-disk layout and the crash-safety argument are in docs/store.md.
 
-mod async_store;
-mod backend;
-mod blob;
+// Layers, lowest first; a module uses only the ones above it in this list.
+// Types: no store state.
 mod buffers;
-mod chunk;
-pub mod conformance;
+mod config;
 mod error;
-mod flight;
-mod import;
-mod index;
-mod journal;
 mod key;
+mod pieceset;
+// Primitives and on-disk formats: files, blob metadata, chunk packs, chunk group hashes.
+mod groups;
+mod journal;
 mod pack;
 mod paths;
-mod pieceset;
-mod quota;
+// The state and its owner: the in-memory index, then the ledger (index, files, quota, counters).
+mod index;
+mod ledger;
+// Operations on the ledger: blobs, pieces, staged and imported blobs, chunks, recovery.
+mod blob;
+mod chunk;
+mod import;
 mod read;
 mod recover;
 mod staged;
+// The handles: single flight, the store's API, its tokio face, the trait and its tests.
+mod async_store;
+mod backend;
+pub mod conformance;
+mod flight;
 mod store;
 
 pub use async_store::AsyncStore;
 pub use backend::ContentStore;
-pub use blob::{verify_piece, BlobStatus, PutOutcome};
+pub use blob::{verify_piece, BlobStatus};
 pub use buffers::BufferPool;
-pub use chunk::{verify_chunk, MAX_CHUNK_SIZE};
+pub use chunk::verify_chunk;
+pub use config::{PutOutcome, StoreConfig, StoreStats};
 pub use error::{Error, Result};
 pub use flight::FetchError;
 pub use index::PinGuard;
 pub use key::{
-    Blake3Hash, BlobDigest, Item, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE,
+    Blake3Hash, BlobDigest, Item, PieceLayout, MAX_CHUNK_SIZE, MAX_PIECES, MAX_PIECE_SIZE,
+    MIN_PIECE_SIZE,
 };
 pub use pieceset::PieceSet;
 pub use read::{BlobReader, MAX_RANGE};
 pub use staged::StagedFile;
-pub use store::{Store, StoreConfig, StoreStats};
+pub use store::Store;

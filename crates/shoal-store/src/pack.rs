@@ -4,16 +4,19 @@
 //! disk (docs/benchmarks.md, issue 7).
 //!
 //! ```text
-//! <root>/chunks/<id>.pack   chunk bytes, each at a 4 KiB-aligned offset (<id>: 8 hex digits)
-//! <root>/chunks/<id>.idx    journal of 48-byte records: chunk H stored at offset O, length L;
-//!                           or the chunk at offset O dropped
+//! <root>/chunks/<id>.pack   chunk bytes, each at a 4 KiB-aligned offset (<id>: 8 hex digits),
+//!                           its group hashes (groups.rs) right after its bytes
+//! <root>/chunks/<id>.idx    journal of 48-byte records: chunk H stored at offset O, length L
+//!                           (with or without group hashes); or the chunk at offset O dropped
 //! ```
 //!
-//! A chunk's bytes are flushed before the record that names them is appended, and every read
-//! verifies them, so a crash leaves at worst bytes nobody names (freed with their pack) or a
-//! record whose bytes fail verification at their first read (then dropped). Dropping a chunk
-//! punches its range out of the pack, so the file system gets the space back at once, and
-//! journals the drop; a pack with nothing live left is deleted.
+//! A chunk's bytes and group hashes are flushed before the record that names them is appended,
+//! and every read verifies them, so a crash leaves at worst bytes nobody names (freed with their
+//! pack) or a record whose bytes fail verification at their first read (then dropped). Dropping
+//! a chunk punches its range out of the pack, so the file system gets the space back at once,
+//! and journals the drop; a pack with nothing live left is deleted.
+//!
+//! This module only places bytes: it neither verifies nor accounts them (chunk.rs does).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -22,10 +25,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::chunk::MAX_CHUNK_SIZE;
-use crate::index::lock;
-use crate::key::Blake3Hash;
-use crate::paths::{remove_if_exists, write_atomic};
+use crate::groups::hashes_len;
+use crate::key::{Blake3Hash, MAX_CHUNK_SIZE};
+use crate::paths::{lock, mtime_ms, read_hashed, remove_if_exists, write_atomic};
 
 /// Chunks start at multiples of this (the file system's block), so a dropped chunk's whole
 /// range can be punched out.
@@ -34,15 +36,37 @@ const ALIGN: u64 = 4096;
 const PACK_MAX: u64 = 1 << 30;
 /// Bytes per journal record: kind, 3 bytes zero, length (u32), offset (u64), hash.
 const RECORD: usize = 48;
+/// A chunk stored without group hashes (written before they existed, or a single group).
 const ADD: u8 = 1;
 const DROP: u8 = 2;
+/// A chunk stored with its group hashes right after its bytes.
+const ADD_GROUPS: u8 = 3;
 
 /// Where a chunk's bytes lie.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ChunkLoc {
     pub pack: u32,
     pub offset: u64,
+    /// The chunk's length.
     pub len: u64,
+    /// True when its group hashes follow its bytes (at `offset + len`).
+    pub groups: bool,
+}
+
+impl ChunkLoc {
+    /// Bytes of group hashes after the chunk's bytes.
+    pub fn groups_len(&self) -> u64 {
+        if self.groups {
+            hashes_len(self.len)
+        } else {
+            0
+        }
+    }
+
+    /// Bytes the chunk takes in its pack (its bytes and group hashes).
+    pub fn span(&self) -> u64 {
+        self.len + self.groups_len()
+    }
 }
 
 /// A chunk named by a pack's journal, found when the store opened.
@@ -80,9 +104,13 @@ fn align_up(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-fn record(kind: u8, hash: &Blake3Hash, at: &ChunkLoc) -> [u8; RECORD] {
+fn record(drop: bool, hash: &Blake3Hash, at: &ChunkLoc) -> [u8; RECORD] {
     let mut r = [0u8; RECORD];
-    r[0] = kind;
+    r[0] = match (drop, at.groups) {
+        (true, _) => DROP,
+        (false, true) => ADD_GROUPS,
+        (false, false) => ADD,
+    };
     r[4..8].copy_from_slice(&(at.len as u32).to_le_bytes());
     r[8..16].copy_from_slice(&at.offset.to_le_bytes());
     r[16..48].copy_from_slice(hash.as_bytes());
@@ -94,9 +122,18 @@ fn parse(r: &[u8], pack: u32) -> Option<(u8, Blake3Hash, ChunkLoc)> {
     let offset = u64::from_le_bytes(r.get(8..16)?.try_into().ok()?);
     let hash: [u8; 32] = r.get(16..48)?.try_into().ok()?;
     let kind = *r.first()?;
-    let sane = matches!(kind, ADD | DROP) && offset % ALIGN == 0 && len <= MAX_CHUNK_SIZE;
+    let sane = matches!(kind, ADD | DROP | ADD_GROUPS)
+        && r.get(1..4) == Some(&[0, 0, 0][..])
+        && offset % ALIGN == 0
+        && len <= MAX_CHUNK_SIZE
+        && (kind != ADD_GROUPS || hashes_len(len) > 0);
     sane.then(|| {
-        let at = ChunkLoc { pack, offset, len };
+        let at = ChunkLoc {
+            pack,
+            offset,
+            len,
+            groups: kind == ADD_GROUPS,
+        };
         (kind, Blake3Hash::from_bytes(hash), at)
     })
 }
@@ -211,7 +248,7 @@ impl Packs {
         };
         let data_meta = fs::metadata(&data_path)?;
         let data_len = data_meta.len();
-        let mtime_ms = crate::recover::mtime_ms(&data_meta);
+        let mtime_ms = mtime_ms(&data_meta);
         let mut bytes = Vec::new();
         match File::open(&journal_path) {
             Ok(f) => {
@@ -226,7 +263,7 @@ impl Packs {
         let mut by_offset: HashMap<u64, (Blake3Hash, ChunkLoc)> = HashMap::new();
         for r in bytes.chunks_exact(RECORD) {
             match parse(r, id) {
-                Some((ADD, hash, at)) => {
+                Some((ADD | ADD_GROUPS, hash, at)) => {
                     by_offset.insert(at.offset, (hash, at));
                 }
                 Some((_, hash, at))
@@ -239,7 +276,7 @@ impl Packs {
         }
         let mut live: Vec<(Blake3Hash, ChunkLoc)> = by_offset
             .into_values()
-            .filter(|(_, at)| at.offset + at.len <= data_len)
+            .filter(|(_, at)| at.offset + at.span() <= data_len)
             .filter(|(h, _)| seen.insert(*h))
             .collect();
         if live.is_empty() {
@@ -247,13 +284,16 @@ impl Packs {
         }
         live.sort_unstable_by_key(|(_, at)| at.offset);
         if records > 2 * live.len() + 64 || bytes.len() % RECORD != 0 {
-            let compact: Vec<u8> = live.iter().flat_map(|(h, at)| record(ADD, h, at)).collect();
+            let compact: Vec<u8> = live
+                .iter()
+                .flat_map(|(h, at)| record(false, h, at))
+                .collect();
             let tmp = self.dir.join(format!("{id:08x}.idx.tmp"));
             write_atomic(&tmp, &journal_path, &compact)?;
         }
         let pack = Pack::open(&data_path, &journal_path)?;
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let bytes = live.iter().map(|(_, at)| at.len).sum();
+        let bytes = live.iter().map(|(_, at)| at.span()).sum();
         st.packs.insert(
             id,
             Open {
@@ -267,11 +307,14 @@ impl Packs {
             .collect())
     }
 
-    /// Room for a chunk of `len` bytes in the active pack (a new pack if it is full).
-    pub fn reserve(&self, len: u64) -> io::Result<ChunkLoc> {
+    /// Room for a chunk of `len` bytes, and its group hashes when `groups`, in the active pack
+    /// (a new pack if it is full).
+    pub fn reserve(&self, len: u64, groups: bool) -> io::Result<ChunkLoc> {
+        let groups = groups && hashes_len(len) > 0;
+        let span = len + if groups { hashes_len(len) } else { 0 };
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        if st.next > 0 && st.next + len > PACK_MAX {
+        if st.next > 0 && st.next + span > PACK_MAX {
             st.active = st.active.wrapping_add(1);
             st.next = 0;
         }
@@ -283,14 +326,15 @@ impl Packs {
                 live: 0,
             }),
         };
-        open.live += len;
+        open.live += span;
         let at = ChunkLoc {
             pack: id,
             offset: st.next,
             len,
+            groups,
         };
         // An empty chunk still takes a slot of its own: punching it out must not touch the next.
-        st.next = align_up(st.next + len.max(1));
+        st.next = align_up(st.next + span.max(1));
         Ok(at)
     }
 
@@ -302,12 +346,26 @@ impl Packs {
             .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
 
-    /// Writes a chunk's bytes at `at` (from [`Packs::reserve`]), flushes them, then journals them.
-    pub fn write(&self, hash: &Blake3Hash, at: &ChunkLoc, data: &[u8]) -> io::Result<()> {
+    /// Writes a chunk's bytes and group hashes (`groups`: `at.groups_len()` bytes) at `at` (from
+    /// [`Packs::reserve`]), flushes them, then journals them.
+    pub fn write(
+        &self,
+        hash: &Blake3Hash,
+        at: &ChunkLoc,
+        data: &[u8],
+        groups: &[u8],
+    ) -> io::Result<()> {
+        if data.len() as u64 != at.len || groups.len() as u64 != at.groups_len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "chunk or group hashes of the wrong length for the reserved range",
+            ));
+        }
         let pack = self.pack(at.pack)?;
         pack.data.write_all_at(data, at.offset)?;
+        pack.data.write_all_at(groups, at.offset + at.len)?;
         pack.data.sync_data()?;
-        pack.append(&record(ADD, hash, at))
+        pack.append(&record(false, hash, at))
     }
 
     /// Asks the kernel to start reading `at` into the page cache now (a hint; errors ignored).
@@ -324,14 +382,37 @@ impl Packs {
 
     /// Reads the bytes at `at` into `buf` (exactly `at.len` long) and returns their hash.
     pub fn read_hashed(&self, at: &ChunkLoc, buf: &mut [u8]) -> io::Result<Blake3Hash> {
-        crate::read::read_hashed(&self.pack(at.pack)?.data, at.offset, buf)
+        read_hashed(&self.pack(at.pack)?.data, at.offset, buf)
+    }
+
+    /// Reads bytes `from..from + buf.len()` of the chunk at `at` (unverified: the caller checks
+    /// them). A range past the chunk's end is an `UnexpectedEof`.
+    pub fn read_part(&self, at: &ChunkLoc, from: u64, buf: &mut [u8]) -> io::Result<()> {
+        if from + buf.len() as u64 > at.len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.pack(at.pack)?
+            .data
+            .read_exact_at(buf, at.offset + from)
+    }
+
+    /// Reads the chunk's stored group hashes (unverified), if it has any.
+    pub fn read_groups(&self, at: &ChunkLoc) -> io::Result<Option<Vec<u8>>> {
+        if !at.groups {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; at.groups_len() as usize];
+        self.pack(at.pack)?
+            .data
+            .read_exact_at(&mut buf, at.offset + at.len)?;
+        Ok(Some(buf))
     }
 
     /// Gives `at` back: punches it out of its pack and journals the drop; deletes a pack that
     /// holds nothing live any more (unless new chunks go to it).
     pub fn free(&self, hash: &Blake3Hash, at: &ChunkLoc) {
         let Ok(pack) = self.pack(at.pack) else { return };
-        let span = align_up(at.len).max(ALIGN);
+        let span = align_up(at.span()).max(ALIGN);
         let punched = rustix::fs::fallocate(
             &pack.data,
             rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
@@ -341,7 +422,7 @@ impl Packs {
         if let Err(e) = punched {
             tracing::debug!(pack = at.pack, error = %e, "could not punch a dropped chunk out of its pack");
         }
-        if let Err(e) = pack.append(&record(DROP, hash, at)) {
+        if let Err(e) = pack.append(&record(true, hash, at)) {
             tracing::warn!(pack = at.pack, error = %e, "could not journal a dropped chunk; its bytes fail verification if read");
         }
         let mut st = lock(&self.state);
@@ -349,7 +430,7 @@ impl Packs {
         let Some(open) = st.packs.get_mut(&at.pack) else {
             return;
         };
-        open.live = open.live.saturating_sub(at.len);
+        open.live = open.live.saturating_sub(at.span());
         if open.live == 0 && at.pack != active {
             st.packs.remove(&at.pack);
             drop(st);
@@ -373,9 +454,24 @@ mod tests {
             pack: 3,
             offset: 8192,
             len: 77,
+            groups: false,
         };
-        let r = record(ADD, &h, &at);
+        let r = record(false, &h, &at);
         assert_eq!(parse(&r, 3), Some((ADD, h, at)));
+        let with = ChunkLoc {
+            len: 1 << 20,
+            groups: true,
+            ..at
+        };
+        assert_eq!(
+            parse(&record(false, &h, &with), 3),
+            Some((ADD_GROUPS, h, with))
+        );
+        assert_eq!(with.span(), (1 << 20) + 64 * 32);
+        // A chunk of one group has no group hashes to name.
+        let mut bad = record(false, &h, &with);
+        bad[4..8].copy_from_slice(&77u32.to_le_bytes());
+        assert_eq!(parse(&bad, 3), None);
         let mut bad = r;
         bad[8] = 1; // not aligned
         assert_eq!(parse(&bad, 3), None);

@@ -1,4 +1,5 @@
-//! Where things live under the store's root, and the file primitives the store builds on.
+//! Where things live under the store's root, and the primitives every other module builds on
+//! (file writes, verified reads, clocks, locks). The lowest layer: it knows no store state.
 //!
 //! ```text
 //! <root>/VERSION                  layout version line
@@ -11,12 +12,15 @@
 //! ```
 //! `<hex>` is the validated 64-digit key and `<h2>` its first two digits.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::key::BlobDigest;
+use crate::key::{Blake3Hash, BlobDigest};
 
 /// The store's directory tree.
 #[derive(Debug)]
@@ -107,4 +111,44 @@ pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
+}
+
+/// A piece or chunk is read and hashed this much at a time, so the hash reads bytes still in
+/// the CPU cache.
+const VERIFY_SLICE: usize = 256 << 10;
+
+/// Fills `out` from `file` at `offset` and returns the BLAKE3 hash of what was read, hashing
+/// each slice right after reading it, while it is still in the CPU cache.
+pub(crate) fn read_hashed(file: &File, offset: u64, out: &mut [u8]) -> io::Result<Blake3Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut done = 0;
+    for slice in out.chunks_mut(VERIFY_SLICE) {
+        file.read_exact_at(slice, offset + done as u64)?;
+        hasher.update(slice);
+        done += slice.len();
+    }
+    Ok(Blake3Hash::from_bytes(*hasher.finalize().as_bytes()))
+}
+
+/// Locks a mutex, taking the data even if another thread panicked while holding it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A file's modification time in milliseconds since the Unix epoch (now if unknown): the
+/// last-access time of what it holds after a restart.
+pub(crate) fn mtime_ms(meta: &Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_else(now_ms)
 }

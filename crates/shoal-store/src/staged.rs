@@ -1,7 +1,7 @@
 //! Pieces of a blob written before its piece table is known (a peer that streams pieces against
 //! published hashes): a file in the store's temp directory, piece i at offset i * piece size.
 //! Once the table is known the file becomes the blob's data file without being copied
-//! ([`Store::adopt_blob`]); a file never adopted is deleted when dropped, and the temp
+//! ([`crate::Store::adopt_blob`]); a file never adopted is deleted when dropped, and the temp
 //! directory is emptied when the store opens, so a crash leaves nothing behind.
 
 use std::fs::{self, File, OpenOptions};
@@ -9,12 +9,13 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use crate::blob::Install;
+use crate::blob::{install_blob, Install};
 use crate::error::{Error, Result};
-use crate::index::{lock, EntryKey};
+use crate::index::EntryKey;
 use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::ledger::Ledger;
+use crate::paths::lock;
 use crate::pieceset::PieceSet;
-use crate::store::Store;
 
 /// A blob's pieces staged in the store's temp directory until its piece table is known.
 #[derive(Debug)]
@@ -25,7 +26,7 @@ pub struct StagedFile {
 }
 
 impl StagedFile {
-    /// Writes `buf` at `offset` (bytes the caller verified; see [`Store::adopt_blob`]).
+    /// Writes `buf` at `offset` (bytes the caller verified; see [`crate::Store::adopt_blob`]).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(buf, offset)
     }
@@ -44,55 +45,53 @@ impl Drop for StagedFile {
     }
 }
 
-impl Store {
-    /// A new, empty staged file in the store's temp directory.
-    pub fn staged_file(&self) -> Result<StagedFile> {
-        let path = self.inner.paths.temp();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io("create", &path, e))?;
-        Ok(StagedFile {
-            file,
-            path: Mutex::new(Some(path)),
-        })
-    }
+/// A new, empty staged file in the store's temp directory.
+pub(crate) fn staged_file(ledger: &Ledger) -> Result<StagedFile> {
+    let path = ledger.paths.temp();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::io("create", &path, e))?;
+    Ok(StagedFile {
+        file,
+        path: Mutex::new(Some(path)),
+    })
+}
 
-    /// Makes `staged` the data file of blob `digest`, without copying a byte. `pieces` are
-    /// (index, BLAKE3) of the pieces written to it, each checked by the caller against that
-    /// hash before it was written; those whose hash is the layout's are held, the others left
-    /// out. (Every read verifies the bytes again, as for any piece.) Returns false, adopting
-    /// nothing, when the store knows the blob already: the caller then puts the pieces one by
-    /// one. The file stays readable and writable through `staged`; pieces written to it later
-    /// are not held until put.
-    pub fn adopt_blob(
-        &self,
-        digest: &BlobDigest,
-        layout: PieceLayout,
-        staged: &StagedFile,
-        pieces: &[(u32, Blake3Hash)],
-    ) -> Result<bool> {
-        if self.entry(&EntryKey::Blob(*digest)).is_some() {
-            return Ok(false);
-        }
-        let mut held = PieceSet::new(layout.piece_count());
-        for (i, hash) in pieces {
-            if layout.piece_hash(*i) == Some(hash) {
-                held.insert(*i);
-            }
-        }
-        let mut path = lock(&staged.path);
-        let Some(at) = path.clone() else {
-            return Ok(false);
-        };
-        // Not synced: the blob is not complete yet, and its pieces are verified on every read
-        // (docs/store.md, "Crash safety").
-        let adopted = self.install_blob(digest, layout, &at, Install::Partial(held))?;
-        if adopted {
-            *path = None;
-        }
-        Ok(adopted)
+/// Makes `staged` the data file of blob `digest`, without copying a byte. `pieces` are
+/// (index, BLAKE3) of the pieces written to it, each checked by the caller against that
+/// hash before it was written; those whose hash is the layout's are held, the others left
+/// out. (Every read verifies the bytes again, as for any piece.) Returns false, adopting
+/// nothing, when the store knows the blob already: the caller then puts the pieces one by
+/// one. The file stays readable and writable through `staged`; pieces written to it later
+/// are not held until put.
+pub(crate) fn adopt_blob(
+    ledger: &Ledger,
+    digest: &BlobDigest,
+    layout: PieceLayout,
+    staged: &StagedFile,
+    pieces: &[(u32, Blake3Hash)],
+) -> Result<bool> {
+    if ledger.entry(&EntryKey::Blob(*digest)).is_some() {
+        return Ok(false);
     }
+    let mut held = PieceSet::new(layout.piece_count());
+    for (i, hash) in pieces {
+        if layout.piece_hash(*i) == Some(hash) {
+            held.insert(*i);
+        }
+    }
+    let mut path = lock(&staged.path);
+    let Some(at) = path.clone() else {
+        return Ok(false);
+    };
+    // Not synced: the blob is not complete yet, and its pieces are verified on every read
+    // (docs/store.md, "Crash safety").
+    let adopted = install_blob(ledger, digest, layout, &at, Install::Partial(held))?;
+    if adopted {
+        *path = None;
+    }
+    Ok(adopted)
 }

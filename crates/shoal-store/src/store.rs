@@ -1,110 +1,36 @@
-//! The store handle: configuration, opening (lock, version, recovery), the index and the stats.
+//! The store handle: opening (lock, version, recovery) and the public API. The state lives in
+//! the ledger (ledger.rs) and the chunk half (chunk.rs); each method here hands its call to the
+//! module that does the work, so this file is the store's table of contents.
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::blob::{self, BlobStatus};
+use crate::chunk::{self, verify_chunk, Chunks};
+use crate::config::{PutOutcome, StoreConfig, StoreStats};
 use crate::error::{Error, Result};
-use crate::index::{lock, Entry, EntryKey};
-use crate::key::Item;
+use crate::flight::{FetchError, Flights};
+use crate::index::{EntryKey, PinGuard};
+use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
+use crate::ledger::{Counters, Ledger};
 use crate::pack::Packs;
-use crate::paths::Paths;
+use crate::paths::{remove_if_exists, write_atomic, Paths};
+use crate::read::{self, BlobReader};
+use crate::staged::{self, StagedFile};
+use crate::{import, recover};
 
 const VERSION_LINE: &str = "shoal-store 1";
-const STRIPES: usize = 64;
 
-/// Where the store lives and how much of the disk it may use.
-#[derive(Clone, Debug)]
-pub struct StoreConfig {
-    /// The store's directory; nothing is written outside it.
-    pub root: PathBuf,
-    /// When Shoal's bytes would pass this, the store evicts down to `low_watermark` first.
-    pub high_watermark: u64,
-    /// Eviction stops once usage is at or below this.
-    pub low_watermark: u64,
-    /// Unpinned entries not used for this long are evicted by [`Store::sweep`].
-    pub ttl: Option<Duration>,
-}
-
-impl StoreConfig {
-    /// A config with a quota of `quota` bytes: high watermark at the quota, low at 80% of it, no TTL.
-    pub fn new(root: impl Into<PathBuf>, quota: u64) -> Self {
-        StoreConfig {
-            root: root.into(),
-            high_watermark: quota,
-            low_watermark: quota / 10 * 8,
-            ttl: None,
-        }
-    }
-}
-
-/// A snapshot of the store's counters (a plain struct; metrics exporters read it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    /// Bytes Shoal's entries use (data plus metadata files).
-    pub used_bytes: u64,
-    /// The configured high watermark.
-    pub high_watermark: u64,
-    /// The configured low watermark.
-    pub low_watermark: u64,
-    /// Blobs indexed (partial or complete).
-    pub blobs: u64,
-    /// Blobs whose sha256 was verified.
-    pub complete_blobs: u64,
-    /// Pieces held across all blobs.
-    pub pieces: u64,
-    /// Chunks indexed.
-    pub chunks: u64,
-    /// Entries pinned right now.
-    pub pinned: u64,
-    /// Reads answered from the store.
-    pub hits: u64,
-    /// Reads of things not in the store.
-    pub misses: u64,
-    /// Entries evicted (LRU or TTL).
-    pub evictions: u64,
-    /// Stored items that failed verification and were dropped.
-    pub corruptions: u64,
-    /// Fetches run by `get_or_fetch` (after coalescing).
-    pub fetches: u64,
-    /// Fetched items served without being cached (quota or disk full).
-    pub uncached: u64,
-}
-
-#[derive(Default, Debug)]
-pub(crate) struct Counters {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub evictions: AtomicU64,
-    pub corruptions: AtomicU64,
-    pub fetches: AtomicU64,
-    pub uncached: AtomicU64,
-}
-
-impl Counters {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-pub(crate) struct Inner {
-    pub paths: Paths,
-    pub config: StoreConfig,
-    pub index: moka::sync::Cache<EntryKey, Arc<Entry>>,
-    /// Serialise create, commit and remove of one key (readers never take these).
-    pub stripes: Vec<Mutex<()>>,
-    pub used: AtomicU64,
-    pub counters: Counters,
-    /// One eviction pass at a time.
-    pub evicting: Mutex<()>,
+struct Inner {
+    ledger: Arc<Ledger>,
+    chunks: Chunks,
     /// Fetches in flight from threads (single flight for `get_or_fetch_blocking`).
-    pub flights: moka::sync::Cache<Item, Bytes>,
-    /// The chunk packs.
-    pub packs: Packs,
+    flights: Flights,
     /// Held for the store's lifetime: the flock that keeps a second process out.
     _lock: File,
 }
@@ -112,13 +38,13 @@ pub(crate) struct Inner {
 /// The node's content-addressed store. Cheap to clone; all clones share one index.
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("root", &self.inner.paths.root)
+            .field("root", &self.ledger().paths.root)
             .field("used", &self.used_bytes())
             .finish()
     }
@@ -156,94 +82,280 @@ impl Store {
         clear_dir(&paths.tmp)?;
         let (packs, found) = Packs::open(&paths.chunks)
             .map_err(|e| Error::io("open the chunk packs in", &paths.chunks, e))?;
-        let store = Store {
+        let chunks = Chunks::new(config.group_hash_cache_bytes);
+        let ledger = Arc::new(Ledger::new(paths, config, packs));
+        recover::recover(&ledger, found)?;
+        if ledger.used_bytes() > ledger.config.high_watermark {
+            ledger.evict_to(ledger.config.low_watermark);
+        }
+        Ok(Store {
             inner: Arc::new(Inner {
-                packs,
-                paths,
-                index: moka::sync::Cache::builder().build(),
-                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-                used: AtomicU64::new(0),
-                counters: Counters::default(),
-                evicting: Mutex::new(()),
-                flights: moka::sync::Cache::builder().build(),
-                config,
+                ledger,
+                chunks,
+                flights: Flights::new(),
                 _lock: lock_file,
             }),
-        };
-        store.recover(found)?;
-        if store.used_bytes() > store.inner.config.high_watermark {
-            store.evict_to(store.inner.config.low_watermark);
-        }
-        Ok(store)
+        })
+    }
+
+    fn ledger(&self) -> &Arc<Ledger> {
+        &self.inner.ledger
     }
 
     /// The configuration the store was opened with.
     pub fn config(&self) -> &StoreConfig {
-        &self.inner.config
+        &self.ledger().config
     }
 
     /// Bytes Shoal's entries use right now (including space reserved by writes in progress).
     pub fn used_bytes(&self) -> u64 {
-        self.inner.used.load(Ordering::Acquire)
+        self.ledger().used_bytes()
     }
 
     /// A snapshot of sizes and counters.
     pub fn stats(&self) -> StoreStats {
-        let c = &self.inner.counters;
-        let mut s = StoreStats {
-            used_bytes: self.used_bytes(),
-            high_watermark: self.inner.config.high_watermark,
-            low_watermark: self.inner.config.low_watermark,
-            hits: c.hits.load(Ordering::Relaxed),
-            misses: c.misses.load(Ordering::Relaxed),
-            evictions: c.evictions.load(Ordering::Relaxed),
-            corruptions: c.corruptions.load(Ordering::Relaxed),
-            fetches: c.fetches.load(Ordering::Relaxed),
-            uncached: c.uncached.load(Ordering::Relaxed),
-            ..StoreStats::default()
-        };
-        for (_, entry) in self.inner.index.iter() {
-            let st = lock(&entry.state);
-            if st.removed {
-                continue;
-            }
-            if st.pins > 0 {
-                s.pinned += 1;
-            }
-            match (&entry.key, &st.blob) {
-                (EntryKey::Blob(_), Some(b)) => {
-                    s.blobs += 1;
-                    s.pieces += u64::from(b.held.count());
-                    if b.complete {
-                        s.complete_blobs += 1;
-                    }
-                }
-                _ => s.chunks += 1,
-            }
+        self.ledger().stats()
+    }
+
+    /// Evicts unpinned entries unused for longer than the TTL, then enforces the watermarks.
+    /// Call it periodically (the async wrapper has a sweeper task). Returns the bytes freed.
+    pub fn sweep(&self) -> u64 {
+        self.ledger().sweep()
+    }
+
+    // Blobs (blob.rs, read.rs, staged.rs, import.rs).
+
+    /// Registers a blob's trusted piece layout (idempotent); pieces can be put after this.
+    pub fn ensure_blob(&self, digest: &BlobDigest, layout: &PieceLayout) -> Result<()> {
+        blob::ensure_blob(self.ledger(), digest, layout)
+    }
+
+    /// Verifies `data` against piece `index`'s digest and stores it.
+    pub fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome> {
+        blob::put_piece(self.ledger(), digest, index, data)
+    }
+
+    /// What the store holds of a blob, if it knows the blob.
+    pub fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
+        blob::blob_status(self.ledger(), digest)
+    }
+
+    /// Checks the whole blob against its sha256 once every piece is held, then marks it complete.
+    /// On a mismatch the blob is dropped ([`Error::BlobDigestMismatch`]): its piece table was wrong.
+    pub fn complete_blob(&self, digest: &BlobDigest) -> Result<()> {
+        blob::complete_blob(self.ledger(), digest)
+    }
+
+    /// Hashes the blob's held pieces into its whole-blob sha256, in order, as far as they go
+    /// without a gap; [`Store::complete_blob`] then hashes only the rest. Call it as pieces
+    /// land (it returns at once if another call is hashing this blob); the reads are verified
+    /// like any other.
+    pub fn digest_ahead(&self, digest: &BlobDigest) -> Result<()> {
+        blob::digest_ahead(self.ledger(), digest)
+    }
+
+    /// Removes a blob and its files; fails with [`Error::Pinned`] while someone pins it.
+    pub fn remove_blob(&self, digest: &BlobDigest) -> Result<()> {
+        blob::remove_blob(self.ledger(), digest)
+    }
+
+    /// Pins a blob so eviction leaves it alone while the guard lives (e.g. during its download).
+    pub fn pin_blob(&self, digest: &BlobDigest) -> Result<PinGuard> {
+        blob::pin_blob(self.ledger(), digest)
+    }
+
+    /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
+    /// as [`Error::Corrupt`], never returned.
+    pub fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes> {
+        read::read_piece(self.ledger(), digest, index)
+    }
+
+    /// Reads `len` bytes at `offset` (at most [`crate::MAX_RANGE`]) from held pieces, each
+    /// verified. Fails with [`Error::NotPresent`] if a covering piece is missing.
+    pub fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
+        read::read_range(self.ledger(), digest, offset, len)
+    }
+
+    /// A reader over the held pieces of `digest` (memory only: the data file is opened by the
+    /// first read). Fails with [`Error::UnknownBlob`] if the store does not know the blob.
+    pub fn blob_reader(&self, digest: &BlobDigest) -> Result<BlobReader> {
+        read::blob_reader(self.ledger(), digest)
+    }
+
+    /// A new, empty staged file in the store's temp directory.
+    pub fn staged_file(&self) -> Result<StagedFile> {
+        staged::staged_file(self.ledger())
+    }
+
+    /// Makes `staged` the data file of blob `digest`, without copying a byte. `pieces` are
+    /// (index, BLAKE3) of the pieces written to it, each checked by the caller against that
+    /// hash before it was written; those whose hash is the layout's are held, the others left
+    /// out. (Every read verifies the bytes again, as for any piece.) Returns false, adopting
+    /// nothing, when the store knows the blob already: the caller then puts the pieces one by
+    /// one. The file stays readable and writable through `staged`; pieces written to it later
+    /// are not held until put.
+    pub fn adopt_blob(
+        &self,
+        digest: &BlobDigest,
+        layout: PieceLayout,
+        staged: &StagedFile,
+        pieces: &[(u32, Blake3Hash)],
+    ) -> Result<bool> {
+        staged::adopt_blob(self.ledger(), digest, layout, staged, pieces)
+    }
+
+    /// Streams a whole blob from `reader` into the store, computing its piece table with
+    /// `piece_size`. It becomes visible, complete, only if its sha256 equals `digest`.
+    /// Returns the computed layout (the seed publishes it). An already complete blob is kept.
+    pub fn import_blob(
+        &self,
+        digest: &BlobDigest,
+        piece_size: u32,
+        reader: &mut dyn Read,
+    ) -> Result<PieceLayout> {
+        import::import_blob(self.ledger(), digest, piece_size, reader)
+    }
+
+    // Chunks (chunk.rs).
+
+    /// Verifies `data` against `hash` and stores it with its group hashes (a no-op if held).
+    pub fn put_chunk(&self, hash: &Blake3Hash, data: &[u8]) -> Result<PutOutcome> {
+        self.inner.chunks.put(self.ledger(), hash, data)
+    }
+
+    /// Reads a chunk, verified against its hash. Bad bytes are dropped and reported as
+    /// [`Error::Corrupt`], never returned.
+    pub fn get_chunk(&self, hash: &Blake3Hash) -> Result<Bytes> {
+        let mut buf = Vec::new();
+        self.read_chunk_into(hash, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// [`Store::get_chunk`] into `out` (resized to the chunk's length): a caller that reuses its
+    /// buffers reads without faulting in fresh memory for every chunk. On an error `out` holds
+    /// bytes that must not be used.
+    pub fn read_chunk_into(&self, hash: &Blake3Hash, out: &mut Vec<u8>) -> Result<()> {
+        self.inner.chunks.read_into(self.ledger(), hash, out)
+    }
+
+    /// Reads bytes `range` of a chunk, reading and checking only the 16 KiB groups that cover it
+    /// against the chunk's group hashes (themselves checked against its name; docs/store.md,
+    /// "Reading part of a chunk"). `out` is filled with those groups and the returned range is
+    /// where `range` lies in it. Bad bytes or group hashes drop the chunk and are
+    /// [`Error::Corrupt`]; `out` is then not to be used.
+    pub fn read_chunk_part(
+        &self,
+        hash: &Blake3Hash,
+        range: Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> Result<Range<usize>> {
+        self.inner.chunks.read_part(self.ledger(), hash, range, out)
+    }
+
+    /// Starts reading the held ones of `hashes` from the disk in the background, so that their
+    /// reads that follow find them in the page cache (a read-ahead of chunks that are read in
+    /// order; packs keep such chunks next to each other, so the disk sees one long read).
+    pub fn will_need_chunks(&self, hashes: &[Blake3Hash]) {
+        chunk::will_need(self.ledger(), hashes);
+    }
+
+    /// Where a chunk's bytes lie on disk: its pack file, offset and length (for tools and tests;
+    /// its group hashes, if any, follow its bytes).
+    pub fn chunk_at(&self, hash: &Blake3Hash) -> Option<(PathBuf, u64, u64)> {
+        chunk::chunk_at(self.ledger(), hash)
+    }
+
+    /// True when the chunk is indexed (its bytes are verified when read).
+    pub fn has_chunk(&self, hash: &Blake3Hash) -> bool {
+        self.ledger().entry(&EntryKey::Chunk(*hash)).is_some()
+    }
+
+    /// Removes a chunk; fails with [`Error::Pinned`] while someone pins it.
+    pub fn remove_chunk(&self, hash: &Blake3Hash) -> Result<()> {
+        chunk::remove(self.ledger(), hash)
+    }
+
+    /// Pins a chunk so eviction leaves it alone while the guard lives.
+    pub fn pin_chunk(&self, hash: &Blake3Hash) -> Result<PinGuard> {
+        chunk::pin(self.ledger(), hash)
+    }
+
+    // Fetch through (flight.rs coalesces).
+
+    /// Reads a piece or chunk from the store (verified).
+    pub fn read_item(&self, item: &Item) -> Result<Bytes> {
+        match item {
+            Item::Piece(digest, index) => self.read_piece(digest, *index),
+            Item::Chunk(hash) => self.get_chunk(hash),
         }
-        s
     }
 
-    /// The live index entry for `key`, if any.
-    pub(crate) fn entry(&self, key: &EntryKey) -> Option<Arc<Entry>> {
-        self.inner
-            .index
-            .get(key)
-            .filter(|e| !lock(&e.state).removed)
+    /// Checks fetched bytes against the trusted hash (piece table or chunk name).
+    pub fn verify_item(&self, item: &Item, data: &[u8]) -> Result<()> {
+        match item {
+            Item::Piece(digest, index) => {
+                let layout = self
+                    .ledger()
+                    .entry(&EntryKey::Blob(*digest))
+                    .and_then(|e| e.layout.clone())
+                    .ok_or_else(|| Error::UnknownBlob {
+                        blob: digest.to_string(),
+                    })?;
+                blob::verify_piece(digest, &layout, *index, data)
+            }
+            Item::Chunk(hash) => verify_chunk(hash, data),
+        }
     }
 
-    /// The lock stripe that serialises structural changes to `key`.
-    pub(crate) fn stripe(&self, key: &EntryKey) -> &Mutex<()> {
-        let i = usize::from(key.first_byte()) % STRIPES;
-        &self.inner.stripes[i]
+    /// Caches bytes already verified by [`Store::verify_item`]. A store that cannot keep them
+    /// (quota or disk full, blob evicted meanwhile) logs it: the bytes are still good to serve.
+    pub(crate) fn keep_fetched(&self, item: &Item, data: &[u8]) {
+        let kept = match item {
+            Item::Piece(digest, index) => {
+                blob::put_verified(self.ledger(), digest, *index, data).map(|_| ())
+            }
+            Item::Chunk(hash) => self.put_chunk(hash, data).map(|_| ()),
+        };
+        if let Err(e) = kept {
+            Counters::bump(&self.ledger().counters.uncached);
+            tracing::warn!(%item, error = %e, "serving fetched bytes without caching them");
+        }
     }
 
-    pub(crate) fn hit(&self) {
-        Counters::bump(&self.inner.counters.hits);
+    pub(crate) fn count_fetch(&self) {
+        Counters::bump(&self.ledger().counters.fetches);
     }
 
-    pub(crate) fn miss(&self) {
-        Counters::bump(&self.inner.counters.misses);
+    /// Returns the item from the store, or runs `fetch` once for all concurrent callers of the
+    /// same item, verifies the bytes, stores them and returns them. For a piece, the blob must
+    /// be registered with [`Store::ensure_blob`] first. Fetched bytes that do not verify are
+    /// [`Error::HashMismatch`] (fetch from another source) and are never stored.
+    pub fn get_or_fetch_blocking<E>(
+        &self,
+        item: Item,
+        fetch: impl FnOnce() -> Result<Bytes, E>,
+    ) -> Result<Bytes>
+    where
+        E: Into<FetchError>,
+    {
+        match self.read_item(&item) {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) if e.is_corrupt() || matches!(e, Error::NotPresent { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.inner.flights.coalesce(item, || {
+            if let Ok(bytes) = self.read_item(&item) {
+                return Ok(bytes); // a flight that just ended stored it
+            }
+            self.count_fetch();
+            let bytes = fetch().map_err(|e| Error::Fetch {
+                item: item.to_string(),
+                source: e.into(),
+            })?;
+            self.verify_item(&item, &bytes)?;
+            self.keep_fetched(&item, &bytes);
+            Ok(bytes)
+        })
     }
 }
 
@@ -256,7 +368,7 @@ fn check_version(paths: &Paths) -> Result<()> {
             found: found.chars().take(100).collect(),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::paths::write_atomic(&paths.temp(), &path, format!("{VERSION_LINE}\n").as_bytes())
+            write_atomic(&paths.temp(), &path, format!("{VERSION_LINE}\n").as_bytes())
                 .map_err(|e| Error::io("write", &path, e))
         }
         Err(e) => Err(Error::io("read", &path, e)),
@@ -268,7 +380,7 @@ fn clear_dir(dir: &std::path::Path) -> Result<()> {
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_file() {
-            crate::paths::remove_if_exists(&path).map_err(|e| Error::io("remove", &path, e))?;
+            remove_if_exists(&path).map_err(|e| Error::io("remove", &path, e))?;
         }
     }
     Ok(())

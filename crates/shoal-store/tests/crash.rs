@@ -182,6 +182,13 @@ fn crash_kill_restart_never_serves_bad_bytes() {
                     &c[..],
                     "round {round}: {h}"
                 );
+                // Its group hashes made it to the disk with its bytes: a part read checks.
+                let from = c.len() as u64 / 2;
+                let mut buf = Vec::new();
+                let at = store
+                    .read_chunk_part(h, from..c.len() as u64, &mut buf)
+                    .expect("part of a chunk");
+                assert_eq!(&buf[at], &c[from as usize..], "round {round}: part of {h}");
             }
         }
         assert_eq!(

@@ -37,9 +37,24 @@ pub fn seq_read(path: &Path) -> Res<(f64, u64)> {
     Ok((total as f64 / (1 << 20) as f64 / secs, total))
 }
 
+/// CPU time this process (every thread: the reader, and the mount's daemon threads, which run
+/// in this process) has used, in seconds.
+pub fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 /// Random 4 KiB-aligned preads of 4 KiB over the file (same seeded offsets for every caller),
-/// at most `ops` or until `limit` passed; returns IOPS.
-pub fn random_reads(path: &Path, ops: usize, limit: Duration, seed: u64) -> Res<(f64, usize)> {
+/// at most `ops` or until `limit` passed; returns IOPS, reads done and CPU microseconds per
+/// read (the whole process: for the mount, reader and daemon together; load on the machine
+/// moves wall time much more than CPU time).
+pub fn random_reads(path: &Path, ops: usize, limit: Duration, seed: u64) -> Res<(f64, usize, f64)> {
     let f = fs::File::open(path)?;
     let blocks = f.metadata()?.len() / 4096;
     if blocks == 0 {
@@ -48,11 +63,13 @@ pub fn random_reads(path: &Path, ops: usize, limit: Duration, seed: u64) -> Res<
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut buf = [0u8; 4096];
     let t = Instant::now();
+    let cpu = cpu_secs();
     let mut done = 0;
     while done < ops && t.elapsed() < limit {
         let off = rng.u64(..blocks) * 4096;
         f.read_exact_at(&mut buf, off)?;
         done += 1;
     }
-    Ok((done as f64 / t.elapsed().as_secs_f64(), done))
+    let cpu_us = (cpu_secs() - cpu) * 1e6 / done.max(1) as f64;
+    Ok((done as f64 / t.elapsed().as_secs_f64(), done, cpu_us))
 }
