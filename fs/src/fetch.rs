@@ -47,6 +47,9 @@ pub struct FetchError {
     pub end: u64,
     /// What failed.
     pub reason: String,
+    /// The source refused the origin by policy (the peer's `allowed_origins`): reading it from
+    /// anywhere else would go around the operator's decision.
+    pub refused: bool,
 }
 
 /// A place that serves byte ranges of an image's data blobs.
@@ -77,6 +80,7 @@ fn fetch_err(
         start,
         end,
         reason: reason.to_string(),
+        refused: false,
     }
 }
 
@@ -199,7 +203,9 @@ impl ChunkSource for PeerSource {
                 .await
                 .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
                 .unwrap_or_default();
-            return Err(err(format!("answered {status}: {body}")));
+            let mut e = err(format!("answered {status}: {body}"));
+            e.refused = status == StatusCode::FORBIDDEN;
+            return Err(e);
         }
         let mut out = Vec::with_capacity(want);
         let mut body = BodyStream::new(resp.into_body());

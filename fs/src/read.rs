@@ -723,6 +723,7 @@ impl Reader {
             start,
             end,
             reason: "chunk refers to a blob the image does not list".into(),
+            refused: false,
         })?;
         if let Some(peer) = self.peer.as_ref().filter(|_| via_peer) {
             match peer.read_range(digest, start, end).await {
@@ -730,6 +731,7 @@ impl Reader {
                     self.metrics.fetched(peer.kind(), b.len() as u64);
                     return Ok((b, Arc::clone(peer)));
                 }
+                Err(e) if e.refused => return Err(e),
                 Err(e) => {
                     tracing::info!(error = %e, "peer could not serve the range; reading from the origin")
                 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{build_image, compare, flip_byte, fuse_ready, mountpoint, Compared};
+use common::{build_image, compare, flip_byte, fuse_ready, mountpoint, Compared, Image};
 use shoal_format::bootstrap::Bootstrap;
 use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
@@ -104,6 +104,74 @@ fn bad_bytes_from_the_first_source_are_refetched_from_the_origin() {
     assert_eq!(metrics.snapshot().verify_failures, before);
 }
 
+/// Pushes the converted test image to `reg` as `repo:v1`.
+fn push_image(
+    rt: &tokio::runtime::Runtime,
+    reg: &shoal_testkit::Registry,
+    img: &Image,
+    repo: &str,
+) {
+    let (desc, manifest) = oci::resolve(&LayoutRef {
+        dir: img.layout.clone(),
+        tag: None,
+    })
+    .unwrap();
+    for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+        let bytes = fs::read(oci::blob_path(
+            &img.layout,
+            &oci::parse_digest(d.digest()).unwrap(),
+        ))
+        .unwrap();
+        rt.block_on(reg.push_blob(repo, &bytes)).unwrap();
+    }
+    let mbytes = oci::read_blob(&img.layout, &desc, 1 << 20).unwrap();
+    rt.block_on(reg.push_manifest(
+        repo,
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &mbytes,
+    ))
+    .unwrap();
+}
+
+/// A real peer daemon (no scheduler: it goes back to the origin itself) with its local API at
+/// `work/peer.sock`, allowing `allowed` origins.
+fn start_peer(rt: &tokio::runtime::Runtime, work: &Path, allowed: Vec<String>) -> shoal_peer::Peer {
+    shoal_tls::install_crypto_provider();
+    let ca = shoal_tls::ClusterCa::init(&work.join("ca"), "fs test CA", 30).unwrap();
+    let mut req = shoal_tls::NodeCertRequest::new("fs-peer", 30);
+    req.ips.push("127.0.0.1".parse().unwrap());
+    let tls = work.join("tls");
+    ca.issue(&req).unwrap().write_to(&tls).unwrap();
+    rt.block_on(shoal_peer::Peer::start(shoal_peer::PeerConfig {
+        host_id: "fs-peer".into(),
+        data_dir: work.join("peer"),
+        tls_dir: tls,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_socket: work.join("peer.sock"),
+        cache_bytes: Some(1 << 30),
+        allowed_origins: allowed,
+        ..shoal_peer::PeerConfig::default()
+    }))
+    .expect("start peer")
+}
+
+/// A mount of `repo:v1` through the peer at `work/peer.sock`, fetching only what is read.
+fn peer_mount_config(reg: &shoal_testkit::Registry, work: &Path, repo: &str) -> FsConfig {
+    let mnt = mountpoint(work, "mnt");
+    FsConfig {
+        cache_dir: work.join("cache"),
+        fetch_timeout_secs: 10,
+        prefetch: false,
+        // Only the reads below fetch: background fetch-ahead could still be taking chunks
+        // through the peer when the counters are compared.
+        fetch_ahead_bytes: 0,
+        blob_ahead_bytes: 0,
+        peer_socket: Some(work.join("peer.sock")),
+        ..FsConfig::new(reg.reference(repo, "v1"), &mnt)
+    }
+}
+
 #[test]
 fn reads_go_through_the_local_peer_and_fall_back_to_the_origin() {
     if !fuse_ready() {
@@ -116,64 +184,12 @@ fn reads_go_through_the_local_peer_and_fall_back_to_the_origin() {
         return;
     };
     let img = build_image(false);
-    let (desc, manifest) = oci::resolve(&LayoutRef {
-        dir: img.layout.clone(),
-        tag: None,
-    })
-    .unwrap();
-    for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
-        let bytes = fs::read(oci::blob_path(
-            &img.layout,
-            &oci::parse_digest(d.digest()).unwrap(),
-        ))
-        .unwrap();
-        rt.block_on(reg.push_blob("shoal/peer-test", &bytes))
-            .unwrap();
-    }
-    let mbytes = oci::read_blob(&img.layout, &desc, 1 << 20).unwrap();
-    rt.block_on(reg.push_manifest(
-        "shoal/peer-test",
-        "v1",
-        "application/vnd.oci.image.manifest.v1+json",
-        &mbytes,
-    ))
-    .unwrap();
-
-    // A real peer daemon (no scheduler: it goes back to the origin itself) with its local API.
-    shoal_tls::install_crypto_provider();
+    push_image(&rt, &reg, &img, "shoal/peer-test");
     let work = tempfile::tempdir().unwrap();
-    let ca = shoal_tls::ClusterCa::init(&work.path().join("ca"), "fs test CA", 30).unwrap();
-    let mut req = shoal_tls::NodeCertRequest::new("fs-peer", 30);
-    req.ips.push("127.0.0.1".parse().unwrap());
-    let tls = work.path().join("tls");
-    ca.issue(&req).unwrap().write_to(&tls).unwrap();
-    let socket = work.path().join("peer.sock");
-    let peer = rt
-        .block_on(shoal_peer::Peer::start(shoal_peer::PeerConfig {
-            host_id: "fs-peer".into(),
-            data_dir: work.path().join("peer"),
-            tls_dir: tls,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_socket: socket.clone(),
-            cache_bytes: Some(1 << 30),
-            allowed_origins: vec![reg.host()],
-            ..shoal_peer::PeerConfig::default()
-        }))
-        .expect("start peer");
-
+    let peer = start_peer(&rt, work.path(), vec![reg.host()]);
     let mnt = mountpoint(work.path(), "mnt");
-    let cfg = FsConfig {
-        cache_dir: work.path().join("cache"),
-        fetch_timeout_secs: 10,
-        prefetch: false,
-        // Only the reads below fetch: background fetch-ahead could still be taking chunks
-        // through the peer when the counters are compared.
-        fetch_ahead_bytes: 0,
-        blob_ahead_bytes: 0,
-        peer_socket: Some(socket),
-        ..FsConfig::new(reg.reference("shoal/peer-test", "v1"), &mnt)
-    };
-    let m = mount(cfg).expect("mount through the peer");
+    let m = mount(peer_mount_config(&reg, work.path(), "shoal/peer-test"))
+        .expect("mount through the peer");
     let mut c = Compared::default();
     compare(
         &img.tree,
@@ -202,6 +218,42 @@ fn reads_go_through_the_local_peer_and_fall_back_to_the_origin() {
     assert!(
         s2.fetched_origin > 600_000 && s2.fetched_peer == s.fetched_peer,
         "after the peer died: {s2:?}"
+    );
+    m.unmount().unwrap();
+}
+
+#[test]
+fn an_origin_the_peer_refuses_is_not_read_around_it() {
+    if !fuse_ready() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(reg) =
+        shoal_testkit::or_skip(rt.block_on(shoal_testkit::Registry::start(Default::default())))
+    else {
+        return;
+    };
+    let img = build_image(false);
+    push_image(&rt, &reg, &img, "shoal/refused");
+    let work = tempfile::tempdir().unwrap();
+    // The peer allows another registry only: its answer for this one is 403.
+    let _peer = start_peer(&rt, work.path(), vec!["registry.example:5000".into()]);
+    let mnt = mountpoint(work.path(), "mnt");
+    let m = mount(peer_mount_config(&reg, work.path(), "shoal/refused")).expect("mount");
+    let before = rt.block_on(reg.access_log()).len();
+    let err = fs::read(mnt.join("data/big.bin")).expect_err("a refused origin reads nothing");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let s = m.metrics().snapshot();
+    assert_eq!((s.fetched_peer, s.fetched_origin), (0, 0), "{s:?}");
+    let blob_gets: Vec<_> = rt
+        .block_on(reg.access_log())
+        .into_iter()
+        .skip(before)
+        .filter(|e| e.path.contains("/blobs/"))
+        .collect();
+    assert!(
+        blob_gets.is_empty(),
+        "the mount went around the peer: {blob_gets:?}"
     );
     m.unmount().unwrap();
 }
