@@ -62,22 +62,6 @@ fn now_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// containerd's chain ids of `diff_ids`.
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{prev} {d}")))
-            ),
-        };
-        out.push(next);
-    }
-    out
-}
-
 /// A request carrying containerd's namespace (and lease) metadata.
 fn req<T>(ns: &str, lease: Option<&str>, msg: T) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(msg);
@@ -129,7 +113,7 @@ async fn pull(args: PullArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
             diff_ids.len()
         );
     }
-    let chain = chain_ids(&diff_ids);
+    let chain = shoal_fs::snapshotter::chain_ids(&diff_ids);
     let top = chain.last().cloned().context("the image has no layers")?;
     let name = args.reference.trim_start_matches("docker://").to_string();
 
@@ -441,25 +425,4 @@ fn humantime_rfc3339(t: SystemTime) -> String {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     ts.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_containerd() {
-        // The identity of a one-layer chain is its diff id; the next hashes "<prev> <diff>".
-        let a = "sha256:aa".to_string();
-        let b = "sha256:bb".to_string();
-        let c = chain_ids(&[a.clone(), b.clone()]);
-        assert_eq!(c[0], a);
-        assert_eq!(
-            c[1],
-            format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest("sha256:aa sha256:bb"))
-            )
-        );
-    }
 }

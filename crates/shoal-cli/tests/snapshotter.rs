@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
 use shoal_fs::snapshotter::api::snapshots::snapshots_client::SnapshotsClient;
 use shoal_fs::snapshotter::api::snapshots::{
     CommitSnapshotRequest, Kind, ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest,
@@ -426,23 +425,6 @@ fn prost_types_mask(paths: &[&str]) -> prost_types::FieldMask {
     }
 }
 
-/// containerd's chain ids: the first is the first diff id, each next one the sha256 of
-/// "<previous chain id> <diff id>".
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let next = match out.last() {
-            None => d.clone(),
-            Some(prev) => format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(format!("{prev} {d}")))
-            ),
-        };
-        out.push(next);
-    }
-    out
-}
-
 /// A small converted image pushed to `reg`: returns (layer digests in manifest order, kinds).
 fn push_converted(dir: &Path, reference: &str) -> (PathBuf, Vec<(String, String)>) {
     let tree = dir.join("tree");
@@ -514,7 +496,7 @@ async fn shoal_layers_are_never_downloaded_and_the_image_mounts_lazily() {
     // Blobs below, the bootstrap on top (the image format's order).
     layers.sort_by_key(|(_, kind)| kind == "bootstrap");
     let digests: Vec<String> = layers.iter().map(|(d, _)| d.clone()).collect();
-    let chain = chain_ids(&digests);
+    let chain = shoal_fs::snapshotter::chain_ids(&digests);
     let mut snap = Snapshotter::start(dir.path(), &["--no-peer"]);
     let mut c = snap.client().await;
 

@@ -84,6 +84,24 @@ pub fn shoal_layer(labels: &BTreeMap<String, String>) -> Result<Option<ShoalLaye
     }
 }
 
+/// containerd's chain ids of a layer stack's diff ids (the names committed layers get): the first
+/// is the first diff id, each next one the sha256 of "<previous chain id> <diff id>".
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    use sha2::Digest as _;
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(format!("{prev} {d}")))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
 /// True for `sha256:` and 64 lower-case hex digits.
 pub fn is_sha256(d: &str) -> bool {
     d.strip_prefix("sha256:")
@@ -101,6 +119,15 @@ mod tests {
     }
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn chain_ids_follow_containerd() {
+        use sha2::Digest as _;
+        let c = chain_ids(&["sha256:aa".into(), "sha256:bb".into()]);
+        assert_eq!(c[0], "sha256:aa");
+        let second = sha2::Sha256::digest("sha256:aa sha256:bb");
+        assert_eq!(c[1], format!("sha256:{}", hex::encode(second)));
+    }
 
     #[test]
     fn recognises_shoal_layers() {

@@ -37,7 +37,9 @@ use std::time::Duration;
 pub use config::{SnapshotterConfig, DEFAULT_ROOT, DEFAULT_SOCKET};
 pub use error::{Result, SnapshotterError};
 pub use images::{read_stats, ImageInfo};
-pub use labels::{CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SHOAL_LAYER, TARGET_REF};
+pub use labels::{
+    chain_ids, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SHOAL_LAYER, TARGET_REF,
+};
 
 use bootstrap::BootstrapSource;
 use images::{LazyImages, MountSettings};

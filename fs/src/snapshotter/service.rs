@@ -80,6 +80,29 @@ impl Service {
     }
 }
 
+/// What Prepare and View do: check the request, then create the snapshot with `op`.
+type CreateOp = fn(&Snapshots, &str, &str, BTreeMap<String, String>) -> Result<Vec<Mount>>;
+
+impl Service {
+    async fn create(
+        &self,
+        name: &'static str,
+        key: String,
+        parent: String,
+        labels: std::collections::HashMap<String, String>,
+        op: CreateOp,
+    ) -> std::result::Result<Vec<ApiMount>, Status> {
+        check_key("key", &key)?;
+        check_key("parent", &parent)?;
+        let labels = check_labels(labels)?;
+        let span_key = key.clone();
+        let mounts = self
+            .call(name, &span_key, move |c| op(c, &key, &parent, labels))
+            .await?;
+        Ok(to_api_mounts(mounts))
+    }
+}
+
 fn check_key(what: &str, key: &str) -> std::result::Result<(), Status> {
     if key.len() > MAX_KEY || key.contains('\0') {
         return Err(Status::invalid_argument(format!(
@@ -154,18 +177,10 @@ impl SnapshotsApi for Service {
         req: Request<PrepareSnapshotRequest>,
     ) -> std::result::Result<Response<PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
-        check_key("key", &r.key)?;
-        check_key("parent", &r.parent)?;
-        let labels = check_labels(r.labels)?;
-        let (key, parent) = (r.key, r.parent);
         let mounts = self
-            .call("prepare", &key.clone(), move |c| {
-                c.prepare(&key, &parent, labels)
-            })
+            .create("prepare", r.key, r.parent, r.labels, Snapshots::prepare)
             .await?;
-        Ok(Response::new(PrepareSnapshotResponse {
-            mounts: to_api_mounts(mounts),
-        }))
+        Ok(Response::new(PrepareSnapshotResponse { mounts }))
     }
 
     async fn view(
@@ -173,16 +188,10 @@ impl SnapshotsApi for Service {
         req: Request<ViewSnapshotRequest>,
     ) -> std::result::Result<Response<ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
-        check_key("key", &r.key)?;
-        check_key("parent", &r.parent)?;
-        let labels = check_labels(r.labels)?;
-        let (key, parent) = (r.key, r.parent);
         let mounts = self
-            .call("view", &key.clone(), move |c| c.view(&key, &parent, labels))
+            .create("view", r.key, r.parent, r.labels, Snapshots::view)
             .await?;
-        Ok(Response::new(ViewSnapshotResponse {
-            mounts: to_api_mounts(mounts),
-        }))
+        Ok(Response::new(ViewSnapshotResponse { mounts }))
     }
 
     async fn mounts(
