@@ -5,6 +5,7 @@ mod containerd;
 mod fs;
 mod get;
 mod image;
+mod index;
 mod peer;
 mod preheat;
 mod registry;
@@ -31,7 +32,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Convert, inspect, verify and unpack Shoal images.
+    /// Convert, index, inspect, verify and unpack Shoal images.
     Image(image::ImageArgs),
     /// Create the cluster CA and issue node certificates.
     #[command(subcommand)]
