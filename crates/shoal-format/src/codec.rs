@@ -110,139 +110,226 @@ fn span_bytes(
     if size > MAX_CHUNK {
         return Err(format!("size {size} is over the largest chunk size"));
     }
-    match span.checkpoint.kind {
-        CheckpointKind::ZstdFrame => zstd_span(input, skip, size),
-        CheckpointKind::GzipMember => gzip_span(input, None, skip, size),
-        CheckpointKind::Deflate { bits, .. } => {
-            let window = span
-                .window
-                .ok_or("a deflate checkpoint needs its window to be decoded")?;
-            gzip_span(input, Some((bits, window)), skip, size)
-        }
-    }
-}
-
-/// Decodes frames from `input` (which may stop in the middle of a frame, right after the block
-/// holding the chunk's last byte): the raw decoder is driven directly so that what it has
-/// decoded is flushed even when no input is left.
-fn zstd_span(mut input: impl Read, skip: u64, size: u32) -> Result<Vec<u8>, String> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut d = Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?;
-    let mut inbuf = vec![0u8; 64 << 10];
-    let (mut pos, mut len, mut eof) = (0usize, 0usize, false);
-    let mut scratch = vec![0u8; (64u64 << 10).min(skip).max(1) as usize];
-    let mut out = vec![0u8; size as usize];
-    let (mut skipped, mut got) = (0u64, 0usize);
-    while got < out.len() {
-        if pos == len && !eof {
-            len = read_some(&mut input, &mut inbuf)?;
-            pos = 0;
-            eof = len == 0;
-        }
-        let mut src = InBuffer::around(&inbuf[pos..len]);
-        let produced = if skipped < skip {
-            let want = (skip - skipped).min(scratch.len() as u64) as usize;
-            let mut dst = OutBuffer::around(&mut scratch[..want]);
-            d.run(&mut src, &mut dst)
-                .map_err(|e| format!("zstd: {e}"))?;
-            skipped += dst.pos() as u64;
-            dst.pos()
-        } else {
-            let mut dst = OutBuffer::around(&mut out[got..]);
-            d.run(&mut src, &mut dst)
-                .map_err(|e| format!("zstd: {e}"))?;
-            got += dst.pos();
-            dst.pos()
-        };
-        let consumed = src.pos();
-        pos += consumed;
-        if produced == 0 && consumed == 0 && eof {
-            return Err(format!(
-                "the stored form ends {} bytes after its checkpoint, before the chunk's end",
-                skipped + got as u64
-            ));
-        }
-    }
+    let mut r = SpanReader::new(span, input)?;
+    let mut out = Vec::new();
+    r.next_chunk(skip, size, &mut out)?;
     Ok(out)
 }
 
-/// Inflates from a gzip member start (`deflate` None) or a deflate block boundary (leftover bits
-/// and window); crosses into following gzip members as a gzip reader does.
-fn gzip_span(
-    mut input: impl Read,
-    deflate: Option<(u8, &[u8])>,
-    skip: u64,
-    size: u32,
-) -> Result<Vec<u8>, String> {
-    let mut inf = Inflater::new(deflate.is_none())?;
-    if let Some((bits, window)) = deflate {
-        if bits > 0 {
-            let mut first = [0u8; 1];
-            input
-                .read_exact(&mut first)
-                .map_err(|e| format!("reading the checkpoint's byte: {e}"))?;
-            inf.prime(bits, first[0])?;
-        }
-        inf.set_window(window)?;
-    }
-    let mut inbuf = vec![0u8; 64 << 10];
-    let (mut pos, mut len) = (0usize, 0usize);
-    let mut scratch = vec![0u8; (64u64 << 10).min(skip).max(1) as usize];
-    let mut out = vec![0u8; size as usize];
-    let (mut skipped, mut got) = (0u64, 0usize);
-    let mut trailer = 0usize;
-    while got < out.len() {
-        if pos == len {
-            len = read_some(&mut input, &mut inbuf)?;
-            pos = 0;
-            if len == 0 {
-                return Err(format!(
-                    "the stored form ends {} bytes after its checkpoint, before the chunk's end",
-                    skipped + got as u64
-                ));
-            }
-        }
-        if trailer > 0 {
-            // The 8-byte trailer of a member that a raw inflater read up to; the next member
-            // starts after it.
-            let n = trailer.min(len - pos);
-            pos += n;
-            trailer -= n;
-            if trailer == 0 {
-                inf.reset(true)?;
-            }
+/// One chunk of a run decoded from one checkpoint: its name, size and distance from the
+/// checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct RunChunk {
+    /// The chunk's name (BLAKE3 of its bytes).
+    pub hash: Blake3,
+    /// Its size.
+    pub size: u32,
+    /// Uncompressed bytes from the checkpoint to its first byte.
+    pub skip: u64,
+}
+
+/// Decodes several span chunks that start from the same checkpoint in one pass over `stored`
+/// (the blob from the checkpoint's `in_offset` to the end of the last chunk's span), instead of
+/// decompressing from the checkpoint once per chunk. `chunks` must be sorted by `skip` and not
+/// overlap. Each chunk gets its own result (its bytes checked against its name); decoding stops
+/// at the first chunk the stored form does not reach.
+pub fn decode_run(
+    span: SpanStart<'_>,
+    stored: impl Read,
+    chunks: &[RunChunk],
+) -> Vec<Result<Vec<u8>, String>> {
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut r = match SpanReader::new(span, stored) {
+        Ok(r) => r,
+        Err(e) => return chunks.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut failed: Option<String> = None;
+    for c in chunks {
+        if let Some(e) = &failed {
+            out.push(Err(e.clone()));
             continue;
         }
-        let step = if skipped < skip {
-            let want = (skip - skipped).min(scratch.len() as u64) as usize;
-            let step = inf.inflate(&inbuf[pos..len], &mut scratch[..want], false)?;
-            skipped += step.produced as u64;
-            step
-        } else {
-            let step = inf.inflate(&inbuf[pos..len], &mut out[got..], false)?;
-            got += step.produced;
-            step
-        };
-        pos += step.consumed;
-        if step.end {
-            if inf.is_gzip() {
-                inf.reset(true)?;
-            } else {
-                trailer = GZIP_TRAILER;
+        if c.size > MAX_CHUNK || c.skip < r.pos {
+            out.push(Err(format!(
+                "chunk at {} ({} bytes) is out of order or too large",
+                c.skip, c.size
+            )));
+            continue;
+        }
+        let mut data = Vec::new();
+        match r.next_chunk(c.skip, c.size, &mut data) {
+            Ok(()) => out.push(check(&c.hash, c.size, data)),
+            Err(e) => {
+                failed = Some(e.clone());
+                out.push(Err(e));
             }
-        } else if step.consumed == 0 && step.produced == 0 && pos < len {
-            return Err("inflate made no progress".into());
         }
     }
-    Ok(out)
+    out
 }
 
-fn read_some(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, String> {
-    loop {
-        match r.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading the stored form: {e}")),
+/// The uncompressed stream of a layer from a checkpoint on, read from the blob bytes from the
+/// checkpoint's `in_offset` on.
+struct SpanReader<R> {
+    input: R,
+    inbuf: Vec<u8>,
+    at: usize,
+    len: usize,
+    eof: bool,
+    codec: Codec,
+    /// Uncompressed bytes read so far.
+    pos: u64,
+}
+
+enum Codec {
+    /// A gzip or raw inflater; `trailer` bytes of a gzip trailer still to skip.
+    Gzip {
+        inf: Inflater,
+        trailer: usize,
+    },
+    Zstd(Box<zstd::stream::raw::Decoder<'static>>),
+}
+
+impl<R: Read> SpanReader<R> {
+    fn new(span: SpanStart<'_>, mut input: R) -> Result<Self, String> {
+        let codec = match span.checkpoint.kind {
+            CheckpointKind::ZstdFrame => Codec::Zstd(Box::new(
+                zstd::stream::raw::Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?,
+            )),
+            CheckpointKind::GzipMember => Codec::Gzip {
+                inf: Inflater::new(true)?,
+                trailer: 0,
+            },
+            CheckpointKind::Deflate { bits, .. } => {
+                let window = span
+                    .window
+                    .ok_or("a deflate checkpoint needs its window to be decoded")?;
+                let mut inf = Inflater::new(false)?;
+                if bits > 0 {
+                    let mut first = [0u8; 1];
+                    input
+                        .read_exact(&mut first)
+                        .map_err(|e| format!("reading the checkpoint's byte: {e}"))?;
+                    inf.prime(bits, first[0])?;
+                }
+                inf.set_window(window)?;
+                Codec::Gzip { inf, trailer: 0 }
+            }
+        };
+        Ok(SpanReader {
+            input,
+            inbuf: vec![0u8; 64 << 10],
+            at: 0,
+            len: 0,
+            eof: false,
+            codec,
+            pos: 0,
+        })
+    }
+
+    /// Drops bytes up to `skip` from the checkpoint, then reads the next `size` into `out`.
+    fn next_chunk(&mut self, skip: u64, size: u32, out: &mut Vec<u8>) -> Result<(), String> {
+        let gap = skip - self.pos.min(skip);
+        let dropped =
+            io::copy(&mut (&mut *self).take(gap), &mut io::sink()).map_err(|e| e.to_string())?;
+        if dropped != gap {
+            return Err(format!(
+                "the stored form ends {} bytes after its checkpoint, before the chunk",
+                self.pos
+            ));
+        }
+        out.resize(size as usize, 0);
+        let mut got = 0;
+        while got < out.len() {
+            match self.read(&mut out[got..]) {
+                Ok(0) => {
+                    return Err(format!(
+                    "the stored form ends {} bytes after its checkpoint, before the chunk's end",
+                    self.pos
+                ))
+                }
+                Ok(n) => got += n,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        if self.at < self.len || self.eof {
+            return Ok(());
+        }
+        self.at = 0;
+        self.len = 0;
+        loop {
+            match self.input.read(&mut self.inbuf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.len = n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn bad_data(e: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.into())
+}
+
+impl<R: Read> Read for SpanReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            self.fill()?;
+            let input = &self.inbuf[self.at..self.len];
+            let (consumed, produced, end) = match &mut self.codec {
+                Codec::Gzip { inf, trailer } if *trailer > 0 => {
+                    // The trailer of a member a raw inflater read to its end; the next member
+                    // (a gzip header) follows it.
+                    if input.is_empty() {
+                        return Ok(0);
+                    }
+                    let n = (*trailer).min(input.len());
+                    *trailer -= n;
+                    if *trailer == 0 {
+                        inf.reset(true).map_err(bad_data)?;
+                    }
+                    (n, 0, false)
+                }
+                Codec::Gzip { inf, trailer } => {
+                    let step = inf.inflate(input, buf, false).map_err(bad_data)?;
+                    if step.end {
+                        if inf.is_gzip() {
+                            inf.reset(true).map_err(bad_data)?;
+                        } else {
+                            *trailer = GZIP_TRAILER;
+                        }
+                    }
+                    (step.consumed, step.produced, step.end)
+                }
+                Codec::Zstd(d) => {
+                    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+                    let mut src = InBuffer::around(input);
+                    let mut dst = OutBuffer::around(&mut *buf);
+                    d.run(&mut src, &mut dst)
+                        .map_err(|e| bad_data(format!("zstd: {e}")))?;
+                    (src.pos(), dst.pos(), false)
+                }
+            };
+            self.at += consumed;
+            self.pos += produced as u64;
+            if produced > 0 {
+                return Ok(produced);
+            }
+            if consumed == 0 && !end && self.at == self.len && self.eof {
+                return Ok(0);
+            }
+            if consumed == 0 && !end && self.at < self.len {
+                return Err(bad_data("the decoder made no progress"));
+            }
         }
     }
 }
@@ -276,5 +363,58 @@ mod tests {
             tail[50_000..51_000]
         );
         assert!(zstd_span(&f[..f.len() - 1], 50_000, 1_000).is_err());
+    }
+
+    fn zstd_span(input: &[u8], skip: u64, size: u32) -> Result<Vec<u8>, String> {
+        let span = SpanStart {
+            checkpoint: Checkpoint {
+                blob: 0,
+                in_offset: 0,
+                out_offset: 0,
+                kind: CheckpointKind::ZstdFrame,
+            },
+            window: None,
+        };
+        span_bytes(Some(span), input, skip, size)
+    }
+
+    #[test]
+    fn a_run_of_chunks_decodes_in_one_pass() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..500_000u32)
+            .flat_map(|i| (i % 1000).to_le_bytes())
+            .collect();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(&data).unwrap();
+        let gz = e.finish().unwrap();
+        let span = SpanStart {
+            checkpoint: Checkpoint {
+                blob: 0,
+                in_offset: 0,
+                out_offset: 0,
+                kind: CheckpointKind::GzipMember,
+            },
+            window: None,
+        };
+        let run: Vec<RunChunk> = [(10u64, 100u32), (5_000, 70_000), (900_000, 65_536)]
+            .iter()
+            .map(|&(skip, size)| RunChunk {
+                hash: *blake3::hash(&data[skip as usize..(skip + u64::from(size)) as usize])
+                    .as_bytes(),
+                size,
+                skip,
+            })
+            .collect();
+        let got = decode_run(span, &gz[..], &run);
+        for (r, c) in got.iter().zip(&run) {
+            let want = &data[c.skip as usize..(c.skip + u64::from(c.size)) as usize];
+            assert_eq!(r.as_deref().unwrap(), want);
+        }
+        let mut bad = run.clone();
+        bad[1].hash[0] ^= 1;
+        let got = decode_run(span, &gz[..], &bad);
+        assert!(got[0].is_ok() && got[1].is_err() && got[2].is_ok());
+        let got = decode_run(span, &gz[..gz.len() / 4], &run);
+        assert!(got[0].is_ok() && got[2].is_err());
     }
 }
