@@ -1,4 +1,4 @@
-//! `shoal image`: convert, inspect, verify, unpack.
+//! `shoal image`: convert, index, inspect, verify, unpack.
 
 use std::path::PathBuf;
 
@@ -45,6 +45,9 @@ pub enum ImageCommand {
     /// Pull a Shoal image into containerd lazily (no data blob downloaded), for `ctr run
     /// --snapshotter shoal`.
     Pull(crate::image_pull::PullArgs),
+    /// Index an existing OCI image without converting it: per layer a bootstrap whose chunks
+    /// point into the original layer blob, published as an OCI referrer of the image.
+    Index(crate::index::IndexArgs),
     /// Materialise an image's tree under a new directory.
     Unpack {
         /// `docker://REF`, `oci:DIR[:TAG]`, a directory, or a tar layer.
@@ -87,7 +90,7 @@ pub struct ConvertArgs {
     json: bool,
 }
 
-fn parse_size(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u32, String> {
     let (num, mult) = match s.trim().to_ascii_uppercase() {
         t if t.ends_with("KIB") || t.ends_with('K') => (
             t.trim_end_matches("KIB").trim_end_matches('K').to_string(),
@@ -105,7 +108,7 @@ fn parse_size(s: &str) -> Result<u32, String> {
     u32::try_from(n * mult).map_err(|_| format!("{s} is too large"))
 }
 
-fn layout(s: &str) -> anyhow::Result<LayoutRef> {
+pub(crate) fn layout(s: &str) -> anyhow::Result<LayoutRef> {
     LayoutRef::parse(s)
         .with_context(|| format!("{s:?} is not an OCI layout reference (oci:DIR[:TAG])"))
 }
@@ -116,7 +119,35 @@ pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     match args.command {
         ImageCommand::Convert(a) => convert(a, reg),
         ImageCommand::Pull(a) => crate::image_pull::run(a, reg),
+        ImageCommand::Index(a) => crate::index::run(a, reg),
         ImageCommand::Inspect { src, json } => {
+            if let Some((desc, layers)) = crate::index::find_index(&src, reg)? {
+                if json {
+                    let v =
+                        serde_json::json!({ "index": desc.digest().to_string(), "layers": layers });
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!(
+                        "index         {} (a Shoal index of this unconverted image)",
+                        desc.digest()
+                    );
+                    for (i, l) in layers.iter().enumerate() {
+                        println!(
+                            "layer {i:<3}     {}  {:<4}  {:>5} checkpoints  {}  bootstrap {} bytes",
+                            l.layer,
+                            l.compression,
+                            l.checkpoints,
+                            if l.lazy {
+                                "lazy"
+                            } else {
+                                "whole layer (not lazy)"
+                            },
+                            l.bootstrap.1
+                        );
+                    }
+                }
+                return Ok(());
+            }
             let (img, _tmp) = open_any(&src, reg, json)?;
             let s = img.summary();
             if json {

@@ -7,6 +7,7 @@ mod fs;
 mod get;
 mod image;
 mod image_pull;
+mod index;
 mod peer;
 mod preheat;
 mod registry;
@@ -34,7 +35,7 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
-    /// Convert, inspect, verify and unpack Shoal images.
+    /// Convert, index, inspect, verify and unpack Shoal images.
     Image(image::ImageArgs),
     /// Create the cluster CA and issue node certificates.
     #[command(subcommand)]

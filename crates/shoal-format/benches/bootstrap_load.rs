@@ -182,6 +182,7 @@ fn synthetic() -> ImageMeta {
         chunks,
         inodes,
         prefetch: (1..1000).collect(),
+        checkpoints: Vec::new(),
     };
     merkle::compute(&mut meta).expect("synthetic image is well formed");
     meta

@@ -229,49 +229,81 @@ pub fn open_blob(dir: &Path, meta: &ImageMeta, i: usize) -> Result<std::fs::File
     })
 }
 
-/// Reads chunk `c` from its open blob file, decompresses it and checks its BLAKE3.
+/// Reads chunk `c` of `meta` from the open blob files (`files[i]` holds blob `i`), decodes it
+/// and checks its BLAKE3. A span chunk is decoded from its checkpoint, with the checkpoint's
+/// window read (and checked) first.
 pub fn read_chunk(
-    file: &std::fs::File,
+    meta: &ImageMeta,
+    files: &[std::fs::File],
     c: &crate::model::ChunkInfo,
 ) -> std::result::Result<Vec<u8>, String> {
-    use std::os::unix::fs::FileExt;
-    // Stored forms are never much larger than a 16 MiB chunk.
-    if c.stored_size > 32 << 20 || c.size > 16 << 20 {
-        return Err(format!(
-            "stored size {} or size {} out of range",
-            c.stored_size, c.size
-        ));
-    }
-    let mut stored = vec![0u8; c.stored_size as usize];
-    file.read_exact_at(&mut stored, c.offset)
-        .map_err(|e| format!("reading {} bytes at {}: {e}", c.stored_size, c.offset))?;
-    decode_chunk(&c.hash, c.size, c.encoding, stored)
+    let file = files
+        .get(c.blob as usize)
+        .ok_or_else(|| format!("refers to blob {} which the image does not list", c.blob))?;
+    let stored = BlobRange {
+        file,
+        pos: c.offset,
+    };
+    let crate::model::ChunkEncoding::Span { checkpoint, .. } = c.encoding else {
+        return crate::codec::decode_read(&c.hash, c.size, c.encoding, None, c.stored_size, stored);
+    };
+    let cp = *meta
+        .checkpoints
+        .get(checkpoint as usize)
+        .ok_or_else(|| format!("refers to missing checkpoint {checkpoint}"))?;
+    let window = match cp.kind {
+        crate::model::CheckpointKind::Deflate { window, .. } => {
+            let w = meta
+                .chunks
+                .get(window as usize)
+                .filter(|w| !matches!(w.encoding, crate::model::ChunkEncoding::Span { .. }))
+                .ok_or_else(|| format!("checkpoint {checkpoint} has no window chunk {window}"))?;
+            Some(
+                read_chunk(meta, files, w)
+                    .map_err(|e| format!("window of checkpoint {checkpoint}: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    let span = crate::codec::SpanStart {
+        checkpoint: cp,
+        window: window.as_deref(),
+    };
+    crate::codec::decode_read(
+        &c.hash,
+        c.size,
+        c.encoding,
+        Some(span),
+        c.stored_size,
+        stored,
+    )
 }
 
-/// Decodes a chunk's stored form (`stored`, as read from its blob) and checks that it is `size`
-/// bytes whose BLAKE3 is `hash`, the chunk's name. The one check between any source and a reader.
+/// Reads a blob file from an offset on, without moving a shared file position.
+struct BlobRange<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl std::io::Read for BlobRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Decodes a raw or zstd chunk's stored form (`stored`, as read from its blob) and checks that
+/// it is `size` bytes whose BLAKE3 is `hash`. Span chunks need their checkpoint:
+/// [`crate::codec::decode`] decodes every encoding.
 pub fn decode_chunk(
     hash: &crate::model::Blake3,
     size: u32,
     encoding: crate::model::ChunkEncoding,
     stored: Vec<u8>,
 ) -> std::result::Result<Vec<u8>, String> {
-    let data = match encoding {
-        crate::model::ChunkEncoding::Raw => stored,
-        crate::model::ChunkEncoding::Zstd => {
-            zstd::bulk::decompress(&stored, size as usize).map_err(|e| format!("zstd: {e}"))?
-        }
-    };
-    if data.len() != size as usize {
-        return Err(format!(
-            "decompressed to {} bytes, expected {size}",
-            data.len()
-        ));
-    }
-    if *blake3::hash(&data).as_bytes() != *hash {
-        return Err("BLAKE3 of the content does not match the chunk's name".into());
-    }
-    Ok(data)
+    crate::codec::decode(hash, size, encoding, None, &stored)
 }
 
 /// The path of every inode reachable from the root (first name for hardlinks), `/`-rooted.

@@ -5,8 +5,11 @@
 
 pub mod bootstrap;
 pub mod build;
+pub mod codec;
 pub mod error;
 pub mod image;
+pub mod index;
+mod inflater;
 pub mod merkle;
 pub mod model;
 pub mod oci;

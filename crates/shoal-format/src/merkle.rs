@@ -281,6 +281,7 @@ mod tests {
                 node(0o010_644, 1, Payload::Special),
             ],
             prefetch: Vec::new(),
+            checkpoints: Vec::new(),
         }
     }
 

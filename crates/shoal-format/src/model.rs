@@ -26,6 +26,9 @@ pub struct ImageMeta {
     pub inodes: Vec<Inode>,
     /// Inodes to fetch first after mount, in order (from `--prefetch`).
     pub prefetch: Vec<InodeIndex>,
+    /// Where decompression of a compressed layer blob can start (`shoal image index`), in
+    /// (blob, uncompressed offset) order; span chunks refer to them. Empty for converted images.
+    pub checkpoints: Vec<Checkpoint>,
 }
 
 /// One data blob: an OCI blob holding compressed chunks back to back.
@@ -61,10 +64,51 @@ pub struct ChunkInfo {
 /// How a chunk is stored in its blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkEncoding {
-    /// Stored as is (compression did not help).
+    /// Stored as is (compression did not help, or a byte range of an uncompressed tar layer).
     Raw,
     /// One zstd frame.
     Zstd,
+    /// Bytes of a compressed layer stream (gzip or zstd) starting at a checkpoint: decompressed
+    /// from there, the first `skip` bytes dropped, the next `size` bytes are the chunk.
+    Span {
+        /// Index into [`ImageMeta::checkpoints`]; its `in_offset` is the chunk's `offset`.
+        checkpoint: u32,
+        /// Uncompressed bytes between the checkpoint and the chunk's first byte.
+        skip: u64,
+    },
+}
+
+/// A place in a compressed layer blob where decompression can start (zlib's zran approach for
+/// gzip, frame starts for zstd); docs/format.md, "Checkpoints".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Index into [`ImageMeta::blobs`] of the compressed blob.
+    pub blob: u32,
+    /// Offset in the blob of the first byte a decoder reads from here (for a deflate checkpoint
+    /// with `bits > 0`, the byte holding those bits).
+    pub in_offset: u64,
+    /// Offset in the uncompressed stream (the tar) the decoder is at.
+    pub out_offset: u64,
+    /// What kind of decoder state starts here.
+    pub kind: CheckpointKind,
+}
+
+/// The decoder state at a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// The start of a gzip member: a gzip header follows.
+    GzipMember,
+    /// A deflate block boundary inside a gzip member: the first `bits` bits (0..=7, the high
+    /// bits of the byte at `in_offset`) are still to be read, and the last 32 KiB of output (the
+    /// window) is chunk `window`.
+    Deflate {
+        /// Bits of the byte at `in_offset` still to be read.
+        bits: u8,
+        /// Index into [`ImageMeta::chunks`] of the window (raw or zstd, at most 32 KiB).
+        window: u32,
+    },
+    /// The start of a zstd frame.
+    ZstdFrame,
 }
 
 /// One inode: metadata shared by all its names, and its kind-specific payload.

@@ -271,13 +271,20 @@ fn tag_of(d: &Descriptor) -> Option<&str> {
 pub fn resolve(r: &LayoutRef) -> Result<(Descriptor, ImageManifest)> {
     let index = read_index(&r.dir)?
         .ok_or_else(|| oci_err(&r.dir, "no index.json: not an OCI image layout"))?;
-    let manifests = index.manifests();
+    // Referrers (artifacts about an image, listed untagged) are not images to resolve.
+    let manifests: Vec<Descriptor> = index
+        .manifests()
+        .iter()
+        .filter(|d| d.artifact_type().is_none() || tag_of(d).is_some())
+        .cloned()
+        .collect();
     let desc = match &r.tag {
         Some(t) => manifests.iter().find(|d| tag_of(d) == Some(t.as_str())),
         None if manifests.len() == 1 => manifests.first(),
         None => manifests.iter().find(|d| tag_of(d) == Some("latest")),
     };
     let tags: Vec<_> = manifests.iter().filter_map(tag_of).collect();
+    let desc = desc.cloned();
     let mut desc = desc
         .ok_or_else(|| {
             oci_err(
@@ -343,6 +350,59 @@ pub fn add_manifest(dir: &Path, manifest: &ImageManifest, tag: &str) -> Result<D
         None => Vec::new(),
     };
     manifests.push(desc.clone());
+    write_index(dir, manifests)?;
+    Ok(desc)
+}
+
+/// Writes `manifest` (an artifact of type `artifact_type` with a subject) as a blob and lists it
+/// untagged in `DIR/index.json` with `annotations`, replacing an entry that has the same
+/// artifact type and annotations (an earlier index of the same image).
+pub fn add_referrer(
+    dir: &Path,
+    manifest: &ImageManifest,
+    artifact_type: &str,
+    annotations: HashMap<String, String>,
+) -> Result<Descriptor> {
+    let json =
+        canonical_json(manifest).map_err(|e| oci_err(dir, format!("encoding manifest: {e}")))?;
+    let mut desc = write_blob(
+        dir,
+        "application/vnd.oci.image.manifest.v1+json",
+        json.as_bytes(),
+    )?;
+    desc.set_media_type(MediaType::ImageManifest);
+    desc.set_artifact_type(Some(MediaType::from(artifact_type)));
+    desc.set_annotations(Some(annotations.clone()));
+    let same = |d: &Descriptor| {
+        d.artifact_type().as_ref().map(|t| t.to_string()).as_deref() == Some(artifact_type)
+            && d.annotations().as_ref() == Some(&annotations)
+    };
+    let mut manifests: Vec<Descriptor> = match read_index(dir)? {
+        Some(i) => i.manifests().iter().filter(|d| !same(d)).cloned().collect(),
+        None => Vec::new(),
+    };
+    manifests.push(desc.clone());
+    write_index(dir, manifests)?;
+    Ok(desc)
+}
+
+/// The untagged entries of `DIR/index.json` whose artifact type is `artifact_type`.
+pub fn referrers(dir: &Path, artifact_type: &str) -> Result<Vec<Descriptor>> {
+    Ok(read_index(dir)?
+        .map(|i| {
+            i.manifests()
+                .iter()
+                .filter(|d| {
+                    d.artifact_type().as_ref().map(|t| t.to_string()).as_deref()
+                        == Some(artifact_type)
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn write_index(dir: &Path, manifests: Vec<Descriptor>) -> Result<()> {
     let index = ImageIndexBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageIndex)
@@ -351,8 +411,7 @@ pub fn add_manifest(dir: &Path, manifest: &ImageManifest, tag: &str) -> Result<D
         .map_err(|e| oci_err(dir, format!("building index.json: {e}")))?;
     let json =
         canonical_json(&index).map_err(|e| oci_err(dir, format!("encoding index.json: {e}")))?;
-    write_atomic(dir, &dir.join("index.json"), json.as_bytes())?;
-    Ok(desc)
+    write_atomic(dir, &dir.join("index.json"), json.as_bytes())
 }
 
 /// JSON with object keys sorted: oci-spec keeps annotations in a `HashMap`, whose order changes

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::image::{self, ShoalImage};
-use crate::model::{Inode, Payload};
+use crate::model::{ImageMeta, Inode, Payload};
 
 /// What an unpack wrote.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -37,6 +37,15 @@ fn io<'a>(path: &'a Path, what: &'a str) -> impl Fn(std::io::Error) -> Error + '
 
 /// Unpacks `img` into `to`, which must not exist or be an empty directory.
 pub fn unpack(img: &ShoalImage, to: &Path) -> Result<UnpackStats> {
+    let blobs = (0..img.meta.blobs.len())
+        .map(|i| image::open_blob(&img.dir, &img.meta, i))
+        .collect::<Result<Vec<_>>>()?;
+    unpack_meta(&img.meta, blobs, to)
+}
+
+/// Unpacks the tree of `meta` into `to` (which must not exist or be empty), reading chunks from
+/// `blobs` (the file of each blob of `meta`, in order).
+pub fn unpack_meta(meta: &ImageMeta, blobs: Vec<File>, to: &Path) -> Result<UnpackStats> {
     match fs::read_dir(to) {
         Ok(mut d) => {
             if d.next().is_some() {
@@ -52,16 +61,15 @@ pub fn unpack(img: &ShoalImage, to: &Path) -> Result<UnpackStats> {
         Err(e) => return Err(err(to, format!("reading: {e}"))),
     }
     let mut u = Unpacker {
-        img,
-        blobs: HashMap::new(),
+        meta,
+        blobs,
         linked: HashMap::new(),
         zero_chunks: HashSet::new(),
         stats: UnpackStats::default(),
         // SAFETY: geteuid has no preconditions.
         root: unsafe { libc::geteuid() } == 0,
     };
-    let root = img
-        .meta
+    let root = meta
         .inodes
         .first()
         .ok_or_else(|| err(to, "image has no root inode"))?;
@@ -70,8 +78,7 @@ pub fn unpack(img: &ShoalImage, to: &Path) -> Result<UnpackStats> {
     let mut finish: Vec<(PathBuf, &Inode)> = vec![(to.to_path_buf(), root)];
     let mut stack: Vec<(PathBuf, u32, usize)> = vec![(to.to_path_buf(), 0, 0)];
     while let Some((dir, ino, depth)) = stack.pop() {
-        let Some(Payload::Dir(entries)) = img.meta.inodes.get(ino as usize).map(|n| &n.payload)
-        else {
+        let Some(Payload::Dir(entries)) = meta.inodes.get(ino as usize).map(|n| &n.payload) else {
             return Err(err(&dir, "directory inode is not a directory"));
         };
         if depth > 4096 {
@@ -80,13 +87,12 @@ pub fn unpack(img: &ShoalImage, to: &Path) -> Result<UnpackStats> {
         for e in entries {
             check_name(&dir, &e.name)?;
             let path = dir.join(std::ffi::OsStr::from_bytes(&e.name));
-            let node = img
-                .meta
+            let node = meta
                 .inodes
                 .get(e.inode as usize)
                 .ok_or_else(|| err(&path, "entry names a missing inode"))?;
             if let Payload::Dir(_) = node.payload {
-                if e.inode == 0 || finish.len() > img.meta.inodes.len() {
+                if e.inode == 0 || finish.len() > meta.inodes.len() {
                     return Err(err(&path, "directory cycle"));
                 }
                 fs::create_dir(&path).map_err(io(&path, "creating directory"))?;
@@ -116,8 +122,8 @@ fn check_name(dir: &Path, name: &[u8]) -> Result<()> {
 }
 
 struct Unpacker<'a> {
-    img: &'a ShoalImage,
-    blobs: HashMap<u32, File>,
+    meta: &'a ImageMeta,
+    blobs: Vec<File>,
     linked: HashMap<u32, PathBuf>,
     zero_chunks: HashSet<u32>,
     stats: UnpackStats,
@@ -159,7 +165,7 @@ impl Unpacker<'_> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io(path, "creating file"))?;
-        let meta = &self.img.meta;
+        let meta = self.meta;
         let mut pos = 0u64;
         for &ci in &f.chunks {
             let c = meta
@@ -171,12 +177,7 @@ impl Unpacker<'_> {
                 pos += u64::from(c.size);
                 continue;
             }
-            if !self.blobs.contains_key(&c.blob) {
-                let file = image::open_blob(&self.img.dir, meta, c.blob as usize)?;
-                self.blobs.insert(c.blob, file);
-            }
-            let blob = &self.blobs[&c.blob];
-            let data = image::read_chunk(blob, c).map_err(|reason| Error::Verify {
+            let data = image::read_chunk(meta, &self.blobs, c).map_err(|reason| Error::Verify {
                 object: format!("chunk {} (file {})", hex::encode(c.hash), path.display()),
                 reason,
             })?;

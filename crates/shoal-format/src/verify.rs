@@ -101,7 +101,7 @@ pub fn verify(r: &LayoutRef) -> Result<VerifyReport> {
         .enumerate()
         .filter_map(|(i, c)| {
             let res = match files.get(c.blob as usize) {
-                Some(f) => image::read_chunk(f, c).err(),
+                Some(_) => image::read_chunk(meta, &files, c).err(),
                 None => Some(format!(
                     "refers to blob {} which the image does not list",
                     c.blob

@@ -117,6 +117,7 @@ fn image(shift: u32, nodes: Vec<Node>, blob_count: usize, prefetch: Vec<u32>) ->
             Payload::Dir(Vec::new()),
         )],
         prefetch: Vec::new(),
+        checkpoints: Vec::new(),
     };
     for n in nodes {
         let parent = dirs[n.parent as usize % dirs.len()];

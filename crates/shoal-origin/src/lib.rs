@@ -35,9 +35,10 @@ pub use error::OriginError;
 pub use local::LocalDirOrigin;
 pub use oci_spec::image::{Digest, Platform};
 pub use registry::{
-    docker_config_location, is_loopback_host, load_docker_config, Credentials, PlatformSpec,
-    PulledManifest, PushOutcome, Reference, RegistryClient, RegistryOptions, RegistryOrigin,
-    DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
+    docker_config_location, is_loopback_host, load_docker_config, referrers_tag, Credentials,
+    PlatformSpec, PulledManifest, PushOutcome, Reference, ReferrerListing, RegistryClient,
+    RegistryOptions, RegistryOrigin, DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX,
+    OCI_MANIFEST,
 };
 pub use s3::{S3Options, S3Origin};
 

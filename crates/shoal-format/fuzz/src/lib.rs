@@ -4,9 +4,10 @@
 
 use shoal_format::bootstrap::{encode, seal, Bootstrap, InodeKind};
 use shoal_format::build::scan_layer;
+use shoal_format::model::{CheckpointKind, ChunkEncoding};
 
-/// The bootstrap loader: load arbitrary bytes, walk whatever loads through every accessor, and
-/// check that it re-encodes to the same image.
+/// The bootstrap loader (1.0, and 1.1 with checkpoints and span chunks): load arbitrary bytes,
+/// walk whatever loads through every accessor, and check that it re-encodes to the same image.
 ///
 /// The first input byte picks whether the checksum is recomputed first (odd) so mutations reach
 /// the structural checks; the rest is the bootstrap.
@@ -73,6 +74,10 @@ fn walk(bs: &Bootstrap) {
                     assert_eq!(total, child.size());
                     for c in chunks.iter() {
                         assert!(bs.blob(c.blob).is_some());
+                        if let ChunkEncoding::Span { checkpoint, .. } = c.encoding {
+                            let cp = bs.checkpoint(checkpoint).expect("span checkpoints exist");
+                            assert_eq!((cp.blob, cp.in_offset), (c.blob, c.offset));
+                        }
                     }
                 }
                 InodeKind::Symlink => {
@@ -90,5 +95,13 @@ fn walk(bs: &Bootstrap) {
     }
     for ino in bs.prefetch() {
         assert!(bs.inode(ino).is_some());
+    }
+    for i in 0..bs.checkpoint_count() {
+        let cp = bs.checkpoint(i).expect("checkpoint");
+        assert!(bs.blob(cp.blob).is_some_and(|b| cp.in_offset < b.size));
+        if let CheckpointKind::Deflate { window, .. } = cp.kind {
+            let w = bs.chunk(window).expect("windows are chunks");
+            assert!(!matches!(w.encoding, ChunkEncoding::Span { .. }));
+        }
     }
 }

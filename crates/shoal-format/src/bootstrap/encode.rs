@@ -9,10 +9,12 @@ use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromZeros, IntoBytes};
 
 use super::layout::{
-    BlobRecord, ChunkRecord, DirentRecord, Header, InodeRecord, Section, XattrRecord,
-    CHECKSUM_OFFSET, ENCODING_RAW, ENCODING_ZSTD, HEADER_SIZE, MAGIC, MAJOR, MINOR,
+    BlobRecord, CheckpointRecord, ChunkRecord, DirentRecord, Header, InodeRecord, Section,
+    SectionRef, SpanRecord, XattrRecord, CHECKPOINT_DEFLATE, CHECKPOINT_GZIP_MEMBER,
+    CHECKPOINT_ZSTD_FRAME, CHECKSUM_OFFSET, ENCODING_RAW, ENCODING_SPAN, ENCODING_ZSTD, FLAG_SPANS,
+    HEADER_SIZE, HEADER_SIZE_1_1, MAGIC, MAJOR, NO_WINDOW, SECTION_COUNT, SECTION_COUNT_1_0,
 };
-use crate::model::{ChunkEncoding, ImageMeta, Payload};
+use crate::model::{CheckpointKind, ChunkEncoding, ImageMeta, Payload};
 use crate::{Error, Result};
 
 /// Encode `meta` as a bootstrap (docs/format.md, "Bootstrap"), after validating it completely.
@@ -86,21 +88,57 @@ pub(crate) fn write(meta: &ImageMeta) -> Result<Vec<u8>> {
         inodes.push(rec);
     }
     let mut chunks = Vec::with_capacity(meta.chunks.len());
+    let mut spans = Vec::new();
+    let has_spans = meta
+        .chunks
+        .iter()
+        .any(|c| matches!(c.encoding, ChunkEncoding::Span { .. }));
     for (i, c) in meta.chunks.iter().enumerate() {
         let blob = u16::try_from(c.blob).map_err(|_| {
             Error::InvalidMeta(format!("chunk {i}: blob index {} is over 65535", c.blob))
         })?;
+        let (encoding, span) = match c.encoding {
+            ChunkEncoding::Raw => (ENCODING_RAW, (0, 0)),
+            ChunkEncoding::Zstd => (ENCODING_ZSTD, (0, 0)),
+            ChunkEncoding::Span { checkpoint, skip } => (ENCODING_SPAN, (checkpoint, skip)),
+        };
         chunks.push(ChunkRecord {
             hash: c.hash,
             offset: c.offset.into(),
             stored_size: c.stored_size.into(),
             size: c.size.into(),
             blob: blob.into(),
-            encoding: match c.encoding {
-                ChunkEncoding::Raw => ENCODING_RAW,
-                ChunkEncoding::Zstd => ENCODING_ZSTD,
-            },
+            encoding,
             reserved: 0,
+        });
+        if has_spans {
+            spans.push(SpanRecord {
+                checkpoint: span.0.into(),
+                reserved: U32::ZERO,
+                skip: span.1.into(),
+            });
+        }
+    }
+    let mut checkpoints = Vec::with_capacity(meta.checkpoints.len());
+    for (i, cp) in meta.checkpoints.iter().enumerate() {
+        let blob = u16::try_from(cp.blob).map_err(|_| {
+            Error::InvalidMeta(format!(
+                "checkpoint {i}: blob index {} is over 65535",
+                cp.blob
+            ))
+        })?;
+        let (kind, bits, window) = match cp.kind {
+            CheckpointKind::GzipMember => (CHECKPOINT_GZIP_MEMBER, 0, NO_WINDOW),
+            CheckpointKind::Deflate { bits, window } => (CHECKPOINT_DEFLATE, bits, window),
+            CheckpointKind::ZstdFrame => (CHECKPOINT_ZSTD_FRAME, 0, NO_WINDOW),
+        };
+        checkpoints.push(CheckpointRecord {
+            in_offset: cp.in_offset.into(),
+            out_offset: cp.out_offset.into(),
+            window: window.into(),
+            blob: blob.into(),
+            kind,
+            bits,
         });
     }
     let mut blobs = Vec::with_capacity(meta.blobs.len());
@@ -118,7 +156,7 @@ pub(crate) fn write(meta: &ImageMeta) -> Result<Vec<u8>> {
     }
     let prefetch: Vec<U32> = meta.prefetch.iter().map(|&i| U32::new(i)).collect();
 
-    let bodies: [(&[u8], usize); 9] = [
+    let bodies: [(&[u8], usize); SECTION_COUNT] = [
         (inodes.as_bytes(), inodes.len()),
         (dirents.as_bytes(), dirents.len()),
         (xattrs.as_bytes(), xattrs.len()),
@@ -128,23 +166,46 @@ pub(crate) fn write(meta: &ImageMeta) -> Result<Vec<u8>> {
         (pieces.as_bytes(), pieces.len()),
         (prefetch.as_bytes(), prefetch.len()),
         (&strings.bytes, strings.bytes.len()),
+        (checkpoints.as_bytes(), checkpoints.len()),
+        (spans.as_bytes(), spans.len()),
     ];
-    let total: usize = HEADER_SIZE + bodies.iter().map(|(b, _)| b.len()).sum::<usize>();
+    // The lowest version that expresses the image: 1.0 unless there are checkpoints or spans.
+    let v1_1 = !checkpoints.is_empty() || !spans.is_empty();
+    let (minor, header_size, sections) = if v1_1 {
+        (1u16, HEADER_SIZE_1_1, SECTION_COUNT)
+    } else {
+        (0u16, HEADER_SIZE, SECTION_COUNT_1_0)
+    };
+    let total: usize = header_size
+        + bodies[..sections]
+            .iter()
+            .map(|(b, _)| b.len())
+            .sum::<usize>();
     let mut header = Header::new_zeroed();
     header.magic = MAGIC;
     header.major = MAJOR.into();
-    header.minor = MINOR.into();
-    header.header_size = U32::new(HEADER_SIZE as u32);
+    header.minor = minor.into();
+    header.header_size = U32::new(header_size as u32);
+    header.flags = U64::new(if v1_1 { FLAG_SPANS } else { 0 });
     header.total_size = U64::new(total as u64);
     header.chunk_size = meta.chunk_size.into();
     header.root_hash = root.hash;
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(header.as_bytes());
-    for (section, (body, count)) in Section::ALL.iter().zip(bodies) {
-        let s = &mut header.sections[*section as usize];
-        s.offset = U64::new(out.len() as u64);
-        s.count = U64::new(count as u64);
+    let mut refs = [SectionRef {
+        offset: U64::ZERO,
+        count: U64::ZERO,
+    }; SECTION_COUNT];
+    let mut out = vec![0u8; header_size];
+    out.reserve(total - header_size);
+    for (section, (body, count)) in Section::ALL.iter().zip(bodies).take(sections) {
+        refs[*section as usize] = SectionRef {
+            offset: U64::new(out.len() as u64),
+            count: U64::new(count as u64),
+        };
         out.extend_from_slice(body);
+    }
+    header.sections.copy_from_slice(&refs[..SECTION_COUNT_1_0]);
+    if v1_1 {
+        out[HEADER_SIZE..HEADER_SIZE_1_1].copy_from_slice(refs[SECTION_COUNT_1_0..].as_bytes());
     }
     out[..HEADER_SIZE].copy_from_slice(header.as_bytes());
     seal(&mut out);

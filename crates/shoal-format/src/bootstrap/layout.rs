@@ -10,16 +10,24 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 8] = *b"SHOALBS\n";
 /// The major version this build writes and reads; another major is refused.
 pub const MAJOR: u16 = 1;
-/// The minor version this build writes; any minor of [`MAJOR`] is read.
-pub const MINOR: u16 = 0;
-/// Size of the header this build writes (a later minor version may write a longer one).
+/// The newest minor version this build writes (1.1: checkpoints and span chunks); any minor of
+/// [`MAJOR`] is read. A bootstrap without span chunks is written as 1.0.
+pub const MINOR: u16 = 1;
+/// Size of the 1.0 header; the fields every version has.
 pub const HEADER_SIZE: usize = 256;
+/// Size of the 1.1 header: the 1.0 header and the references of the two 1.1 sections.
+pub const HEADER_SIZE_1_1: usize = HEADER_SIZE + 2 * size_of::<SectionRef>();
 /// Byte offset of the checksum field inside the header.
 pub const CHECKSUM_OFFSET: usize = 72;
 /// Flag bits 0..32 change how the file must be read: a reader refuses any it does not know.
 pub const INCOMPATIBLE_FLAGS: u64 = 0xffff_ffff;
-/// Incompatible flags this build understands (none yet).
-pub const KNOWN_INCOMPATIBLE_FLAGS: u64 = 0;
+/// Incompatible flag (1.1): some chunks are spans of a compressed layer (checkpoints and spans
+/// sections); a reader that cannot decode them must refuse the file.
+pub const FLAG_SPANS: u64 = 1;
+/// Incompatible flags this build understands.
+pub const KNOWN_INCOMPATIBLE_FLAGS: u64 = FLAG_SPANS;
+/// Largest window of a deflate checkpoint (deflate's 32 KiB history).
+pub const MAX_WINDOW: u32 = 32 << 10;
 
 /// Smallest chunk size (64 KiB).
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
@@ -74,10 +82,16 @@ pub enum Section {
     Prefetch,
     /// Bytes of names, symlink targets and xattr keys and values.
     Strings,
+    /// [`CheckpointRecord`]s (1.1), sorted by blob, then uncompressed offset.
+    Checkpoints,
+    /// [`SpanRecord`]s (1.1): none, or one per chunk record, in chunk order.
+    Spans,
 }
 
 /// Number of sections in this version.
-pub const SECTION_COUNT: usize = 9;
+pub const SECTION_COUNT: usize = 11;
+/// Number of sections of a 1.0 bootstrap (their references are in [`Header::sections`]).
+pub const SECTION_COUNT_1_0: usize = 9;
 
 impl Section {
     /// All sections in storage order.
@@ -91,6 +105,8 @@ impl Section {
         Section::Pieces,
         Section::Prefetch,
         Section::Strings,
+        Section::Checkpoints,
+        Section::Spans,
     ];
 
     /// Size of one record of this section in bytes.
@@ -104,6 +120,8 @@ impl Section {
             Section::Blobs => size_of::<BlobRecord>(),
             Section::Pieces => 32,
             Section::Strings => 1,
+            Section::Checkpoints => size_of::<CheckpointRecord>(),
+            Section::Spans => size_of::<SpanRecord>(),
         }
     }
 
@@ -119,6 +137,8 @@ impl Section {
             Section::Pieces => "pieces",
             Section::Prefetch => "prefetch",
             Section::Strings => "strings",
+            Section::Checkpoints => "checkpoints",
+            Section::Spans => "spans",
         }
     }
 }
@@ -147,8 +167,9 @@ pub struct Header {
     pub root_hash: [u8; 32],
     /// BLAKE3 of the whole file with this field set to zeros.
     pub checksum: [u8; 32],
-    /// Where each section lives, in [`Section::ALL`] order.
-    pub sections: [SectionRef; SECTION_COUNT],
+    /// Where each 1.0 section lives, in [`Section::ALL`] order (the 1.1 sections' references
+    /// follow the 256-byte header).
+    pub sections: [SectionRef; SECTION_COUNT_1_0],
     /// Written as zero, ignored on read.
     pub reserved1: [u8; 8],
 }
@@ -249,10 +270,51 @@ pub struct BlobRecord {
     pub reserved: U32,
 }
 
+/// One checkpoint of a compressed blob (24 bytes, 1.1).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct CheckpointRecord {
+    /// Offset in the blob of the first byte to read from here.
+    pub in_offset: U64,
+    /// Offset in the uncompressed stream.
+    pub out_offset: U64,
+    /// Deflate checkpoints: the window's chunk index; otherwise [`NO_WINDOW`].
+    pub window: U32,
+    /// Index of the compressed blob.
+    pub blob: U16,
+    /// [`CHECKPOINT_GZIP_MEMBER`], [`CHECKPOINT_DEFLATE`] or [`CHECKPOINT_ZSTD_FRAME`].
+    pub kind: u8,
+    /// Deflate checkpoints: bits (0..=7) of the byte at `in_offset` still to be read; else 0.
+    pub bits: u8,
+}
+
+/// Where a span chunk starts decoding (16 bytes, 1.1; one per chunk record).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
+#[repr(C)]
+pub struct SpanRecord {
+    /// Span chunks: the checkpoint index; other chunks: 0.
+    pub checkpoint: U32,
+    /// Written as zero, ignored on read.
+    pub reserved: U32,
+    /// Span chunks: uncompressed bytes from the checkpoint to the chunk; other chunks: 0.
+    pub skip: U64,
+}
+
 /// Chunk encoding byte: stored as is.
 pub const ENCODING_RAW: u8 = 0;
 /// Chunk encoding byte: one zstd frame.
 pub const ENCODING_ZSTD: u8 = 1;
+/// Chunk encoding byte (1.1): a span of a compressed stream, decoded from its checkpoint.
+pub const ENCODING_SPAN: u8 = 2;
+
+/// Checkpoint kind: the start of a gzip member.
+pub const CHECKPOINT_GZIP_MEMBER: u8 = 0;
+/// Checkpoint kind: a deflate block boundary, with a window and leftover bits.
+pub const CHECKPOINT_DEFLATE: u8 = 1;
+/// Checkpoint kind: the start of a zstd frame.
+pub const CHECKPOINT_ZSTD_FRAME: u8 = 2;
+/// `window` of a checkpoint that has none.
+pub const NO_WINDOW: u32 = u32::MAX;
 
 const _: () = assert!(size_of::<SectionRef>() == 16);
 const _: () = assert!(size_of::<Header>() == HEADER_SIZE);
@@ -263,6 +325,9 @@ const _: () = assert!(size_of::<DirentRecord>() == 12);
 const _: () = assert!(size_of::<XattrRecord>() == 16);
 const _: () = assert!(size_of::<ChunkRecord>() == 52);
 const _: () = assert!(size_of::<BlobRecord>() == 56);
+const _: () = assert!(size_of::<CheckpointRecord>() == 24);
+const _: () = assert!(size_of::<SpanRecord>() == 16);
+const _: () = assert!(HEADER_SIZE_1_1 == 288);
 
 /// What kind of object an inode is, from the file type bits of its mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -13,9 +13,10 @@ use zerocopy::{FromBytes, Immutable, KnownLayout};
 
 use super::encode::checksum;
 use super::layout::{
-    BlobRecord, ChunkRecord, DirentRecord, Header, InodeRecord, Section, XattrRecord, HEADER_SIZE,
-    INCOMPATIBLE_FLAGS, KNOWN_INCOMPATIBLE_FLAGS, MAGIC, MAJOR, MAX_CHUNK_SIZE, MINOR,
-    MIN_CHUNK_SIZE, SECTION_COUNT,
+    BlobRecord, CheckpointRecord, ChunkRecord, DirentRecord, Header, InodeRecord, Section,
+    SectionRef, SpanRecord, XattrRecord, HEADER_SIZE, HEADER_SIZE_1_1, INCOMPATIBLE_FLAGS,
+    KNOWN_INCOMPATIBLE_FLAGS, MAGIC, MAJOR, MAX_CHUNK_SIZE, MINOR, MIN_CHUNK_SIZE, SECTION_COUNT,
+    SECTION_COUNT_1_0,
 };
 use super::validate;
 use crate::{Error, Result};
@@ -48,6 +49,8 @@ pub(crate) struct Tables<'a> {
     pub pieces: &'a [[u8; 32]],
     pub prefetch: &'a [U32],
     pub strings: &'a [u8],
+    pub checkpoints: &'a [CheckpointRecord],
+    pub spans: &'a [SpanRecord],
 }
 
 impl Bootstrap {
@@ -112,6 +115,8 @@ impl Bootstrap {
             pieces: self.section(Section::Pieces),
             prefetch: self.section(Section::Prefetch),
             strings: self.section(Section::Strings),
+            checkpoints: self.section(Section::Checkpoints),
+            spans: self.section(Section::Spans),
         }
     }
 }
@@ -123,7 +128,7 @@ fn bad(msg: String) -> Error {
 /// Check everything about `bytes`; return the header and the byte range of each section.
 pub(crate) fn validate_bytes(bytes: &[u8]) -> Result<(Header, [Range<usize>; SECTION_COUNT])> {
     let header = header(bytes)?;
-    let ranges = sections(&header, bytes.len())?;
+    let ranges = sections(&header, bytes)?;
     let tables = tables(bytes, &ranges)?;
     validate::structure(&tables, &header)?;
     Ok((header, ranges))
@@ -186,12 +191,43 @@ fn header(bytes: &[u8]) -> Result<Header> {
     Ok(header)
 }
 
+/// The section references: the nine of 1.0 in the header, the two of 1.1 right after it. A 1.0
+/// file has no 1.1 sections: they are empty, at the end of the last 1.0 section.
+fn section_refs(header: &Header, bytes: &[u8]) -> Result<[Option<SectionRef>; SECTION_COUNT]> {
+    let mut refs: [Option<SectionRef>; SECTION_COUNT] = [None; SECTION_COUNT];
+    for (r, s) in refs.iter_mut().zip(header.sections) {
+        *r = Some(s);
+    }
+    if header.minor.get() >= 1 {
+        let header_size = header.header_size.get() as usize;
+        if header_size < HEADER_SIZE_1_1 {
+            return Err(bad(format!(
+                "header size {header_size} of a 1.{} bootstrap is below {HEADER_SIZE_1_1}",
+                header.minor.get()
+            )));
+        }
+        let (ext, _) = <[SectionRef; SECTION_COUNT - SECTION_COUNT_1_0]>::read_from_prefix(
+            bytes.get(HEADER_SIZE..).unwrap_or_default(),
+        )
+        .map_err(|_| bad("the 1.1 section references are cut off".into()))?;
+        for (r, s) in refs[SECTION_COUNT_1_0..].iter_mut().zip(ext) {
+            *r = Some(s);
+        }
+    }
+    Ok(refs)
+}
+
 /// Sections lie back to back in [`Section::ALL`] order from the end of the header, inside the file.
-fn sections(header: &Header, len: usize) -> Result<[Range<usize>; SECTION_COUNT]> {
+fn sections(header: &Header, bytes: &[u8]) -> Result<[Range<usize>; SECTION_COUNT]> {
+    let len = bytes.len();
+    let refs = section_refs(header, bytes)?;
     let mut ranges: [Range<usize>; SECTION_COUNT] = Default::default();
     let mut cursor = u64::from(header.header_size.get());
     for s in Section::ALL {
-        let r = header.sections[s as usize];
+        let Some(r) = refs[s as usize] else {
+            ranges[s as usize] = cursor as usize..cursor as usize;
+            continue;
+        };
         let (offset, count) = (r.offset.get(), r.count.get());
         if offset != cursor {
             return Err(bad(format!(
@@ -250,5 +286,7 @@ fn tables<'a>(bytes: &'a [u8], ranges: &[Range<usize>; SECTION_COUNT]) -> Result
         pieces: get(bytes, ranges, Section::Pieces)?,
         prefetch: get(bytes, ranges, Section::Prefetch)?,
         strings: get(bytes, ranges, Section::Strings)?,
+        checkpoints: get(bytes, ranges, Section::Checkpoints)?,
+        spans: get(bytes, ranges, Section::Spans)?,
     })
 }

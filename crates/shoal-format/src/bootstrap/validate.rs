@@ -5,8 +5,10 @@
 //! docs/format.md, "Validation".
 
 use super::layout::{
-    BlobRecord, Header, InodeKind, InodeRecord, ENCODING_RAW, ENCODING_ZSTD, MAX_NAME,
-    MAX_PIECE_SIZE, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE, MIN_PIECE_SIZE, MODE_MASK,
+    BlobRecord, Header, InodeKind, InodeRecord, CHECKPOINT_DEFLATE, CHECKPOINT_GZIP_MEMBER,
+    CHECKPOINT_ZSTD_FRAME, ENCODING_RAW, ENCODING_SPAN, ENCODING_ZSTD, FLAG_SPANS, MAX_NAME,
+    MAX_PIECE_SIZE, MAX_SYMLINK, MAX_WINDOW, MAX_XATTR_NAME, MAX_XATTR_VALUE, MIN_PIECE_SIZE,
+    MODE_MASK, NO_WINDOW,
 };
 use super::load::Tables;
 use crate::{Error, Result};
@@ -25,6 +27,8 @@ pub(crate) fn structure(t: &Tables<'_>, header: &Header) -> Result<()> {
     let chunk_size = header.chunk_size.get();
     blobs(t)?;
     chunks(t, chunk_size)?;
+    checkpoints(t)?;
+    spans(t, header.flags.get() & FLAG_SPANS != 0)?;
     inodes(t, chunk_size)?;
     tree(t)?;
     for (i, ino) in t.prefetch.iter().enumerate() {
@@ -129,7 +133,10 @@ fn chunks(t: &Tables<'_>, chunk_size: u32) -> Result<()> {
             ENCODING_ZSTD if stored == 0 => {
                 return Err(bad(format!("chunk {i}: zstd chunk stores 0 bytes")))
             }
-            ENCODING_RAW | ENCODING_ZSTD => {}
+            ENCODING_SPAN if stored == 0 => {
+                return Err(bad(format!("chunk {i}: span chunk stores 0 bytes")))
+            }
+            ENCODING_RAW | ENCODING_ZSTD | ENCODING_SPAN => {}
             other => return Err(bad(format!("chunk {i}: unknown encoding {other}"))),
         }
         let offset = c.offset.get();
@@ -141,6 +148,129 @@ fn chunks(t: &Tables<'_>, chunk_size: u32) -> Result<()> {
                 "chunk {i}: bytes {offset}..+{stored} lie outside blob {blob_index} ({} bytes)",
                 blob.size.get()
             )));
+        }
+    }
+    Ok(())
+}
+
+/// Checkpoints: a known kind in a listed blob, inside it, with a window exactly when deflate
+/// needs one, sorted by blob and then strictly by uncompressed offset (input offsets not going
+/// back).
+fn checkpoints(t: &Tables<'_>) -> Result<()> {
+    let mut prev: Option<(u16, u64, u64)> = None;
+    for (i, cp) in t.checkpoints.iter().enumerate() {
+        let blob_index = cp.blob.get();
+        let blob = t.blobs.get(usize::from(blob_index)).ok_or_else(|| {
+            bad(format!(
+                "checkpoint {i}: blob index {blob_index} out of range ({} blobs)",
+                t.blobs.len()
+            ))
+        })?;
+        let (input, output) = (cp.in_offset.get(), cp.out_offset.get());
+        if input >= blob.size.get() {
+            return Err(bad(format!(
+                "checkpoint {i}: input offset {input} is outside blob {blob_index} ({} bytes)",
+                blob.size.get()
+            )));
+        }
+        let window = cp.window.get();
+        match cp.kind {
+            CHECKPOINT_DEFLATE => {
+                if cp.bits > 7 {
+                    return Err(bad(format!("checkpoint {i}: {} leftover bits", cp.bits)));
+                }
+                let w = t.chunks.get(window as usize).ok_or_else(|| {
+                    bad(format!(
+                        "checkpoint {i}: window chunk {window} out of range ({} chunks)",
+                        t.chunks.len()
+                    ))
+                })?;
+                if w.encoding == ENCODING_SPAN || w.size.get() > MAX_WINDOW {
+                    return Err(bad(format!(
+                        "checkpoint {i}: window chunk {window} is a span or over {MAX_WINDOW} bytes"
+                    )));
+                }
+            }
+            CHECKPOINT_GZIP_MEMBER | CHECKPOINT_ZSTD_FRAME => {
+                if cp.bits != 0 || window != NO_WINDOW {
+                    return Err(bad(format!(
+                        "checkpoint {i}: a stream start has no leftover bits and no window"
+                    )));
+                }
+            }
+            other => return Err(bad(format!("checkpoint {i}: unknown kind {other}"))),
+        }
+        if let Some((pb, pin, pout)) = prev {
+            let ordered = match blob_index.cmp(&pb) {
+                std::cmp::Ordering::Greater => true,
+                std::cmp::Ordering::Equal => output > pout && input >= pin,
+                std::cmp::Ordering::Less => false,
+            };
+            if !ordered {
+                return Err(bad(format!(
+                    "checkpoint {i}: not after checkpoint {} (sorted by blob, then offset)",
+                    i - 1
+                )));
+            }
+        }
+        prev = Some((blob_index, input, output));
+    }
+    Ok(())
+}
+
+/// Spans: none (then no span chunks, no checkpoints and no flag), or one per chunk; a span chunk
+/// starts at its checkpoint's input offset in the checkpoint's blob, every other chunk's span is
+/// zero. [`FLAG_SPANS`] is set exactly when there are span chunks or checkpoints.
+fn spans(t: &Tables<'_>, flag: bool) -> Result<()> {
+    let has = !t.spans.is_empty() || !t.checkpoints.is_empty();
+    if flag != has {
+        return Err(bad(format!(
+            "the spans flag is {} but the bootstrap has {} checkpoints and {} span records",
+            if flag { "set" } else { "clear" },
+            t.checkpoints.len(),
+            t.spans.len()
+        )));
+    }
+    if t.spans.is_empty() {
+        if let Some(i) = t.chunks.iter().position(|c| c.encoding == ENCODING_SPAN) {
+            return Err(bad(format!("chunk {i}: a span chunk without span records")));
+        }
+        return Ok(());
+    }
+    if t.spans.len() != t.chunks.len() {
+        return Err(bad(format!(
+            "{} span records for {} chunks (one per chunk)",
+            t.spans.len(),
+            t.chunks.len()
+        )));
+    }
+    for (i, (c, s)) in t.chunks.iter().zip(t.spans).enumerate() {
+        let (cp_index, skip) = (s.checkpoint.get(), s.skip.get());
+        if c.encoding != ENCODING_SPAN {
+            if cp_index != 0 || skip != 0 {
+                return Err(bad(format!(
+                    "chunk {i}: not a span, but its span record is not 0"
+                )));
+            }
+            continue;
+        }
+        let cp = t.checkpoints.get(cp_index as usize).ok_or_else(|| {
+            bad(format!(
+                "chunk {i}: checkpoint {cp_index} out of range ({} checkpoints)",
+                t.checkpoints.len()
+            ))
+        })?;
+        if cp.blob.get() != c.blob.get() || cp.in_offset.get() != c.offset.get() {
+            return Err(bad(format!(
+                "chunk {i}: does not start at checkpoint {cp_index} (blob {} offset {}, checkpoint blob {} offset {})",
+                c.blob.get(),
+                c.offset.get(),
+                cp.blob.get(),
+                cp.in_offset.get()
+            )));
+        }
+        if skip.checked_add(u64::from(c.size.get())).is_none() {
+            return Err(bad(format!("chunk {i}: skip {skip} overflows")));
         }
     }
     Ok(())

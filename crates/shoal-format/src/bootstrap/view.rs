@@ -5,14 +5,15 @@
 use zerocopy::little_endian::U32;
 
 use super::layout::{
-    BlobRecord, ChunkRecord, DirentRecord, InodeKind, InodeRecord, Section, XattrRecord,
-    ENCODING_RAW,
+    BlobRecord, CheckpointRecord, ChunkRecord, DirentRecord, InodeKind, InodeRecord, Section,
+    SpanRecord, XattrRecord, CHECKPOINT_DEFLATE, CHECKPOINT_GZIP_MEMBER, ENCODING_RAW,
+    ENCODING_ZSTD,
 };
 use super::load::{Bootstrap, Tables};
 use super::validate::{entries, kind, string};
 use crate::model::{
-    Blake3, BlobInfo, ChunkEncoding, ChunkInfo, DirEntry, FileData, ImageMeta, Inode, InodeIndex,
-    Payload, Sha256,
+    Blake3, BlobInfo, Checkpoint, CheckpointKind, ChunkEncoding, ChunkInfo, DirEntry, FileData,
+    ImageMeta, Inode, InodeIndex, Payload, Sha256,
 };
 use crate::{Error, Result};
 
@@ -159,7 +160,7 @@ pub struct ChunkView {
     pub encoding: ChunkEncoding,
 }
 
-fn chunk_view(index: u32, c: &ChunkRecord) -> ChunkView {
+fn chunk_view(index: u32, c: &ChunkRecord, spans: &[SpanRecord]) -> ChunkView {
     ChunkView {
         index,
         hash: c.hash,
@@ -167,10 +168,33 @@ fn chunk_view(index: u32, c: &ChunkRecord) -> ChunkView {
         offset: c.offset.get(),
         stored_size: c.stored_size.get(),
         size: c.size.get(),
-        encoding: if c.encoding == ENCODING_RAW {
-            ChunkEncoding::Raw
-        } else {
-            ChunkEncoding::Zstd
+        encoding: match c.encoding {
+            ENCODING_RAW => ChunkEncoding::Raw,
+            ENCODING_ZSTD => ChunkEncoding::Zstd,
+            // Validation guarantees a span record for every span chunk.
+            _ => {
+                let s = spans.get(index as usize);
+                ChunkEncoding::Span {
+                    checkpoint: s.map_or(0, |s| s.checkpoint.get()),
+                    skip: s.map_or(0, |s| s.skip.get()),
+                }
+            }
+        },
+    }
+}
+
+fn checkpoint_of(c: &CheckpointRecord) -> Checkpoint {
+    Checkpoint {
+        blob: u32::from(c.blob.get()),
+        in_offset: c.in_offset.get(),
+        out_offset: c.out_offset.get(),
+        kind: match c.kind {
+            CHECKPOINT_GZIP_MEMBER => CheckpointKind::GzipMember,
+            CHECKPOINT_DEFLATE => CheckpointKind::Deflate {
+                bits: c.bits,
+                window: c.window.get(),
+            },
+            _ => CheckpointKind::ZstdFrame,
         },
     }
 }
@@ -179,6 +203,7 @@ fn chunk_view(index: u32, c: &ChunkRecord) -> ChunkView {
 #[derive(Clone, Copy)]
 pub struct FileChunks<'a> {
     chunks: &'a [ChunkRecord],
+    spans: &'a [SpanRecord],
     list: &'a [U32],
 }
 
@@ -196,16 +221,16 @@ impl<'a> FileChunks<'a> {
         let index = self.list.get(k)?.get();
         self.chunks
             .get(index as usize)
-            .map(|c| chunk_view(index, c))
+            .map(|c| chunk_view(index, c, self.spans))
     }
     /// All chunks in file order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = ChunkView> + 'a {
-        let chunks = self.chunks;
+        let (chunks, spans) = (self.chunks, self.spans);
         self.list.iter().map(move |i| {
             let index = i.get();
             chunks
                 .get(index as usize)
-                .map(|c| chunk_view(index, c))
+                .map(|c| chunk_view(index, c, spans))
                 .unwrap_or(ChunkView {
                     index,
                     hash: [0; 32],
@@ -369,14 +394,29 @@ impl Bootstrap {
         let end = start.saturating_add(rec.data_count.get() as usize);
         Ok(FileChunks {
             chunks: t.chunks,
+            spans: t.spans,
             list: t.file_chunks.get(start..end).unwrap_or_default(),
         })
     }
 
     /// Chunk `index` of the chunk table.
     pub fn chunk(&self, index: u32) -> Option<ChunkView> {
-        let chunks: &[ChunkRecord] = self.section(Section::Chunks);
-        chunks.get(index as usize).map(|c| chunk_view(index, c))
+        let t = self.tables();
+        t.chunks
+            .get(index as usize)
+            .map(|c| chunk_view(index, c, t.spans))
+    }
+
+    /// Number of checkpoints (1.1; 0 for a converted image).
+    pub fn checkpoint_count(&self) -> u32 {
+        self.section::<[CheckpointRecord]>(Section::Checkpoints)
+            .len() as u32
+    }
+
+    /// Checkpoint `index`: where a span chunk's decoding starts.
+    pub fn checkpoint(&self, index: u32) -> Option<Checkpoint> {
+        let cps: &[CheckpointRecord] = self.section(Section::Checkpoints);
+        cps.get(index as usize).map(checkpoint_of)
     }
 
     /// The data blobs in table order.
@@ -422,7 +462,7 @@ impl Bootstrap {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let v = chunk_view(i as u32, c);
+                    let v = chunk_view(i as u32, c, t.spans);
                     ChunkInfo {
                         hash: v.hash,
                         blob: v.blob,
@@ -435,6 +475,7 @@ impl Bootstrap {
                 .collect(),
             inodes,
             prefetch: self.prefetch().collect(),
+            checkpoints: t.checkpoints.iter().map(checkpoint_of).collect(),
         }
     }
 

@@ -27,12 +27,12 @@ pub(crate) struct TarEntry {
     /// Bytes of file content the entry's data yields (sparse holes included).
     pub size: u64,
     /// Sparse map `(offset, length)` for GNU sparse files.
-    pub(super) sparse: Option<Vec<(u64, u64)>>,
+    pub(crate) sparse: Option<Vec<(u64, u64)>>,
 }
 
 /// Reads a tar stream entry by entry; file data is read through [`TarReader::data`].
 pub(crate) struct TarReader<R> {
-    pub(super) inner: R,
+    pub(crate) inner: R,
     /// Bytes of the current entry's stored data not yet consumed (padding excluded).
     pub(super) remaining: u64,
     /// Padding after the current entry's data.

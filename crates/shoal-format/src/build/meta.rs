@@ -27,6 +27,26 @@ pub(crate) struct Draft {
 
 /// Builds the draft metadata of `tree` with chunk hashes from `spill`.
 pub(crate) fn draft(tree: &Tree, spill: &Spill, chunk_size: u32) -> Result<Draft> {
+    draft_with(
+        tree,
+        |seq| {
+            let i = usize::try_from(seq).ok()?;
+            spill
+                .seq_hashes
+                .get(i)
+                .copied()
+                .zip(spill.seq_sizes.get(i).copied())
+        },
+        chunk_size,
+    )
+}
+
+/// Builds the draft metadata of `tree`; `chunk(seq)` gives the hash and size of chunk `seq`.
+pub(crate) fn draft_with(
+    tree: &Tree,
+    chunk: impl Fn(u64) -> Option<(Blake3, u32)>,
+    chunk_size: u32,
+) -> Result<Draft> {
     // Pass 1: number inodes in depth-first preorder; a hardlinked node keeps its first number.
     let mut order: Vec<usize> = Vec::new();
     let mut inode_of: HashMap<usize, InodeIndex> = HashMap::new();
@@ -70,13 +90,10 @@ pub(crate) fn draft(tree: &Tree, spill: &Spill, chunk_size: u32) -> Result<Draft
                 let mut idxs = Vec::with_capacity(fc.seqs.len());
                 let mut total = 0u64;
                 for (i, &seq) in fc.seqs.iter().enumerate() {
-                    let (hash, size) = spill
-                        .seq_hashes
-                        .get(seq as usize)
-                        .zip(spill.seq_sizes.get(seq as usize))
-                        .ok_or_else(|| {
-                            Error::BadOption(format!("chunk {seq} missing from the pipeline"))
-                        })?;
+                    let (hash, size) = chunk(seq).ok_or_else(|| {
+                        Error::BadOption(format!("chunk {seq} missing from the pipeline"))
+                    })?;
+                    let (hash, size) = (&hash, &size);
                     if i + 1 < fc.seqs.len() && *size != chunk_size {
                         return Err(Error::BadOption(
                             "a chunk other than the last is short".into(),
@@ -135,6 +152,7 @@ pub(crate) fn draft(tree: &Tree, spill: &Spill, chunk_size: u32) -> Result<Draft
         chunks,
         inodes,
         prefetch: Vec::new(),
+        checkpoints: Vec::new(),
     };
     Ok(Draft { meta, inode_of })
 }

@@ -9,10 +9,10 @@
 mod blob;
 mod chunker;
 mod dict;
-mod flatten;
-mod layer;
+pub(crate) mod flatten;
+pub(crate) mod layer;
 mod manifest;
-mod meta;
+pub(crate) mod meta;
 mod scan;
 mod source;
 mod sparse;

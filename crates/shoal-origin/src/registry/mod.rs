@@ -3,12 +3,14 @@
 //!
 //! Data path: [`RegistryClient`] resolves a [`Reference`] to an endpoint (mirror with `ns=` or the
 //! registry itself, HTTP for loopback), `transport` sends each request with auth, redirects and
-//! retries, `pull` reads manifests and blobs, `push` uploads them.
+//! retries, `pull` reads manifests and blobs, `push` uploads them, `referrers` lists and publishes
+//! OCI 1.1 referrers (API or tag scheme).
 
 mod auth;
 mod pull;
 mod push;
 mod reference;
+mod referrers;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +28,7 @@ pub use pull::{
 };
 pub use push::PushOutcome;
 pub use reference::{is_loopback_host, Reference};
+pub use referrers::{referrers_tag, ReferrerListing};
 
 use crate::{AllowedOrigins, BlobStat, ByteRange, ByteStream, Digest, Origin, OriginError};
 

@@ -137,6 +137,20 @@ impl RegistryClient {
         bytes: Bytes,
         media_type: &str,
     ) -> Result<Digest, OriginError> {
+        let digest = sha256_digest(&bytes);
+        self.push_manifest_headers(reference, bytes, media_type)
+            .await?;
+        Ok(digest)
+    }
+
+    /// [`RegistryClient::push_manifest`]; returns the `OCI-Subject` header of the answer (a
+    /// registry with a referrers API sends it for a manifest with a `subject`).
+    pub(crate) async fn push_manifest_headers(
+        &self,
+        reference: &Reference,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<Option<String>, OriginError> {
         if bytes.len() > super::pull::MAX_MANIFEST_BYTES {
             return Err(OriginError::TooLarge {
                 what: format!("manifest for {reference}"),
@@ -171,6 +185,10 @@ impl RegistryClient {
         if resp.status() != StatusCode::CREATED {
             return Err(self.status_error(&ep, &req, resp).await);
         }
-        Ok(digest)
+        Ok(resp
+            .headers()
+            .get("OCI-Subject")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string))
     }
 }
