@@ -129,21 +129,38 @@ pub struct PeerSource {
     socket: PathBuf,
     /// The origin reference the peer fetches from when no peer has the blob (`docker://HOST/REPO`).
     origin_ref: Option<String>,
+    /// The image's bootstrap (`sha256:<hex>`, verified by the mount): the peer reads the data
+    /// blobs' piece tables from it, so it fetches only the pieces a read covers.
+    bootstrap: Option<String>,
 }
 
 impl PeerSource {
-    /// A client of the peer listening on `socket`; `origin_ref` tells it where the blobs live.
-    pub fn new(socket: impl Into<PathBuf>, origin_ref: Option<String>) -> Self {
+    /// A client of the peer listening on `socket`; `origin_ref` tells it where the blobs live,
+    /// `bootstrap` where their piece tables are.
+    pub fn new(
+        socket: impl Into<PathBuf>,
+        origin_ref: Option<String>,
+        bootstrap: Option<String>,
+    ) -> Self {
         PeerSource {
             socket: socket.into(),
             origin_ref,
+            bootstrap,
         }
     }
 
     fn uri(&self, blob: &Digest) -> String {
-        match &self.origin_ref {
-            Some(r) => format!("/blobs/{blob}?source={}", percent_encode(r)),
-            None => format!("/blobs/{blob}"),
+        let mut q = Vec::new();
+        if let Some(r) = &self.origin_ref {
+            q.push(format!("source={}", percent_encode(r)));
+        }
+        if let Some(b) = &self.bootstrap {
+            q.push(format!("bootstrap={}", percent_encode(b)));
+        }
+        if q.is_empty() {
+            format!("/blobs/{blob}")
+        } else {
+            format!("/blobs/{blob}?{}", q.join("&"))
         }
     }
 }

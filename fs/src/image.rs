@@ -36,6 +36,8 @@ pub struct OpenedImage {
     pub origin_ref: Option<String>,
     /// Manifest digest, when the source has a manifest.
     pub manifest: Option<String>,
+    /// The bootstrap's digest (`sha256:<hex>`), when it was checked against one.
+    pub bootstrap: Option<String>,
 }
 
 fn image_err(cfg: &FsConfig, reason: impl Into<String>) -> FsError {
@@ -135,6 +137,7 @@ async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
         origin: Arc::new(RegistryOrigin::new(client, reference)),
         origin_ref: Some(repo),
         manifest: Some(pulled.digest.to_string()),
+        bootstrap: Some(layer.digest().to_string()),
     })
 }
 
@@ -150,6 +153,7 @@ fn open_layout(cfg: &FsConfig, r: &LayoutRef) -> Result<OpenedImage> {
         origin: Arc::new(LocalDirOrigin::new(r.dir.join("blobs"))),
         origin_ref: None,
         manifest: Some(desc.digest().to_string()),
+        bootstrap: Some(layer.digest().to_string()),
     })
 }
 
@@ -188,5 +192,6 @@ fn open_bootstrap_file(cfg: &FsConfig, path: &Path) -> Result<OpenedImage> {
         origin,
         origin_ref,
         manifest: None,
+        bootstrap: cfg.bootstrap_digest.clone(),
     })
 }

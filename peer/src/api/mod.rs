@@ -5,12 +5,15 @@
 //!   header one byte range of it (206), streamed as pieces arrive (read ahead from the store when
 //!   it holds them all, cached.rs); 416 for a range outside it; 403 when the source is outside
 //!   `allowed_origins` (here, or the scheduler's or a seed's), the body saying which entry to add.
+//!   With `&bootstrap=sha256:…` (a Shoal data blob's image bootstrap), the blob's piece table is
+//!   read from that bootstrap, so ranges are fetched piece by piece instead of the blob whole.
 //! - `POST /blobs/sha256:<hex>/fetch?source=...` — fetch the whole blob; answers with its status
 //!   once it is complete and verified.
 //! - `GET /tasks`, `GET /tasks/sha256:<hex>` — download status (JSON).
 //! - `GET /cache` — store figures (JSON).
 //! - `GET /status` — host id, seed mode, scheduler connection, store figures, tasks (JSON).
 
+mod bootstrap_table;
 pub(crate) mod cached;
 mod client;
 pub mod range;
@@ -293,6 +296,9 @@ async fn get_blob(
 ) -> Result<Response<Body>, PeerError> {
     let blob = parse_digest(digest)?;
     let origin = origin_of(req, query)?;
+    if let Some(boot) = query_param(query, "bootstrap")? {
+        bootstrap_table::ensure(state, blob, parse_digest(&boot)?, origin.clone()).await?;
+    }
     let task = state.downloader.open(blob, origin).await?;
     let size = task
         .size()

@@ -146,6 +146,22 @@ async fn converted_images_start_lazily_and_plain_ones_run_beside_them() {
         "a lazy start fetches a small share of the image: {s:?}"
     );
     assert!(fetched > 0, "{s:?}");
+    // What the node took from the registry: the peer fetched only the pieces the reads covered
+    // (their piece table from the bootstrap), never the data blob whole.
+    let served: u64 = node
+        .registry
+        .access_log()
+        .await
+        .iter()
+        .filter(|e| e.path.contains("/blobs/"))
+        .map(|e| e.bytes)
+        .sum();
+    eprintln!("the registry served {served} bytes of blobs for the pull and the run");
+    assert!(
+        served < s.image_stored_bytes / 2,
+        "the node fetched {served} bytes of a {}-byte image: not lazy",
+        s.image_stored_bytes
+    );
     let status = Command::new(shoal_bin())
         .args(["status", "--api"])
         .arg(&shoal.peer_socket)
