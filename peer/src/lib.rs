@@ -19,6 +19,7 @@ pub mod discovery;
 pub mod download;
 mod error;
 mod held_news;
+mod load;
 pub mod metrics;
 pub mod proxy;
 pub mod scheduler_client;
@@ -35,9 +36,8 @@ use shoal_proto::{Heartbeat, HostId, Locality, RegisterHost, Role, SchedulerPush
 use shoal_store::{AsyncStore, StoreConfig};
 use shoal_tls::{IdentityPaths, NodeIdentity};
 
-pub use api::{ApiClient, BlobResponse, CacheStatus, NodeStatus};
 pub use config::PeerConfig;
-pub use download::{DownloadStats, Downloader, RangeStream, Task, TaskStatus};
+pub use download::{DownloadStats, Downloader, RangeStream, Task};
 pub use error::PeerError;
 pub use upload::UploadStats;
 
@@ -59,6 +59,8 @@ pub struct Peer {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _identity_watch: tokio::task::JoinHandle<()>,
     proxy: Option<proxy::ProxyServer>,
+    /// Connections the local API accepted.
+    api_connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -100,7 +102,6 @@ impl Peer {
             Arc::clone(&held_news),
             config.upload_slots,
             config.upload_bytes_per_sec,
-            config.test_corrupt_uploads,
             budget,
             config.seed,
         ));
@@ -126,6 +127,7 @@ impl Peer {
             None
         };
 
+        let download_stats: Arc<DownloadStats> = Arc::default();
         let (sched, events) = match scheduler_ring::source_of(&config) {
             Some(source) => {
                 let advertise = if config.advertise.is_empty() {
@@ -145,10 +147,15 @@ impl Peer {
                     is_seed: config.seed,
                 };
                 let up = Arc::clone(&uploader);
-                let load: scheduler_client::LoadFn = Arc::new(move || Heartbeat {
-                    free_upload_slots: up.free_slots(),
-                    upload_bytes_per_sec: 0,
-                    download_bytes_per_sec: 0,
+                let meter =
+                    load::LoadMeter::new(Arc::clone(&up.stats), Arc::clone(&download_stats));
+                let load: scheduler_client::LoadFn = Arc::new(move || {
+                    let (upload, download) = meter.rates();
+                    Heartbeat {
+                        free_upload_slots: up.free_slots(),
+                        upload_bytes_per_sec: upload,
+                        download_bytes_per_sec: download,
+                    }
                 });
                 let (client, events) = SchedulerRing::new(
                     Arc::clone(&transport),
@@ -173,7 +180,7 @@ impl Peer {
             origins,
             config: config.clone(),
             me: host_id,
-            stats: Arc::default(),
+            stats: download_stats,
             staging,
             held_news,
         }));
@@ -198,9 +205,11 @@ impl Peer {
                 config.dht_bootstrap_dns.clone(),
             ));
         }
+        let api_connections = Arc::default();
         let api_state = Arc::new(api::ApiState {
             downloader: Arc::clone(&downloader),
             store: store.clone(),
+            connections: Arc::clone(&api_connections),
         });
         tasks.push(api::serve(&config.api_socket, api_state)?);
         let proxy = if config.proxy.enabled {
@@ -234,6 +243,7 @@ impl Peer {
             tasks,
             _identity_watch: identity_watch,
             proxy,
+            api_connections,
         })
     }
 
@@ -265,6 +275,21 @@ impl Peer {
     /// Piece server counters.
     pub fn upload_stats(&self) -> &UploadStats {
         &self.uploader.stats
+    }
+
+    /// Connections the local API has accepted (its clients keep theirs between requests).
+    pub fn api_connections(&self) -> u64 {
+        self.api_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Test hook (feature `test-hooks`, which the shipped binary never enables): from now on
+    /// flip one byte of every piece this peer uploads, so that tests see children catch it.
+    #[cfg(feature = "test-hooks")]
+    pub fn corrupt_uploads(&self, on: bool) {
+        self.uploader
+            .corrupt
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether a scheduler connection is up (any of them).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use shoal_peer::{ApiClient, NodeStatus};
+use shoal_api::{Client as ApiClient, NodeStatus};
 
 /// `shoal status`: print the local peer's state.
 #[derive(Args, Debug)]

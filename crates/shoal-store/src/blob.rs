@@ -10,15 +10,15 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use sha2::Digest;
+use sha2::Digest as _;
 
 use crate::error::{Error, Result};
 use crate::index::{lock, now_ms, BlobState, DigestAhead, Entry, EntryKey, PinGuard};
 use crate::journal::{self, RecordKind, RECORD_LEN};
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::paths::sync_dir;
-use crate::pieceset::PieceSet;
 use crate::store::{Counters, Store};
+use shoal_types::PieceSet;
 
 /// What [`Store::install_blob`] puts in place.
 pub(crate) enum Install {
@@ -51,7 +51,7 @@ pub struct BlobStatus {
 impl Store {
     pub(crate) fn blob_entry(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
     ) -> Result<(Arc<Entry>, PinGuard, Arc<PieceLayout>)> {
         let unknown = || Error::UnknownBlob {
             blob: digest.to_string(),
@@ -63,7 +63,7 @@ impl Store {
     }
 
     /// Registers a blob's trusted piece layout (idempotent); pieces can be put after this.
-    pub fn ensure_blob(&self, digest: &BlobDigest, layout: &PieceLayout) -> Result<()> {
+    pub fn ensure_blob(&self, digest: &Digest, layout: &PieceLayout) -> Result<()> {
         let key = EntryKey::Blob(*digest);
         if let Some(e) = self.entry(&key) {
             return match e.layout.as_deref() == Some(layout) {
@@ -106,7 +106,7 @@ impl Store {
         fs::rename(&tmp, &meta).map_err(|e| Error::io("rename into", &meta, e))?;
         sync_dir(&dir).map_err(|e| Error::io("sync", &dir, e))?;
         let state = BlobState {
-            held: PieceSet::new(layout.piece_count()),
+            held: PieceSet::empty(layout.piece_count()),
             complete: false,
             check,
             generation: 0,
@@ -124,7 +124,7 @@ impl Store {
     }
 
     /// Verifies `data` against piece `index`'s digest and stores it.
-    pub fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome> {
+    pub fn put_piece(&self, digest: &Digest, index: u32, data: &[u8]) -> Result<PutOutcome> {
         let (entry, pin, layout) = self.blob_entry(digest)?;
         verify_piece(digest, &layout, index, data)?;
         self.put_piece_verified(digest, &entry, &layout, index, data, pin)
@@ -132,7 +132,7 @@ impl Store {
 
     fn put_piece_verified(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         entry: &Arc<Entry>,
         layout: &PieceLayout,
         index: u32,
@@ -187,7 +187,7 @@ impl Store {
     /// Stores piece bytes that the caller already verified with [`verify_piece`].
     pub(crate) fn put_verified(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         index: u32,
         data: &[u8],
     ) -> Result<PutOutcome> {
@@ -196,7 +196,7 @@ impl Store {
     }
 
     /// What the store holds of a blob, if it knows the blob.
-    pub fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
+    pub fn blob_status(&self, digest: &Digest) -> Option<BlobStatus> {
         let entry = self.entry(&EntryKey::Blob(*digest))?;
         let st = lock(&entry.state);
         let blob = st.blob.as_ref()?;
@@ -209,10 +209,10 @@ impl Store {
 
     /// Checks the whole blob against its sha256 once every piece is held, then marks it complete.
     /// On a mismatch the blob is dropped ([`Error::BlobDigestMismatch`]): its piece table was wrong.
-    pub fn complete_blob(&self, digest: &BlobDigest) -> Result<()> {
+    pub fn complete_blob(&self, digest: &Digest) -> Result<()> {
         let (entry, _pin, layout) = self.blob_entry(digest)?;
         let (complete, missing) = match lock(&entry.state).blob.as_ref() {
-            Some(b) => (b.complete, b.held.len() - b.held.count()),
+            Some(b) => (b.complete, b.held.len() - b.held.held()),
             None => (false, layout.piece_count()),
         };
         if complete {
@@ -248,10 +248,10 @@ impl Store {
                 blob: digest.to_string(),
             });
         };
-        if !blob.held.is_full() {
+        if !blob.held.is_complete() {
             return Err(Error::Incomplete {
                 blob: digest.to_string(),
-                missing: blob.held.len() - blob.held.count(),
+                missing: blob.held.len() - blob.held.held(),
             });
         }
         let record = journal::encode_record(&blob.check, RecordKind::Complete, 0);
@@ -271,7 +271,7 @@ impl Store {
     /// without a gap; [`Store::complete_blob`] then hashes only the rest. Call it as pieces
     /// land (it returns at once if another call is hashing this blob); the reads are verified
     /// like any other.
-    pub fn digest_ahead(&self, digest: &BlobDigest) -> Result<()> {
+    pub fn digest_ahead(&self, digest: &Digest) -> Result<()> {
         let (entry, _pin, layout) = self.blob_entry(digest)?;
         let Ok(mut ahead) = entry.digest.try_lock() else {
             return Ok(());
@@ -286,7 +286,7 @@ impl Store {
     /// Advances `state` over the held pieces from `state.next` on, up to the first missing one.
     fn hash_held(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         entry: &Arc<Entry>,
         layout: &PieceLayout,
         state: &mut DigestAhead,
@@ -316,7 +316,7 @@ impl Store {
     }
 
     /// Removes a blob and its files; fails with [`Error::Pinned`] while someone pins it.
-    pub fn remove_blob(&self, digest: &BlobDigest) -> Result<()> {
+    pub fn remove_blob(&self, digest: &Digest) -> Result<()> {
         let Some(entry) = self.entry(&EntryKey::Blob(*digest)) else {
             return Ok(());
         };
@@ -330,7 +330,7 @@ impl Store {
     }
 
     /// Pins a blob so eviction leaves it alone while the guard lives (e.g. during its download).
-    pub fn pin_blob(&self, digest: &BlobDigest) -> Result<PinGuard> {
+    pub fn pin_blob(&self, digest: &Digest) -> Result<PinGuard> {
         let (_, pin, _) = self.blob_entry(digest)?;
         Ok(pin)
     }
@@ -340,7 +340,7 @@ impl Store {
     /// caller) is installed only if the store does not know the blob yet (returns false).
     pub(crate) fn install_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         layout: PieceLayout,
         data_tmp: &std::path::Path,
         install: Install,
@@ -348,7 +348,7 @@ impl Store {
         let key = EntryKey::Blob(*digest);
         let (held, complete) = match install {
             Install::Whole => {
-                let mut held = PieceSet::new(layout.piece_count());
+                let mut held = PieceSet::empty(layout.piece_count());
                 for i in 0..layout.piece_count() {
                     held.insert(i);
                 }
@@ -424,11 +424,7 @@ fn held(entry: &Entry, index: u32) -> bool {
 }
 
 /// The length of piece `index`, or `OutOfRange` when the blob has no such piece.
-pub(crate) fn checked_piece_len(
-    digest: &BlobDigest,
-    layout: &PieceLayout,
-    index: u32,
-) -> Result<u64> {
+pub(crate) fn checked_piece_len(digest: &Digest, layout: &PieceLayout, index: u32) -> Result<u64> {
     layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
         item: format!("piece {index} of {digest}"),
         reason: format!("the blob has {} pieces", layout.piece_count()),
@@ -436,12 +432,7 @@ pub(crate) fn checked_piece_len(
 }
 
 /// Checks piece bytes against the layout: index in range, exact length, BLAKE3 digest.
-pub fn verify_piece(
-    digest: &BlobDigest,
-    layout: &PieceLayout,
-    index: u32,
-    data: &[u8],
-) -> Result<()> {
+pub fn verify_piece(digest: &Digest, layout: &PieceLayout, index: u32, data: &[u8]) -> Result<()> {
     let item = || format!("piece {index} of {digest}");
     let len = checked_piece_len(digest, layout, index)?;
     if data.len() as u64 != len {

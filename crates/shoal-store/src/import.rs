@@ -5,10 +5,10 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use sha2::Digest;
+use sha2::Digest as _;
 
 use crate::error::{Error, Result};
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
+use crate::key::{Blake3Hash, Digest, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
 use crate::store::Store;
 
 /// Deletes a temporary file unless it was moved into place.
@@ -41,7 +41,7 @@ impl Store {
     /// Returns the computed layout (the seed publishes it). An already complete blob is kept.
     pub fn import_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         piece_size: u32,
         reader: &mut dyn Read,
     ) -> Result<PieceLayout> {

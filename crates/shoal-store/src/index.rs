@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::pack::ChunkLoc;
-use crate::pieceset::PieceSet;
+use shoal_types::PieceSet;
 
 /// The unit of eviction: a whole blob (all its pieces) or one chunk.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) enum EntryKey {
-    Blob(BlobDigest),
+    Blob(Digest),
     Chunk(Blake3Hash),
 }
 

@@ -16,7 +16,6 @@ mod backend;
 mod blob;
 mod buffers;
 mod chunk;
-pub mod conformance;
 mod error;
 mod flight;
 mod import;
@@ -25,7 +24,6 @@ mod journal;
 mod key;
 mod pack;
 mod paths;
-mod pieceset;
 mod quota;
 mod read;
 mod recover;
@@ -40,10 +38,7 @@ pub use chunk::{verify_chunk, MAX_CHUNK_SIZE};
 pub use error::{Error, Result};
 pub use flight::FetchError;
 pub use index::PinGuard;
-pub use key::{
-    Blake3Hash, BlobDigest, Item, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE,
-};
-pub use pieceset::PieceSet;
+pub use key::{Blake3Hash, Item, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
 pub use read::{BlobReader, MAX_RANGE};
 pub use staged::StagedFile;
 pub use store::{Store, StoreConfig, StoreStats};

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::index::{lock, Entry, PinGuard};
 use crate::journal::{self, RecordKind};
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::paths::bytes_gone;
 use crate::store::{Counters, Store};
 
@@ -39,14 +39,14 @@ pub(crate) fn read_hashed(file: &File, offset: u64, out: &mut [u8]) -> std::io::
 impl Store {
     /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
     /// as [`Error::Corrupt`], never returned.
-    pub fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes> {
+    pub fn read_piece(&self, digest: &Digest, index: u32) -> Result<Bytes> {
         let (entry, _pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
         self.read_piece_pinned(digest, &entry, &layout, index)
     }
 
     fn read_piece_pinned(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         entry: &Arc<Entry>,
         layout: &PieceLayout,
         index: u32,
@@ -69,7 +69,7 @@ impl Store {
     /// bytes that must not be used.
     pub(crate) fn read_verified(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         entry: &Arc<Entry>,
         layout: &PieceLayout,
         file: Option<&File>,
@@ -117,7 +117,7 @@ impl Store {
     /// Forgets a piece that failed verification (only if nobody rewrote it since it was read).
     fn drop_piece(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         entry: &Arc<Entry>,
         index: u32,
         generation: u64,
@@ -148,7 +148,7 @@ impl Store {
 
     /// Reads `len` bytes at `offset` (at most [`MAX_RANGE`]) from held pieces, each verified.
     /// Fails with [`Error::NotPresent`] if a covering piece is missing.
-    pub fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
+    pub fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
         let (entry, _pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
         let item = || format!("bytes {offset}+{len} of {digest}");
         if len > MAX_RANGE {
@@ -198,7 +198,7 @@ impl Store {
 #[derive(Debug)]
 pub struct BlobReader {
     store: Store,
-    digest: BlobDigest,
+    digest: Digest,
     entry: Arc<Entry>,
     layout: Arc<PieceLayout>,
     /// Opened by the first read; `None`: the data file is gone (every read then fails as corrupt).
@@ -209,7 +209,7 @@ pub struct BlobReader {
 impl Store {
     /// A reader over the held pieces of `digest` (memory only: the data file is opened by the
     /// first read). Fails with [`Error::UnknownBlob`] if the store does not know the blob.
-    pub fn blob_reader(&self, digest: &BlobDigest) -> Result<BlobReader> {
+    pub fn blob_reader(&self, digest: &Digest) -> Result<BlobReader> {
         let (entry, pin, layout) = self.blob_entry(digest).inspect_err(|_| self.miss())?;
         Ok(BlobReader {
             store: self.clone(),

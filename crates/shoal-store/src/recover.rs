@@ -12,7 +12,7 @@ use std::time::UNIX_EPOCH;
 use crate::error::{Error, Result};
 use crate::index::{now_ms, BlobState, Entry, EntryKey};
 use crate::journal::{self, RECORD_LEN};
-use crate::key::{BlobDigest, MAX_PIECES};
+use crate::key::{Digest, MAX_PIECES};
 use crate::pack::Found;
 use crate::paths::{remove_if_exists, write_atomic};
 use crate::store::Store;
@@ -68,7 +68,7 @@ impl Store {
                     .map(|h| (h, true))
                     .or_else(|| fname.strip_suffix(".data").map(|h| (h, false)))
                     .and_then(|(h, is_meta)| {
-                        Some((BlobDigest::parse(&format!("sha256:{h}")).ok()?, is_meta))
+                        Some((Digest::parse(&format!("sha256:{h}")).ok()?, is_meta))
                     })
                     .filter(|(d, _)| d.hex().starts_with(&name));
                 match parsed {
@@ -101,7 +101,7 @@ impl Store {
     }
 
     /// Replays one blob's journal into the index; returns the bytes it accounts, or `None` if dropped.
-    fn recover_blob(&self, digest: &BlobDigest) -> Option<u64> {
+    fn recover_blob(&self, digest: &Digest) -> Option<u64> {
         let (meta_path, data_path) = (self.inner.paths.meta(digest), self.inner.paths.data(digest));
         let drop_blob = |why: &str| {
             discard(&meta_path, why);
@@ -155,7 +155,7 @@ impl Store {
                 return drop_blob("cannot rewrite metadata");
             }
             meta_len = compact.len() as u64;
-            tracing::info!(blob = %digest, held = r.held.count(), "store recovery: journal compacted");
+            tracing::info!(blob = %digest, held = r.held.held(), "store recovery: journal compacted");
         }
         let held_bytes: u64 = r.held.iter().filter_map(|i| r.layout.piece_len(i)).sum();
         let last = fs::metadata(&meta_path)

@@ -12,9 +12,9 @@ use std::sync::Mutex;
 use crate::blob::Install;
 use crate::error::{Error, Result};
 use crate::index::{lock, EntryKey};
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
-use crate::pieceset::PieceSet;
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::store::Store;
+use shoal_types::PieceSet;
 
 /// A blob's pieces staged in the store's temp directory until its piece table is known.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ impl Store {
     /// are not held until put.
     pub fn adopt_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         layout: PieceLayout,
         staged: &StagedFile,
         pieces: &[(u32, Blake3Hash)],
@@ -77,7 +77,7 @@ impl Store {
         if self.entry(&EntryKey::Blob(*digest)).is_some() {
             return Ok(false);
         }
-        let mut held = PieceSet::new(layout.piece_count());
+        let mut held = PieceSet::empty(layout.piece_count());
         for (i, hash) in pieces {
             if layout.piece_hash(*i) == Some(hash) {
                 held.insert(*i);

@@ -213,7 +213,7 @@ impl Store {
             match (&entry.key, &st.blob) {
                 (EntryKey::Blob(_), Some(b)) => {
                     s.blobs += 1;
-                    s.pieces += u64::from(b.held.count());
+                    s.pieces += u64::from(b.held.held());
                     if b.complete {
                         s.complete_blobs += 1;
                     }

@@ -10,13 +10,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use shoal_proto::{
-    server_handshake, Codec, ErrorCode, ErrorReply, HostId as WireHost, PushReply, Role,
-    SchedulerPush, SchedulerReply, SchedulerRequest, ALPN_SCHEDULER,
+    server_handshake, Codec, ErrorCode, ErrorReply, HostId, PushReply, Role, SchedulerPush,
+    SchedulerReply, SchedulerRequest, ALPN_SCHEDULER,
 };
 use shoal_tls::{IdentityPaths, NodeIdentity};
 
+mod config;
+
+pub use config::SchedulerServiceConfig;
+
 use crate::adapter::ProtoAdapter;
-use crate::{HostId, Scheduler, SchedulerConfig, SchedulerError};
+use crate::{Scheduler, SchedulerConfig, SchedulerError};
 
 /// Where and as whom the service runs.
 #[derive(Debug, Clone)]
@@ -42,7 +46,7 @@ pub enum ServiceError {
     Core(#[from] SchedulerError),
     /// The scheduler's own host id is invalid.
     #[error("scheduler host id: {0}")]
-    HostId(#[from] shoal_proto::ProtoError),
+    HostId(#[from] shoal_proto::IdError),
     /// The SIGTERM handler could not be installed.
     #[error("install SIGTERM handler: {0}")]
     Signal(std::io::Error),
@@ -95,7 +99,7 @@ impl SchedulerService {
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Self, ServiceError> {
         shoal_tls::install_crypto_provider();
-        let me = WireHost::new(cfg.host_id.clone())?;
+        let me = HostId::new(&cfg.host_id)?;
         let identity = NodeIdentity::load(IdentityPaths::in_dir(&cfg.tls_dir))?;
         let watch = identity.spawn_watcher(shoal_tls::DEFAULT_RELOAD_INTERVAL);
         let mut server = shoal_tls::quic_server_config(&identity, &[ALPN_SCHEDULER])?;
@@ -185,7 +189,7 @@ impl Drop for SchedulerService {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: WireHost) {
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: HostId) {
     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
         return;
     };
