@@ -72,31 +72,11 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |source| ChaosError::Io { what, source }
 }
 
-/// `Ok(())` when running as root with `ip`, `tc` and iptables installed; otherwise the reason.
-///
-/// Under `CI=true` a missing tool panics: CI runs as root with every tool, so a skip hides a bug.
+/// `Ok(())` when running as root with `ip`, `tc` and iptables installed; otherwise the reason
+/// (printed; a panic under `CI=true`: `shoal_testkit::require` decides).
 pub fn require_root_tools() -> Result<()> {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (network namespaces, tc and iptables need it)".to_string());
-    }
-    for tool in ["ip", "tc"] {
-        if !cmd::on_path(tool) {
-            missing.push(format!("`{tool}` (iproute2)"));
-        }
-    }
-    if !cmd::on_path("iptables-nft") && !cmd::on_path("iptables-legacy") {
-        missing.push("`iptables-nft` or `iptables-legacy` (iptables)".into());
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let reason = format!("needs {}", missing.join(", "));
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI must run chaos tests as root with every tool: {reason}");
-    }
-    Err(ChaosError::Missing(reason))
+    let needs = shoal_testkit::Needs::root(&["ip", "tc", "iptables-nft|iptables-legacy"]);
+    shoal_testkit::require(needs).map_err(ChaosError::Missing)
 }
 
 /// Starts a fixture, or prints why the test is skipped and returns `None`.
@@ -104,10 +84,8 @@ pub fn require_root_tools() -> Result<()> {
 pub fn or_skip<T>(r: Result<T>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
-        Err(ChaosError::Missing(reason)) => {
-            eprintln!("SKIP: {reason}");
-            None
-        }
+        // Printed (or failed under CI) where it was found missing.
+        Err(ChaosError::Missing(_)) => None,
         Err(e) => panic!("{e}"),
     }
 }

@@ -57,9 +57,9 @@ pub(crate) fn init_iptables(hub: &Netns, probe_host: &Host) -> Result<IptablesBa
         // br_netfilter is not loaded: loading it is the one change outside the test namespaces.
         let _ = run("modprobe", &["br_netfilter"]);
         run_in(hub.name(), "sysctl", &sysctl).map_err(|e| {
-            ChaosError::Missing(format!(
-                "br_netfilter (bridged packets must pass iptables for loss and partitions): {e}"
-            ))
+            ChaosError::Missing(shoal_testkit::cannot_run(format!(
+                "needs br_netfilter (bridged packets must pass iptables for loss and partitions): {e}"
+            )))
         })?;
     }
     let mut errors = Vec::new();
@@ -79,10 +79,10 @@ pub(crate) fn init_iptables(hub: &Netns, probe_host: &Host) -> Result<IptablesBa
             }
         }
     }
-    Err(ChaosError::Missing(format!(
+    Err(ChaosError::Missing(shoal_testkit::cannot_run(format!(
         "no iptables backend takes physdev + statistic rules in a namespace: {}",
         errors.join("; ")
-    )))
+    ))))
 }
 
 fn probe(hub: &Netns, be: IptablesBackend, port: &str) -> Result<()> {

@@ -49,14 +49,10 @@ fn shoal_bin() -> Option<PathBuf> {
     if bin.exists() {
         return Some(bin);
     }
-    let reason = format!(
+    shoal_testkit::cannot_run(format!(
         "the shoal binary is not at {} and `cargo build -p shoal-cli` gave {built:?}",
         bin.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{reason}");
-    }
-    eprintln!("SKIP: {reason}");
+    ));
     None
 }
 
@@ -158,11 +154,7 @@ impl Cluster {
         let registry = match rt.block_on(Registry::start(RegistryOpts::default())) {
             Ok(r) => r,
             Err(e) => {
-                let reason = format!("docker-registry: {e}");
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("{reason}");
-                }
-                eprintln!("SKIP: {reason}");
+                shoal_testkit::cannot_run(format!("docker-registry: {e}"));
                 return None;
             }
         };
@@ -1337,14 +1329,8 @@ fn registry_down_under_a_fuse_mount_cached_reads_work_uncached_fail_in_bound() {
     if or_skip(shoal_chaos::require_root_tools()).is_none() {
         return;
     }
-    let missing =
-        !Path::new("/dev/fuse").exists() || shoal_testkit::need_binaries(&["fusermount3"]).is_err();
-    if missing {
-        let reason = "needs /dev/fuse and fusermount3 (fuse3)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{reason}");
-        }
-        eprintln!("SKIP: {reason}");
+    let fuse = shoal_testkit::Needs::tools(&["fusermount3"]).and_paths(&["/dev/fuse"]);
+    if shoal_testkit::require(fuse).is_err() {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -8,11 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, BodyStream, Empty};
-use hyper_util::rt::TokioIo;
-use shoal_origin::{ByteRange, Digest, Origin};
+use shoal_origin::{ByteRange, Origin};
+use shoal_types::Digest;
 
 /// Which kind of source served bytes (the metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,9 +105,12 @@ impl ChunkSource for OriginSource {
         let err = |r: String| fetch_err(self, blob, start, end, r);
         let want = usize::try_from(end.saturating_sub(start))
             .map_err(|_| err("range too large".into()))?;
+        // The edge to oci-spec: the origins name blobs their way.
+        let digest =
+            shoal_origin::parse_digest(&blob.to_string()).map_err(|e| err(e.to_string()))?;
         let stream = self
             .origin
-            .read_range(blob, ByteRange::new(start, end))
+            .read_range(&digest, ByteRange::new(start, end))
             .await
             .map_err(|e| err(e.to_string()))?;
         let data = shoal_origin::collect_stream(stream, want)
@@ -123,15 +123,16 @@ impl ChunkSource for OriginSource {
     }
 }
 
-/// The local peer daemon's API (HTTP/1 over its unix socket, peer/src/api): `GET
-/// /blobs/<digest>?source=<origin>` with a `Range` header, answered 206 from the swarm.
+/// The local peer daemon's API (HTTP/1 over its unix socket; crates/shoal-api): `GET
+/// /blobs/<digest>?source=<origin>&bootstrap=<digest>` with a `Range` header, answered 206 from
+/// the swarm, on connections the client keeps open between reads.
 pub struct PeerSource {
-    socket: PathBuf,
+    client: shoal_api::Client,
     /// The origin reference the peer fetches from when no peer has the blob (`docker://HOST/REPO`).
     origin_ref: Option<String>,
-    /// The image's bootstrap (`sha256:<hex>`, verified by the mount): the peer reads the data
-    /// blobs' piece tables from it, so it fetches only the pieces a read covers.
-    bootstrap: Option<String>,
+    /// The image's bootstrap (verified by the mount): the peer reads the data blobs' piece
+    /// tables from it, so it fetches only the pieces a read covers.
+    bootstrap: Option<Digest>,
 }
 
 impl PeerSource {
@@ -140,41 +141,14 @@ impl PeerSource {
     pub fn new(
         socket: impl Into<PathBuf>,
         origin_ref: Option<String>,
-        bootstrap: Option<String>,
+        bootstrap: Option<Digest>,
     ) -> Self {
         PeerSource {
-            socket: socket.into(),
+            client: shoal_api::Client::new(socket),
             origin_ref,
             bootstrap,
         }
     }
-
-    fn uri(&self, blob: &Digest) -> String {
-        let mut q = Vec::new();
-        if let Some(r) = &self.origin_ref {
-            q.push(format!("source={}", percent_encode(r)));
-        }
-        if let Some(b) = &self.bootstrap {
-            q.push(format!("bootstrap={}", percent_encode(b)));
-        }
-        if q.is_empty() {
-            format!("/blobs/{blob}")
-        } else {
-            format!("/blobs/{blob}?{}", q.join("&"))
-        }
-    }
-}
-
-fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[async_trait::async_trait]
@@ -183,64 +157,21 @@ impl ChunkSource for PeerSource {
         SourceKind::Peer
     }
     fn describe(&self) -> String {
-        format!("peer {}", self.socket.display())
+        format!("peer {}", self.client.socket().display())
     }
     async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError> {
-        let err = |r: String| fetch_err(self, blob, start, end, r);
-        if end <= start {
-            return Err(err("empty range".into()));
+        let mut req = self.client.blob(blob).range(start..end);
+        if let Some(r) = &self.origin_ref {
+            req = req.source(r.clone());
         }
-        let want = usize::try_from(end - start).map_err(|_| err("range too large".into()))?;
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| err(format!("connect: {e} (is `shoal peer` running?)")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err(format!("HTTP handshake: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "peer API connection ended");
-            }
-        });
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(self.uri(blob))
-            .header(header::HOST, "shoal-peer")
-            .header(header::RANGE, format!("bytes={start}-{}", end - 1))
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| err(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| err(format!("request: {e}")))?;
-        let status = resp.status();
-        if status != StatusCode::PARTIAL_CONTENT && !(status == StatusCode::OK && start == 0) {
-            let body = http_body_util::Limited::new(resp.into_body(), 4096)
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
-                .unwrap_or_default();
-            let mut e = err(format!("answered {status}: {body}"));
-            e.refused = status == StatusCode::FORBIDDEN;
-            return Err(e);
+        if let Some(b) = &self.bootstrap {
+            req = req.bootstrap(b);
         }
-        let mut out = Vec::with_capacity(want);
-        let mut body = BodyStream::new(resp.into_body());
-        while let Some(frame) = body.next().await {
-            let frame = frame.map_err(|e| err(format!("body broke: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                if out.len() + data.len() > want {
-                    // A 200 with the whole blob: keep only what was asked for.
-                    let take = want - out.len();
-                    out.extend_from_slice(data.get(..take).unwrap_or_default());
-                    break;
-                }
-                out.extend_from_slice(&data);
-            }
-        }
-        if out.len() != want {
-            return Err(err(format!("got {} of {want} bytes", out.len())));
-        }
-        Ok(Bytes::from(out))
+        req.read().await.map_err(|e| {
+            let refused = e.is_refused();
+            let mut err = fetch_err(self, blob, start, end, e);
+            err.refused = refused;
+            err
+        })
     }
 }

@@ -12,13 +12,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use oci_spec::image::ImageManifest;
-use sha2::{Digest as _, Sha256};
 use shoal_format::bootstrap::Bootstrap;
 use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
 use shoal_origin::{
     LocalDirOrigin, Origin, Reference, RegistryClient, RegistryOptions, RegistryOrigin,
 };
+use shoal_types::Digest;
 
 use crate::config::FsConfig;
 use crate::error::{FsError, Result};
@@ -36,8 +36,9 @@ pub struct OpenedImage {
     pub origin_ref: Option<String>,
     /// Manifest digest, when the source has a manifest.
     pub manifest: Option<String>,
-    /// The bootstrap's digest (`sha256:<hex>`), when it was checked against one.
-    pub bootstrap: Option<String>,
+    /// The bootstrap's digest, when it was checked against one (the peer reads the data
+    /// blobs' piece tables from it).
+    pub bootstrap: Option<Digest>,
 }
 
 fn image_err(cfg: &FsConfig, reason: impl Into<String>) -> FsError {
@@ -62,16 +63,16 @@ fn bootstrap_layer(
     })
 }
 
-/// Checks `bytes` against `sha256:<hex>` `want`.
-fn check_digest(cfg: &FsConfig, bytes: &[u8], want: &str) -> Result<()> {
-    let got = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
-    if got != want {
+/// Checks `bytes` against `sha256:<hex>` `want`; returns the digest it checked.
+fn check_digest(cfg: &FsConfig, bytes: &[u8], want: &str) -> Result<Digest> {
+    let got = Digest::of(bytes);
+    if got.to_string() != want {
         return Err(image_err(
             cfg,
             format!("bootstrap has digest {got}, the manifest says {want}: refusing it"),
         ));
     }
-    Ok(())
+    Ok(got)
 }
 
 /// Opens `cfg.source`.
@@ -124,7 +125,7 @@ async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
     }
     let stream = client.fetch_blob(&reference, layer.digest()).await?;
     let bytes = shoal_origin::collect_stream(stream, layer.size() as usize).await?;
-    check_digest(cfg, &bytes, layer.digest().as_ref())?;
+    let bootstrap = check_digest(cfg, &bytes, layer.digest().as_ref())?;
     let boot = Bootstrap::load(bytes)?;
     let repo = format!(
         "docker://{}/{}",
@@ -137,7 +138,7 @@ async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
         origin: Arc::new(RegistryOrigin::new(client, reference)),
         origin_ref: Some(repo),
         manifest: Some(pulled.digest.to_string()),
-        bootstrap: Some(layer.digest().to_string()),
+        bootstrap: Some(bootstrap),
     })
 }
 
@@ -153,7 +154,8 @@ fn open_layout(cfg: &FsConfig, r: &LayoutRef) -> Result<OpenedImage> {
         origin: Arc::new(LocalDirOrigin::new(r.dir.join("blobs"))),
         origin_ref: None,
         manifest: Some(desc.digest().to_string()),
-        bootstrap: Some(layer.digest().to_string()),
+        // read_blob checked it; a digest other than sha256 is not one the peer can name.
+        bootstrap: Digest::parse(layer.digest().as_ref()).ok(),
     })
 }
 
@@ -181,17 +183,18 @@ fn open_bootstrap_file(cfg: &FsConfig, path: &Path) -> Result<OpenedImage> {
         }
     };
     let boot = Bootstrap::open(path)?;
-    match &cfg.bootstrap_digest {
-        Some(want) => check_digest(cfg, boot.bytes(), want)?,
+    let bootstrap = match &cfg.bootstrap_digest {
+        Some(want) => Some(check_digest(cfg, boot.bytes(), want)?),
         None => {
-            tracing::warn!(bootstrap = %path.display(), "no bootstrap digest given: trusting the local file as is")
+            tracing::warn!(bootstrap = %path.display(), "no bootstrap digest given: trusting the local file as is");
+            None
         }
-    }
+    };
     Ok(OpenedImage {
         boot: Arc::new(boot),
         origin,
         origin_ref,
         manifest: None,
-        bootstrap: cfg.bootstrap_digest.clone(),
+        bootstrap,
     })
 }

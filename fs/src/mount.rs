@@ -68,8 +68,11 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
         .map_err(|e| FsError::io("creating cache directory", &config.cache_dir, e))?;
     let store = Store::open(StoreConfig::new(&config.cache_dir, config.cache_quota))?;
     let peer: Option<Arc<dyn ChunkSource>> = config.peer_socket.as_ref().map(|s| {
-        let bootstrap = image.bootstrap.clone();
-        Arc::new(PeerSource::new(s, image.origin_ref.clone(), bootstrap)) as Arc<dyn ChunkSource>
+        Arc::new(PeerSource::new(
+            s,
+            image.origin_ref.clone(),
+            image.bootstrap,
+        )) as Arc<dyn ChunkSource>
     });
     let reader = Arc::new(Reader::new(ReaderParts {
         boot: Arc::clone(&boot),

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
-use shoal_origin::Digest;
 use shoal_store::{Blake3Hash, BufferPool, Store};
+use shoal_types::Digest;
 
 use crate::fetch::{ChunkSource, FetchError};
 use crate::flight::Flights;
@@ -182,11 +182,11 @@ struct Group {
 impl Reader {
     /// A reader over `parts`.
     pub fn new(parts: ReaderParts) -> Result<Self, crate::FsError> {
-        let blobs = parts
+        let blobs: Vec<Digest> = parts
             .boot
             .blobs()
-            .map(|b| shoal_origin::parse_digest(&format!("sha256:{}", hex::encode(b.digest))))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|b| Digest::from_bytes(b.digest))
+            .collect();
         let mem = moka::sync::Cache::builder()
             .max_capacity(parts.memory_cache_bytes)
             .weigher(|_k: &[u8; 32], v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))

@@ -275,7 +275,7 @@ impl ChunkSource for Hangable {
     }
     async fn read_range(
         &self,
-        blob: &shoal_origin::Digest,
+        blob: &shoal_types::Digest,
         start: u64,
         end: u64,
     ) -> Result<bytes::Bytes, shoal_fs::fetch::FetchError> {

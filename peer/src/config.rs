@@ -64,9 +64,10 @@ pub struct PeerConfig {
     pub upload_bytes_per_sec: u64,
     /// Pieces fetched at once per download.
     pub download_concurrency: usize,
-    /// Piece bytes held in memory at once by the whole peer (downloads, origin reads and
-    /// uploads together; downloads at most half of it). Bounds the peer's memory however many
-    /// downloads run (docs/operations.md).
+    /// Piece bytes held in memory at once by the whole peer: downloads (at most a quarter),
+    /// reads for local clients and the registry proxy (at most half) and uploads (at most half)
+    /// together (budget.rs). Bounds the peer's memory however many downloads and readers run
+    /// (docs/operations.md).
     pub piece_memory_bytes: u64,
     /// Most piece requests in flight to one parent (few, so a parent's uplink is shared by
     /// more children and each piece arrives, and can be passed on, sooner).
@@ -97,9 +98,6 @@ pub struct PeerConfig {
     /// registry's redirects are followed, but to a loopback or link-local address only when
     /// that `host:port` is listed too (docs/operations.md, "Allowed origins").
     pub allowed_origins: Vec<String>,
-    /// FOR TESTS ONLY: flip one byte of every piece this peer uploads (to test corruption
-    /// detection in a real swarm). Never set this in production.
-    pub test_corrupt_uploads: bool,
     /// The registry proxy for container runtimes (`[proxy]`).
     pub proxy: crate::proxy::ProxyConfig,
 }
@@ -130,7 +128,7 @@ impl Default for PeerConfig {
             upload_slots: 32,
             upload_bytes_per_sec: 0,
             download_concurrency: 16,
-            piece_memory_bytes: 256 << 20,
+            piece_memory_bytes: 512 << 20,
             per_parent_concurrency: 2,
             piece_timeout_ms: 30_000,
             origin_idle_timeout_ms: 15_000,
@@ -141,7 +139,6 @@ impl Default for PeerConfig {
             piece_size: None,
             plain_http_registries: Vec::new(),
             allowed_origins: Vec::new(),
-            test_corrupt_uploads: false,
             proxy: crate::proxy::ProxyConfig::default(),
         }
     }
@@ -179,7 +176,7 @@ impl PeerConfig {
         }
         if self.piece_memory_bytes < crate::budget::MIN_BUDGET {
             return Err(PeerError::Config(format!(
-                "piece_memory_bytes {} must be at least {} (one piece of the largest size)",
+                "piece_memory_bytes {} must be at least {} (a piece of the largest size in each share)",
                 self.piece_memory_bytes,
                 crate::budget::MIN_BUDGET
             )));

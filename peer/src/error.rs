@@ -15,6 +15,9 @@ pub enum PeerError {
     /// A frame or message was refused.
     #[error(transparent)]
     Proto(#[from] shoal_proto::ProtoError),
+    /// A host id, digest or piece set broke its rule.
+    #[error(transparent)]
+    Id(#[from] shoal_proto::IdError),
     /// The origin failed.
     #[error(transparent)]
     Origin(#[from] shoal_origin::OriginError),
@@ -41,6 +44,9 @@ pub enum PeerError {
     /// The scheduler could not be reached or refused.
     #[error("scheduler: {0}")]
     Scheduler(String),
+    /// An error shared by several waiters (a download's failure, as its readers see it).
+    #[error(transparent)]
+    Shared(std::sync::Arc<PeerError>),
     /// The download was given up.
     #[error("download of {blob} failed: {reason}")]
     Download {

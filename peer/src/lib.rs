@@ -20,6 +20,7 @@ pub mod discovery;
 pub mod download;
 mod error;
 mod held_news;
+mod load;
 pub mod metrics;
 pub mod proxy;
 pub mod scheduler_client;
@@ -36,9 +37,8 @@ use shoal_proto::{Heartbeat, HostId, Locality, RegisterHost, Role, SchedulerPush
 use shoal_store::{AsyncStore, StoreConfig};
 use shoal_tls::{IdentityPaths, NodeIdentity};
 
-pub use api::{ApiClient, BlobResponse, CacheStatus, NodeStatus};
 pub use config::PeerConfig;
-pub use download::{DownloadStats, Downloader, RangeStream, Task, TaskStatus};
+pub use download::{DownloadStats, Downloader, RangeStream, Task};
 pub use error::PeerError;
 pub use upload::UploadStats;
 
@@ -60,6 +60,8 @@ pub struct Peer {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _identity_watch: tokio::task::JoinHandle<()>,
     proxy: Option<proxy::ProxyServer>,
+    /// Connections the local API accepted.
+    api_connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -106,7 +108,6 @@ impl Peer {
             Arc::clone(&held_news),
             config.upload_slots,
             config.upload_bytes_per_sec,
-            config.test_corrupt_uploads,
             budget,
             config.seed,
         ));
@@ -132,6 +133,7 @@ impl Peer {
             None
         };
 
+        let download_stats: Arc<DownloadStats> = Arc::default();
         let (sched, events) = match scheduler_ring::source_of(&config) {
             Some(source) => {
                 let advertise = if config.advertise.is_empty() {
@@ -151,11 +153,16 @@ impl Peer {
                     is_seed: config.seed,
                 };
                 let up = Arc::clone(&uploader);
+                let meter =
+                    load::LoadMeter::new(Arc::clone(&up.stats), Arc::clone(&download_stats));
                 let hooks = scheduler_client::HostHooks {
-                    load: Arc::new(move || Heartbeat {
-                        free_upload_slots: up.free_slots(),
-                        upload_bytes_per_sec: 0,
-                        download_bytes_per_sec: 0,
+                    load: Arc::new(move || {
+                        let (upload, download) = meter.rates();
+                        Heartbeat {
+                            free_upload_slots: up.free_slots(),
+                            upload_bytes_per_sec: upload,
+                            download_bytes_per_sec: download,
+                        }
                     }),
                     gate: seed::push_gate(config.seed, Arc::clone(&allowed)),
                 };
@@ -187,7 +194,7 @@ impl Peer {
             origins,
             config: config.clone(),
             me: host_id,
-            stats: Arc::default(),
+            stats: download_stats,
             staging,
             held_news,
         }));
@@ -212,9 +219,11 @@ impl Peer {
                 config.dht_bootstrap_dns.clone(),
             ));
         }
+        let api_connections = Arc::default();
         let api_state = Arc::new(api::ApiState {
             downloader: Arc::clone(&downloader),
             store: store.clone(),
+            connections: Arc::clone(&api_connections),
         });
         tasks.push(api::serve(&config.api_socket, api_state)?);
         let proxy = if config.proxy.enabled {
@@ -250,6 +259,7 @@ impl Peer {
             tasks,
             _identity_watch: identity_watch,
             proxy,
+            api_connections,
         })
     }
 
@@ -286,6 +296,21 @@ impl Peer {
     /// Piece server counters.
     pub fn upload_stats(&self) -> &UploadStats {
         &self.uploader.stats
+    }
+
+    /// Connections the local API has accepted (its clients keep theirs between requests).
+    pub fn api_connections(&self) -> u64 {
+        self.api_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Test hook (feature `test-hooks`, which the shipped binary never enables): from now on
+    /// flip one byte of every piece this peer uploads, so that tests see children catch it.
+    #[cfg(feature = "test-hooks")]
+    pub fn corrupt_uploads(&self, on: bool) {
+        self.uploader
+            .corrupt
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether a scheduler connection is up (any of them).

@@ -115,7 +115,8 @@ impl Collector for PeerCollector {
                     ("origin", t.bytes_from_origin),
                 ] {
                     if v > 0 {
-                        let labels = [("blob", t.blob.as_str()), ("source", source)];
+                        let blob = t.blob.to_string();
+                        let labels = [("blob", blob.as_str()), ("source", source)];
                         ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
                     }
                 }
@@ -188,6 +189,12 @@ impl Collector for PeerCollector {
             "shoal_peer_connections_refused",
             "Peer connections refused (bad certificate or Hello)",
             u.refused.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "shoal_peer_api_connections",
+            "Connections the local API accepted (clients keep theirs between requests)",
+            peer.api_connections(),
         )?;
         let s = peer.store().stats();
         gauge(

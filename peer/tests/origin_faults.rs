@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use shoal_peer::ApiClient;
+use shoal_api::Client as ApiClient;
 use shoal_proto::{Digest, OriginRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -106,7 +106,7 @@ async fn an_origin_error_reaches_the_client_with_the_origin_and_its_status() {
     let _peer = c.start(cfg).await;
     let client = ApiClient::new(&socket);
     // What `shoal get` does: stream the blob through the local API.
-    let outcome = match client.get_blob(&blob(), Some(&reference), None).await {
+    let outcome = match client.blob(&blob()).source(reference.clone()).send().await {
         Err(e) => e.to_string(),
         Ok(resp) => {
             let mut body = resp.body;

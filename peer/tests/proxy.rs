@@ -667,23 +667,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn containerd_pulls_and_runs_through_two_nodes() {
-    if need_binaries(&["containerd", "ctr", "runc"]).is_err() {
+    let needs =
+        shoal_testkit::Needs::root(&["containerd", "ctr", "runc"]).and_paths(&["/bin/busybox"]);
+    if shoal_testkit::require(needs).is_err() {
         return;
     }
     let busybox = Path::new("/bin/busybox");
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root || !busybox.exists() {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "CI runs as root with busybox-static"
-        );
-        eprintln!("SKIP: needs root and busybox-static (/bin/busybox)");
-        return;
-    }
     let Some(c) = cluster(true).await else { return };
     let img = c
         .registry

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use shoal_peer::{ApiClient, PeerConfig};
+use shoal_api::Client as ApiClient;
+use shoal_peer::PeerConfig;
 
 const MIB: usize = 1 << 20;
 
@@ -39,7 +40,9 @@ async fn one_seed_six_peers_share_a_64_mib_blob_fetched_from_origin_once() {
             if i % 2 == 0 {
                 let client = ApiClient::new(sock);
                 let n = client
-                    .fetch_to_file(&blob, Some(&origin.reference), &out)
+                    .blob(&blob)
+                    .source(origin.reference.clone())
+                    .to_file(&out)
                     .await
                     .unwrap();
                 assert_eq!(n, 64 * MIB as u64);
@@ -155,9 +158,8 @@ async fn a_parent_serving_flipped_bytes_is_detected_and_blocked() {
     let Some(c) = cluster(true).await else { return };
     let (blob, data) = c.push_blob(16 * MIB, 3).await;
     let _seed = c.start(c.config("seed-1", true)).await;
-    let mut bad = c.config("peer-bad", false);
-    bad.test_corrupt_uploads = true;
-    let bad = c.start(bad).await;
+    let bad = c.start(c.config("peer-bad", false)).await;
+    bad.corrupt_uploads(true);
     assert_eq!(
         sha256(&fetch(&bad, blob, c.origin()).await),
         sha256(&data),
@@ -262,7 +264,7 @@ async fn ranges_through_the_local_api_fetch_only_their_pieces() {
     let (blob, data) = c.push_blob(8 * MIB + 123, 5).await;
     let seed = c.start(c.config("seed-1", true)).await;
     assert_eq!(sha256(&fetch(&seed, blob, c.origin()).await), sha256(&data));
-    let _peer = c.start(c.config("peer-a", false)).await;
+    let peer = c.start(c.config("peer-a", false)).await;
     let client = ApiClient::new(c.dir.path().join("nodes/peer-a/peer.sock"));
     let src = c.origin().reference;
     let size = data.len() as u64;
@@ -274,7 +276,10 @@ async fn ranges_through_the_local_api_fetch_only_their_pieces() {
         (m - 10, m + 10),
     ] {
         let got = client
-            .read_range(&blob, Some(&src), start, end)
+            .blob(&blob)
+            .source(src.clone())
+            .range(start..end)
+            .read()
             .await
             .unwrap();
         assert_eq!(
@@ -284,12 +289,15 @@ async fn ranges_through_the_local_api_fetch_only_their_pieces() {
         );
     }
     let err = client
-        .get_blob(&blob, Some(&src), Some((size, size + 5)))
+        .blob(&blob)
+        .source(src.clone())
+        .range(size..size + 5)
+        .send()
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("416"), "{err}");
+    assert_eq!(err.status(), Some(416), "{err}");
     let tasks = client.tasks().await.unwrap();
-    let t = tasks.iter().find(|t| t.blob == blob.to_string()).unwrap();
+    let t = tasks.iter().find(|t| t.blob == blob).unwrap();
     assert!(!t.complete, "only the covering pieces were fetched: {t:?}");
     // Pieces 0, 1, 4 and 8 (1 MiB pieces) cover the four ranges.
     assert_eq!(t.held, 4, "{t:?}");
@@ -301,10 +309,29 @@ async fn ranges_through_the_local_api_fetch_only_their_pieces() {
     );
     // The whole blob through the API: 200, every byte, sha256 checked by the peer.
     let out = c.dir.path().join("whole");
-    client.fetch_to_file(&blob, Some(&src), &out).await.unwrap();
+    let n = client
+        .blob(&blob)
+        .source(src.clone())
+        .to_file(&out)
+        .await
+        .unwrap();
+    assert_eq!(n, size);
     assert_eq!(file_sha256(&out), sha256(&data));
-    let status = client.fetch(&blob, None).await.unwrap();
+    assert_eq!(client.blob(&blob).size().await.unwrap(), size);
+    let status = client.blob(&blob).fetch().await.unwrap();
     assert!(status.complete, "{status:?}");
+    // The client keeps its connections: 20 more small reads, and still a connection or two
+    // (one opens when a request goes out before the last answer's connection is idle again).
+    for i in 0..20u64 {
+        let at = i * (size / 20);
+        let got = client.blob(&blob).range(at..at + 64).read().await.unwrap();
+        assert_eq!(&got[..], &data[at as usize..at as usize + 64]);
+    }
+    let connections = peer.api_connections();
+    assert!(
+        connections <= 3,
+        "{connections} connections for 28 requests"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -487,16 +514,16 @@ async fn origins_outside_the_lists_are_refused_through_the_local_api() {
     let seed = c.start(seed).await;
     let mut cfg = c.config("peer-a", false);
     cfg.dht = false;
-    let client = shoal_peer::ApiClient::new(&cfg.api_socket);
+    let client = ApiClient::new(&cfg.api_socket);
     let peer = c.start(cfg).await;
-    let api_error = |r: Result<shoal_peer::BlobResponse, shoal_peer::PeerError>| match r {
-        Err(shoal_peer::PeerError::Api { status, message }) => (status, message),
+    let api_error = |r: Result<shoal_api::BlobResponse, shoal_api::ApiError>| match r {
+        Err(shoal_api::ApiError::Status { status, message }) => (status, message),
         Err(e) => panic!("expected an API error, got {e}"),
         Ok(_) => panic!("expected a refusal, got the blob"),
     };
 
     let elsewhere = "docker://127.0.0.1:1/swarm/app";
-    let (status, message) = api_error(client.get_blob(&blob, Some(elsewhere), None).await);
+    let (status, message) = api_error(client.blob(&blob).source(elsewhere).send().await);
     assert_eq!(status, 403, "{message}");
     for part in [
         "registry 127.0.0.1:1 is not an allowed origin of this peer",
@@ -512,7 +539,7 @@ async fn origins_outside_the_lists_are_refused_through_the_local_api() {
 
     let served = c.registry.access_log().await.len();
     let origin = c.origin().reference;
-    let (status, message) = api_error(client.get_blob(&blob, Some(&origin), None).await);
+    let (status, message) = api_error(client.blob(&blob).source(origin.clone()).send().await);
     assert_eq!(status, 403, "{message}");
     let host = c.registry.host();
     for part in [

@@ -111,3 +111,13 @@ impl ProtoError {
         }
     }
 }
+
+impl From<shoal_types::IdError> for ProtoError {
+    /// A digest, host id or piece set that breaks its rule is an invalid field.
+    fn from(e: shoal_types::IdError) -> Self {
+        ProtoError::Invalid {
+            field: e.what,
+            reason: e.reason,
+        }
+    }
+}

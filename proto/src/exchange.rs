@@ -139,7 +139,7 @@ impl Message for PieceReply {
                 max: MAX_PIECE_SIZE,
             }),
             PieceReply::Piece(_) => Ok(()),
-            PieceReply::Held(set) => set.validate(),
+            PieceReply::Held(set) => crate::check_piece_set(set),
             PieceReply::Error(e) => check_text("piece error message", &e.message, MAX_TEXT_LEN),
             PieceReply::Table(t) => {
                 t.task.validate()?;

@@ -1,61 +1,10 @@
 //! The first exchange on every connection: who is speaking, in which role, at which version.
 //! Rules: docs/protocol.md, "Versioning and the Hello".
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{check_text, Codec, Message, ProtoError, MAX_VERSION, MIN_VERSION};
-
-/// Longest host id in bytes.
-pub const MAX_HOST_ID_LEN: usize = 128;
-
-/// A host's stable name in the cluster (normally the node name): 1 to 128 bytes of
-/// `A-Z a-z 0-9 . _ : -`.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct HostId(String);
-
-impl HostId {
-    /// Checks and wraps a host id.
-    pub fn new(id: impl Into<String>) -> Result<Self, ProtoError> {
-        let id = HostId(id.into());
-        id.validate()?;
-        Ok(id)
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Checks length and characters (decoded ids are checked by the message that carries them).
-    pub fn validate(&self) -> Result<(), ProtoError> {
-        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
-        if self.0.is_empty() || self.0.len() > MAX_HOST_ID_LEN || !self.0.chars().all(ok_char) {
-            let shown: String = self.0.chars().take(40).collect();
-            return Err(ProtoError::invalid(
-                "host id",
-                format!(
-                    "{shown:?} must be 1 to {MAX_HOST_ID_LEN} characters of A-Z a-z 0-9 . _ : -"
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for HostId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for HostId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
+use crate::{check_text, Codec, HostId, Message, ProtoError, MAX_VERSION, MIN_VERSION};
 
 /// What a node is to the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -126,7 +75,7 @@ impl Message for HelloReply {
     const NAME: &'static str = "HelloReply";
     fn validate(&self) -> Result<(), ProtoError> {
         match self {
-            HelloReply::Accepted { host_id, .. } => host_id.validate(),
+            HelloReply::Accepted { host_id, .. } => Ok(host_id.validate()?),
             HelloReply::Rejected { reason, .. } => {
                 check_text("reason", reason, crate::MAX_TEXT_LEN)
             }

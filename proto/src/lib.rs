@@ -8,7 +8,6 @@
 //! Streams: every request opens its own QUIC bidirectional stream, writes one frame, finishes
 //! its side, and reads one reply frame (plus, for a piece, the raw bytes the reply declares).
 
-mod digest;
 mod error;
 mod exchange;
 mod frame;
@@ -17,18 +16,16 @@ mod pieces;
 mod push;
 mod scheduler;
 
-pub use digest::{Blake3Hash, Digest};
+/// A BLAKE3 hash of one piece (or chunk): 32 raw bytes.
+pub type Blake3Hash = [u8; 32];
 pub use error::ProtoError;
 pub use exchange::{
     read_piece, write_piece, PartialTableReply, PieceError, PieceErrorCode, PieceHeader,
     PieceReply, PieceRequest, PieceResponse, PieceTableReply,
 };
 pub use frame::{Codec, FrameHeader, Message, HEADER_LEN, MAGIC};
-pub use hello::{
-    client_handshake, server_handshake, Hello, HelloReply, HostId, Negotiated, Role,
-    MAX_HOST_ID_LEN,
-};
-pub use pieces::{default_piece_size, PieceSet, TaskMeta};
+pub use hello::{client_handshake, server_handshake, Hello, HelloReply, Negotiated, Role};
+pub use pieces::{check_piece_set, default_piece_size, TaskMeta};
 pub use push::{FetchFromOrigin, PiecesUpdate, PushReply, SchedulerPush};
 pub use scheduler::{
     DownloadFailed, DownloadFinished, ErrorCode, ErrorReply, FailureReason, Heartbeat, HostInfo,
@@ -38,6 +35,8 @@ pub use scheduler::{
     MAX_AUTHORIZATION_LEN, MAX_HASHES_PER_MESSAGE, MAX_HOST_LIST, MAX_LABEL_LEN,
     MAX_ORIGIN_REF_LEN, MAX_PREHEAT_BLOBS,
 };
+/// The shared identities, carried on the wire as they are (crates/shoal-types).
+pub use shoal_types::{Digest, HostId, IdError, PieceSet, MAX_HOST_ID_LEN};
 
 /// Lowest protocol version this build speaks.
 pub const MIN_VERSION: u8 = 1;

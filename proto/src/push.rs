@@ -63,7 +63,7 @@ impl Message for SchedulerPush {
                         format!("{} hosts; at most {}", u.removed.len(), MAX_PARENTS * 4),
                     ));
                 }
-                u.removed.iter().try_for_each(HostId::validate)
+                Ok(u.removed.iter().try_for_each(HostId::validate)?)
             }
         }
     }

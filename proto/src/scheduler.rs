@@ -456,7 +456,7 @@ pub(crate) fn check_parents(parents: &[Parent]) -> Result<(), ProtoError> {
     for p in parents {
         p.host_id.validate()?;
         check_addresses(&p.addresses, true)?;
-        p.pieces.validate()?;
+        crate::check_piece_set(&p.pieces)?;
     }
     Ok(())
 }
@@ -502,8 +502,8 @@ impl RegisterTask {
             self.task.validate_piece_table(table)?;
         }
         if let Some(held) = &self.held {
-            held.validate()?;
-            held.check_count(self.task.piece_count())?;
+            crate::check_piece_set(held)?;
+            held.check_len(self.task.piece_count())?;
         }
         if let Some(origin) = &self.origin {
             origin.validate()?;
@@ -561,20 +561,20 @@ impl Message for SchedulerRequest {
             | SchedulerRequest::ListHosts { .. } => Ok(()),
             SchedulerRequest::RegisterTask(t) => t.validate(),
             SchedulerRequest::PiecesHeld(p) => match &p.pieces {
-                PieceReport::Full(set) => set.validate(),
+                PieceReport::Full(set) => crate::check_piece_set(set),
                 PieceReport::Added(i) | PieceReport::Removed(i) => {
                     check_indices("piece indices", i)
                 }
             },
             SchedulerRequest::RequestParents(r) => {
-                r.wanted.validate()?;
+                crate::check_piece_set(&r.wanted)?;
                 if r.exclude.len() > MAX_PARENTS * 4 {
                     return Err(ProtoError::invalid(
                         "exclude",
                         format!("{} hosts; at most {}", r.exclude.len(), MAX_PARENTS * 4),
                     ));
                 }
-                r.exclude.iter().try_for_each(HostId::validate)
+                Ok(r.exclude.iter().try_for_each(HostId::validate)?)
             }
             SchedulerRequest::ReportPieceFailure(r) => {
                 r.parent.validate()?;

@@ -162,7 +162,8 @@ async fn trailing_bytes() {
 
 #[tokio::test]
 async fn invalid_field_after_decoding() {
-    // A piece set whose bitmap is too short for its count decodes but is refused.
+    // A piece set whose bitmap is too short for its count is refused as it is decoded (a
+    // PieceSet is always whole); one over the protocol's piece limit after decoding.
     let codec = Codec::default();
     let bytes = {
         // PieceReply::Held = variant 1; PieceSet { count: varint 20, bits: len 1, [0] }
@@ -170,16 +171,16 @@ async fn invalid_field_after_decoding() {
     };
     let mut r: &[u8] = &bytes;
     let e = codec.read::<_, PieceReply>(&mut r).await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ProtoError::Invalid {
-                field: "piece set",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, ProtoError::Malformed { .. }), "{e}");
+    let too_many = PieceReply::Held(PieceSet::empty(shoal_proto::MAX_PIECES + 1));
+    let f = codec.encode(&too_many).unwrap();
+    assert!(matches!(
+        codec.decode::<PieceReply>(&f),
+        Err(ProtoError::Invalid {
+            field: "piece set",
+            ..
+        })
+    ));
 
     let bad_host = SchedulerRequest::ReportPieceFailure(ReportPieceFailure {
         blob: Digest::from_bytes([0; 32]),

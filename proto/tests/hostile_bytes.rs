@@ -79,8 +79,8 @@ fn header(len: u32) -> Vec<u8> {
 }
 
 fn sample_request() -> Vec<u8> {
-    let mut wanted = PieceSet::empty(100).unwrap();
-    wanted.insert(42).unwrap();
+    let mut wanted = PieceSet::empty(100);
+    wanted.insert(42);
     Codec::default()
         .encode(&SchedulerRequest::RequestParents(RequestParents {
             blob: Digest::from_bytes([3; 32]),

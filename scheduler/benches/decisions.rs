@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use shoal_scheduler::{
-    Decision, Held, HostId, HostRegistration, Locality, Scheduler, SchedulerConfig, SystemClock,
-    TaskAnnouncement, TaskId,
+    Decision, Held, HostRegistration, Locality, Scheduler, SchedulerConfig, SystemClock,
+    TaskAnnouncement,
 };
+use shoal_types::{Digest, HostId, PieceSet};
 
 /// Counts live heap bytes and allocation calls.
 struct Counting;
@@ -59,7 +60,7 @@ const UPLOAD_SLOTS: u32 = 50;
 struct World {
     s: Scheduler<SystemClock>,
     /// (host, task) pairs still downloading: the askers.
-    askers: Vec<(HostId, TaskId)>,
+    askers: Vec<(HostId, Digest)>,
     peer_tasks: usize,
     bytes_per_peer_task: f64,
     total_bytes_per_peer_task: f64,
@@ -74,9 +75,9 @@ fn host_id(i: usize) -> HostId {
     HostId::new(&name).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn task_id(i: usize) -> TaskId {
+fn task_id(i: usize) -> Digest {
     let hex = format!("{:064x}", (i as u128 + 1) * 0x9e37_79b9_7f4a_7c15);
-    TaskId::new(&format!("sha256:{hex}")).unwrap_or_else(|e| panic!("{e}"))
+    Digest::parse(&format!("sha256:{hex}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Layer sizes log-uniform from 512 KiB to 1 GiB: 1 to 256 pieces of 4 MiB.
@@ -92,14 +93,14 @@ fn bitmap(rng: &mut fastrand::Rng, pieces: u32) -> Held {
         0..=5 => Held::All,
         6..=7 => Held::Nothing,
         _ => {
-            let mut bytes = vec![0u8; (pieces as usize).div_ceil(8)];
+            let mut set = PieceSet::empty(pieces);
             let share = rng.f64();
             for p in 0..pieces {
                 if rng.f64() < share {
-                    bytes[p as usize / 8] |= 1 << (p % 8);
+                    set.insert(p);
                 }
             }
-            Held::Bitmap(bytes)
+            Held::Set(set)
         }
     }
 }
@@ -123,6 +124,7 @@ fn build(config: SchedulerConfig) -> World {
                 rack: format!("rack-{rack}"),
             },
             upload_slots: if i < SEEDS { 256 } else { UPLOAD_SLOTS },
+            upload_limit: 0,
             is_seed: i < SEEDS,
         })
         .unwrap_or_else(|e| panic!("register: {e}"));

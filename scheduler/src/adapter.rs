@@ -20,12 +20,12 @@ use shoal_origin::AllowedOrigins;
 use crate::clock::Clock;
 use crate::error::SchedulerError;
 use crate::host::{HostLoad, HostRegistration, Locality};
-use crate::ids::{HostId, TaskId};
 use crate::preheat::PreheatDecision;
 use crate::reports::FailureKind;
 use crate::select::{Decision, Parent};
 use crate::state::Scheduler;
 use crate::task::{Held, TaskAnnouncement};
+use shoal_types::{Digest, HostId};
 
 /// The result of one request: the reply to the asker, and an order to push to another host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +50,10 @@ impl Handled {
 /// Bounded by the core's task count: entries of blobs the core dropped go at [`Self::expire`].
 #[derive(Debug)]
 pub struct ProtoAdapter {
-    origins: HashMap<TaskId, proto::OriginRef>,
+    origins: HashMap<Digest, proto::OriginRef>,
     allowed: AllowedOrigins,
     /// Blob -> (the origin reference a seed refused, the reason every asker is given).
-    refused: HashMap<TaskId, (String, String)>,
+    refused: HashMap<Digest, (String, String)>,
     /// `shoal_scheduler_origin_refusals{reason}`.
     refusals: Family<ReasonLabels, Counter>,
 }
@@ -74,14 +74,6 @@ fn error_reply(e: &SchedulerError) -> SchedulerReply {
         _ => ErrorCode::BadRequest,
     };
     SchedulerReply::Error(ErrorReply::new(code, e.to_string()))
-}
-
-fn host_id(id: &proto::HostId) -> Result<HostId, SchedulerError> {
-    HostId::new(id.as_str())
-}
-
-fn task_id(blob: &proto::Digest) -> Result<TaskId, SchedulerError> {
-    TaskId::new(&blob.to_string())
 }
 
 fn no_seed(mut reason: String) -> proto::PreheatOutcome {
@@ -139,7 +131,7 @@ impl ProtoAdapter {
     }
 
     /// Why `task` is refused to every asker: a seed refused its current origin.
-    fn refused_reason(&self, task: &TaskId) -> Option<&str> {
+    fn refused_reason(&self, task: &Digest) -> Option<&str> {
         let (origin, why) = self.refused.get(task)?;
         let current = self.origins.get(task)?;
         (current.reference == *origin).then_some(why.as_str())
@@ -158,9 +150,7 @@ impl ProtoAdapter {
         let SchedulerPush::FetchFromOrigin(order) = push else {
             return;
         };
-        let Ok(task) = task_id(&order.task.blob) else {
-            return;
-        };
+        let task = order.task.blob;
         tracing::warn!(seed = %from, blob = %task, origin = %order.origin.reference, reason = %reply.message,
             "seed refused to fetch from the origin; the task fails for every peer");
         let _ = s.leave_task(from, &task);
@@ -203,7 +193,7 @@ impl ProtoAdapter {
         from: &proto::HostId,
         req: SchedulerRequest,
     ) -> Result<Handled, SchedulerError> {
-        let me = host_id(from)?;
+        let me = from.clone();
         let ok = || Ok(Handled::reply(SchedulerReply::Ok));
         match req {
             SchedulerRequest::RegisterHost(r) => {
@@ -224,6 +214,7 @@ impl ProtoAdapter {
                         rack: r.locality.rack.unwrap_or_default(),
                     },
                     upload_slots: r.upload_slots,
+                    upload_limit: r.upload_bytes_per_sec,
                     is_seed: r.is_seed,
                 })?;
                 let timeout = s.config().host_timeout();
@@ -240,6 +231,8 @@ impl ProtoAdapter {
                     &me,
                     HostLoad {
                         free_upload_slots: Some(h.free_upload_slots),
+                        upload_bytes_per_sec: Some(h.upload_bytes_per_sec),
+                        download_bytes_per_sec: Some(h.download_bytes_per_sec),
                     },
                 )?;
                 ok()
@@ -249,19 +242,19 @@ impl ProtoAdapter {
                 ok()
             }
             SchedulerRequest::RegisterTask(t) => {
-                let task = task_id(&t.task.blob)?;
+                let task = t.task.blob;
                 // Checked before the task exists: an origin outside the list never reaches a seed.
                 if let Some(refused) = t.origin.as_ref().and_then(|o| self.check_origin(o)) {
                     return Ok(refused);
                 }
                 let held = match &t.held {
-                    Some(set) => Held::Bitmap(set.as_bytes().to_vec()),
+                    Some(set) => Held::Set(set.clone()),
                     None => Held::Nothing,
                 };
                 s.announce_task(
                     &me,
                     TaskAnnouncement {
-                        task: task.clone(),
+                        task,
                         size: t.task.size,
                         piece_size: t.task.piece_size,
                         held,
@@ -271,7 +264,7 @@ impl ProtoAdapter {
                     s.publish_piece_table(&me, &task, table)?;
                 }
                 if let Some(origin) = t.origin {
-                    self.origins.insert(task.clone(), origin);
+                    self.origins.insert(task, origin);
                 }
                 Ok(Handled::reply(SchedulerReply::Task(proto::TaskInfo {
                     task: t.task,
@@ -279,9 +272,9 @@ impl ProtoAdapter {
                 })))
             }
             SchedulerRequest::PiecesHeld(p) => {
-                let task = task_id(&p.blob)?;
+                let task = p.blob;
                 match p.pieces {
-                    PieceReport::Full(set) => s.report_held(&me, &task, set.as_bytes())?,
+                    PieceReport::Full(set) => s.report_held(&me, &task, &set)?,
                     PieceReport::Added(i) => {
                         s.report_pieces(&me, &task, &i)?;
                     }
@@ -292,22 +285,21 @@ impl ProtoAdapter {
                 ok()
             }
             SchedulerRequest::RequestParents(r) => {
-                let task = task_id(&r.blob)?;
+                let task = r.blob;
                 if let Some(why) = self.refused_reason(&task) {
                     return Ok(Handled::reply(SchedulerReply::Error(ErrorReply::new(
                         ErrorCode::Refused,
                         why,
                     ))));
                 }
-                let exclude: Vec<HostId> =
-                    r.exclude.iter().filter_map(|h| host_id(h).ok()).collect();
+                let exclude: Vec<HostId> = r.exclude.clone();
                 s.block_parents(&me, &task, &exclude)?;
                 let decision = s.decide(&me, &task)?;
                 Ok(self.answer(s, &task, r.blob, decision))
             }
             SchedulerRequest::ReportPieceFailure(f) => {
-                let task = task_id(&f.blob)?;
-                let parent = host_id(&f.parent)?;
+                let task = f.blob;
+                let parent = f.parent.clone();
                 // Busy is not held against the parent: the child asks again and its edges go.
                 if let Some(kind) = failure_kind(f.reason) {
                     s.report_failure(&me, &task, &parent, kind)?;
@@ -315,7 +307,7 @@ impl ProtoAdapter {
                 ok()
             }
             SchedulerRequest::DownloadFinished(d) => {
-                let task = task_id(&d.blob)?;
+                let task = d.blob;
                 let Some(summary) = s.task_summary(&task) else {
                     return Err(SchedulerError::NotInTask { host: me, task });
                 };
@@ -324,7 +316,7 @@ impl ProtoAdapter {
                 ok()
             }
             SchedulerRequest::DownloadFailed(d) => {
-                let task = task_id(&d.blob)?;
+                let task = d.blob;
                 tracing::info!(host = %me, blob = %task, reason = %d.reason, "download given up");
                 s.leave_task(&me, &task)?;
                 ok()
@@ -334,21 +326,19 @@ impl ProtoAdapter {
                 let hosts = s
                     .list_hosts(limit)
                     .into_iter()
-                    .filter_map(|h| {
-                        Some(proto::HostInfo {
-                            host_id: proto::HostId::new(h.id.as_str()).ok()?,
-                            addresses: h
-                                .addresses
-                                .iter()
-                                .copied()
-                                .take(proto::MAX_ADDRESSES)
-                                .collect(),
-                            locality: proto::Locality {
-                                zone: Some(h.locality.zone).filter(|z| !z.is_empty()),
-                                rack: Some(h.locality.rack).filter(|r| !r.is_empty()),
-                            },
-                            is_seed: h.is_seed,
-                        })
+                    .map(|h| proto::HostInfo {
+                        host_id: h.id,
+                        addresses: h
+                            .addresses
+                            .iter()
+                            .copied()
+                            .take(proto::MAX_ADDRESSES)
+                            .collect(),
+                        locality: proto::Locality {
+                            zone: Some(h.locality.zone).filter(|z| !z.is_empty()),
+                            rack: Some(h.locality.rack).filter(|r| !r.is_empty()),
+                        },
+                        is_seed: h.is_seed,
                     })
                     .collect();
                 Ok(Handled::reply(SchedulerReply::Hosts(proto::HostList {
@@ -357,12 +347,12 @@ impl ProtoAdapter {
             }
             SchedulerRequest::Preheat(p) => Ok(self.preheat(s, p)),
             SchedulerRequest::PieceHashes(h) => {
-                let task = task_id(&h.blob)?;
+                let task = h.blob;
                 s.publish_piece_hashes(&me, &task, h.first, &h.hashes)?;
                 ok()
             }
             SchedulerRequest::GetPieceHashes { blob, first } => {
-                let task = task_id(&blob)?;
+                let task = blob;
                 s.member(&me, &task)?;
                 let (publisher, hashes) =
                     s.piece_hashes(&task, first, proto::MAX_HASHES_PER_MESSAGE);
@@ -370,7 +360,7 @@ impl ProtoAdapter {
                     proto::PieceHashesReply {
                         blob,
                         first,
-                        publisher: publisher.and_then(|p| proto::HostId::new(p.as_str()).ok()),
+                        publisher,
                         hashes,
                     },
                 )))
@@ -386,24 +376,19 @@ impl ProtoAdapter {
         let mut outcomes = Vec::with_capacity(p.blobs.len());
         let mut pushes = Vec::new();
         for meta in p.blobs {
-            let decision = task_id(&meta.blob)
-                .and_then(|t| Ok((s.preheat(&t, meta.size, meta.piece_size)?, t)));
+            let t = meta.blob;
+            let decision = s.preheat(&t, meta.size, meta.piece_size).map(|d| (d, t));
             let outcome = match decision {
                 Ok((PreheatDecision::Ordered(seed), task)) => {
                     self.origins.insert(task, p.origin.clone());
-                    match proto::HostId::new(seed.as_str()) {
-                        Ok(wire) => {
-                            pushes.push((
-                                seed,
-                                SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin {
-                                    task: meta,
-                                    origin: p.origin.clone(),
-                                }),
-                            ));
-                            proto::PreheatOutcome::Ordered { seed: wire }
-                        }
-                        Err(e) => no_seed(e.to_string()),
-                    }
+                    pushes.push((
+                        seed.clone(),
+                        SchedulerPush::FetchFromOrigin(proto::FetchFromOrigin {
+                            task: meta,
+                            origin: p.origin.clone(),
+                        }),
+                    ));
+                    proto::PreheatOutcome::Ordered { seed }
                 }
                 Ok((PreheatDecision::AlreadyWarm, task)) => {
                     self.origins.entry(task).or_insert_with(|| p.origin.clone());
@@ -424,26 +409,16 @@ impl ProtoAdapter {
     fn answer<C: Clock>(
         &self,
         s: &Scheduler<C>,
-        task: &TaskId,
+        task: &Digest,
         blob: proto::Digest,
         decision: Decision,
     ) -> Handled {
         let parents = |list: &[Parent]| -> Vec<proto::Parent> {
             list.iter()
                 .filter_map(|p| {
-                    let bitmap = s.held_bitmap(&p.host, task)?;
-                    let summary = s.task_summary(task)?;
-                    let mut pieces = proto::PieceSet::empty(summary.piece_count).ok()?;
-                    for i in 0..summary.piece_count {
-                        if bitmap
-                            .get(i as usize / 8)
-                            .is_some_and(|b| b & (1 << (i % 8)) != 0)
-                        {
-                            pieces.insert(i).ok()?;
-                        }
-                    }
+                    let pieces = s.held_set(&p.host, task)?;
                     Some(proto::Parent {
-                        host_id: proto::HostId::new(p.host.as_str()).ok()?,
+                        host_id: p.host.clone(),
                         addresses: p
                             .addresses
                             .iter()
@@ -552,7 +527,7 @@ mod tests {
     ) -> Handled {
         let req = SchedulerRequest::RequestParents(proto::RequestParents {
             blob: meta.blob,
-            wanted: proto::PieceSet::full(meta.piece_count()).unwrap_or_else(|e| panic!("{e}")),
+            wanted: proto::PieceSet::full(meta.piece_count()),
             exclude: vec![],
         });
         a.handle(s, &pid(peer), req)
@@ -742,7 +717,7 @@ mod tests {
             &pid("peer-1"),
             SchedulerRequest::RequestParents(proto::RequestParents {
                 blob: meta.blob,
-                wanted: proto::PieceSet::full(10).unwrap_or_else(|e| panic!("{e}")),
+                wanted: proto::PieceSet::full(10),
                 exclude: vec![],
             }),
         );
@@ -798,7 +773,7 @@ mod tests {
         assert!(matches!(&h.reply, SchedulerReply::Error(e) if e.code == ErrorCode::Refused));
         let ask = SchedulerRequest::RequestParents(proto::RequestParents {
             blob: proto::Digest::from_bytes([1; 32]),
-            wanted: proto::PieceSet::full(1).unwrap_or_else(|e| panic!("{e}")),
+            wanted: proto::PieceSet::full(1),
             exclude: vec![],
         });
         let h = a.handle(&mut s, &pid("peer-1"), ask);
@@ -841,7 +816,7 @@ mod tests {
         }
         let ask = SchedulerRequest::RequestParents(proto::RequestParents {
             blob: meta.blob,
-            wanted: proto::PieceSet::full(4).unwrap_or_else(|e| panic!("{e}")),
+            wanted: proto::PieceSet::full(4),
             exclude: vec![],
         });
         let h = a.handle(&mut s, &pid("peer-1"), ask);

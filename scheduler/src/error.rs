@@ -1,26 +1,13 @@
 //! The scheduler core's one error type.
 
-use crate::ids::{HostId, TaskId};
+use shoal_types::{Digest, HostId};
 
 /// Everything a scheduler call can refuse; each message names the host or blob and what to do.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SchedulerError {
-    /// A host id that is empty, too long or holds control characters.
-    #[error("invalid host id {id:?}: {reason}")]
-    InvalidHostId {
-        /// The id as received.
-        id: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// A blob digest that is not `algorithm:encoded` as OCI defines it.
-    #[error("invalid blob digest {digest:?}: {reason}; expected e.g. sha256:<64 hex>")]
-    InvalidDigest {
-        /// The digest as received.
-        digest: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    /// A host id or blob digest that breaks its rule.
+    #[error(transparent)]
+    InvalidId(#[from] shoal_types::IdError),
     /// A host registration that breaks a documented limit (labels, addresses, slots).
     #[error("host {host}: {reason}")]
     InvalidHost {
@@ -41,13 +28,13 @@ pub enum SchedulerError {
         /// The host named in the call.
         host: HostId,
         /// The blob named in the call.
-        task: TaskId,
+        task: Digest,
     },
     /// A task announcement whose size, piece size or piece bitmap does not fit.
     #[error("blob {task}: {reason}")]
     InvalidTask {
         /// The blob.
-        task: TaskId,
+        task: Digest,
         /// What does not fit.
         reason: String,
     },
@@ -55,7 +42,7 @@ pub enum SchedulerError {
     #[error("blob {task}: {reason}; the announcing host {host} disagrees with the swarm and should re-check the blob's descriptor")]
     TaskMismatch {
         /// The blob.
-        task: TaskId,
+        task: Digest,
         /// The host whose announcement was refused.
         host: HostId,
         /// What differs.
@@ -65,7 +52,7 @@ pub enum SchedulerError {
     #[error("blob {task}: piece {piece} reported by {host} is out of range (the blob has {count} pieces)")]
     PieceOutOfRange {
         /// The blob.
-        task: TaskId,
+        task: Digest,
         /// The reporting host.
         host: HostId,
         /// The bad index.

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::SchedulerConfig;
 use crate::error::SchedulerError;
-use crate::ids::{HostId, TaskKey};
+use crate::ids::TaskKey;
+use shoal_types::HostId;
 
 /// What a host tells the scheduler when it registers (again, after a scheduler restart).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +21,8 @@ pub struct HostRegistration {
     pub locality: Locality,
     /// How many children it accepts at once.
     pub upload_slots: u32,
+    /// Its upload rate limit in bytes per second (0: unlimited).
+    pub upload_limit: u64,
     /// Whether it is a seed (`shoal peer --seed`): fetches from the origin on request.
     pub is_seed: bool,
 }
@@ -38,6 +41,10 @@ pub struct Locality {
 pub struct HostLoad {
     /// Upload slots the host itself counts as free right now; `None` when it did not say.
     pub free_upload_slots: Option<u32>,
+    /// Bytes per second it uploaded over its last heartbeat interval; `None` when it did not say.
+    pub upload_bytes_per_sec: Option<u64>,
+    /// Bytes per second it downloaded over its last heartbeat interval; `None` when it did not say.
+    pub download_bytes_per_sec: Option<u64>,
 }
 
 /// How close two hosts are: same rack (within the zone), same zone, or neither.
@@ -68,6 +75,13 @@ pub(crate) struct Host {
     pub tasks: Vec<TaskKey>,
     /// Upload throughput measured by its children, bytes per second (EWMA); 0 = not yet measured.
     pub throughput: f32,
+    /// Its upload rate limit (bytes/s, 0: unlimited), as registered.
+    upload_limit: u64,
+    /// Bytes/s it uploaded over its last heartbeat interval.
+    upload_rate: f32,
+    /// The most bytes/s it has moved in either direction over one interval: what its link can
+    /// carry at least (links are assumed symmetric), the uplink's capacity when no limit is set.
+    link_peak: f32,
     failure_score: f32,
     failure_at: Instant,
 }
@@ -132,6 +146,9 @@ impl Host {
             last_heartbeat: now,
             tasks: Vec::new(),
             throughput: 0.0,
+            upload_limit: reg.upload_limit,
+            upload_rate: 0.0,
+            link_peak: 0.0,
             failure_score: 0.0,
             failure_at: now,
         })
@@ -144,6 +161,7 @@ impl Host {
         self.zone_hash = fresh.zone_hash;
         self.rack_hash = fresh.rack_hash;
         self.upload_slots = fresh.upload_slots;
+        self.upload_limit = fresh.upload_limit;
         self.is_seed = fresh.is_seed;
         self.last_heartbeat = fresh.last_heartbeat;
     }
@@ -192,6 +210,31 @@ impl Host {
         self.failure_at = now;
     }
 
+    /// Records the rates a heartbeat reported.
+    pub fn record_load(&mut self, load: &HostLoad) {
+        if let Some(up) = load.upload_bytes_per_sec {
+            self.upload_rate = up as f32;
+            self.link_peak = self.link_peak.max(up as f32);
+        }
+        if let Some(down) = load.download_bytes_per_sec {
+            self.link_peak = self.link_peak.max(down as f32);
+        }
+    }
+
+    /// The share of its uplink not in use at its last heartbeat, 0 to 1: its upload rate
+    /// against its limit, or, without one, against the most it has moved in either direction.
+    /// A host that uploads nothing (or never said) has all of it.
+    pub fn spare_uplink(&self) -> f32 {
+        let capacity = match self.upload_limit {
+            0 => self.link_peak,
+            limit => limit as f32,
+        };
+        if self.upload_rate <= 0.0 || capacity <= 0.0 {
+            return 1.0;
+        }
+        (1.0 - self.upload_rate / capacity).clamp(0.0, 1.0)
+    }
+
     /// Folds one measured transfer from this host into its throughput.
     pub fn record_throughput(&mut self, bytes: u64, elapsed: Duration) {
         let secs = elapsed.as_secs_f32().max(1e-3);
@@ -217,6 +260,7 @@ mod tests {
                 rack: rack.into(),
             },
             upload_slots: 4,
+            upload_limit: 0,
             is_seed: false,
         };
         Host::new(reg, &SchedulerConfig::default(), Instant::now())
@@ -255,14 +299,47 @@ mod tests {
                 rack: String::new(),
             },
             upload_slots: 4,
+            upload_limit: 0,
             is_seed: false,
         };
         assert!(Host::new(reg.clone(), &config, Instant::now()).is_err());
         let too_many_slots = HostRegistration {
             upload_slots: 5_000,
+            upload_limit: 0,
             locality: Locality::default(),
             ..reg
         };
         assert!(Host::new(too_many_slots, &config, Instant::now()).is_err());
+    }
+
+    #[test]
+    fn spare_uplink_is_measured_against_the_limit_or_the_link() {
+        let now = Instant::now();
+        let reg = |limit| HostRegistration {
+            id: HostId::new("h").unwrap_or_else(|e| panic!("{e}")),
+            addresses: vec![],
+            locality: Locality::default(),
+            upload_slots: 4,
+            upload_limit: limit,
+            is_seed: false,
+        };
+        let load = |up: u64, down: u64| HostLoad {
+            upload_bytes_per_sec: Some(up),
+            download_bytes_per_sec: Some(down),
+            ..HostLoad::default()
+        };
+        let cfg = SchedulerConfig::default();
+        let mut h = Host::new(reg(0), &cfg, now).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.spare_uplink(), 1.0, "never said: all of it");
+        // It downloaded at 200/s once: its link carries that much; uploading 50/s leaves 3/4.
+        h.record_load(&load(0, 200));
+        h.record_load(&load(50, 0));
+        assert_eq!(h.spare_uplink(), 0.75);
+        h.record_load(&load(0, 0));
+        assert_eq!(h.spare_uplink(), 1.0);
+        // With a limit, the limit is the capacity.
+        let mut limited = Host::new(reg(100), &cfg, now).unwrap_or_else(|e| panic!("{e}"));
+        limited.record_load(&load(100, 1000));
+        assert_eq!(limited.spare_uplink(), 0.0);
     }
 }

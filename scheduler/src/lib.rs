@@ -1,36 +1,43 @@
-//! Shoal's scheduler core: tracks hosts, blobs and which pieces each peer holds, and decides
-//! where each peer fetches the pieces it lacks.
+//! Shoal's scheduler: tracks hosts, blobs and which pieces each peer holds, and decides where
+//! each peer fetches the pieces it lacks.
 //!
-//! It does no I/O: the QUIC service feeds it registrations, heartbeats, announcements and
-//! reports, asks it for decisions, and sends the answers. All state is soft (rebuilt from peer
-//! announcements after a restart) and bounded by [`SchedulerConfig`]. See README.md for the data
-//! path and the selection rules.
+//! Three layers, each using only the ones above it:
+//! - the core ([`Scheduler`]: `config`, `ids`, `host`, `task`, `state`, `select`, `reports`,
+//!   `lifecycle`, `preheat`, `metrics`, `clock`): all state and every rule, no I/O, no protocol.
+//!   All state is soft (rebuilt from peer announcements after a restart) and bounded by
+//!   [`SchedulerConfig`];
+//! - [`adapter`]: `shoal-proto` messages onto core calls and core answers back onto replies;
+//! - [`service`]: the QUIC service (mutual TLS, framing) and its config file
+//!   ([`SchedulerServiceConfig`], which embeds the core's config as `[core]`).
+//!
+//! See README.md for the data path and the selection rules.
 
-pub mod adapter;
+// The core.
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod host;
-pub mod ids;
+mod ids;
 mod lifecycle;
 pub mod metrics;
-pub mod pieces;
 mod preheat;
 pub mod reports;
 pub mod select;
-pub mod service;
 mod state;
 pub mod task;
 
+// Protocol edge, then I/O.
+pub mod adapter;
+pub mod service;
+
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{SchedulerConfig, SchedulerServiceConfig};
+pub use config::SchedulerConfig;
 pub use error::SchedulerError;
 pub use host::{HostLoad, HostRegistration, Locality};
-pub use ids::{HostId, TaskId};
 pub use metrics::Metrics;
-pub use pieces::PieceSet;
 pub use preheat::PreheatDecision;
 pub use reports::FailureKind;
 pub use select::{Decision, Parent};
+pub use service::SchedulerServiceConfig;
 pub use state::{HostSummary, Scheduler, TaskSummary};
 pub use task::{Held, PieceDigest, TaskAnnouncement};

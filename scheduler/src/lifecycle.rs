@@ -3,8 +3,8 @@
 use crate::clock::Clock;
 use crate::error::SchedulerError;
 use crate::host::{Host, HostLoad, HostRegistration};
-use crate::ids::HostId;
 use crate::state::Scheduler;
+use shoal_types::HostId;
 
 impl<C: Clock> Scheduler<C> {
     /// Registers a host, or updates it when it registers again (keeping its tasks and history).
@@ -51,6 +51,7 @@ impl<C: Clock> Scheduler<C> {
             if load.free_upload_slots.is_some() {
                 h.reported_free = load.free_upload_slots;
             }
+            h.record_load(&load);
         }
         Ok(())
     }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::error::SchedulerError;
-use crate::ids::{HostId, TaskId};
 use crate::state::Scheduler;
 use crate::task::{Held, PeerState, TaskAnnouncement};
+use shoal_types::{Digest, HostId};
 
 /// What a preheat did for one blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ impl<C: Clock> Scheduler<C> {
     /// unless a seed holds or fetches it already.
     pub fn preheat(
         &mut self,
-        task: &TaskId,
+        task: &Digest,
         size: u64,
         piece_size: u32,
     ) -> Result<PreheatDecision, SchedulerError> {
@@ -35,7 +35,7 @@ impl<C: Clock> Scheduler<C> {
         if let Some(t) = existing.and_then(|tk| self.tasks.get(tk)) {
             if t.size != size || t.piece_size != piece_size {
                 return Err(SchedulerError::TaskMismatch {
-                    task: task.clone(),
+                    task: *task,
                     host: HostId::new("preheat")?,
                     reason: format!(
                         "preheat says size {size} / piece size {piece_size}, the swarm has {} / {}",
@@ -92,7 +92,7 @@ impl<C: Clock> Scheduler<C> {
         self.announce_task(
             &seed,
             TaskAnnouncement {
-                task: task.clone(),
+                task: *task,
                 size,
                 piece_size,
                 held: Held::Nothing,
@@ -145,6 +145,7 @@ mod tests {
             addresses: vec!["127.0.0.1:4470".parse().unwrap_or_else(|e| panic!("{e}"))],
             locality: Locality::default(),
             upload_slots: 8,
+            upload_limit: 0,
             is_seed: seed,
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -152,6 +153,7 @@ mod tests {
             &id(name),
             HostLoad {
                 free_upload_slots: Some(8),
+                ..HostLoad::default()
             },
         );
     }
@@ -161,7 +163,7 @@ mod tests {
         let mut s = scheduler();
         register(&mut s, "peer-1", false);
         let task =
-            TaskId::new(&format!("sha256:{}", "ab".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
+            Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
         let d = s
             .preheat(&task, 4 << 20, 1 << 20)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -174,7 +176,7 @@ mod tests {
         register(&mut s, "seed-1", true);
         register(&mut s, "peer-1", false);
         let task =
-            TaskId::new(&format!("sha256:{}", "cd".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
+            Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap_or_else(|e| panic!("{e}"));
         let d = s
             .preheat(&task, 4 << 20, 1 << 20)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -190,7 +192,7 @@ mod tests {
         s.announce_task(
             &id("peer-1"),
             TaskAnnouncement {
-                task: task.clone(),
+                task,
                 size: 4 << 20,
                 piece_size: 1 << 20,
                 held: Held::Nothing,

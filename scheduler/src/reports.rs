@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::error::SchedulerError;
-use crate::ids::{HostId, HostKey, TaskId, TaskKey};
+use crate::ids::{HostKey, TaskKey};
 use crate::metrics::FailureLabels;
-use crate::pieces::PieceSet;
 use crate::state::Scheduler;
 use crate::task::{Held, PeerState, PieceDigest, Task, TaskAnnouncement};
+use shoal_types::PieceSet;
+use shoal_types::{Digest, HostId};
 
 /// Why a child gave up on a parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,7 +53,7 @@ impl<C: Clock> Scheduler<C> {
             Some(t) => {
                 if t.size != a.size || t.piece_size != a.piece_size {
                     return Err(SchedulerError::TaskMismatch {
-                        task: a.task.clone(),
+                        task: a.task,
                         host: host.clone(),
                         reason: format!(
                             "announced size {} / piece size {}, the swarm has {} / {}",
@@ -72,12 +73,14 @@ impl<C: Clock> Scheduler<C> {
         let held = match &a.held {
             Held::Nothing => PieceSet::empty(piece_count),
             Held::All => PieceSet::full(piece_count),
-            Held::Bitmap(bytes) => PieceSet::from_bitmap(bytes, piece_count).map_err(|reason| {
-                SchedulerError::InvalidTask {
-                    task: a.task.clone(),
-                    reason: format!("announced by {host}: {reason}"),
-                }
-            })?,
+            Held::Set(set) => {
+                set.check_len(piece_count)
+                    .map_err(|e| SchedulerError::InvalidTask {
+                        task: a.task,
+                        reason: format!("announced by {host}: {e}"),
+                    })?;
+                set.clone()
+            }
         };
         if let Some(tk) = existing {
             if let Some(slot) = self.tasks.get(tk).and_then(|t| t.slot(hk)) {
@@ -93,14 +96,14 @@ impl<C: Clock> Scheduler<C> {
             (Some(tk), _) => tk,
             (None, Some(t)) => {
                 let tk = self.tasks.insert(t);
-                self.task_ids.insert(a.task.clone(), tk);
+                self.task_ids.insert(a.task, tk);
                 self.metrics.tasks.set(self.tasks.len() as i64);
                 tk
             }
             (None, None) => {
                 return Err(SchedulerError::NotInTask {
                     host: host.clone(),
-                    task: a.task.clone(),
+                    task: a.task,
                 })
             }
         };
@@ -112,7 +115,7 @@ impl<C: Clock> Scheduler<C> {
         &self,
         hk: HostKey,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         existing: Option<TaskKey>,
     ) -> Result<(), SchedulerError> {
         if let Some(h) = self.hosts.get(hk) {
@@ -185,7 +188,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn report_pieces(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         pieces: &[u32],
     ) -> Result<u32, SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
@@ -209,7 +212,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn report_pieces_removed(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         pieces: &[u32],
     ) -> Result<u32, SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
@@ -226,23 +229,22 @@ impl<C: Clock> Scheduler<C> {
         Ok(gone)
     }
 
-    /// Replaces what `host` holds of `task` with a full wire bitmap (a full report).
+    /// Replaces what `host` holds of `task` with a full held set (a full report).
     pub fn report_held(
         &mut self,
         host: &HostId,
-        task: &TaskId,
-        bitmap: &[u8],
+        task: &Digest,
+        new: &PieceSet,
     ) -> Result<(), SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
         let Some(t) = self.tasks.get_mut(tk) else {
             return Ok(());
         };
-        let new = PieceSet::from_bitmap(bitmap, t.piece_count).map_err(|reason| {
-            SchedulerError::InvalidTask {
-                task: task.clone(),
-                reason: format!("reported by {host}: {reason}"),
-            }
-        })?;
+        new.check_len(t.piece_count)
+            .map_err(|e| SchedulerError::InvalidTask {
+                task: *task,
+                reason: format!("reported by {host}: {e}"),
+            })?;
         let old: Vec<u32> = t
             .peer(hk)
             .map_or_else(Vec::new, |p| p.pieces.iter().collect());
@@ -265,7 +267,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn report_transfer(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         parent: &HostId,
         bytes: u64,
         elapsed: Duration,
@@ -287,7 +289,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn report_failure(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         parent: &HostId,
         kind: FailureKind,
     ) -> Result<(), SchedulerError> {
@@ -333,7 +335,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn block_parents(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         parents: &[HostId],
     ) -> Result<(), SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
@@ -359,7 +361,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn report_origin_failure(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
     ) -> Result<(), SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
         let now = self.clock.now();
@@ -381,7 +383,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn publish_piece_table(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         table: Vec<PieceDigest>,
     ) -> Result<(), SchedulerError> {
         let (_, tk) = self.member(host, task)?;
@@ -390,7 +392,7 @@ impl<C: Clock> Scheduler<C> {
         };
         t.set_piece_table(table)
             .map_err(|reason| SchedulerError::TaskMismatch {
-                task: task.clone(),
+                task: *task,
                 host: host.clone(),
                 reason,
             })
@@ -402,7 +404,7 @@ impl<C: Clock> Scheduler<C> {
     pub fn publish_piece_hashes(
         &mut self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
         first: u32,
         hashes: &[PieceDigest],
     ) -> Result<(), SchedulerError> {
@@ -411,7 +413,7 @@ impl<C: Clock> Scheduler<C> {
             return Ok(());
         };
         let refuse = |reason: String| SchedulerError::TaskMismatch {
-            task: task.clone(),
+            task: *task,
             host: host.clone(),
             reason,
         };
@@ -427,7 +429,7 @@ impl<C: Clock> Scheduler<C> {
     /// published them: the whole table once there is one, else the streamed hashes.
     pub fn piece_hashes(
         &self,
-        task: &TaskId,
+        task: &Digest,
         first: u32,
         max: usize,
     ) -> (Option<HostId>, Vec<Option<PieceDigest>>) {
@@ -450,13 +452,13 @@ impl<C: Clock> Scheduler<C> {
     }
 
     /// The blob's piece table, once published.
-    pub fn piece_table(&self, task: &TaskId) -> Option<Arc<[PieceDigest]>> {
+    pub fn piece_table(&self, task: &Digest) -> Option<Arc<[PieceDigest]>> {
         let tk = self.task_ids.get(task)?;
         self.tasks.get(*tk)?.piece_table.clone()
     }
 
     /// `host` no longer takes part in `task` (evicted it, or cancelled the download).
-    pub fn leave_task(&mut self, host: &HostId, task: &TaskId) -> Result<(), SchedulerError> {
+    pub fn leave_task(&mut self, host: &HostId, task: &Digest) -> Result<(), SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
         self.remove_peer_task(hk, tk);
         Ok(())
@@ -467,13 +469,13 @@ impl<C: Clock> Scheduler<C> {
 /// recorded or removed, so a bad report changes nothing.
 fn check_pieces(
     host: &HostId,
-    task: &TaskId,
+    task: &Digest,
     count: u32,
     pieces: &[u32],
 ) -> Result<(), SchedulerError> {
     match pieces.iter().find(|&&i| i >= count) {
         Some(&piece) => Err(SchedulerError::PieceOutOfRange {
-            task: task.clone(),
+            task: *task,
             host: host.clone(),
             piece,
             count,

@@ -23,14 +23,17 @@ use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::error::SchedulerError;
 use crate::host::{Closeness, Host};
-use crate::ids::{HostId, HostKey, TaskId, TaskKey};
+use crate::ids::{HostKey, TaskKey};
 use crate::state::Scheduler;
 use crate::task::{PeerState, Task};
+use shoal_types::{Digest, HostId};
 
 /// Weight of the share of the asker's missing pieces a candidate can give.
 const W_USEFUL: f32 = 2.0;
 /// Weight of the share of the candidate's upload slots still free.
 const W_FREE: f32 = 1.0;
+/// Weight of the share of the candidate's uplink not in use (heartbeat rates, host.rs).
+const W_SPARE: f32 = 1.0;
 /// Weight of measured throughput, as `tp / (tp + TP_HALF)`.
 const W_THROUGHPUT: f32 = 1.0;
 /// Weight of locality: same rack 1, same zone 0.5.
@@ -138,7 +141,12 @@ fn score(asker: &Asker<'_>, cand: &Host, useful: u32, now: Instant, half_life: D
         Closeness::SameZone => 0.5,
         Closeness::Far => 0.0,
     };
-    let base = W_USEFUL * useful + W_FREE * free + W_THROUGHPUT * tp + W_LOCALITY * local;
+    let spare = cand.spare_uplink();
+    let base = W_USEFUL * useful
+        + W_FREE * free
+        + W_SPARE * spare
+        + W_THROUGHPUT * tp
+        + W_LOCALITY * local;
     base / (1.0 + cand.failures(now, half_life))
 }
 
@@ -279,7 +287,7 @@ fn pick(task: &Task, asker: &Asker<'_>, config: &SchedulerConfig, s: &mut Scratc
     s.covered.resize(me.pieces.words().len(), 0);
     // A peer well behind the asker is not named: parents are then mostly ahead of their
     // children, so a peer that falls behind is nobody's ancestor and gets parents (no cycles).
-    let mine = me.pieces.count();
+    let mine = me.pieces.held();
     let margin = (mine / BEHIND_SHARE).max(BEHIND_MIN);
     let behind = |c: &Cand| {
         !c.full
@@ -287,7 +295,7 @@ fn pick(task: &Task, asker: &Asker<'_>, config: &SchedulerConfig, s: &mut Scratc
             && task
                 .peers
                 .get(c.slot as usize)
-                .is_some_and(|p| p.pieces.count().saturating_add(margin) < mine)
+                .is_some_and(|p| p.pieces.held().saturating_add(margin) < mine)
     };
     for c in s.cands.iter() {
         if s.picks.len() >= config.max_parents {
@@ -355,26 +363,26 @@ fn cover(task: &Task, c: &Cand, covered: &mut [u64]) {
 impl<C: Clock> Scheduler<C> {
     /// Decides where `host` gets the pieces of `task` it lacks, and records the parent edges
     /// (they hold the parents' upload slots until the next decision, completion or leave).
-    pub fn decide(&mut self, host: &HostId, task: &TaskId) -> Result<Decision, SchedulerError> {
+    pub fn decide(&mut self, host: &HostId, task: &Digest) -> Result<Decision, SchedulerError> {
         let (hk, tk) = self.member(host, task)?;
         let now = self.clock.now();
         let Some(t) = self.tasks.get_mut(tk) else {
             return Err(SchedulerError::NotInTask {
                 host: host.clone(),
-                task: task.clone(),
+                task: *task,
             });
         };
         let piece_count = t.piece_count;
         let Some(slot) = t.slot(hk) else {
             return Err(SchedulerError::NotInTask {
                 host: host.clone(),
-                task: task.clone(),
+                task: *task,
             });
         };
         let Some(me) = t.peers.get_mut(slot) else {
             return Err(SchedulerError::NotInTask {
                 host: host.clone(),
-                task: task.clone(),
+                task: *task,
             });
         };
         let (old, n) = me.set_parents(&[]);
@@ -538,7 +546,7 @@ impl<C: Clock> Scheduler<C> {
             let pieces = self
                 .tasks
                 .get(tk)
-                .map(|t| crate::pieces::PieceSet::empty(t.piece_count));
+                .map(|t| shoal_types::PieceSet::empty(t.piece_count));
             if let Some(pieces) = pieces {
                 self.join(seed, tk, pieces);
             }

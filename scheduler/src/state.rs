@@ -10,10 +10,11 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::SchedulerConfig;
 use crate::error::SchedulerError;
 use crate::host::Host;
-use crate::ids::{HostId, HostKey, TaskId, TaskKey};
+use crate::ids::{HostKey, TaskKey};
 use crate::metrics::{Metrics, OutcomeLabels, SourceLabels};
 use crate::select::Scratch;
 use crate::task::{PeerTask, Task};
+use shoal_types::{Digest, HostId};
 
 /// What the scheduler knows of a blob's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +88,7 @@ pub struct Scheduler<C: Clock = SystemClock> {
     pub(crate) host_ids: HashMap<HostId, HostKey>,
     pub(crate) seeds: Vec<HostKey>,
     pub(crate) tasks: SlotMap<TaskKey, Task>,
-    pub(crate) task_ids: HashMap<TaskId, TaskKey>,
+    pub(crate) task_ids: HashMap<Digest, TaskKey>,
     pub(crate) peer_tasks: usize,
     pub(crate) rng: fastrand::Rng,
     pub(crate) metrics: Metrics,
@@ -166,15 +167,15 @@ impl<C: Clock> Scheduler<C> {
         self.host_ids.contains_key(host)
     }
 
-    /// The pieces `host` is known to hold of `task`, as a wire bitmap.
-    pub fn held_bitmap(&self, host: &HostId, task: &TaskId) -> Option<Vec<u8>> {
+    /// The pieces `host` is known to hold of `task`.
+    pub fn held_set(&self, host: &HostId, task: &Digest) -> Option<shoal_types::PieceSet> {
         let (hk, tk) = self.member(host, task).ok()?;
         let t = self.tasks.get(tk)?;
-        t.peer(hk).map(|p| p.pieces.to_bitmap(t.piece_count))
+        t.peer(hk).map(|p| p.pieces.clone())
     }
 
     /// How many peers (holders or not) take part in `task`.
-    pub fn task_peer_count(&self, task: &TaskId) -> usize {
+    pub fn task_peer_count(&self, task: &Digest) -> usize {
         self.task_ids
             .get(task)
             .and_then(|&tk| self.tasks.get(tk))
@@ -182,7 +183,7 @@ impl<C: Clock> Scheduler<C> {
     }
 
     /// Size, piece size and piece count of a tracked blob.
-    pub fn task_summary(&self, task: &TaskId) -> Option<TaskSummary> {
+    pub fn task_summary(&self, task: &Digest) -> Option<TaskSummary> {
         let t = self.tasks.get(*self.task_ids.get(task)?)?;
         Some(TaskSummary {
             size: t.size,
@@ -216,12 +217,12 @@ impl<C: Clock> Scheduler<C> {
     pub(crate) fn member(
         &self,
         host: &HostId,
-        task: &TaskId,
+        task: &Digest,
     ) -> Result<(HostKey, TaskKey), SchedulerError> {
         let hk = self.host_key(host)?;
         let not_in = || SchedulerError::NotInTask {
             host: host.clone(),
-            task: task.clone(),
+            task: *task,
         };
         let tk = *self.task_ids.get(task).ok_or_else(not_in)?;
         let joined = self.tasks.get(tk).and_then(|t| t.slot(hk)).is_some();

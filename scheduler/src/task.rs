@@ -11,8 +11,9 @@ use rustc_hash::FxHashMap;
 
 use crate::config::{SchedulerConfig, MAX_PARENTS};
 use crate::error::SchedulerError;
-use crate::ids::{HostKey, TaskId};
-use crate::pieces::PieceSet;
+use crate::ids::HostKey;
+use shoal_types::Digest;
+use shoal_types::PieceSet;
 
 /// Smallest accepted piece size (64 KiB).
 pub const MIN_PIECE_SIZE: u32 = 64 * 1024;
@@ -33,15 +34,15 @@ pub enum Held {
     Nothing,
     /// The whole blob, verified.
     All,
-    /// A wire bitmap (see `pieces` module docs).
-    Bitmap(Vec<u8>),
+    /// These pieces (a set of the blob's piece count).
+    Set(PieceSet),
 }
 
 /// A peer's announcement that it takes part in a task (downloads or holds a blob).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskAnnouncement {
     /// The blob's digest.
-    pub task: TaskId,
+    pub task: Digest,
     /// The blob's size in bytes.
     pub size: u64,
     /// Piece size in bytes: a power of two from 64 KiB to 64 MiB.
@@ -83,7 +84,7 @@ impl PeerTask {
     fn new(host: HostKey, pieces: PieceSet) -> Self {
         Self {
             host,
-            held: pieces.count(),
+            held: pieces.held(),
             pieces,
             state: PeerState::Swarm,
             parents: [HostKey::default(); MAX_PARENTS],
@@ -143,7 +144,7 @@ impl PeerTask {
 /// One blob being distributed.
 #[derive(Debug)]
 pub(crate) struct Task {
-    pub id: TaskId,
+    pub id: Digest,
     pub size: u64,
     pub piece_size: u32,
     pub piece_count: u32,
@@ -180,7 +181,7 @@ impl Task {
     pub fn new(a: &TaskAnnouncement, config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         let piece_count = piece_count(a, config)?;
         Ok(Self {
-            id: a.task.clone(),
+            id: a.task,
             size: a.size,
             piece_size: a.piece_size,
             piece_count,
@@ -482,7 +483,7 @@ impl Task {
         for (s, p) in self.peers.iter().enumerate() {
             assert_eq!(self.index.get(&p.host), Some(&(s as u32)));
             assert_eq!(s < self.holders, p.held > 0 && !p.excluded, "slot {s}");
-            assert_eq!(p.held, p.pieces.count());
+            assert_eq!(p.held, p.pieces.held());
         }
         assert_eq!(self.index.len(), self.peers.len());
         let zero = self.avail.iter().filter(|&&a| a == 0).count() as u32;
@@ -492,7 +493,7 @@ impl Task {
 
 fn piece_count(a: &TaskAnnouncement, config: &SchedulerConfig) -> Result<u32, SchedulerError> {
     let bad = |reason: String| SchedulerError::InvalidTask {
-        task: a.task.clone(),
+        task: a.task,
         reason,
     };
     if !a.piece_size.is_power_of_two() || !(MIN_PIECE_SIZE..=MAX_PIECE_SIZE).contains(&a.piece_size)
@@ -519,7 +520,7 @@ mod tests {
 
     fn announcement(pieces: u64) -> TaskAnnouncement {
         TaskAnnouncement {
-            task: TaskId::new(&format!("sha256:{}", "0".repeat(64)))
+            task: Digest::parse(&format!("sha256:{}", "0".repeat(64)))
                 .unwrap_or_else(|e| panic!("{e}")),
             size: pieces * u64::from(MIN_PIECE_SIZE),
             piece_size: MIN_PIECE_SIZE,

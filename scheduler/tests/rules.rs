@@ -93,7 +93,7 @@ fn parent_graphs_stay_acyclic_under_random_traffic() {
             let piece = rng.u32(..PIECES);
             c.s.report_pieces(p, &task, &[piece])
                 .unwrap_or_else(|e| panic!("{e}"));
-            if c.s.held_bitmap(p, &task) == Some(vec![0xff, 0xff]) {
+            if c.s.held_set(p, &task).is_some_and(|s| s.is_complete()) {
                 graph.remove(p.as_str()); // complete: its edges are released
             }
             continue;
@@ -391,6 +391,35 @@ fn more_useful_faster_and_reliable_parents_rank_first() {
 }
 
 #[test]
+fn a_parent_whose_uplink_is_full_ranks_below_one_with_room() {
+    let mut c = cluster_with(one_parent());
+    let b1 = blob(1);
+    let (busy, idle, asker) = (c.peer("busy"), c.peer("idle"), c.peer("asker"));
+    for h in [&busy, &idle] {
+        c.announce(h, &b1, Held::All);
+    }
+    c.announce(&asker, &b1, Held::Nothing);
+    let mib = |n: u64| HostLoad {
+        upload_bytes_per_sec: Some(n << 20),
+        download_bytes_per_sec: Some(0),
+        ..HostLoad::default()
+    };
+    // Both have uploaded at 100 MiB/s (what their links carry); one still does.
+    let beat = |c: &mut Cluster, h: &HostId, load: HostLoad| {
+        c.s.heartbeat(h, load).unwrap_or_else(|e| panic!("{e}"))
+    };
+    for (h, now) in [(&busy, 100), (&idle, 0)] {
+        beat(&mut c, h, mib(100));
+        beat(&mut c, h, mib(now));
+    }
+    assert_eq!(parents(&c.decide(&asker, &b1)), vec!["idle"]);
+    // The other way round, the other parent.
+    beat(&mut c, &busy, mib(10));
+    beat(&mut c, &idle, mib(95));
+    assert_eq!(parents(&c.decide(&asker, &b1)), vec!["busy"]);
+}
+
+#[test]
 fn upload_slots_are_held_until_the_child_finishes() {
     let mut c = cluster();
     let b1 = blob(1);
@@ -410,6 +439,7 @@ fn upload_slots_are_held_until_the_child_finishes() {
         &parent,
         HostLoad {
             free_upload_slots: Some(0),
+            ..HostLoad::default()
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -449,8 +479,8 @@ fn a_restarted_scheduler_rebuilds_from_announcements() {
     }
     for h in &ids {
         for t in [&b1, &b2] {
-            if let Some(bitmap) = before.s.held_bitmap(h, t) {
-                after.announce(h, t, Held::Bitmap(bitmap));
+            if let Some(set) = before.s.held_set(h, t) {
+                after.announce(h, t, Held::Set(set));
             }
         }
     }
@@ -459,11 +489,7 @@ fn a_restarted_scheduler_rebuilds_from_announcements() {
     assert_eq!(after.s.peer_task_count(), before.s.peer_task_count());
     for h in &ids {
         for t in [&b1, &b2] {
-            assert_eq!(
-                after.s.held_bitmap(h, t),
-                before.s.held_bitmap(h, t),
-                "{h} {t}"
-            );
+            assert_eq!(after.s.held_set(h, t), before.s.held_set(h, t), "{h} {t}");
         }
     }
     // And decides as the old one would: d gets a and b (non-seeds) and the seed for the rest;
@@ -551,7 +577,7 @@ fn announcements_must_agree_and_reports_must_be_in_range() {
     let wrong_size = c.s.announce_task(
         &b,
         shoal_scheduler::TaskAnnouncement {
-            task: b1.clone(),
+            task: b1,
             size: 5,
             piece_size: PIECE_SIZE,
             held: Held::Nothing,
@@ -561,27 +587,24 @@ fn announcements_must_agree_and_reports_must_be_in_range() {
         wrong_size,
         Err(SchedulerError::TaskMismatch { .. })
     ));
-    let short_bitmap = c.s.announce_task(
+    let short_set = c.s.announce_task(
         &b,
         shoal_scheduler::TaskAnnouncement {
-            task: b1.clone(),
+            task: b1,
             size: u64::from(PIECES) * u64::from(PIECE_SIZE),
             piece_size: PIECE_SIZE,
-            held: Held::Bitmap(vec![0xff]),
+            held: Held::Set(PieceSet::full(PIECES - 8)),
         },
     );
-    assert!(matches!(
-        short_bitmap,
-        Err(SchedulerError::InvalidTask { .. })
-    ));
+    assert!(matches!(short_set, Err(SchedulerError::InvalidTask { .. })));
     let out_of_range = c.s.report_pieces(&a, &b1, &[3, PIECES]);
     assert!(matches!(
         out_of_range,
         Err(SchedulerError::PieceOutOfRange { piece: 16, .. })
     ));
     assert_eq!(
-        c.s.held_bitmap(&a, &b1),
-        Some(vec![0, 0]),
+        c.s.held_set(&a, &b1),
+        Some(PieceSet::empty(PIECES)),
         "nothing recorded from a bad report"
     );
     assert!(matches!(
@@ -642,9 +665,10 @@ fn evicted_pieces_stop_counting() {
     assert_eq!(gone, Ok(8));
     assert_eq!(c.decide(&b, &b1), Decision::BackToSource);
     // A full report replaces what was known.
-    c.s.report_held(&a, &b1, &[0, 0xff])
+    let upper = PieceSet::from_bitmap(&[0, 0xff], PIECES).unwrap_or_else(|e| panic!("{e}"));
+    c.s.report_held(&a, &b1, &upper)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.s.held_bitmap(&a, &b1), Some(vec![0, 0xff]));
+    assert_eq!(c.s.held_set(&a, &b1), Some(upper));
     assert!(matches!(
         c.s.report_pieces_removed(&a, &b1, &[16]),
         Err(SchedulerError::PieceOutOfRange { .. })

@@ -10,8 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use shoal_api::Client as ApiClient;
 use shoal_chaos::{Cmd, FaultRelay, Host, Proc, TestNet, Tmpfs};
-use shoal_peer::{ApiClient, PeerConfig};
+use shoal_peer::PeerConfig;
 use shoal_tls::{ClusterCa, NodeCertRequest};
 
 use crate::Opts;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use sha2::Digest as _;
-use shoal_peer::ApiClient;
+use shoal_api::Client as ApiClient;
 use shoal_proto::Digest;
 
 use cluster::{Swarm, REPO};
@@ -278,7 +278,11 @@ async fn swarm_run(
     for sock in &swarm.sockets {
         let (sock, blob, origin) = (sock.clone(), *blob, swarm.origin_ref.clone());
         jobs.push(tokio::spawn(async move {
-            let r = ApiClient::new(&sock).fetch(&blob, Some(&origin)).await;
+            let r = ApiClient::new(&sock)
+                .blob(&blob)
+                .source(origin)
+                .fetch()
+                .await;
             (r.map_err(|e| e.to_string()), start.elapsed())
         }));
     }
@@ -483,7 +487,8 @@ async fn baseline(swarm: &Swarm, opts: &Opts, digest: &str) -> Result<(), String
 
 async fn sha256_via_api(sock: &std::path::Path, blob: &Digest) -> Result<String, String> {
     let resp = ApiClient::new(sock)
-        .get_blob(blob, None, None)
+        .blob(blob)
+        .send()
         .await
         .map_err(|e| format!("read back from {}: {e}", sock.display()))?;
     let mut h = sha2::Sha256::new();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
-use shoal_peer::ApiClient;
+use shoal_api::Client as ApiClient;
 use shoal_proto::Digest;
 use shoal_testkit::{Registry, RegistryOpts};
 
@@ -388,7 +388,9 @@ fn main() {
                     let digest = Digest::parse(&d).expect("pushed digests parse");
                     in_flight.fetch_add(1, Ordering::Relaxed);
                     let resp = api
-                        .get_blob(&digest, Some(&src), None)
+                        .blob(&digest)
+                        .source(src)
+                        .send()
                         .await
                         .unwrap_or_else(|e| panic!("GET {d}: {e}"));
                     let mut h = Sha256::new();

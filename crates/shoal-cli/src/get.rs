@@ -10,11 +10,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
-use shoal_peer::ApiClient;
-use shoal_proto::Digest;
+use shoal_api::Client as ApiClient;
+use shoal_types::Digest;
 
 /// The design's default local API socket.
-pub const DEFAULT_API_SOCKET: &str = "/run/shoal/peer.sock";
+pub const DEFAULT_API_SOCKET: &str = shoal_api::DEFAULT_SOCKET;
 
 /// `shoal get`: fetch a blob through the local peer into a file.
 #[derive(Args, Debug)]
@@ -101,7 +101,9 @@ pub fn run(args: GetArgs) -> anyhow::Result<()> {
 async fn fetch(args: &GetArgs, origin: &str, digest: &Digest) -> anyhow::Result<(u64, String)> {
     let client = ApiClient::new(&args.api);
     let resp = client
-        .get_blob(digest, Some(origin), None)
+        .blob(digest)
+        .source(origin)
+        .send()
         .await
         .with_context(|| {
             format!(

@@ -17,9 +17,27 @@ mod status;
 
 use clap::{Parser, Subcommand};
 
-/// Shoal: P2P container image distribution with lazily mounted, chunk-verified images.
+/// What `shoal -h` says first.
+const ABOUT: &str =
+    "Shoal: container images pulled from your own nodes instead of all from the registry, \
+and started before they are downloaded.";
+
+/// What `shoal --help` says first: what Shoal does for its user, then how a cluster runs it.
+const LONG_ABOUT: &str = "\
+Shoal: container images pulled from your own nodes instead of all from the registry, and started \
+before they are downloaded.
+
+Every node keeps the image layers it pulls and passes them on to the nodes that pull them next \
+(peer to peer, over mutually authenticated QUIC), so a registry serves each layer about once \
+however many nodes pull it. Images converted to Shoal's format are mounted lazily: a container \
+starts once the small image index is fetched, and file data arrives as it is read. Every byte \
+is checked against the image's digests before anything uses it.
+
+A cluster runs one `shoal scheduler`, a few `shoal peer --seed` nodes near the registry, and \
+`shoal peer` on every node, with containerd pointed at it (`shoal containerd-config`).";
+
 #[derive(Parser)]
-#[command(name = "shoal", version, about)]
+#[command(name = "shoal", version, about = ABOUT, long_about = LONG_ABOUT)]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `shoal=debug`.
     #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]

@@ -132,9 +132,6 @@ config_flags! {
         /// Add `Server-Timing: upstream;dur=MS, proxy;dur=MS` to answers.
         #[arg(num_args = 0..=1, default_missing_value = "true", require_equals = true)]
         proxy_server_timing: bool => set proxy.server_timing,
-        /// FOR TESTS ONLY: corrupt every piece this peer uploads.
-        #[arg(hide = true, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
-        test_corrupt_uploads: bool => set test_corrupt_uploads,
     }
     lists {
         /// Addresses announced for other peers to dial (default: the bound address).

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use shoal_api::{Client as ApiClient, NodeStatus};
 use shoal_fs::snapshotter::{read_stats, ImageInfo};
-use shoal_peer::{ApiClient, NodeStatus};
 
 /// `shoal status`: print the local peer's state.
 #[derive(Args, Debug)]

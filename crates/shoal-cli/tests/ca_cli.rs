@@ -133,7 +133,7 @@ async fn init_issue_and_handshake() {
         let codec = Codec::default();
         let _: PieceRequest = codec.read(&mut recv).await.unwrap();
         codec
-            .write(&mut send, &PieceReply::Held(PieceSet::full(2).unwrap()))
+            .write(&mut send, &PieceReply::Held(PieceSet::full(2)))
             .await
             .unwrap();
         send.finish().unwrap();
@@ -164,8 +164,40 @@ async fn init_issue_and_handshake() {
         .unwrap();
     send.finish().unwrap();
     let reply: PieceReply = codec.read(&mut recv).await.unwrap();
-    assert_eq!(reply, PieceReply::Held(PieceSet::full(2).unwrap()));
+    assert_eq!(reply, PieceReply::Held(PieceSet::full(2)));
     conn.close(0u32.into(), b"done");
     assert_eq!(serve.await.unwrap(), "node-b");
     client.wait_idle().await;
+}
+
+#[test]
+fn help_opens_with_what_shoal_does_for_its_user() {
+    let out = |args: &[&str]| {
+        let o = shoal(args);
+        assert!(o.status.success(), "shoal {args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let help = out(&["--help"]);
+    let first = help.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("Shoal: container images pulled from your own nodes"),
+        "{help}"
+    );
+    assert!(!help.contains("argument parsing"), "{help}");
+    // The short help says the same in a line, and every subcommand is listed.
+    let short = out(&["-h"]);
+    assert!(short.starts_with("Shoal: "), "{short}");
+    for cmd in [
+        "peer",
+        "scheduler",
+        "get",
+        "fs",
+        "image",
+        "containerd-config",
+    ] {
+        assert!(
+            short.contains(&format!("  {cmd} ")),
+            "{cmd} missing: {short}"
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{is_root, oci, run, shoal_ok};
+use common::{oci, run, shoal_ok};
 
 /// The shoal process serving a mount; killed (and the mount detached) if the test fails.
 struct Served {
@@ -60,13 +60,8 @@ fn shell_tree(root: &Path) {
 
 #[test]
 fn mount_run_a_program_and_umount() {
-    let fuse = Path::new("/dev/fuse").exists() && common::have("fusermount3");
-    if !(is_root() && fuse) {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "CI runs as root with /dev/fuse and fuse3"
-        );
-        eprintln!("SKIP: a FUSE mount needs root, /dev/fuse and fusermount3");
+    let fuse = shoal_testkit::Needs::root(&["fusermount3"]).and_paths(&["/dev/fuse"]);
+    if shoal_testkit::require(fuse).is_err() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");

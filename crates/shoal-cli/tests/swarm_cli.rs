@@ -526,7 +526,7 @@ impl Rogue {
         self.ask(shoal_proto::SchedulerRequest::RequestParents(
             shoal_proto::RequestParents {
                 blob: meta.blob,
-                wanted: shoal_proto::PieceSet::full(meta.piece_count()).unwrap(),
+                wanted: shoal_proto::PieceSet::full(meta.piece_count()),
                 exclude: vec![],
             },
         ))

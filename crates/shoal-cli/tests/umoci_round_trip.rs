@@ -104,12 +104,8 @@ fn umoci_repack(img: &Path, bundle: &Path) {
 
 #[test]
 fn shoal_unpack_equals_umoci_unpack() {
-    if !is_root() {
-        eprintln!("SKIP shoal_unpack_equals_umoci_unpack: needs root (device nodes, owners)");
-        return;
-    }
-    if !have("umoci") {
-        eprintln!("SKIP shoal_unpack_equals_umoci_unpack: umoci is not installed");
+    // Root for device nodes and owners.
+    if shoal_testkit::require(shoal_testkit::Needs::root(&["umoci"])).is_err() {
         return;
     }
     let clock = std::time::Instant::now();

@@ -11,8 +11,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shoal_store::conformance::test_bytes;
-use shoal_store::{Blake3Hash, BlobDigest, PieceLayout, Store, StoreConfig};
+#[path = "../tests/common/suite.rs"]
+#[allow(dead_code)]
+mod suite;
+use shoal_store::{Blake3Hash, PieceLayout, Store, StoreConfig};
+use shoal_types::Digest;
+use suite::test_bytes;
 
 const PIECE: usize = 4 << 20;
 const PIECES: usize = 64;
@@ -37,7 +41,7 @@ fn main() {
     let dir = tempfile::tempdir_in(&base).expect("bench dir");
     let total = PIECE * PIECES;
     let data = test_bytes(42, total);
-    let digest = BlobDigest::of(&data);
+    let digest = Digest::of(&data);
     let layout = PieceLayout::compute(&digest, &data, PIECE as u32).expect("layout");
     println!(
         "store bench: {PIECES} pieces of {} MiB, {CHUNKS} chunks of {} MiB, best of {REPS}",
@@ -169,7 +173,7 @@ fn main() {
     let small = test_bytes(7, 4096);
     let small_hash = Blake3Hash::of(&small);
     s.put_chunk(&small_hash, &small).expect("small chunk");
-    let sd = BlobDigest::of(&small);
+    let sd = Digest::of(&small);
     s.ensure_blob(
         &sd,
         &PieceLayout::compute(&sd, &small, 4096).expect("layout"),

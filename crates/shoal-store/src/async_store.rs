@@ -14,7 +14,7 @@ use crate::config::{StoreConfig, StoreStats};
 use crate::error::{Error, Result};
 use crate::flight::FetchError;
 use crate::index::PinGuard;
-use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
+use crate::key::{Blake3Hash, Digest, Item, PieceLayout};
 use crate::store::Store;
 
 /// An async handle on a [`Store`]. Cheap to clone; clones share the store and the flights.
@@ -58,7 +58,7 @@ impl AsyncStore {
     }
 
     /// See [`Store::ensure_blob`].
-    pub async fn ensure_blob(&self, digest: BlobDigest, layout: Arc<PieceLayout>) -> Result<()> {
+    pub async fn ensure_blob(&self, digest: Digest, layout: Arc<PieceLayout>) -> Result<()> {
         self.blocking(move |s| s.ensure_blob(&digest, &layout))
             .await
     }
@@ -66,7 +66,7 @@ impl AsyncStore {
     /// See [`Store::adopt_blob`].
     pub async fn adopt_blob(
         &self,
-        digest: BlobDigest,
+        digest: Digest,
         layout: Arc<PieceLayout>,
         staged: Arc<crate::StagedFile>,
         pieces: Vec<(u32, Blake3Hash)>,
@@ -76,41 +76,36 @@ impl AsyncStore {
     }
 
     /// See [`Store::put_piece`].
-    pub async fn put_piece(
-        &self,
-        digest: BlobDigest,
-        index: u32,
-        data: Bytes,
-    ) -> Result<PutOutcome> {
+    pub async fn put_piece(&self, digest: Digest, index: u32, data: Bytes) -> Result<PutOutcome> {
         self.blocking(move |s| s.put_piece(&digest, index, &data))
             .await
     }
 
     /// See [`Store::read_piece`].
-    pub async fn read_piece(&self, digest: BlobDigest, index: u32) -> Result<Bytes> {
+    pub async fn read_piece(&self, digest: Digest, index: u32) -> Result<Bytes> {
         self.blocking(move |s| s.read_piece(&digest, index)).await
     }
 
     /// See [`Store::read_range`].
-    pub async fn read_range(&self, digest: BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
+    pub async fn read_range(&self, digest: Digest, offset: u64, len: u64) -> Result<Bytes> {
         self.blocking(move |s| s.read_range(&digest, offset, len))
             .await
     }
 
     /// See [`Store::complete_blob`].
-    pub async fn complete_blob(&self, digest: BlobDigest) -> Result<()> {
+    pub async fn complete_blob(&self, digest: Digest) -> Result<()> {
         self.blocking(move |s| s.complete_blob(&digest)).await
     }
 
     /// See [`Store::digest_ahead`].
-    pub async fn digest_ahead(&self, digest: BlobDigest) -> Result<()> {
+    pub async fn digest_ahead(&self, digest: Digest) -> Result<()> {
         self.blocking(move |s| s.digest_ahead(&digest)).await
     }
 
     /// See [`Store::import_blob`]; `reader` is read on a blocking thread.
     pub async fn import_blob<R>(
         &self,
-        digest: BlobDigest,
+        digest: Digest,
         piece_size: u32,
         mut reader: R,
     ) -> Result<PieceLayout>
@@ -122,7 +117,7 @@ impl AsyncStore {
     }
 
     /// See [`Store::remove_blob`].
-    pub async fn remove_blob(&self, digest: BlobDigest) -> Result<()> {
+    pub async fn remove_blob(&self, digest: Digest) -> Result<()> {
         self.blocking(move |s| s.remove_blob(&digest)).await
     }
 
@@ -137,12 +132,12 @@ impl AsyncStore {
     }
 
     /// See [`Store::blob_status`] (memory only, no I/O).
-    pub fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
+    pub fn blob_status(&self, digest: &Digest) -> Option<BlobStatus> {
         self.store.blob_status(digest)
     }
 
     /// See [`Store::pin_blob`] (memory only, no I/O).
-    pub fn pin_blob(&self, digest: &BlobDigest) -> Result<PinGuard> {
+    pub fn pin_blob(&self, digest: &Digest) -> Result<PinGuard> {
         self.store.pin_blob(digest)
     }
 

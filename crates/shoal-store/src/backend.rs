@@ -9,7 +9,7 @@ use crate::config::PutOutcome;
 use crate::config::StoreStats;
 use crate::error::Result;
 use crate::flight::FetchError;
-use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
+use crate::key::{Blake3Hash, Digest, Item, PieceLayout};
 use crate::store::Store;
 
 /// What a content store does; [`Store`] (on disk) is the implementation today.
@@ -18,28 +18,28 @@ pub trait ContentStore: Send + Sync {
     /// Keeps an entry from eviction while alive.
     type Pin: Send;
     /// Registers a blob's trusted piece layout.
-    fn ensure_blob(&self, digest: &BlobDigest, layout: &PieceLayout) -> Result<()>;
+    fn ensure_blob(&self, digest: &Digest, layout: &PieceLayout) -> Result<()>;
     /// Verifies and stores one piece.
-    fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome>;
+    fn put_piece(&self, digest: &Digest, index: u32, data: &[u8]) -> Result<PutOutcome>;
     /// Reads one verified piece.
-    fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes>;
+    fn read_piece(&self, digest: &Digest, index: u32) -> Result<Bytes>;
     /// Reads a byte range covered by held pieces.
-    fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes>;
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes>;
     /// What is held of a blob.
-    fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus>;
+    fn blob_status(&self, digest: &Digest) -> Option<BlobStatus>;
     /// Verifies the whole blob's sha256 and marks it complete.
-    fn complete_blob(&self, digest: &BlobDigest) -> Result<()>;
+    fn complete_blob(&self, digest: &Digest) -> Result<()>;
     /// Streams a whole blob in, computing its piece table.
     fn import_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         piece_size: u32,
         reader: &mut dyn Read,
     ) -> Result<PieceLayout>;
     /// Removes a blob unless pinned.
-    fn remove_blob(&self, digest: &BlobDigest) -> Result<()>;
+    fn remove_blob(&self, digest: &Digest) -> Result<()>;
     /// Pins a blob.
-    fn pin_blob(&self, digest: &BlobDigest) -> Result<Self::Pin>;
+    fn pin_blob(&self, digest: &Digest) -> Result<Self::Pin>;
     /// Verifies and stores one chunk.
     fn put_chunk(&self, hash: &Blake3Hash, data: &[u8]) -> Result<PutOutcome>;
     /// Reads one verified chunk.
@@ -64,36 +64,36 @@ pub trait ContentStore: Send + Sync {
 
 impl ContentStore for Store {
     type Pin = crate::index::PinGuard;
-    fn ensure_blob(&self, digest: &BlobDigest, layout: &PieceLayout) -> Result<()> {
+    fn ensure_blob(&self, digest: &Digest, layout: &PieceLayout) -> Result<()> {
         Store::ensure_blob(self, digest, layout)
     }
-    fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome> {
+    fn put_piece(&self, digest: &Digest, index: u32, data: &[u8]) -> Result<PutOutcome> {
         Store::put_piece(self, digest, index, data)
     }
-    fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes> {
+    fn read_piece(&self, digest: &Digest, index: u32) -> Result<Bytes> {
         Store::read_piece(self, digest, index)
     }
-    fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
         Store::read_range(self, digest, offset, len)
     }
-    fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
+    fn blob_status(&self, digest: &Digest) -> Option<BlobStatus> {
         Store::blob_status(self, digest)
     }
-    fn complete_blob(&self, digest: &BlobDigest) -> Result<()> {
+    fn complete_blob(&self, digest: &Digest) -> Result<()> {
         Store::complete_blob(self, digest)
     }
     fn import_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         piece_size: u32,
         reader: &mut dyn Read,
     ) -> Result<PieceLayout> {
         Store::import_blob(self, digest, piece_size, reader)
     }
-    fn remove_blob(&self, digest: &BlobDigest) -> Result<()> {
+    fn remove_blob(&self, digest: &Digest) -> Result<()> {
         Store::remove_blob(self, digest)
     }
-    fn pin_blob(&self, digest: &BlobDigest) -> Result<Self::Pin> {
+    fn pin_blob(&self, digest: &Digest) -> Result<Self::Pin> {
         Store::pin_blob(self, digest)
     }
     fn put_chunk(&self, hash: &Blake3Hash, data: &[u8]) -> Result<PutOutcome> {

@@ -10,17 +10,17 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use sha2::Digest;
+use sha2::Digest as _;
 
 use crate::config::PutOutcome;
 use crate::error::{Error, Result};
 use crate::index::{BlobState, DigestAhead, Entry, EntryKey, PinGuard};
 use crate::journal::{self, RecordKind, RECORD_LEN};
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::ledger::{Counters, Ledger};
 use crate::paths::{lock, now_ms, sync_dir};
-use crate::pieceset::PieceSet;
 use crate::read::{blob_entry, checked_piece_len, read_verified};
+use shoal_types::PieceSet;
 
 /// What [`Store::install_blob`] puts in place.
 pub(crate) enum Install {
@@ -42,11 +42,7 @@ pub struct BlobStatus {
 }
 
 /// Registers a blob's trusted piece layout (idempotent); pieces can be put after this.
-pub(crate) fn ensure_blob(
-    ledger: &Ledger,
-    digest: &BlobDigest,
-    layout: &PieceLayout,
-) -> Result<()> {
+pub(crate) fn ensure_blob(ledger: &Ledger, digest: &Digest, layout: &PieceLayout) -> Result<()> {
     let key = EntryKey::Blob(*digest);
     if let Some(e) = ledger.entry(&key) {
         return match e.layout.as_deref() == Some(layout) {
@@ -90,7 +86,7 @@ pub(crate) fn ensure_blob(
     fs::rename(&tmp, &meta).map_err(|e| Error::io("rename into", &meta, e))?;
     sync_dir(&dir).map_err(|e| Error::io("sync", &dir, e))?;
     let state = BlobState {
-        held: PieceSet::new(layout.piece_count()),
+        held: PieceSet::empty(layout.piece_count()),
         complete: false,
         check,
         generation: 0,
@@ -110,7 +106,7 @@ pub(crate) fn ensure_blob(
 /// Verifies `data` against piece `index`'s digest and stores it.
 pub(crate) fn put_piece(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     index: u32,
     data: &[u8],
 ) -> Result<PutOutcome> {
@@ -121,7 +117,7 @@ pub(crate) fn put_piece(
 
 fn put_piece_verified(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     entry: &Arc<Entry>,
     layout: &PieceLayout,
     index: u32,
@@ -176,7 +172,7 @@ fn put_piece_verified(
 /// Stores piece bytes that the caller already verified with [`verify_piece`].
 pub(crate) fn put_verified(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     index: u32,
     data: &[u8],
 ) -> Result<PutOutcome> {
@@ -185,7 +181,7 @@ pub(crate) fn put_verified(
 }
 
 /// What the store holds of a blob, if it knows the blob.
-pub(crate) fn blob_status(ledger: &Ledger, digest: &BlobDigest) -> Option<BlobStatus> {
+pub(crate) fn blob_status(ledger: &Ledger, digest: &Digest) -> Option<BlobStatus> {
     let entry = ledger.entry(&EntryKey::Blob(*digest))?;
     let st = lock(&entry.state);
     let blob = st.blob.as_ref()?;
@@ -198,10 +194,10 @@ pub(crate) fn blob_status(ledger: &Ledger, digest: &BlobDigest) -> Option<BlobSt
 
 /// Checks the whole blob against its sha256 once every piece is held, then marks it complete.
 /// On a mismatch the blob is dropped ([`Error::BlobDigestMismatch`]): its piece table was wrong.
-pub(crate) fn complete_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<()> {
+pub(crate) fn complete_blob(ledger: &Ledger, digest: &Digest) -> Result<()> {
     let (entry, _pin, layout) = blob_entry(ledger, digest)?;
     let (complete, missing) = match lock(&entry.state).blob.as_ref() {
-        Some(b) => (b.complete, b.held.len() - b.held.count()),
+        Some(b) => (b.complete, b.held.len() - b.held.held()),
         None => (false, layout.piece_count()),
     };
     if complete {
@@ -237,10 +233,10 @@ pub(crate) fn complete_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<()> 
             blob: digest.to_string(),
         });
     };
-    if !blob.held.is_full() {
+    if !blob.held.is_complete() {
         return Err(Error::Incomplete {
             blob: digest.to_string(),
-            missing: blob.held.len() - blob.held.count(),
+            missing: blob.held.len() - blob.held.held(),
         });
     }
     let record = journal::encode_record(&blob.check, RecordKind::Complete, 0);
@@ -260,7 +256,7 @@ pub(crate) fn complete_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<()> 
 /// without a gap; [`Store::complete_blob`] then hashes only the rest. Call it as pieces
 /// land (it returns at once if another call is hashing this blob); the reads are verified
 /// like any other.
-pub(crate) fn digest_ahead(ledger: &Ledger, digest: &BlobDigest) -> Result<()> {
+pub(crate) fn digest_ahead(ledger: &Ledger, digest: &Digest) -> Result<()> {
     let (entry, _pin, layout) = blob_entry(ledger, digest)?;
     let Ok(mut ahead) = entry.digest.try_lock() else {
         return Ok(());
@@ -275,7 +271,7 @@ pub(crate) fn digest_ahead(ledger: &Ledger, digest: &BlobDigest) -> Result<()> {
 /// Advances `state` over the held pieces from `state.next` on, up to the first missing one.
 fn hash_held(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     entry: &Arc<Entry>,
     layout: &PieceLayout,
     state: &mut DigestAhead,
@@ -305,7 +301,7 @@ fn hash_held(
 }
 
 /// Removes a blob and its files; fails with [`Error::Pinned`] while someone pins it.
-pub(crate) fn remove_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<()> {
+pub(crate) fn remove_blob(ledger: &Ledger, digest: &Digest) -> Result<()> {
     let Some(entry) = ledger.entry(&EntryKey::Blob(*digest)) else {
         return Ok(());
     };
@@ -319,7 +315,7 @@ pub(crate) fn remove_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<()> {
 }
 
 /// Pins a blob so eviction leaves it alone while the guard lives (e.g. during its download).
-pub(crate) fn pin_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<PinGuard> {
+pub(crate) fn pin_blob(ledger: &Ledger, digest: &Digest) -> Result<PinGuard> {
     let (_, pin, _) = blob_entry(ledger, digest)?;
     Ok(pin)
 }
@@ -329,7 +325,7 @@ pub(crate) fn pin_blob(ledger: &Ledger, digest: &BlobDigest) -> Result<PinGuard>
 /// caller) is installed only if the store does not know the blob yet (returns false).
 pub(crate) fn install_blob(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     layout: PieceLayout,
     data_tmp: &std::path::Path,
     install: Install,
@@ -337,7 +333,7 @@ pub(crate) fn install_blob(
     let key = EntryKey::Blob(*digest);
     let (held, complete) = match install {
         Install::Whole => {
-            let mut held = PieceSet::new(layout.piece_count());
+            let mut held = PieceSet::empty(layout.piece_count());
             for i in 0..layout.piece_count() {
                 held.insert(i);
             }
@@ -413,12 +409,7 @@ fn held(entry: &Entry, index: u32) -> bool {
 }
 
 /// Checks piece bytes against the layout: index in range, exact length, BLAKE3 digest.
-pub fn verify_piece(
-    digest: &BlobDigest,
-    layout: &PieceLayout,
-    index: u32,
-    data: &[u8],
-) -> Result<()> {
+pub fn verify_piece(digest: &Digest, layout: &PieceLayout, index: u32, data: &[u8]) -> Result<()> {
     let item = || format!("piece {index} of {digest}");
     let len = checked_piece_len(digest, layout, index)?;
     if data.len() as u64 != len {

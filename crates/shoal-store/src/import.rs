@@ -5,11 +5,11 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use sha2::Digest;
+use sha2::Digest as _;
 
 use crate::blob::{blob_status, install_blob, Install};
 use crate::error::{Error, Result};
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
+use crate::key::{Blake3Hash, Digest, PieceLayout, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE};
 use crate::ledger::Ledger;
 
 /// Deletes a temporary file unless it was moved into place.
@@ -41,7 +41,7 @@ fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Returns the computed layout (the seed publishes it). An already complete blob is kept.
 pub(crate) fn import_blob(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     piece_size: u32,
     reader: &mut dyn Read,
 ) -> Result<PieceLayout> {

@@ -5,10 +5,10 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::pack::ChunkLoc;
 use crate::paths::{lock, now_ms};
-use crate::pieceset::PieceSet;
+use shoal_types::PieceSet;
 
 /// Lock stripes for structural changes (create, commit, remove) of entries.
 const STRIPES: usize = 64;
@@ -16,7 +16,7 @@ const STRIPES: usize = 64;
 /// The unit of eviction: a whole blob (all its pieces) or one chunk.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) enum EntryKey {
-    Blob(BlobDigest),
+    Blob(Digest),
     Chunk(Blake3Hash),
 }
 

@@ -18,8 +18,8 @@
 //! and the first 8 bytes of BLAKE3(header check ‖ first 8 record bytes). Replay stops at the first
 //! record that does not check (a torn append), and the file is cut back to that point.
 
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
-use crate::pieceset::PieceSet;
+use crate::key::{Blake3Hash, Digest, PieceLayout};
+use shoal_types::PieceSet;
 
 const MAGIC: [u8; 8] = *b"SHOALBLB";
 const VERSION: u32 = 1;
@@ -49,7 +49,7 @@ pub(crate) fn header_len(pieces: u32) -> u64 {
 }
 
 /// Encodes the header; returns the bytes and the header check that binds records to it.
-pub(crate) fn encode_header(digest: &BlobDigest, layout: &PieceLayout) -> (Vec<u8>, [u8; 32]) {
+pub(crate) fn encode_header(digest: &Digest, layout: &PieceLayout) -> (Vec<u8>, [u8; 32]) {
     let mut out = Vec::with_capacity(header_len(layout.piece_count()) as usize);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -91,7 +91,7 @@ pub(crate) fn encode_record(
 
 /// A whole metadata file: header plus one record per held piece and, if complete, a complete record.
 pub(crate) fn encode_compact(
-    digest: &BlobDigest,
+    digest: &Digest,
     layout: &PieceLayout,
     held: &PieceSet,
     complete: bool,
@@ -100,7 +100,7 @@ pub(crate) fn encode_compact(
     for index in held.iter() {
         out.extend_from_slice(&encode_record(&check, RecordKind::Held, index));
     }
-    if complete && held.is_full() {
+    if complete && held.is_complete() {
         out.extend_from_slice(&encode_record(&check, RecordKind::Complete, 0));
     }
     out
@@ -140,7 +140,7 @@ fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
 }
 
 /// Decodes and replays a metadata file; `Err` names why the header is unusable.
-pub(crate) fn decode(digest: &BlobDigest, bytes: &[u8]) -> Result<Replayed, String> {
+pub(crate) fn decode(digest: &Digest, bytes: &[u8]) -> Result<Replayed, String> {
     if bytes.get(..8) != Some(&MAGIC[..]) {
         return Err("bad magic".into());
     }
@@ -171,7 +171,7 @@ pub(crate) fn decode(digest: &BlobDigest, bytes: &[u8]) -> Result<Replayed, Stri
         })
         .collect();
     let layout = PieceLayout::new(digest, size, piece_size, pieces).map_err(|e| e.to_string())?;
-    let mut held = PieceSet::new(count);
+    let mut held = PieceSet::empty(count);
     let mut complete = false;
     let mut records = 0u64;
     for rec in bytes[hlen..].chunks_exact(RECORD_LEN) {
@@ -187,7 +187,7 @@ pub(crate) fn decode(digest: &BlobDigest, bytes: &[u8]) -> Result<Replayed, Stri
                 held.remove(index);
                 complete = false;
             }
-            3 => complete = held.is_full(),
+            3 => complete = held.is_complete(),
             _ => break,
         }
         records += 1;
@@ -206,9 +206,9 @@ pub(crate) fn decode(digest: &BlobDigest, bytes: &[u8]) -> Result<Replayed, Stri
 mod tests {
     use super::*;
 
-    fn sample() -> (BlobDigest, PieceLayout) {
+    fn sample() -> (Digest, PieceLayout) {
         let data = vec![3u8; 20_000];
-        let d = BlobDigest::of(&data);
+        let d = Digest::of(&data);
         let l = PieceLayout::compute(&d, &data, 4096).expect("layout");
         (d, l)
     }
@@ -241,14 +241,14 @@ mod tests {
         let mut bad = file.clone();
         bad[70] ^= 0xff;
         assert!(decode(&d, &bad).is_err());
-        assert!(decode(&BlobDigest::of(b"other"), &file).is_err());
+        assert!(decode(&Digest::of(b"other"), &file).is_err());
         assert!(decode(&d, &file[..50]).is_err());
     }
 
     #[test]
     fn complete_needs_all_pieces_and_is_cleared_by_a_drop() {
         let (d, l) = sample();
-        let mut held = PieceSet::new(l.piece_count());
+        let mut held = PieceSet::empty(l.piece_count());
         for i in 0..l.piece_count() {
             held.insert(i);
         }

@@ -1,4 +1,5 @@
-//! Names from outside, validated before they touch a path: blob digests, BLAKE3 hashes, piece layouts.
+//! Names from outside, validated before they touch a path: BLAKE3 hashes and piece layouts (blob
+//! digests are `shoal_types::Digest`, validated when parsed).
 //!
 //! Every file name in the store is the lowercase hex of 32 validated bytes, so no key can name a path
 //! outside the store's root.
@@ -6,6 +7,8 @@
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
+
+pub(crate) use shoal_types::Digest;
 
 use crate::error::{Error, Result};
 
@@ -35,63 +38,6 @@ fn parse_hex32(input: &str) -> Result<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(input, &mut out).map_err(|_| refuse("expected hex digits"))?;
     Ok(out)
-}
-
-/// A blob's OCI digest, `sha256:<64 lowercase hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BlobDigest([u8; 32]);
-
-impl BlobDigest {
-    /// Parses `sha256:<64 lowercase hex>`; anything else is refused.
-    pub fn parse(input: &str) -> Result<Self> {
-        let hex = input
-            .strip_prefix("sha256:")
-            .ok_or_else(|| Error::InvalidKey {
-                input: input.chars().take(100).collect(),
-                reason: "expected a sha256: digest",
-            })?;
-        parse_hex32(hex).map(BlobDigest)
-    }
-
-    /// Wraps raw sha256 bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        BlobDigest(bytes)
-    }
-
-    /// The sha256 of `data` as a blob digest.
-    pub fn of(data: &[u8]) -> Self {
-        use sha2::Digest;
-        BlobDigest(sha2::Sha256::digest(data).into())
-    }
-
-    /// The raw sha256 bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// The 64 lowercase hex digits (no `sha256:` prefix): the blob's file name in the store.
-    pub fn hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for BlobDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex())
-    }
-}
-
-impl fmt::Debug for BlobDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for BlobDigest {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        BlobDigest::parse(s)
-    }
 }
 
 /// A BLAKE3 hash: a chunk's name, or a piece's digest from a piece table.
@@ -148,7 +94,7 @@ impl FromStr for Blake3Hash {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Item {
     /// Piece `index` of a blob.
-    Piece(BlobDigest, u32),
+    Piece(Digest, u32),
     /// A chunk named by the BLAKE3 of its bytes.
     Chunk(Blake3Hash),
 }
@@ -172,12 +118,7 @@ pub struct PieceLayout {
 
 impl PieceLayout {
     /// A checked layout: `piece_size` a power of two in range, one hash per piece.
-    pub fn new(
-        blob: &BlobDigest,
-        size: u64,
-        piece_size: u32,
-        pieces: Vec<Blake3Hash>,
-    ) -> Result<Self> {
+    pub fn new(blob: &Digest, size: u64, piece_size: u32, pieces: Vec<Blake3Hash>) -> Result<Self> {
         let refuse = |reason: String| Error::InvalidLayout {
             blob: blob.to_string(),
             reason,
@@ -208,7 +149,7 @@ impl PieceLayout {
     }
 
     /// Computes the layout of `data` (what a seed does for a blob fetched from origin).
-    pub fn compute(blob: &BlobDigest, data: &[u8], piece_size: u32) -> Result<Self> {
+    pub fn compute(blob: &Digest, data: &[u8], piece_size: u32) -> Result<Self> {
         let step = usize::try_from(piece_size).unwrap_or(usize::MAX).max(1);
         let pieces = data.chunks(step).map(Blake3Hash::of).collect();
         PieceLayout::new(blob, data.len() as u64, piece_size, pieces)
@@ -273,10 +214,7 @@ mod tests {
     #[test]
     fn digests_are_validated() {
         let good = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(
-            BlobDigest::parse(&good).map(|d| d.to_string()).ok(),
-            Some(good)
-        );
+        assert_eq!(Digest::parse(&good).map(|d| d.to_string()).ok(), Some(good));
         for bad in [
             "sha256:../../etc/passwd",
             "sha512:00",
@@ -285,7 +223,7 @@ mod tests {
             &format!("sha256:{}", "ab".repeat(31)),
             "",
         ] {
-            assert!(BlobDigest::parse(bad).is_err(), "{bad:?} accepted");
+            assert!(Digest::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Blake3Hash::parse(&"0".repeat(63)).is_err());
         assert!(Blake3Hash::parse(&"g".repeat(64)).is_err());
@@ -293,7 +231,7 @@ mod tests {
 
     #[test]
     fn layout_checks_counts_and_ranges() {
-        let d = BlobDigest::of(b"x");
+        let d = Digest::of(b"x");
         let data = vec![7u8; 10_000];
         let l = PieceLayout::compute(&d, &data, 4096).expect("layout");
         assert_eq!(l.piece_count(), 3);

@@ -289,7 +289,7 @@ impl Ledger {
             match (&entry.key, &st.blob) {
                 (EntryKey::Blob(_), Some(b)) => {
                     s.blobs += 1;
-                    s.pieces += u64::from(b.held.count());
+                    s.pieces += u64::from(b.held.held());
                     if b.complete {
                         s.complete_blobs += 1;
                     }

@@ -17,7 +17,6 @@ mod buffers;
 mod config;
 mod error;
 mod key;
-mod pieceset;
 // Primitives and on-disk formats: files, blob metadata, chunk packs, chunk group hashes.
 mod groups;
 mod journal;
@@ -33,10 +32,10 @@ mod import;
 mod read;
 mod recover;
 mod staged;
-// The handles: single flight, the store's API, its tokio face, the trait and its tests.
+// The handles: single flight, the store's API, its tokio face, the trait (its shared test suite
+// is in tests/common).
 mod async_store;
 mod backend;
-pub mod conformance;
 mod flight;
 mod store;
 
@@ -50,10 +49,8 @@ pub use error::{Error, Result};
 pub use flight::FetchError;
 pub use index::PinGuard;
 pub use key::{
-    Blake3Hash, BlobDigest, Item, PieceLayout, MAX_CHUNK_SIZE, MAX_PIECES, MAX_PIECE_SIZE,
-    MIN_PIECE_SIZE,
+    Blake3Hash, Item, PieceLayout, MAX_CHUNK_SIZE, MAX_PIECES, MAX_PIECE_SIZE, MIN_PIECE_SIZE,
 };
-pub use pieceset::PieceSet;
 pub use read::{BlobReader, MAX_RANGE};
 pub use staged::StagedFile;
 pub use store::Store;

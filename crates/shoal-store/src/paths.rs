@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::key::{Blake3Hash, BlobDigest};
+use crate::key::{Blake3Hash, Digest};
 
 /// The store's directory tree.
 #[derive(Debug)]
@@ -48,17 +48,17 @@ impl Paths {
     }
 
     /// The fan-out directory of a blob.
-    pub fn blob_dir(&self, d: &BlobDigest) -> PathBuf {
+    pub fn blob_dir(&self, d: &Digest) -> PathBuf {
         Self::fan(&self.blobs, &d.hex())
     }
 
     /// A blob's metadata file.
-    pub fn meta(&self, d: &BlobDigest) -> PathBuf {
+    pub fn meta(&self, d: &Digest) -> PathBuf {
         self.blob_dir(d).join(format!("{}.meta", d.hex()))
     }
 
     /// A blob's data file.
-    pub fn data(&self, d: &BlobDigest) -> PathBuf {
+    pub fn data(&self, d: &Digest) -> PathBuf {
         self.blob_dir(d).join(format!("{}.data", d.hex()))
     }
 

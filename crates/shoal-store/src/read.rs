@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::index::{Entry, EntryKey, PinGuard};
 use crate::journal::{self, RecordKind};
-use crate::key::{BlobDigest, PieceLayout};
+use crate::key::{Digest, PieceLayout};
 use crate::ledger::{Counters, Ledger};
 use crate::paths::{bytes_gone, lock, read_hashed};
 
@@ -21,7 +21,7 @@ pub const MAX_RANGE: u64 = 64 << 20;
 /// The blob's entry, pinned, and its piece layout; [`Error::UnknownBlob`] if not held.
 pub(crate) fn blob_entry(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
 ) -> Result<(Arc<Entry>, PinGuard, Arc<PieceLayout>)> {
     let unknown = || Error::UnknownBlob {
         blob: digest.to_string(),
@@ -33,11 +33,7 @@ pub(crate) fn blob_entry(
 }
 
 /// The length of piece `index`, or `OutOfRange` when the blob has no such piece.
-pub(crate) fn checked_piece_len(
-    digest: &BlobDigest,
-    layout: &PieceLayout,
-    index: u32,
-) -> Result<u64> {
+pub(crate) fn checked_piece_len(digest: &Digest, layout: &PieceLayout, index: u32) -> Result<u64> {
     layout.piece_len(index).ok_or_else(|| Error::OutOfRange {
         item: format!("piece {index} of {digest}"),
         reason: format!("the blob has {} pieces", layout.piece_count()),
@@ -46,14 +42,14 @@ pub(crate) fn checked_piece_len(
 
 /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
 /// as [`Error::Corrupt`], never returned.
-pub(crate) fn read_piece(ledger: &Ledger, digest: &BlobDigest, index: u32) -> Result<Bytes> {
+pub(crate) fn read_piece(ledger: &Ledger, digest: &Digest, index: u32) -> Result<Bytes> {
     let (entry, _pin, layout) = blob_entry(ledger, digest).inspect_err(|_| ledger.miss())?;
     read_piece_pinned(ledger, digest, &entry, &layout, index)
 }
 
 fn read_piece_pinned(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     entry: &Arc<Entry>,
     layout: &PieceLayout,
     index: u32,
@@ -84,7 +80,7 @@ fn read_piece_pinned(
 /// bytes that must not be used.
 pub(crate) fn read_verified(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     entry: &Arc<Entry>,
     layout: &PieceLayout,
     file: Option<&File>,
@@ -132,7 +128,7 @@ pub(crate) fn read_verified(
 /// Forgets a piece that failed verification (only if nobody rewrote it since it was read).
 fn drop_piece(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     entry: &Arc<Entry>,
     index: u32,
     generation: u64,
@@ -163,12 +159,7 @@ fn drop_piece(
 
 /// Reads `len` bytes at `offset` (at most [`MAX_RANGE`]) from held pieces, each verified.
 /// Fails with [`Error::NotPresent`] if a covering piece is missing.
-pub(crate) fn read_range(
-    ledger: &Ledger,
-    digest: &BlobDigest,
-    offset: u64,
-    len: u64,
-) -> Result<Bytes> {
+pub(crate) fn read_range(ledger: &Ledger, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
     let (entry, _pin, layout) = blob_entry(ledger, digest).inspect_err(|_| ledger.miss())?;
     let item = || format!("bytes {offset}+{len} of {digest}");
     if len > MAX_RANGE {
@@ -216,7 +207,7 @@ pub(crate) fn read_range(
 /// hash. Reads may run on several threads at once.
 pub struct BlobReader {
     ledger: Arc<Ledger>,
-    digest: BlobDigest,
+    digest: Digest,
     entry: Arc<Entry>,
     layout: Arc<PieceLayout>,
     /// Opened by the first read; `None`: the data file is gone (every read then fails as corrupt).
@@ -234,7 +225,7 @@ impl std::fmt::Debug for BlobReader {
 
 /// A reader over the held pieces of `digest` (memory only: the data file is opened by the
 /// first read). Fails with [`Error::UnknownBlob`] if the store does not know the blob.
-pub(crate) fn blob_reader(ledger: &Arc<Ledger>, digest: &BlobDigest) -> Result<BlobReader> {
+pub(crate) fn blob_reader(ledger: &Arc<Ledger>, digest: &Digest) -> Result<BlobReader> {
     let (entry, pin, layout) = blob_entry(ledger, digest).inspect_err(|_| ledger.miss())?;
     Ok(BlobReader {
         ledger: Arc::clone(ledger),

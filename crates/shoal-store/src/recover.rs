@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::index::{BlobState, Entry, EntryKey};
 use crate::journal::{self, RECORD_LEN};
-use crate::key::{BlobDigest, MAX_PIECES};
+use crate::key::{Digest, MAX_PIECES};
 use crate::ledger::Ledger;
 use crate::pack::Found;
 use crate::paths::{mtime_ms, now_ms, remove_if_exists, write_atomic};
@@ -56,7 +56,7 @@ pub(crate) fn recover(ledger: &Ledger, found: Vec<Found>) -> Result<()> {
                 .map(|h| (h, true))
                 .or_else(|| fname.strip_suffix(".data").map(|h| (h, false)))
                 .and_then(|(h, is_meta)| {
-                    Some((BlobDigest::parse(&format!("sha256:{h}")).ok()?, is_meta))
+                    Some((Digest::parse(&format!("sha256:{h}")).ok()?, is_meta))
                 })
                 .filter(|(d, _)| d.hex().starts_with(&name));
             match parsed {
@@ -86,7 +86,7 @@ pub(crate) fn recover(ledger: &Ledger, found: Vec<Found>) -> Result<()> {
 }
 
 /// Replays one blob's journal into the index; returns the bytes it accounts, or `None` if dropped.
-fn recover_blob(ledger: &Ledger, digest: &BlobDigest) -> Option<u64> {
+fn recover_blob(ledger: &Ledger, digest: &Digest) -> Option<u64> {
     let (meta_path, data_path) = (ledger.paths.meta(digest), ledger.paths.data(digest));
     let drop_blob = |why: &str| {
         discard(&meta_path, why);
@@ -140,7 +140,7 @@ fn recover_blob(ledger: &Ledger, digest: &BlobDigest) -> Option<u64> {
             return drop_blob("cannot rewrite metadata");
         }
         meta_len = compact.len() as u64;
-        tracing::info!(blob = %digest, held = r.held.count(), "store recovery: journal compacted");
+        tracing::info!(blob = %digest, held = r.held.held(), "store recovery: journal compacted");
     }
     let held_bytes: u64 = r.held.iter().filter_map(|i| r.layout.piece_len(i)).sum();
     let last = fs::metadata(&meta_path)

@@ -12,10 +12,10 @@ use std::sync::Mutex;
 use crate::blob::{install_blob, Install};
 use crate::error::{Error, Result};
 use crate::index::EntryKey;
-use crate::key::{Blake3Hash, BlobDigest, PieceLayout};
+use crate::key::{Blake3Hash, Digest, PieceLayout};
 use crate::ledger::Ledger;
 use crate::paths::lock;
-use crate::pieceset::PieceSet;
+use shoal_types::PieceSet;
 
 /// A blob's pieces staged in the store's temp directory until its piece table is known.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ pub(crate) fn staged_file(ledger: &Ledger) -> Result<StagedFile> {
 /// are not held until put.
 pub(crate) fn adopt_blob(
     ledger: &Ledger,
-    digest: &BlobDigest,
+    digest: &Digest,
     layout: PieceLayout,
     staged: &StagedFile,
     pieces: &[(u32, Blake3Hash)],
@@ -77,7 +77,7 @@ pub(crate) fn adopt_blob(
     if ledger.entry(&EntryKey::Blob(*digest)).is_some() {
         return Ok(false);
     }
-    let mut held = PieceSet::new(layout.piece_count());
+    let mut held = PieceSet::empty(layout.piece_count());
     for (i, hash) in pieces {
         if layout.piece_hash(*i) == Some(hash) {
             held.insert(*i);

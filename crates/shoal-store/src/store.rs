@@ -16,7 +16,7 @@ use crate::config::{PutOutcome, StoreConfig, StoreStats};
 use crate::error::{Error, Result};
 use crate::flight::{FetchError, Flights};
 use crate::index::{EntryKey, PinGuard};
-use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
+use crate::key::{Blake3Hash, Digest, Item, PieceLayout};
 use crate::ledger::{Counters, Ledger};
 use crate::pack::Packs;
 use crate::paths::{remove_if_exists, write_atomic, Paths};
@@ -126,23 +126,23 @@ impl Store {
     // Blobs (blob.rs, read.rs, staged.rs, import.rs).
 
     /// Registers a blob's trusted piece layout (idempotent); pieces can be put after this.
-    pub fn ensure_blob(&self, digest: &BlobDigest, layout: &PieceLayout) -> Result<()> {
+    pub fn ensure_blob(&self, digest: &Digest, layout: &PieceLayout) -> Result<()> {
         blob::ensure_blob(self.ledger(), digest, layout)
     }
 
     /// Verifies `data` against piece `index`'s digest and stores it.
-    pub fn put_piece(&self, digest: &BlobDigest, index: u32, data: &[u8]) -> Result<PutOutcome> {
+    pub fn put_piece(&self, digest: &Digest, index: u32, data: &[u8]) -> Result<PutOutcome> {
         blob::put_piece(self.ledger(), digest, index, data)
     }
 
     /// What the store holds of a blob, if it knows the blob.
-    pub fn blob_status(&self, digest: &BlobDigest) -> Option<BlobStatus> {
+    pub fn blob_status(&self, digest: &Digest) -> Option<BlobStatus> {
         blob::blob_status(self.ledger(), digest)
     }
 
     /// Checks the whole blob against its sha256 once every piece is held, then marks it complete.
     /// On a mismatch the blob is dropped ([`Error::BlobDigestMismatch`]): its piece table was wrong.
-    pub fn complete_blob(&self, digest: &BlobDigest) -> Result<()> {
+    pub fn complete_blob(&self, digest: &Digest) -> Result<()> {
         blob::complete_blob(self.ledger(), digest)
     }
 
@@ -150,35 +150,35 @@ impl Store {
     /// without a gap; [`Store::complete_blob`] then hashes only the rest. Call it as pieces
     /// land (it returns at once if another call is hashing this blob); the reads are verified
     /// like any other.
-    pub fn digest_ahead(&self, digest: &BlobDigest) -> Result<()> {
+    pub fn digest_ahead(&self, digest: &Digest) -> Result<()> {
         blob::digest_ahead(self.ledger(), digest)
     }
 
     /// Removes a blob and its files; fails with [`Error::Pinned`] while someone pins it.
-    pub fn remove_blob(&self, digest: &BlobDigest) -> Result<()> {
+    pub fn remove_blob(&self, digest: &Digest) -> Result<()> {
         blob::remove_blob(self.ledger(), digest)
     }
 
     /// Pins a blob so eviction leaves it alone while the guard lives (e.g. during its download).
-    pub fn pin_blob(&self, digest: &BlobDigest) -> Result<PinGuard> {
+    pub fn pin_blob(&self, digest: &Digest) -> Result<PinGuard> {
         blob::pin_blob(self.ledger(), digest)
     }
 
     /// Reads piece `index`, verified against its BLAKE3 digest. Bad bytes are dropped and reported
     /// as [`Error::Corrupt`], never returned.
-    pub fn read_piece(&self, digest: &BlobDigest, index: u32) -> Result<Bytes> {
+    pub fn read_piece(&self, digest: &Digest, index: u32) -> Result<Bytes> {
         read::read_piece(self.ledger(), digest, index)
     }
 
     /// Reads `len` bytes at `offset` (at most [`crate::MAX_RANGE`]) from held pieces, each
     /// verified. Fails with [`Error::NotPresent`] if a covering piece is missing.
-    pub fn read_range(&self, digest: &BlobDigest, offset: u64, len: u64) -> Result<Bytes> {
+    pub fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
         read::read_range(self.ledger(), digest, offset, len)
     }
 
     /// A reader over the held pieces of `digest` (memory only: the data file is opened by the
     /// first read). Fails with [`Error::UnknownBlob`] if the store does not know the blob.
-    pub fn blob_reader(&self, digest: &BlobDigest) -> Result<BlobReader> {
+    pub fn blob_reader(&self, digest: &Digest) -> Result<BlobReader> {
         read::blob_reader(self.ledger(), digest)
     }
 
@@ -196,7 +196,7 @@ impl Store {
     /// are not held until put.
     pub fn adopt_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         layout: PieceLayout,
         staged: &StagedFile,
         pieces: &[(u32, Blake3Hash)],
@@ -209,7 +209,7 @@ impl Store {
     /// Returns the computed layout (the seed publishes it). An already complete blob is kept.
     pub fn import_blob(
         &self,
-        digest: &BlobDigest,
+        digest: &Digest,
         piece_size: u32,
         reader: &mut dyn Read,
     ) -> Result<PieceLayout> {

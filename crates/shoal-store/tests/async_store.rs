@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_store::conformance::{test_blob, test_bytes};
+mod common;
+use common::{test_blob, test_bytes};
 use shoal_store::{AsyncStore, Blake3Hash, Error, Item, StoreConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

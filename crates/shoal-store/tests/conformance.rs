@@ -1,6 +1,7 @@
-//! The shared store suite (src/conformance.rs) run against the on-disk store.
+//! The shared store suite (tests/common/suite.rs) run against the on-disk store.
 
-use shoal_store::conformance;
+mod common;
+use common::suite as conformance;
 use shoal_store::{Store, StoreConfig};
 
 fn open(config: StoreConfig) -> shoal_store::Result<Store> {

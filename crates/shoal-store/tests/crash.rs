@@ -11,8 +11,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use shoal_store::conformance::{test_blob, test_bytes};
-use shoal_store::{Blake3Hash, BlobDigest, PieceLayout, Store, StoreConfig};
+mod common;
+use common::{test_blob, test_bytes};
+use shoal_store::{Blake3Hash, PieceLayout, Store, StoreConfig};
+use shoal_types::Digest;
 
 const ROOT_ENV: &str = "SHOAL_STORE_CRASH_ROOT";
 const BLOBS: u64 = 24;
@@ -25,7 +27,7 @@ fn config(root: &Path) -> StoreConfig {
     cfg
 }
 
-fn blob(seed: u64) -> (Vec<u8>, BlobDigest, PieceLayout) {
+fn blob(seed: u64) -> (Vec<u8>, Digest, PieceLayout) {
     let len = 40_000 + (seed * 7919 % 400_000) as usize;
     test_blob(seed, len, 4096 << (seed % 3))
 }
@@ -82,7 +84,7 @@ fn crash_writer_child() {
 #[test]
 fn crash_kill_restart_never_serves_bad_bytes() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let blobs: HashMap<BlobDigest, (Vec<u8>, PieceLayout)> = (0..BLOBS)
+    let blobs: HashMap<Digest, (Vec<u8>, PieceLayout)> = (0..BLOBS)
         .map(|s| {
             let (data, d, l) = blob(s);
             (d, (data, l))

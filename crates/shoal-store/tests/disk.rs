@@ -6,7 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
-use shoal_store::conformance::{test_blob, test_bytes};
+mod common;
+use common::{test_blob, test_bytes};
 use shoal_store::{Blake3Hash, Error, Store, StoreConfig};
 
 /// Opens the store at `root`. Another test of this binary that starts a child process (the
@@ -248,19 +249,21 @@ fn bad_config_is_refused() {
 /// A real full disk: a 4 MiB tmpfs with a store whose quota is far larger. Needs root (mount).
 #[test]
 fn disk_full_evicts_and_retries_then_reports_cleanly() {
+    // A small tmpfs to fill: mounting it needs root.
+    if shoal_testkit::require(shoal_testkit::Needs::root(&["mount", "umount"])).is_err() {
+        return;
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).expect("mnt");
     let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=4m", "shoal-store-test"])
         .arg(&mnt)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !mounted {
-        eprintln!("SKIP disk_full_evicts_and_retries_then_reports_cleanly: cannot mount tmpfs (needs root)");
-        return;
-    }
+        .status();
+    assert!(
+        mounted.as_ref().is_ok_and(|s| s.success()),
+        "mounting a tmpfs as root failed: {mounted:?}"
+    );
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -316,7 +319,7 @@ fn the_sha256_hashed_ahead_is_the_blobs_and_still_catches_a_wrong_digest() {
     let s = open(dir.path());
     let (data, d, layout) = test_blob(7, 6 * 4096 + 10, 4096);
     // A table whose pieces match the bytes but whose digest is another blob's.
-    let wrong = shoal_store::BlobDigest::of(b"another blob");
+    let wrong = shoal_types::Digest::of(b"another blob");
     let lying = shoal_store::PieceLayout::new(
         &wrong,
         layout.size(),

@@ -5,7 +5,8 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use shoal_store::conformance::test_blob;
+mod common;
+use common::test_blob;
 use shoal_store::{Error, Store, StoreConfig};
 
 const PIECE: u32 = 64 << 10;

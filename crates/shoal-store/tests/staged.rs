@@ -1,6 +1,7 @@
 //! Staged files: pieces written before the piece table is known become the blob's data file.
 
-use shoal_store::conformance::test_blob;
+mod common;
+use common::test_blob;
 use shoal_store::{Store, StoreConfig};
 
 #[test]

@@ -13,8 +13,9 @@
 //!   small busybox images those tests run, as OCI layouts pushed with [`OciLayout::push`];
 //!   [`ShoalNode`] runs a node's `shoal peer` and `shoal snapshotter` beside it.
 //!
-//! Everything is stopped on drop. [`need_binaries`] tells a test to skip when a tool is missing
-//! (and fails under `CI=true`, where every tool must be installed).
+//! Everything is stopped on drop. [`require`] is the one place that decides whether this machine
+//! can run a test (root, tools, devices): a test skips with a printed reason when it cannot, and
+//! fails instead under `CI=true`, where everything is installed and tests run as root.
 
 mod containerd;
 pub mod cri;
@@ -56,24 +57,97 @@ pub enum TestkitError {
     Http(String),
 }
 
-/// `Ok(())` when every binary is on `PATH`; otherwise prints the skip reason and returns it.
-/// Under `CI=true` a missing binary panics: CI installs every tool, so a skip there hides a bug.
-pub fn need_binaries(names: &[&str]) -> Result<(), String> {
+/// What a test needs of this machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs<'a> {
+    /// Root (mounts, network namespaces, device nodes, file owners).
+    pub root: bool,
+    /// Programs on `PATH`; `"a|b"` is satisfied by either.
+    pub tools: &'a [&'a str],
+    /// Files that must exist (`/dev/fuse`, `/bin/busybox`).
+    pub paths: &'a [&'a str],
+}
+
+impl<'a> Needs<'a> {
+    /// Root and these tools.
+    pub fn root(tools: &'a [&'a str]) -> Self {
+        Needs {
+            root: true,
+            tools,
+            paths: &[],
+        }
+    }
+
+    /// These tools.
+    pub fn tools(tools: &'a [&'a str]) -> Self {
+        Needs {
+            root: false,
+            tools,
+            paths: &[],
+        }
+    }
+
+    /// And these files.
+    pub fn and_paths(self, paths: &'a [&'a str]) -> Self {
+        Needs { paths, ..self }
+    }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether `tool` is a file on `PATH`.
+pub fn on_path(tool: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|n| !std::env::split_paths(&path).any(|d| d.join(n).is_file()))
-        .collect();
+    std::env::split_paths(&path).any(|d| d.join(tool).is_file())
+}
+
+/// Whether tests run under CI (`CI=true`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// The one decision "can this machine run the test": `Ok(())` when it has everything in
+/// `needs`; otherwise [`cannot_run`] with what is missing (a printed skip, or a panic under CI).
+pub fn require(needs: Needs<'_>) -> Result<(), String> {
+    let mut missing = Vec::new();
+    if needs.root && !is_root() {
+        missing.push("root".to_string());
+    }
+    for group in needs.tools {
+        if !group.split('|').any(on_path) {
+            missing.push(format!("`{}` on PATH", group.replace('|', "` or `")));
+        }
+    }
+    for p in needs.paths {
+        if !std::path::Path::new(p).exists() {
+            missing.push((*p).to_string());
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
-    let reason = format!("{} not installed (on PATH)", missing.join(", "));
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI must have every test tool: {reason}");
+    Err(cannot_run(format!("needs {}", missing.join(", "))))
+}
+
+/// A test that cannot run here for `reason`: under `CI=true` that is a failure (CI runs as
+/// root with every tool deploy/local/deps.sh installs, so a skip there would hide a bug), and
+/// this panics; elsewhere it prints `SKIP: reason` and returns the reason.
+pub fn cannot_run(reason: impl std::fmt::Display) -> String {
+    let reason = reason.to_string();
+    if in_ci() {
+        panic!("CI=true: a test cannot run: {reason}");
     }
     eprintln!("SKIP: {reason}");
-    Err(reason)
+    reason
+}
+
+/// `Ok(())` when every binary is on `PATH` ([`require`] with tools only).
+pub fn need_binaries(names: &[&str]) -> Result<(), String> {
+    require(Needs::tools(names))
 }
 
 /// A loopback TCP port that was free a moment ago.
@@ -90,7 +164,8 @@ pub fn or_skip<T>(r: Result<T, TestkitError>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(TestkitError::Missing(reason)) => {
-            eprintln!("SKIP: {reason}");
+            // `need_binaries` already decided (and printed) it.
+            let _ = reason;
             None
         }
         Err(e) => panic!("{e}"),

@@ -56,7 +56,7 @@ fn serve(
                     let PieceRequest::HeldPieces { .. } = req else {
                         return Err("unexpected request".to_string());
                     };
-                    let reply = PieceReply::Held(PieceSet::full(3).unwrap());
+                    let reply = PieceReply::Held(PieceSet::full(3));
                     codec
                         .write(&mut send, &reply)
                         .await
@@ -144,7 +144,7 @@ async fn valid_certificates_connect_both_ways_and_exchange_a_frame() {
     )
     .await
     .unwrap();
-    assert_eq!(reply, PieceReply::Held(PieceSet::full(3).unwrap()));
+    assert_eq!(reply, PieceReply::Held(PieceSet::full(3)));
     assert_eq!(server_outcome(&mut outcomes).await.unwrap(), "node-b");
 
     // The server's certificate must match the name dialled.

@@ -5,11 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use futures::StreamExt;
-use http::{header, Method, Request, StatusCode};
-use http_body_util::{BodyExt, BodyStream, Empty};
-use hyper_util::rt::TokioIo;
 use sha2::{Digest as _, Sha256};
 use shoal_origin::{Reference, RegistryClient, RegistryOptions};
 
@@ -21,8 +17,8 @@ pub const MAX_BOOTSTRAP: u64 = 1 << 30;
 /// Where a bootstrap is fetched from.
 #[derive(Debug, Clone)]
 pub struct BootstrapSource {
-    /// The local peer's API socket, tried first.
-    pub peer_socket: Option<PathBuf>,
+    /// The local peer's API (the one client fs has, keeping its connections), tried first.
+    pub peer: Option<shoal_api::Client>,
     /// Registry hosts spoken to over plain HTTP.
     pub plain_http: Vec<String>,
     /// A docker config.json with credentials for the direct registry fetch.
@@ -47,8 +43,8 @@ pub async fn fetch(
     };
     let tmp = dest.with_extension("part");
     let mut peer_error = None;
-    if let Some(socket) = &src.peer_socket {
-        match from_peer(socket, reference, digest, &tmp).await {
+    if let Some(peer) = &src.peer {
+        match from_peer(peer, reference, digest, &tmp).await {
             Ok(()) => return persist(&tmp, dest),
             // The operator's allow-list said no: going around the peer would defeat it.
             Err(PeerFailure::Refused(why)) => {
@@ -134,62 +130,29 @@ impl From<String> for PeerFailure {
 }
 
 async fn from_peer(
-    socket: &Path,
+    peer: &shoal_api::Client,
     reference: &Reference,
     digest: &str,
     tmp: &Path,
 ) -> std::result::Result<(), PeerFailure> {
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        format!(
-            "connecting to {}: {e} (is `shoal peer` running?)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "peer API connection ended");
-        }
-    });
+    let blob = shoal_types::Digest::parse(digest)
+        .map_err(|e| format!("{digest} is not a digest the peer can name: {e}"))?;
     let source = format!(
         "docker://{}/{}",
         reference.registry(),
         reference.repository()
     );
-    let uri = format!("/blobs/{digest}?source={}", form_urlencoded(&source));
-    let req = Request::builder()
-        .method(Method::GET)
-        .uri(uri)
-        .header(header::HOST, "shoal-peer")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| PeerFailure::Failed(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    if resp.status() != StatusCode::OK {
-        let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), 4096)
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
-            .unwrap_or_default();
-        if status == StatusCode::FORBIDDEN {
-            return Err(PeerFailure::Refused(body));
+    let resp = peer.blob(&blob).source(source).send().await.map_err(|e| {
+        if e.is_refused() {
+            PeerFailure::Refused(e.to_string())
+        } else {
+            PeerFailure::Failed(e.to_string())
         }
-        return Err(PeerFailure::Failed(format!(
-            "the peer answered {status}: {body}"
-        )));
-    }
+    })?;
     let mut sink = Sink::create(tmp)?;
-    let mut body = BodyStream::new(resp.into_body());
-    while let Some(frame) = body.next().await {
-        let frame = frame.map_err(|e| format!("body broke: {e}"))?;
-        if let Ok(data) = frame.into_data() {
-            sink.put(&data)?;
-        }
+    let mut body = resp.body;
+    while let Some(chunk) = body.next().await {
+        sink.put(&chunk.map_err(|e| e.to_string())?)?;
     }
     Ok(sink.finish(digest)?)
 }
@@ -217,17 +180,4 @@ async fn from_registry(
         sink.put(&chunk.map_err(|e| e.to_string())?)?;
     }
     sink.finish(digest)
-}
-
-/// Percent-encodes a query value.
-fn form_urlencoded(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

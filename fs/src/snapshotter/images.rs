@@ -193,7 +193,7 @@ impl LazyImages {
             origin: Some(image.origin.clone()),
             cache_dir: dir.join("cache"),
             cache_quota: s.cache_quota,
-            peer_socket: s.source.peer_socket.clone(),
+            peer_socket: s.source.peer.as_ref().map(|p| p.socket().to_path_buf()),
             plain_http: s.source.plain_http.clone(),
             fetch_timeout_secs: s.fetch_timeout_secs,
             prefetch: s.prefetch,

@@ -74,7 +74,7 @@ pub async fn serve(
     let settings = MountSettings {
         shoal_binary,
         source: BootstrapSource {
-            peer_socket: config.peer_socket.clone(),
+            peer: config.peer_socket.as_ref().map(shoal_api::Client::new),
             plain_http: config.plain_http.clone(),
             docker_config: config.docker_config.clone(),
         },

@@ -13,31 +13,11 @@ use std::process::Command;
 use shoal_format::build::{convert, BuildOptions, Source};
 use shoal_format::oci::LayoutRef;
 
-/// True when real FUSE mounts can run here (root, /dev/fuse, fusermount3); otherwise prints why.
-/// Under `CI=true` a missing piece fails the test: CI runs as root with fuse3 installed.
+/// True when real FUSE mounts can run here (root, /dev/fuse, fusermount3, chroot); otherwise
+/// the test skips, or fails under `CI=true` (shoal_testkit::require decides).
 pub fn fuse_ready() -> bool {
-    let mut missing = Vec::new();
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse");
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root");
-    }
-    if shoal_testkit::need_binaries(&["fusermount3", "chroot"]).is_err() {
-        missing.push("fusermount3/chroot");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "CI must be able to mount FUSE; missing: {}",
-            missing.join(", ")
-        );
-    }
-    eprintln!("SKIP: real FUSE mount needs {}", missing.join(", "));
-    false
+    let needs = shoal_testkit::Needs::root(&["fusermount3", "chroot"]).and_paths(&["/dev/fuse"]);
+    shoal_testkit::require(needs).is_ok()
 }
 
 /// Deterministic pseudo-random bytes.

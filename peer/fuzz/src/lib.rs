@@ -1,7 +1,7 @@
 //! The body of the Range header fuzz target as a plain function: `cargo +nightly fuzz run` drives
 //! it through libFuzzer, `tests/smoke.rs` on the stable toolchain (corpus + mutations).
 
-use shoal_peer::api::range::{parse_range, RangeAsk};
+use shoal_api::{parse_range, RangeAsk};
 
 /// The HTTP Range parser (local API and registry proxy) on a header value and a blob size: it
 /// never panics, and every range it grants lies inside the blob and is not empty.

@@ -13,7 +13,6 @@ use shoal_proto::{Digest, OriginRef};
 use shoal_store::{Blake3Hash, PieceLayout};
 
 use super::{cached, ApiState};
-use crate::convert::store_digest;
 use crate::error::PeerError;
 
 /// Largest bootstrap read for its piece tables.
@@ -26,8 +25,7 @@ pub(super) async fn ensure(
     bootstrap: Digest,
     origin: Option<OriginRef>,
 ) -> Result<(), PeerError> {
-    let sd = store_digest(&blob);
-    if state.store.blob_status(&sd).is_some() || blob == bootstrap {
+    if state.store.blob_status(&blob).is_some() || blob == bootstrap {
         return Ok(());
     }
     let task = state.downloader.open(bootstrap, origin).await?;
@@ -63,10 +61,10 @@ pub(super) async fn ensure(
         .iter()
         .map(|h| Blake3Hash::from_bytes(*h))
         .collect();
-    let layout = PieceLayout::new(&sd, entry.size, entry.piece_size, pieces)?;
+    let layout = PieceLayout::new(&blob, entry.size, entry.piece_size, pieces)?;
     state
         .store
-        .ensure_blob(sd, std::sync::Arc::new(layout))
+        .ensure_blob(blob, std::sync::Arc::new(layout))
         .await?;
     tracing::info!(%blob, %bootstrap, "piece table of a Shoal data blob taken from its bootstrap");
     Ok(())

@@ -14,20 +14,16 @@ use futures::{Stream, StreamExt};
 use shoal_proto::Digest;
 use shoal_store::{AsyncStore, BlobReader, BufferPool, PieceLayout};
 
-use crate::convert::store_digest;
+use crate::budget::PieceBudget;
 use crate::download::{RangeStream, Task};
 use crate::error::PeerError;
 
-/// Bytes read ahead of the client per response (at least two reads).
+/// Bytes read ahead of the client per response (at least two reads). Read buffers of all
+/// responses together (in flight, or queued until hyper has sent them) stay within the read
+/// share of the peer's piece budget (budget.rs); a response's next read waits for room. Reads
+/// take room in their response's order, so the read a response waits on always gets it once
+/// earlier ones are sent.
 const READ_AHEAD: u64 = 16 << 20;
-/// Read buffers of all responses together (in flight, or queued until hyper has sent them) stay
-/// under this; a response's next read waits for room. Reads take room in their response's order,
-/// so the read a response waits on always gets it once earlier ones are sent.
-const READ_BUDGET: u64 = 256 << 20;
-/// The budget's unit.
-const BUDGET_UNIT: u64 = 64 << 10;
-static BUDGET: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new((READ_BUDGET / BUDGET_UNIT) as usize);
 /// One blocking read covers whole pieces adding up to at least this much.
 const READ_BYTES: u64 = 4 << 20;
 
@@ -42,7 +38,7 @@ pub(crate) async fn read(
     end: u64,
     streaming: bool,
 ) -> Result<RangeStream, PeerError> {
-    if let Some(held) = held(store, blob, start, end) {
+    if let Some(held) = held(store, task.budget(), blob, start, end) {
         return Ok(with_task_fallback(held, Arc::clone(task), end));
     }
     if streaming {
@@ -58,11 +54,12 @@ type Failed = (u64, PeerError);
 /// The range from the store, if it holds every covering piece now (memory only: no I/O yet).
 fn held(
     store: &AsyncStore,
+    budget: &PieceBudget,
     blob: Digest,
     start: u64,
     end: u64,
 ) -> Option<impl Stream<Item = Result<Bytes, Failed>> + Send + 'static> {
-    let digest = store_digest(&blob);
+    let digest = blob;
     let status = store.blob_status(&digest)?;
     let layout = Arc::clone(&status.layout);
     if start >= end || end > layout.size() {
@@ -81,17 +78,11 @@ fn held(
     let depth = (READ_AHEAD / per_read.max(1)).clamp(2, 16) as usize;
     // A response's buffers are reused once hyper has sent them: two reads' worth stay idle.
     let (reader, pool) = (Arc::new(reader), BufferPool::new(2 * per_read as usize));
-    let budget_of = {
-        let layout = Arc::clone(&layout);
-        move |pieces: &Range<u32>| {
-            let units = span(&layout, pieces).1.div_ceil(BUDGET_UNIT);
-            units.clamp(1, READ_BUDGET / BUDGET_UNIT) as u32
-        }
-    };
+    let (budget, span_of) = (budget.clone(), Arc::clone(&layout));
     let stream = futures::stream::iter(reads)
         .then(move |pieces| {
-            let units = budget_of(&pieces);
-            async move { (pieces, BUDGET.acquire_many(units).await.ok()) }
+            let (budget, len) = (budget.clone(), span(&span_of, &pieces).1);
+            async move { (pieces, budget.read(len).await) }
         })
         .map(move |(pieces, permit)| {
             let (reader, pool) = (Arc::clone(&reader), Arc::clone(&pool));
@@ -208,7 +199,8 @@ fn with_task_fallback(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_store::{Blake3Hash, BlobDigest};
+    use shoal_proto::Digest as BlobDigest;
+    use shoal_store::Blake3Hash;
 
     #[test]
     fn plans_whole_piece_runs() {

@@ -15,8 +15,6 @@
 
 mod bootstrap_table;
 pub(crate) mod cached;
-mod client;
-pub mod range;
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -29,15 +27,13 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use shoal_api::{CacheStatus, NodeStatus, RangeAnswer};
 use shoal_proto::{Digest, OriginRef};
 use shoal_store::AsyncStore;
 use tokio::net::UnixListener;
 
 use crate::download::Downloader;
 use crate::error::PeerError;
-
-pub use client::{ApiClient, BlobResponse};
-use range::{parse_range, RangeAsk};
 
 /// Largest request head accepted.
 const MAX_HEADERS: usize = 64;
@@ -48,48 +44,13 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 pub(crate) struct ApiState {
     pub downloader: Arc<Downloader>,
     pub store: AsyncStore,
-}
-
-/// Store figures, as `GET /cache` answers them.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct CacheStatus {
-    /// Bytes Shoal's entries use.
-    pub used_bytes: u64,
-    /// High watermark (quota).
-    pub high_watermark: u64,
-    /// Blobs indexed (partial or complete).
-    pub blobs: u64,
-    /// Blobs whose sha256 was verified.
-    pub complete_blobs: u64,
-    /// Pieces held.
-    pub pieces: u64,
-    /// Corrupt items found and dropped.
-    pub corruptions: u64,
-    /// Bytes received from peers by this process.
-    pub bytes_from_peers: u64,
-    /// Bytes received from origins by this process.
-    pub bytes_from_origin: u64,
-}
-
-/// The node's state, as `GET /status` answers it (`shoal status`).
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// This host's id.
-    pub host_id: String,
-    /// Whether it runs as a seed.
-    pub seed: bool,
-    /// Scheduler addresses it knows (static or resolved).
-    pub schedulers: Vec<std::net::SocketAddr>,
-    /// Schedulers it is registered with now.
-    pub schedulers_connected: usize,
-    /// Store figures.
-    pub cache: CacheStatus,
-    /// Every download it knows.
-    pub tasks: Vec<crate::download::TaskStatus>,
+    /// Connections accepted (clients keep theirs open between requests).
+    pub connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Binds the socket (replacing a stale one; the parent directory is created 0755) and serves
-/// until the returned task is aborted.
+/// until the returned task is aborted, which also ends every open connection (clients keep
+/// theirs open between requests: a stopped peer must not go on answering on them).
 pub(crate) fn serve(
     path: &Path,
     state: Arc<ApiState>,
@@ -107,8 +68,14 @@ pub(crate) fn serve(
         .map_err(|e| PeerError::io("bind local API socket", path.display(), e))?;
     let path: PathBuf = path.to_path_buf();
     Ok(tokio::spawn(async move {
+        // Dropped (aborting every connection) when this task is aborted.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                Some(_) = connections.join_next() => continue,
+            };
+            let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(socket = %path.display(), error = %e, "local API accept failed");
@@ -116,8 +83,11 @@ pub(crate) fn serve(
                     continue;
                 }
             };
+            state
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let state = Arc::clone(&state);
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let state = Arc::clone(&state);
                     async move { Ok::<_, Infallible>(handle(&state, req).await) }
@@ -158,7 +128,9 @@ fn json<T: Serialize>(value: &T) -> Response<Body> {
 
 fn error(e: &PeerError) -> Response<Body> {
     let status = match e {
-        PeerError::BadRequest(_) | PeerError::Proto(_) => StatusCode::BAD_REQUEST,
+        PeerError::BadRequest(_) | PeerError::Proto(_) | PeerError::Id(_) => {
+            StatusCode::BAD_REQUEST
+        }
         PeerError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         // The body names the origin and the allowed_origins entry to add.
         PeerError::NotAllowed(_) => StatusCode::FORBIDDEN,
@@ -307,53 +279,23 @@ async fn get_blob(
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok());
-    let (status, start, end) = match parse_range(range, size) {
-        RangeAsk::Whole => (StatusCode::OK, 0, size),
-        RangeAsk::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
-        RangeAsk::Unsatisfiable => {
-            let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "");
-            if let Ok(v) = header::HeaderValue::from_str(&format!("bytes */{size}")) {
-                r.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-            return Ok(r);
+    let answer = RangeAnswer::new(range, size);
+    let body: Body = match answer.bytes() {
+        Some((start, end)) if req.method() != Method::HEAD => {
+            let stream = cached::read(&task, &state.store, blob, start, end, false).await?;
+            let frames = stream.map(|r| {
+                r.map(Frame::data)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            });
+            BodyExt::boxed_unsync(StreamBody::new(frames))
         }
-    };
-    let body: Body = if req.method() == Method::HEAD {
-        Full::new(Bytes::new())
+        _ => Full::new(Bytes::new())
             .map_err(|never| match never {})
-            .boxed_unsync()
-    } else {
-        let stream = cached::read(&task, &state.store, blob, start, end, false).await?;
-        let frames = stream.map(|r| {
-            r.map(Frame::data)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        });
-        BodyExt::boxed_unsync(StreamBody::new(frames))
+            .boxed_unsync(),
     };
     let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    let set = |h: &mut http::HeaderMap, name, value: String| {
-        if let Ok(v) = header::HeaderValue::from_str(&value) {
-            h.insert(name, v);
-        }
-    };
-    set(h, header::CONTENT_LENGTH, (end - start).to_string());
-    set(h, header::ACCEPT_RANGES, "bytes".into());
-    set(h, header::CONTENT_TYPE, "application/octet-stream".into());
-    set(h, header::ETAG, format!("\"{blob}\""));
-    set(
-        h,
-        header::HeaderName::from_static("docker-content-digest"),
-        blob.to_string(),
-    );
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(
-            h,
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
-        );
-    }
+    *resp.status_mut() = answer.status();
+    *resp.headers_mut() = answer.headers(&blob);
     Ok(resp)
 }
 

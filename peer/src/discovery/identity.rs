@@ -122,7 +122,7 @@ impl Verifier {
         ) else {
             return Err("malformed attestation".into());
         };
-        let host_id = HostId::new(host.to_string()).map_err(|e| e.to_string())?;
+        let host_id = HostId::new(host).map_err(|e| e.to_string())?;
         let addresses = addrs
             .split(',')
             .filter(|a| !a.is_empty())

@@ -24,7 +24,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::identity::{Claim, Verifier};
 use super::{Command, DhtStatus, Holder};
-use crate::convert::store_digest;
 
 /// Kademlia protocol name: Shoal's own DHT, apart from any public one.
 pub(super) const KAD_PROTOCOL: &str = "/shoal/kad/1.0.0";
@@ -388,9 +387,7 @@ impl Node {
             Ok(p) => p
                 .iter()
                 .filter(|b| {
-                    self.store
-                        .blob_status(&store_digest(b))
-                        .is_none_or(|s| s.held.is_empty())
+                    self.store.blob_status(b).is_none_or(|s| s.held.held() == 0)
                         && self.staging.held(b).is_none()
                 })
                 .copied()

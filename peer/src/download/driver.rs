@@ -16,7 +16,6 @@ use shoal_store::PieceLayout;
 use super::swarm::SwarmEnd;
 use super::task::Task;
 use super::{add, register_task, source};
-use crate::convert::store_digest;
 use crate::error::PeerError;
 
 /// Contiguous pieces read with one origin Range GET.
@@ -70,13 +69,13 @@ impl Task {
                 if let Some(SwarmEnd::BackToSource(why, pieces)) = self.obtain_table(&meta).await? {
                     let layout = self.lock().layout.clone();
                     if let Some(layout) = layout {
-                        let _pin = self.ctx.store.pin_blob(&store_digest(&self.blob))?;
+                        let _pin = self.ctx.store.pin_blob(&self.blob)?;
                         self.back_to_source(&layout, &why, pieces).await?;
                     }
                 }
                 continue;
             };
-            let _pin = self.ctx.store.pin_blob(&store_digest(&self.blob))?;
+            let _pin = self.ctx.store.pin_blob(&self.blob)?;
             let missing = self.missing(&layout);
             if missing.is_empty() {
                 // Staged pieces still moving into the store: wait for them to land.
@@ -132,11 +131,7 @@ impl Task {
     }
 
     fn missing_locked(&self, inner: &super::task::Inner, layout: &PieceLayout) -> Vec<u32> {
-        let held = self
-            .ctx
-            .store
-            .blob_status(&store_digest(&self.blob))
-            .map(|s| s.held);
+        let held = self.ctx.store.blob_status(&self.blob).map(|s| s.held);
         // Staged pieces still moving into the store (task.rs, `move_staged`) are held too.
         let staged: std::collections::HashSet<u32> = self
             .ctx
@@ -163,11 +158,11 @@ impl Task {
         meta: &TaskMeta,
         layout: &PieceLayout,
     ) -> Result<(), PeerError> {
-        let sd = store_digest(&self.blob);
+        let sd = self.blob;
         let Some(status) = self.ctx.store.blob_status(&sd) else {
             return Ok(());
         };
-        if status.complete || status.held.count() < layout.piece_count() {
+        if status.complete || status.held.held() < layout.piece_count() {
             self.lock().complete = status.complete;
             return Ok(());
         }
@@ -240,7 +235,7 @@ impl Task {
         let source_only = self.lock().source_only;
         if !source_only {
             if let Some(s) = self.ctx.scheduler(&self.blob) {
-                let wanted = PieceSet::full(meta.piece_count())?;
+                let wanted = PieceSet::full(meta.piece_count());
                 let ask = SchedulerRequest::RequestParents(RequestParents {
                     blob: self.blob,
                     wanted,
@@ -390,7 +385,7 @@ impl Task {
         staging.remove(&self.blob);
         self.notify();
         let table = layout.pieces().iter().map(|h| *h.as_bytes()).collect();
-        let held = PieceSet::full(layout.piece_count())?;
+        let held = PieceSet::full(layout.piece_count());
         // Publishing the table lets every other peer verify pieces of this blob.
         self.ctx
             .report(SchedulerRequest::RegisterTask(register_task(
@@ -424,7 +419,7 @@ impl Task {
                 _ => runs.push(vec![i]),
             }
         }
-        let sd = store_digest(&self.blob);
+        let sd = self.blob;
         let jobs = runs.into_iter().map(|run| {
             let o = Arc::clone(&o);
             async move {

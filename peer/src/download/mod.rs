@@ -35,9 +35,10 @@ use crate::scheduler_client::SchedulerClient;
 use crate::scheduler_ring::SchedulerRing;
 use crate::transport::Transport;
 
+use shoal_api::TaskStatus;
 pub(crate) use source::Origins;
 pub(crate) use staging::Staging;
-pub use task::{RangeStream, Task, TaskStatus};
+pub use task::{RangeStream, Task};
 
 /// Most tasks remembered; beyond it finished tasks are forgotten (the store keeps their bytes).
 const MAX_TASKS: usize = 4096;
@@ -90,7 +91,7 @@ impl Ctx {
             match &req {
                 SchedulerRequest::PiecesHeld(h) if added_any(&h.pieces) => d.provide(h.blob),
                 SchedulerRequest::RegisterTask(t)
-                    if t.held.as_ref().is_some_and(|h| h.count() > 0) =>
+                    if t.held.as_ref().is_some_and(|h| h.held() > 0) =>
                 {
                     d.provide(t.task.blob)
                 }
@@ -256,7 +257,7 @@ impl Downloader {
     /// space or age, or removed as corrupt), so that they stop naming this peer as a holder and
     /// send downloaders to someone who has them rather than to the origin. `last` is the held
     /// set seen at the previous call, per blob; tasks running now are left to their download.
-    pub(crate) fn report_dropped_pieces(&self, last: &mut HashMap<Digest, shoal_store::PieceSet>) {
+    pub(crate) fn report_dropped_pieces(&self, last: &mut HashMap<Digest, shoal_proto::PieceSet>) {
         let tasks: Vec<_> = self
             .tasks
             .lock()
@@ -272,13 +273,13 @@ impl Downloader {
             let now = self
                 .ctx
                 .store
-                .blob_status(&crate::convert::store_digest(&t.blob))
+                .blob_status(&t.blob)
                 .map(|s| s.held)
-                .unwrap_or_else(|| shoal_store::PieceSet::new(count));
+                .unwrap_or_else(|| shoal_proto::PieceSet::empty(count));
             // What the scheduler was last told: the set seen before, or all of a finished blob.
             let before = last.remove(&t.blob).or_else(|| {
                 status.complete.then(|| {
-                    let mut all = shoal_store::PieceSet::new(count);
+                    let mut all = shoal_proto::PieceSet::empty(count);
                     (0..count).for_each(|i| {
                         all.insert(i);
                     });

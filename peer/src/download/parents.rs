@@ -86,7 +86,7 @@ impl ParentTable {
             is_seed,
         });
         entry.addresses = addresses;
-        if let Some(p) = pieces.filter(|p| !p.is_empty() && !entry.own_word) {
+        if let Some(p) = pieces.filter(|p| p.held() > 0 && !entry.own_word) {
             entry.pieces = Some(p);
         }
     }
@@ -340,7 +340,7 @@ pub(crate) async fn fetch_held(
         let io = |e: String| FetchFailure::Drop(FailureReason::Protocol, e);
         match codec.read::<_, shoal_proto::PieceReply>(&mut recv).await {
             Ok(shoal_proto::PieceReply::Held(set)) => {
-                set.check_count(count).map_err(|e| io(e.to_string()))?;
+                set.check_len(count).map_err(|e| io(e.to_string()))?;
                 Ok(Some(set))
             }
             Ok(shoal_proto::PieceReply::Error(_)) => Ok(None),
@@ -366,7 +366,7 @@ mod tests {
     fn peers_that_know_each_other_split_the_seeds_pieces_once_each() {
         let hosts: Vec<HostId> = ["peer-c", "peer-a", "seed", "peer-d", "peer-b"]
             .iter()
-            .map(|h| HostId::new(h.to_string()).unwrap())
+            .map(|h| HostId::new(h).unwrap())
             .collect();
         let turns: Vec<(u64, u64)> = hosts
             .iter()

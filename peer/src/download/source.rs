@@ -166,11 +166,7 @@ pub(crate) async fn import(
         Err(_) => return Err(silent(blob, label, idle, "the blob")),
     };
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(IMPORT_QUEUE);
-    let import = store.import_blob(
-        crate::convert::store_digest(blob),
-        piece_size,
-        ChannelReader::new(rx),
-    );
+    let import = store.import_blob(*blob, piece_size, ChannelReader::new(rx));
     let ps = piece_size as usize;
     let pump = async move {
         let mut pieces = Splitter::new(ps);

@@ -22,7 +22,6 @@ use super::parents::{fetch_held, fetch_piece, FetchFailure, ParentTable};
 use super::staging::StageError;
 use super::task::Task;
 use super::watches::{Watched, Watches};
-use crate::convert::store_digest;
 use crate::error::PeerError;
 
 /// After this many failed attempts from parents a piece is fetched from the origin.
@@ -149,7 +148,7 @@ impl Task {
             let layout = self.lock().layout.clone();
             // The blob is in the store once its table is whole: kept from eviction meanwhile.
             if pin.is_none() && layout.is_some() {
-                pin = Some(self.ctx.store.pin_blob(&store_digest(&self.blob))?);
+                pin = Some(self.ctx.store.pin_blob(&self.blob)?);
             }
             let partial = layout.is_none();
             if partial && last_hashes.is_none_or(|t| t.elapsed() >= HASH_POLL_EVERY) {
@@ -533,12 +532,7 @@ impl Task {
                 }
             }
         }
-        match self
-            .ctx
-            .store
-            .put_piece(store_digest(&self.blob), index, bytes)
-            .await
-        {
+        match self.ctx.store.put_piece(self.blob, index, bytes).await {
             // A copy that lost the endgame race (the fetches run as tasks of their own, so both
             // may arrive) is not counted twice.
             Ok(shoal_store::PutOutcome::AlreadyHeld) => Ok(n),
@@ -587,9 +581,9 @@ impl Task {
             let end = self.dht_parents(table, "no scheduler answers").await;
             return Ok(narrow(end, table));
         };
-        let mut wanted = PieceSet::empty(count)?;
+        let mut wanted = PieceSet::empty(count);
         for &i in missing {
-            wanted.insert(i)?;
+            wanted.insert(i);
         }
         let req = SchedulerRequest::RequestParents(RequestParents {
             blob: self.blob,

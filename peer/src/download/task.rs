@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::Serialize;
+use shoal_api::TaskStatus;
 use shoal_proto::{
     Digest, OriginRef, Parent, RegisterTask, SchedulerReply, SchedulerRequest, TaskMeta,
 };
@@ -17,7 +17,6 @@ use tokio::sync::{watch, Notify};
 
 use super::dht::HolderTable;
 use super::{register_task, source, Ctx};
-use crate::convert::{store_digest, wire_set};
 use crate::error::PeerError;
 
 /// How often a reader retries a piece that vanished (evicted, or dropped as corrupt) before failing.
@@ -25,31 +24,6 @@ const READ_RETRIES: u32 = 3;
 
 /// A stream of blob bytes, in order, as the pieces arrive.
 pub type RangeStream = Pin<Box<dyn futures::Stream<Item = Result<Bytes, PeerError>> + Send>>;
-
-/// What a task's status reports (local API `GET /tasks`).
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct TaskStatus {
-    /// The blob.
-    pub blob: String,
-    /// Size in bytes, once known.
-    pub size: Option<u64>,
-    /// Piece size, once known.
-    pub piece_size: Option<u32>,
-    /// Number of pieces, once known.
-    pub pieces: Option<u32>,
-    /// Pieces held now (stored, or staged while the piece table is not whole).
-    pub held: u32,
-    /// True once the whole blob matched its sha256.
-    pub complete: bool,
-    /// True while a download runs.
-    pub running: bool,
-    /// Bytes received from peers.
-    pub bytes_from_peers: u64,
-    /// Bytes received from the origin.
-    pub bytes_from_origin: u64,
-    /// The last failure, if the download failed.
-    pub error: Option<String>,
-}
 
 #[derive(Debug, Default)]
 pub(super) struct Inner {
@@ -120,6 +94,11 @@ impl Task {
         self.blob
     }
 
+    /// The peer's piece memory budget (readers of the store take their room from it too).
+    pub(crate) fn budget(&self) -> &crate::budget::PieceBudget {
+        self.ctx.transport.budget()
+    }
+
     /// Size of the blob (known after [`super::Downloader::open`]).
     pub fn size(&self) -> Option<u64> {
         self.lock().meta.map(|m| m.size)
@@ -162,9 +141,9 @@ impl Task {
                 .map(|l| l.piece_size())
         };
         // It reads through a piece-sized buffer: only when the memory budget has room now.
-        let room = piece_size.and_then(|n| self.ctx.transport.budget().try_read(u64::from(n)));
+        let room = piece_size.and_then(|n| self.ctx.transport.budget().try_upload(u64::from(n)));
         if let Some(room) = room {
-            let (store, sd) = (self.ctx.store.clone(), store_digest(&self.blob));
+            let (store, sd) = (self.ctx.store.clone(), self.blob);
             tokio::spawn(async move {
                 if let Err(e) = store.digest_ahead(sd).await {
                     tracing::debug!(blob = %sd, error = %e, "hashing ahead stopped");
@@ -180,7 +159,7 @@ impl Task {
         if let Some(m) = self.lock().meta {
             return Ok(m);
         }
-        let sd = store_digest(&self.blob);
+        let sd = self.blob;
         if let Some(status) = self.ctx.store.blob_status(&sd) {
             let meta = TaskMeta {
                 blob: self.blob,
@@ -285,7 +264,7 @@ impl Task {
     /// the store knows the blob already) the store takes the layout alone and the staged
     /// pieces are left for [`Task::move_staged`].
     async fn install_layout(&self, meta: &TaskMeta, table: Vec<[u8; 32]>) -> Result<(), PeerError> {
-        let sd = store_digest(&self.blob);
+        let sd = self.blob;
         let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
         let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
         let adopted = match self.ctx.staging.file(&self.blob) {
@@ -324,7 +303,7 @@ impl Task {
         let Some((_, pieces)) = staging.held(&self.blob) else {
             return;
         };
-        let sd = store_digest(&self.blob);
+        let sd = self.blob;
         let moves = pieces.into_iter().map(|i| async move {
             let (from, blob) = (Arc::clone(staging), self.blob);
             let piece = tokio::task::spawn_blocking(move || from.piece(&blob, i))
@@ -354,11 +333,7 @@ impl Task {
             .layout
             .as_ref()
             .map(|l| l.pieces().iter().map(|h| *h.as_bytes()).collect());
-        let held = self
-            .ctx
-            .store
-            .blob_status(&store_digest(&self.blob))
-            .and_then(|s| wire_set(&s.held).ok());
+        let held = self.ctx.store.blob_status(&self.blob).map(|s| s.held);
         Some(register_task(meta, table, held, inner.origin.clone()))
     }
 
@@ -396,7 +371,7 @@ impl Task {
     fn holds(&self, index: u32) -> bool {
         self.ctx
             .store
-            .blob_status(&store_digest(&self.blob))
+            .blob_status(&self.blob)
             .is_some_and(|s| s.held.contains(index))
     }
 
@@ -473,7 +448,7 @@ impl Task {
         }
         self.demand(meta.pieces_for_range(start..end));
         let ps = u64::from(meta.piece_size);
-        let sd = store_digest(&self.blob);
+        let sd = self.blob;
         let stream =
             futures::stream::unfold((Arc::clone(self), start), move |(task, pos)| async move {
                 if pos >= end {
@@ -509,8 +484,8 @@ impl Task {
         let held = self
             .ctx
             .store
-            .blob_status(&store_digest(&self.blob))
-            .map_or(0, |s| s.held.count());
+            .blob_status(&self.blob)
+            .map_or(0, |s| s.held.held());
         // Pieces staged while the piece table is not whole yet count as held too.
         let staged = self
             .ctx
@@ -520,7 +495,7 @@ impl Task {
         let held = held + staged;
         let inner = self.lock();
         TaskStatus {
-            blob: self.blob.to_string(),
+            blob: self.blob,
             size: inner.meta.map(|m| m.size),
             piece_size: inner.meta.map(|m| m.piece_size),
             pieces: inner.meta.map(|m| m.piece_count()),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::source::{ChannelReader, IMPORT_QUEUE};
 use super::task::{RangeStream, Task};
 use super::{add, register_task};
-use crate::convert::{origin_digest, store_digest};
+use crate::convert::origin_digest;
 use crate::error::PeerError;
 
 /// Chunks queued between the import and a reader of the teed stream.
@@ -58,11 +58,7 @@ impl Task {
     async fn claim_import(self: &Arc<Self>, meta: &TaskMeta) -> bool {
         {
             let mut inner = self.lock();
-            let cached = self
-                .ctx
-                .store
-                .blob_status(&store_digest(&self.blob))
-                .is_some();
+            let cached = self.ctx.store.blob_status(&self.blob).is_some();
             if cached
                 || inner.layout.is_some()
                 || inner.complete
@@ -79,10 +75,7 @@ impl Task {
         let Some(s) = self.ctx.scheduler(&self.blob) else {
             return true;
         };
-        let Ok(wanted) = PieceSet::full(meta.piece_count()) else {
-            self.release();
-            return false;
-        };
+        let wanted = PieceSet::full(meta.piece_count());
         let ask = SchedulerRequest::RequestParents(RequestParents {
             blob: self.blob,
             wanted,
@@ -168,11 +161,10 @@ impl Task {
             Err(_) => return Err(super::source::silent(&blob, label, idle, "the blob")),
         };
         let (itx, irx) = mpsc::channel::<std::io::Result<Bytes>>(IMPORT_QUEUE);
-        let import = self.ctx.store.import_blob(
-            store_digest(&self.blob),
-            meta.piece_size,
-            ChannelReader::new(irx),
-        );
+        let import =
+            self.ctx
+                .store
+                .import_blob(self.blob, meta.piece_size, ChannelReader::new(irx));
         let pump = async move {
             let mut pos = 0u64;
             let mut held: Option<Bytes> = None;
@@ -224,16 +216,15 @@ impl Task {
         }
         self.notify();
         let table = layout.pieces().iter().map(|h| *h.as_bytes()).collect();
-        if let Ok(held) = PieceSet::full(layout.piece_count()) {
-            // Publishing the table lets every other peer fetch and verify pieces of this blob.
-            self.ctx
-                .report(SchedulerRequest::RegisterTask(register_task(
-                    *meta,
-                    Some(table),
-                    Some(held),
-                    Some(origin),
-                )));
-        }
+        let held = PieceSet::full(layout.piece_count());
+        // Publishing the table lets every other peer fetch and verify pieces of this blob.
+        self.ctx
+            .report(SchedulerRequest::RegisterTask(register_task(
+                *meta,
+                Some(table),
+                Some(held),
+                Some(origin),
+            )));
     }
 }
 

@@ -123,7 +123,7 @@ async fn watch_held(
                 .await
             {
                 Ok(shoal_proto::PieceReply::Held(set)) => {
-                    if let Err(e) = set.check_count(count) {
+                    if let Err(e) = set.check_len(count) {
                         return Some(Watched::Broken(host.clone(), e.to_string()));
                     }
                     if news.send(Watched::Held(host.clone(), set)).is_err() {

@@ -8,18 +8,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
+use shoal_api::RangeAnswer;
 use shoal_proto::{Digest, OriginRef};
 
 use super::authz::Verdict;
 use super::mirror::Upstream;
 use super::passthrough;
 use super::server::State;
-use super::{full, Body};
+use super::Body;
 use crate::api::cached;
-use crate::api::range::{parse_range, RangeAsk};
 use crate::download::RangeStream;
 
 /// Serves one blob request.
@@ -68,71 +68,40 @@ pub(crate) async fn serve(
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok());
-    let (status, start, end) = match parse_range(range, size) {
-        RangeAsk::Whole => (StatusCode::OK, 0, size),
-        RangeAsk::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
-        RangeAsk::Unsatisfiable => {
-            let mut r = full(StatusCode::RANGE_NOT_SATISFIABLE, "");
-            set(
-                r.headers_mut(),
-                header::CONTENT_RANGE,
-                format!("bytes */{size}"),
-            );
-            return r;
+    let answer = RangeAnswer::new(range, size);
+    let body: Body = match answer.bytes() {
+        Some((start, end)) if req.method() != Method::HEAD => {
+            let stream = match cached::read(&task, &state.store, blob, start, end, true).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%blob, error = %e, "swarm read failed; passing through to upstream");
+                    return passthrough::forward(state, req, up).await;
+                }
+            };
+            let fallback = Fallback {
+                state: Arc::clone(state),
+                url: up.url(&format!("/v2/{name}/blobs/{blob}"), None),
+                authorization,
+                blob,
+            };
+            let frames = with_fallback(stream, fallback, start, end).map(|r| r.map(Frame::data));
+            BodyExt::boxed_unsync(StreamBody::new(frames))
         }
-    };
-    let body: Body = if req.method() == Method::HEAD {
-        Full::new(Bytes::new())
+        _ => Full::new(Bytes::new())
             .map_err(|never| match never {})
-            .boxed_unsync()
-    } else {
-        let stream = match cached::read(&task, &state.store, blob, start, end, true).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(%blob, error = %e, "swarm read failed; passing through to upstream");
-                return passthrough::forward(state, req, up).await;
-            }
-        };
-        let fallback = Fallback {
-            state: Arc::clone(state),
-            url: up.url(&format!("/v2/{name}/blobs/{blob}"), None),
-            authorization,
-            blob,
-        };
-        let frames = with_fallback(stream, fallback, start, end).map(|r| r.map(Frame::data));
-        BodyExt::boxed_unsync(StreamBody::new(frames))
+            .boxed_unsync(),
     };
     let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    set(h, header::CONTENT_LENGTH, (end - start).to_string());
-    set(h, header::CONTENT_TYPE, "application/octet-stream".into());
-    set(h, header::ACCEPT_RANGES, "bytes".into());
-    set(h, header::ETAG, format!("\"{blob}\""));
-    set(
-        h,
-        header::HeaderName::from_static("docker-content-digest"),
-        blob.to_string(),
-    );
-    set(
-        h,
-        header::HeaderName::from_static("docker-distribution-api-version"),
-        "registry/2.0".into(),
-    );
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(
-            h,
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+    *resp.status_mut() = answer.status();
+    let mut headers = answer.headers(&blob);
+    if answer.bytes().is_some() {
+        headers.insert(
+            header::HeaderName::from_static("docker-distribution-api-version"),
+            HeaderValue::from_static("registry/2.0"),
         );
     }
+    *resp.headers_mut() = headers;
     resp
-}
-
-fn set(h: &mut http::HeaderMap, name: header::HeaderName, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(name, v);
-    }
 }
 
 /// Where the rest of a response comes from if the swarm fails part-way.

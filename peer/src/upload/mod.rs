@@ -19,7 +19,6 @@ use shoal_store::AsyncStore;
 use tokio::sync::Semaphore;
 
 use crate::budget::PieceBudget;
-use crate::convert::{store_digest, wire_set};
 use crate::held_news::HeldNews;
 use crate::transport::{check_hello, Transport};
 
@@ -63,8 +62,10 @@ pub(crate) struct Uploader {
     staging: std::sync::OnceLock<Arc<crate::download::Staging>>,
     /// Seeds only: which peer each piece was just sent to (super-seeding).
     sent: Option<SentRecently>,
-    /// For tests only: flip a byte of every piece served.
-    corrupt: bool,
+    /// Test hook (feature `test-hooks`, never in the shipped binary): flip a byte of every
+    /// piece served.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) corrupt: std::sync::atomic::AtomicBool,
     pub stats: Arc<UploadStats>,
 }
 
@@ -76,7 +77,6 @@ impl Uploader {
         news: Arc<HeldNews>,
         slots: u32,
         bytes_per_sec: u64,
-        corrupt: bool,
         budget: PieceBudget,
         seed: bool,
     ) -> Self {
@@ -90,7 +90,8 @@ impl Uploader {
             budget,
             staging: std::sync::OnceLock::new(),
             sent,
-            corrupt,
+            #[cfg(feature = "test-hooks")]
+            corrupt: Default::default(),
             stats: Arc::default(),
         }
     }
@@ -100,25 +101,24 @@ impl Uploader {
         let _ = self.staging.set(staging);
     }
 
-    /// The answer to a piece-table request: the store's whole table; else, to a peer that
+    /// The answer to a piece-table request: the store's whole table (whatever pieces it holds:
+    /// the table is what the asker needs to verify pieces from anyone); else, to a peer that
     /// speaks version 4, the hashes staging knows (this node imports or streams the blob in).
     fn table_reply(&self, codec: &Codec, blob: shoal_proto::Digest) -> PieceReply {
-        if let Some(status) = self.store.blob_status(&store_digest(&blob)) {
-            if !status.held.is_empty() {
-                return PieceReply::Table(shoal_proto::PieceTableReply {
-                    task: shoal_proto::TaskMeta {
-                        blob,
-                        size: status.layout.size(),
-                        piece_size: status.layout.piece_size(),
-                    },
-                    table: status
-                        .layout
-                        .pieces()
-                        .iter()
-                        .map(|h| *h.as_bytes())
-                        .collect(),
-                });
-            }
+        if let Some(status) = self.store.blob_status(&blob) {
+            return PieceReply::Table(shoal_proto::PieceTableReply {
+                task: shoal_proto::TaskMeta {
+                    blob,
+                    size: status.layout.size(),
+                    piece_size: status.layout.piece_size(),
+                },
+                table: status
+                    .layout
+                    .pieces()
+                    .iter()
+                    .map(|h| *h.as_bytes())
+                    .collect(),
+            });
         }
         let partial = (codec.version() >= shoal_proto::PARTIAL_TABLE_VERSION)
             .then(|| self.staging.get().and_then(|s| s.known(&blob)))
@@ -137,22 +137,10 @@ impl Uploader {
     /// Held pieces of `blob`: in the store, plus staged ones.
     fn held_reply(&self, blob: &shoal_proto::Digest) -> PieceReply {
         let staged = self.staging.get().and_then(|s| s.held(blob));
-        let stored = self.store.blob_status(&store_digest(blob));
-        let set = match (stored, staged) {
-            (Some(status), staged) => wire_set(&status.held).map(|mut set| {
-                for i in staged.map(|s| s.1).unwrap_or_default() {
-                    let _ = set.insert(i);
-                }
-                set
-            }),
-            (None, Some((count, pieces))) => shoal_proto::PieceSet::empty(count)
-                .map_err(crate::PeerError::from)
-                .map(|mut set| {
-                    for i in pieces {
-                        let _ = set.insert(i);
-                    }
-                    set
-                }),
+        let stored = self.store.blob_status(blob);
+        let (mut set, staged) = match (stored, staged) {
+            (Some(status), staged) => (status.held, staged.map(|s| s.1).unwrap_or_default()),
+            (None, Some((count, pieces))) => (shoal_proto::PieceSet::empty(count), pieces),
             (None, None) => {
                 return PieceReply::Error(PieceError::new(
                     PieceErrorCode::NotHeld,
@@ -160,10 +148,10 @@ impl Uploader {
                 ))
             }
         };
-        match set {
-            Ok(set) => PieceReply::Held(set),
-            Err(e) => PieceReply::Error(PieceError::new(PieceErrorCode::Internal, e.to_string())),
+        for i in staged {
+            set.insert(i);
         }
+        PieceReply::Held(set)
     }
 
     /// A "busy" answer (counted), telling the asker when to retry.
@@ -186,7 +174,7 @@ impl Uploader {
     ) -> Option<Result<(), shoal_proto::ProtoError>> {
         let staging = Arc::clone(self.staging.get()?);
         let len = staging.staged_len(&blob, index)?;
-        let Some(room) = self.budget.try_read(u64::from(len)) else {
+        let Some(room) = self.budget.try_upload(u64::from(len)) else {
             return Some(
                 codec
                     .write(send, &self.busy("the piece memory budget is full"))
@@ -194,17 +182,11 @@ impl Uploader {
             );
         };
         self.limiter.take(u64::from(len)).await;
-        let (mut bytes, hash) = tokio::task::spawn_blocking(move || staging.piece(&blob, index))
+        let (bytes, hash) = tokio::task::spawn_blocking(move || staging.piece(&blob, index))
             .await
             .ok()
             .flatten()?;
-        if self.corrupt {
-            let mut bad = bytes.to_vec();
-            if let Some(b) = bad.get_mut(len as usize / 2) {
-                *b ^= 0x01;
-            }
-            bytes = bytes::Bytes::from(bad);
-        }
+        let bytes = self.tampered(bytes);
         let header = PieceHeader {
             blob,
             index,
@@ -345,6 +327,22 @@ impl Uploader {
         }
     }
 
+    /// The bytes to send: `piece` itself, except under the `corrupt` test hook (one byte
+    /// flipped, so a child's verification must catch it).
+    #[inline]
+    fn tampered(&self, piece: bytes::Bytes) -> bytes::Bytes {
+        #[cfg(feature = "test-hooks")]
+        if self.corrupt.load(Ordering::Relaxed) {
+            let mut bad = piece.to_vec();
+            let middle = bad.len() / 2;
+            if let Some(b) = bad.get_mut(middle) {
+                *b ^= 0x01;
+            }
+            return bytes::Bytes::from(bad);
+        }
+        piece
+    }
+
     async fn send_piece(
         &self,
         codec: &Codec,
@@ -370,7 +368,7 @@ impl Uploader {
                 .write(send, &self.busy("all upload slots are in use"))
                 .await;
         };
-        let digest = store_digest(&blob);
+        let digest = blob;
         let stored = self
             .store
             .blob_status(&digest)
@@ -405,7 +403,7 @@ impl Uploader {
         let len = status.layout.piece_len(index).unwrap_or(0);
         // Room for the piece before it is read (else "busy"); then the rate limit, waited for
         // with the room held but nothing read yet, so a queue of uploads costs no memory.
-        let Some(room) = self.budget.try_read(len) else {
+        let Some(room) = self.budget.try_upload(len) else {
             return codec
                 .write(send, &self.busy("the piece memory budget is full"))
                 .await;
@@ -446,15 +444,7 @@ impl Uploader {
             len,
             hash: *hash.as_bytes(),
         };
-        let body = if self.corrupt {
-            let mut bad = bytes.to_vec();
-            if let Some(b) = bad.get_mut(len as usize / 2) {
-                *b ^= 0x01;
-            }
-            bytes::Bytes::from(bad)
-        } else {
-            bytes
-        };
+        let body = self.tampered(bytes);
         // The header frame, then the bytes handed to QUIC without a copy; the room goes with
         // them until QUIC has sent them and lets go.
         codec.write(send, &PieceReply::Piece(header)).await?;

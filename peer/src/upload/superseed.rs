@@ -44,10 +44,7 @@ mod tests {
     fn a_piece_goes_to_one_peer_per_window() {
         let sent = SentRecently::new(Duration::from_millis(200));
         let blob = Digest::from_bytes([9; 32]);
-        let (a, b) = (
-            HostId::new("a".to_string()).unwrap(),
-            HostId::new("b".to_string()).unwrap(),
-        );
+        let (a, b) = (HostId::new("a").unwrap(), HostId::new("b").unwrap());
         assert!(sent.claim(blob, 0, &a));
         assert!(sent.claim(blob, 0, &a), "the same peer may ask again");
         assert!(!sent.claim(blob, 0, &b), "another peer takes it from a");

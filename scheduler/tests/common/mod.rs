@@ -3,9 +3,10 @@
 
 use prometheus_client::registry::Registry;
 use shoal_scheduler::{
-    Decision, Held, HostId, HostLoad, HostRegistration, Locality, ManualClock, Scheduler,
-    SchedulerConfig, TaskAnnouncement, TaskId,
+    Decision, Held, HostLoad, HostRegistration, Locality, ManualClock, Scheduler, SchedulerConfig,
+    TaskAnnouncement,
 };
+pub use shoal_types::{Digest, HostId, PieceSet};
 
 /// Pieces per test blob.
 pub const PIECES: u32 = 16;
@@ -35,8 +36,8 @@ pub fn id(name: &str) -> HostId {
     HostId::new(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
-pub fn blob(n: u8) -> TaskId {
-    TaskId::new(&format!("sha256:{}", format!("{n:02x}").repeat(32)))
+pub fn blob(n: u8) -> Digest {
+    Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32)))
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -57,17 +58,18 @@ pub fn registration(
             rack: rack.into(),
         },
         upload_slots: slots,
+        upload_limit: 0,
         is_seed: seed,
     }
 }
 
-/// A bitmap holding exactly `pieces` of a PIECES-piece blob.
+/// A set holding exactly `pieces` of a PIECES-piece blob.
 pub fn holding(pieces: impl IntoIterator<Item = u32>) -> Held {
-    let mut bytes = vec![0u8; (PIECES as usize).div_ceil(8)];
+    let mut set = PieceSet::empty(PIECES);
     for p in pieces {
-        bytes[p as usize / 8] |= 1 << (p % 8);
+        set.insert(p);
     }
-    Held::Bitmap(bytes)
+    Held::Set(set)
 }
 
 impl Cluster {
@@ -88,12 +90,12 @@ impl Cluster {
         self.host(name, "", "", 64, true)
     }
 
-    pub fn announce(&mut self, host: &HostId, task: &TaskId, held: Held) {
+    pub fn announce(&mut self, host: &HostId, task: &Digest, held: Held) {
         self.s
             .announce_task(
                 host,
                 TaskAnnouncement {
-                    task: task.clone(),
+                    task: *task,
                     size: u64::from(PIECES) * u64::from(PIECE_SIZE),
                     piece_size: PIECE_SIZE,
                     held,
@@ -102,7 +104,7 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("announce {host} {task}: {e}"));
     }
 
-    pub fn decide(&mut self, host: &HostId, task: &TaskId) -> Decision {
+    pub fn decide(&mut self, host: &HostId, task: &Digest) -> Decision {
         self.s
             .decide(host, task)
             .unwrap_or_else(|e| panic!("decide {host} {task}: {e}"))

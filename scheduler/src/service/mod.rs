@@ -10,13 +10,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use shoal_proto::{
-    server_handshake, Codec, ErrorCode, ErrorReply, HostId as WireHost, PushReply, Role,
-    SchedulerPush, SchedulerReply, SchedulerRequest, ALPN_SCHEDULER,
+    server_handshake, Codec, ErrorCode, ErrorReply, HostId, PushReply, Role, SchedulerPush,
+    SchedulerReply, SchedulerRequest, ALPN_SCHEDULER,
 };
 use shoal_tls::{IdentityPaths, NodeIdentity};
 
+mod config;
+
+pub use config::SchedulerServiceConfig;
+
 use crate::adapter::ProtoAdapter;
-use crate::{HostId, Scheduler, SchedulerConfig, SchedulerError};
+use crate::{Scheduler, SchedulerConfig, SchedulerError};
 
 /// Where and as whom the service runs.
 #[derive(Debug, Clone)]
@@ -44,7 +48,7 @@ pub enum ServiceError {
     Core(#[from] SchedulerError),
     /// The scheduler's own host id is invalid.
     #[error("scheduler host id: {0}")]
-    HostId(#[from] shoal_proto::ProtoError),
+    HostId(#[from] shoal_proto::IdError),
     /// The SIGTERM handler could not be installed.
     #[error("install SIGTERM handler: {0}")]
     Signal(std::io::Error),
@@ -97,8 +101,8 @@ impl SchedulerService {
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Self, ServiceError> {
         shoal_tls::install_crypto_provider();
-        let me = WireHost::new(cfg.host_id.clone())?;
-        let allowed = crate::config::allowed_list(&cfg.allowed_origins)?;
+        let me = HostId::new(&cfg.host_id)?;
+        let allowed = config::allowed_list(&cfg.allowed_origins)?;
         if let Some(warning) = allowed.empty_warning() {
             tracing::warn!("{warning}");
         }
@@ -192,7 +196,7 @@ impl Drop for SchedulerService {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: WireHost) {
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, me: HostId) {
     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
         return;
     };

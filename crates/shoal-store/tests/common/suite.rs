@@ -1,8 +1,9 @@
-//! The behavioural test suite every [`ContentStore`] backend must pass.
+//! The behavioural test suite every [`ContentStore`] backend must pass (test code: it is not
+//! part of the library).
 //!
 //! Each function takes a constructor that opens a backend on a config (called again on the same
 //! root to simulate a restart, after the previous instance was dropped) and panics on a failed
-//! expectation. `tests/conformance.rs` runs all of them against [`crate::Store`].
+//! expectation. `tests/conformance.rs` runs all of them against `shoal_store::Store`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,12 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::backend::ContentStore;
-use crate::config::PutOutcome;
-use crate::config::StoreConfig;
-use crate::error::{Error, Result};
-use crate::flight::FetchError;
-use crate::key::{Blake3Hash, BlobDigest, Item, PieceLayout};
+use shoal_store::{
+    Blake3Hash, ContentStore, Error, FetchError, Item, PieceLayout, PutOutcome, Result, StoreConfig,
+};
+use shoal_types::Digest;
 
 /// Opens a backend on a config.
 pub type Open<'a, S> = &'a dyn Fn(StoreConfig) -> Result<S>;
@@ -37,9 +36,9 @@ pub fn test_bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// A test blob: its bytes, digest and layout with `piece_size`.
-pub fn test_blob(seed: u64, len: usize, piece_size: u32) -> (Vec<u8>, BlobDigest, PieceLayout) {
+pub fn test_blob(seed: u64, len: usize, piece_size: u32) -> (Vec<u8>, Digest, PieceLayout) {
     let data = test_bytes(seed, len);
-    let digest = BlobDigest::of(&data);
+    let digest = Digest::of(&data);
     let layout = PieceLayout::compute(&digest, &data, piece_size).expect("test layout");
     (data, digest, layout)
 }
@@ -150,7 +149,7 @@ pub fn blob_completion<S: ContentStore>(root: &Path, open: Open<'_, S>) {
     );
     // A piece table that is self-consistent but not of this blob: caught by the sha256.
     let (fake, _, _) = test_blob(4, 8192, 8192);
-    let wrong = BlobDigest::of(b"some other blob");
+    let wrong = Digest::of(b"some other blob");
     let fake_layout = PieceLayout::compute(&wrong, &fake, 8192).expect("layout");
     s.ensure_blob(&wrong, &fake_layout).expect("ensure");
     s.put_piece(&wrong, 0, &fake).expect("put");
@@ -163,7 +162,7 @@ pub fn blob_completion<S: ContentStore>(root: &Path, open: Open<'_, S>) {
         "a blob failing its digest must be dropped"
     );
     // The empty blob has no pieces and completes at once.
-    let empty = BlobDigest::of(b"");
+    let empty = Digest::of(b"");
     s.ensure_blob(
         &empty,
         &PieceLayout::new(&empty, 0, 4096, vec![]).expect("layout"),
@@ -179,12 +178,12 @@ pub fn import_whole_blob<S: ContentStore>(root: &Path, open: Open<'_, S>) {
     let layout = s.import_blob(&d, 16384, &mut &data[..]).expect("import");
     assert_eq!(layout, expected);
     let status = s.blob_status(&d).expect("status");
-    assert!(status.complete && status.held.is_full());
+    assert!(status.complete && status.held.is_complete());
     assert_eq!(
         &s.read_range(&d, 12345, 50_000).expect("range")[..],
         &data[12345..62345]
     );
-    let lie = BlobDigest::of(b"not this");
+    let lie = Digest::of(b"not this");
     assert!(matches!(
         s.import_blob(&lie, 16384, &mut &data[..]),
         Err(Error::BlobDigestMismatch { .. })
