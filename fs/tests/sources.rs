@@ -338,3 +338,65 @@ fn a_retry_right_after_a_timed_out_read_fails_at_once_not_after_another_timeout(
     assert_eq!(reader.read(ino, 0, 4096).unwrap(), want[..4096]);
     assert!(origin.calls.load(Ordering::SeqCst) > calls);
 }
+
+/// The snapshotter's bootstrap fetch goes through the local peer's API: delivered and
+/// sha256-checked when the peer allows the registry; when the peer refuses the registry (403),
+/// the fetch fails and the registry is not asked around the peer.
+#[test]
+fn the_snapshotters_bootstrap_comes_through_the_peer_and_a_refusal_is_final() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(reg) =
+        shoal_testkit::or_skip(rt.block_on(shoal_testkit::Registry::start(Default::default())))
+    else {
+        return;
+    };
+    let img = build_image(false);
+    push_image(&rt, &reg, &img, "shoal/boot");
+    let (_, manifest) = oci::resolve(&LayoutRef {
+        dir: img.layout.clone(),
+        tag: None,
+    })
+    .unwrap();
+    let digest = find_bootstrap("test image", &manifest)
+        .unwrap()
+        .unwrap()
+        .digest()
+        .to_string();
+    let reference = shoal_origin::Reference::parse(&reg.reference("shoal/boot", "v1")).unwrap();
+    let fetch = |work: &Path, dest: &Path| {
+        let src = shoal_fs::snapshotter::bootstrap::BootstrapSource {
+            peer: Some(shoal_api::Client::new(work.join("peer.sock"))),
+            plain_http: vec![reg.host()],
+            docker_config: None,
+        };
+        rt.block_on(shoal_fs::snapshotter::bootstrap::fetch(
+            &src, &reference, &digest, dest,
+        ))
+    };
+
+    let refused = tempfile::tempdir().unwrap();
+    let peer = start_peer(&rt, refused.path(), vec!["registry.example:5000".into()]);
+    let before = rt.block_on(reg.access_log()).len();
+    let dest = refused.path().join("bootstrap");
+    let err = fetch(refused.path(), &dest).expect_err("a refused origin is not fetched");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(!dest.exists());
+    let blob_gets: Vec<_> = rt
+        .block_on(reg.access_log())
+        .into_iter()
+        .skip(before)
+        .filter(|e| e.path.contains("/blobs/"))
+        .collect();
+    assert!(
+        blob_gets.is_empty(),
+        "the bootstrap was fetched around the peer: {blob_gets:?}"
+    );
+    drop(peer);
+
+    let allowed = tempfile::tempdir().unwrap();
+    let _peer = start_peer(&rt, allowed.path(), vec![reg.host()]);
+    let dest = allowed.path().join("bootstrap");
+    fetch(allowed.path(), &dest).expect("the peer delivers the bootstrap");
+    let bytes = fs::read(&dest).unwrap();
+    assert_eq!(shoal_types::Digest::of(&bytes).to_string(), digest);
+}

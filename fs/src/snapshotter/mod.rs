@@ -18,7 +18,7 @@
 //! disk (usage.rs); metrics.rs counts calls and what each lazy image read and fetched.
 
 pub mod api;
-mod bootstrap;
+pub mod bootstrap;
 mod config;
 mod error;
 mod filter;
