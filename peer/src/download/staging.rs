@@ -296,17 +296,23 @@ impl Staging {
             return Err(StageError::Full);
         }
         let mut blobs = self.blobs();
-        let kept = blobs.get_mut(blob).is_some_and(|s| {
-            let same = s.hashes.get(index as usize).copied().flatten() == Some(hash)
-                && s.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, &file));
-            same && s.pieces.insert(index)
-        });
+        let kept = match blobs.get_mut(blob) {
+            // The blob left staging meanwhile (its table is whole): the caller stores the piece.
+            None => Err(StageError::NoHash),
+            Some(s) if !s.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, &file)) => {
+                Err(StageError::NoHash)
+            }
+            Some(s) => Ok(
+                s.hashes.get(index as usize).copied().flatten() == Some(hash)
+                    && s.pieces.insert(index),
+            ),
+        };
         drop(blobs);
-        if !kept {
+        if kept != Ok(true) {
             // Staged again meanwhile, or the blob or its hash changed: not counted twice.
             self.release(n);
         }
-        Ok(())
+        kept.map(|_| ())
     }
 
     /// A staged piece and its hash, read back and checked against the hash (blocking); `None`
@@ -380,9 +386,21 @@ impl Staging {
 
     /// Forgets everything staged of `blob` (its file goes with the last reader).
     pub fn remove(&self, blob: &Digest) {
-        if let Some(s) = self.blobs().remove(blob) {
-            self.release(s.bytes());
-        }
+        self.drain(blob);
+    }
+
+    /// Forgets everything staged of `blob` and returns what was staged (its file and pieces),
+    /// so that pieces staged since the caller last looked can still move into the store.
+    /// A piece whose write ends after this is not staged: its fetcher stores it instead.
+    pub fn drain(&self, blob: &Digest) -> Option<(Arc<StagedFile>, StagedPieces)> {
+        let s = self.blobs().remove(blob)?;
+        self.release(s.bytes());
+        let pieces = s
+            .pieces
+            .iter()
+            .filter_map(|i| Some((*i, s.hashes.get(*i as usize).copied().flatten()?)))
+            .collect();
+        Some((s.file?, pieces))
     }
 }
 

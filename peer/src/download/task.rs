@@ -267,8 +267,10 @@ impl Task {
         let sd = self.blob;
         let pieces = table.into_iter().map(Blake3Hash::from_bytes).collect();
         let layout = Arc::new(PieceLayout::new(&sd, meta.size, meta.piece_size, pieces)?);
+        let mut taken = std::collections::HashSet::new();
         let adopted = match self.ctx.staging.file(&self.blob) {
             Some((file, staged)) => {
+                taken = staged.iter().map(|(i, _)| *i).collect();
                 let held = staged
                     .into_iter()
                     .map(|(i, h)| (i, Blake3Hash::from_bytes(h)))
@@ -289,11 +291,46 @@ impl Task {
         }
         self.lock().layout = Some(layout);
         if adopted {
-            // Pieces staged after the store took the file are fetched again.
-            self.ctx.staging.remove(&self.blob);
+            // Pieces staged after the store took the file move in too (not fetched twice).
+            self.end_staging(&taken).await;
             self.notify();
         }
         Ok(())
+    }
+
+    /// Ends the blob's staging (the store has its table, so new pieces go there): pieces
+    /// staged but not in `moved` are read back and stored, verified again by the store.
+    async fn end_staging(&self, moved: &std::collections::HashSet<u32>) {
+        let Some((file, pieces)) = self.ctx.staging.drain(&self.blob) else {
+            return;
+        };
+        let Some(layout) = self.lock().layout.clone() else {
+            return;
+        };
+        for (i, _) in pieces.into_iter().filter(|(i, _)| !moved.contains(i)) {
+            let (Some(len), offset) = (layout.piece_len(i), layout.piece_offset(i)) else {
+                continue;
+            };
+            let file = Arc::clone(&file);
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                file.read_at(&mut buf, offset).map(|()| Bytes::from(buf))
+            })
+            .await;
+            let stored = match read {
+                Ok(Ok(bytes)) => self
+                    .ctx
+                    .store
+                    .put_piece(self.blob, i, bytes)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(format!("reading it back: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = stored {
+                tracing::warn!(blob = %self.blob, piece = i, error = %e, "staged piece not stored: fetched again");
+            }
+        }
     }
 
     /// Moves staged pieces into the store now that it has the whole table (it verifies each
@@ -321,7 +358,8 @@ impl Task {
             .buffer_unordered(4)
             .for_each(|()| async {})
             .await;
-        staging.remove(&self.blob);
+        // Pieces staged while the others moved: moved too, not fetched again.
+        self.end_staging(&std::collections::HashSet::new()).await;
         self.notify();
     }
 
