@@ -146,10 +146,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 })
                 .collect()
         });
-        let doc = serde_json::json!({
-            "peer": peer.as_ref().ok(),
-            "lazy_images": images,
-        });
+        // The peer's status as its API gives it (scripts read its fields at the top level),
+        // with the node's lazy images beside them.
+        let mut doc = match &peer {
+            Ok(status) => serde_json::to_value(status)?,
+            Err(_) => serde_json::json!({}),
+        };
+        if let Some(fields) = doc.as_object_mut() {
+            fields.insert("lazy_images".into(), serde_json::to_value(images)?);
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         if let Ok(status) = &peer {
