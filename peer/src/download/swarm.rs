@@ -518,8 +518,10 @@ impl Task {
                 .await
                 .unwrap_or(Err(StageError::Full));
             match staged {
-                Ok(()) => {
-                    self.counted(n);
+                Ok(new) => {
+                    if new {
+                        self.counted(n);
+                    }
                     return Ok(n);
                 }
                 Err(StageError::Mismatch) => return Err(corrupt(self)),
