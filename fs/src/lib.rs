@@ -6,7 +6,8 @@
 //! Data path by module (README.md draws it): [`mount`] opens the source ([`image`]) and starts
 //! the FUSE session -> [`inode`] answers metadata from the bootstrap and hands reads to a thread
 //! pool -> [`read`] maps offsets to chunks, serves cached ones, fetches the rest through
-//! [`fetch`] (peer, else origin), decompresses and verifies ([`verify`]) -> the store caches them.
+//! [`fetch`] (peer, else origin) in the requests `plan` merges (span runs of indexed layers whole),
+//! decompresses and verifies ([`verify`]) -> the store caches them.
 //! [`ahead`] picks what a sequential read will want next (loaded in the background),
 //! [`prefetch`] warms the cache in the background, [`access_log`] records first reads,
 //! [`metrics`] counts. Configuration: [`config`]. [`snapshotter`] is containerd's remote
@@ -22,6 +23,7 @@ pub mod image;
 pub mod inode;
 pub mod metrics;
 pub mod mount;
+mod plan;
 pub mod prefetch;
 pub mod read;
 pub mod snapshotter;

@@ -55,10 +55,7 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
     clear_stale_mount(&config.mountpoint);
     let image = rt.block_on(crate::image::open(&config))?;
     let boot = image.boot;
-    let total_stored = (0..boot.chunk_count())
-        .filter_map(|i| boot.chunk(i))
-        .map(|c| u64::from(c.stored_size))
-        .sum();
+    let total_stored = crate::metrics::stored_bytes(&boot);
     let metrics = Arc::new(Metrics::new(
         hex::encode(boot.root_hash()),
         boot.chunk_count() as usize,

@@ -14,23 +14,32 @@
 //! hang; a chunk whose fetch just timed out fails at once for a few seconds, so the kernel's
 //! retry of a failed read does not double the wait.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
+use shoal_format::model::ChunkEncoding;
 use shoal_origin::Digest;
 use shoal_store::{Blake3Hash, BufferPool, Store};
 
 use crate::fetch::{ChunkSource, FetchError};
 use crate::flight::Flights;
 use crate::metrics::Metrics;
-use crate::verify::decode_chunk;
+use crate::plan::{self, Part, PartKind, Request, Runs, SpanPart};
+use crate::verify::{decode_chunk, decode_span_run};
 
-/// Largest stored form of a chunk we accept (chunks are at most 16 MiB uncompressed).
+/// Largest stored form of a raw or zstd chunk we accept (chunks are at most 16 MiB
+/// uncompressed; a span's stored form is read as a stream instead).
 const MAX_STORED: u32 = 32 << 20;
+
+/// Verified chunks waiting for their disk-cache write at most; beyond it the writes of a span
+/// run's other chunks happen on the reading thread (a whole single-frame layer is many chunks).
+const MAX_PENDING_WRITES: u64 = 64 << 20;
 
 /// How long a chunk whose fetch just timed out fails at once (capped by the fetch timeout): the
 /// kernel retries a failed 1 MiB readahead with a 4 KiB read of the same page, which must not
@@ -98,6 +107,14 @@ pub struct Reader {
     timeout: Duration,
     max_request: u64,
     max_gap: u64,
+    /// Span runs by checkpoint (indexed layers).
+    runs: Runs,
+    /// Bytes of the memory cache (a span run larger than a quarter of it goes to disk only).
+    memory_cache_bytes: u64,
+    /// Bytes of verified chunks handed to the disk cache and not written yet.
+    pending_writes: Arc<AtomicU64>,
+    /// Per blob: its piece table was offered to the peer (before its first range from there).
+    offered: Vec<tokio::sync::OnceCell<()>>,
     inflight: Flights,
     /// Chunks whose fetch timed out lately, and until when a read of them fails at once.
     timed_out: std::sync::Mutex<HashMap<[u8; 32], Instant>>,
@@ -171,14 +188,6 @@ pub struct ReaderParts {
 /// What one request to a source returned, and from which source.
 type Fetched = Result<(Bytes, Arc<dyn ChunkSource>), FetchError>;
 
-/// One request to a source: a run of chunks of one blob.
-struct Group {
-    blob: u32,
-    start: u64,
-    end: u64,
-    chunks: Vec<ChunkView>,
-}
-
 impl Reader {
     /// A reader over `parts`.
     pub fn new(parts: ReaderParts) -> Result<Self, crate::FsError> {
@@ -191,6 +200,10 @@ impl Reader {
             .max_capacity(parts.memory_cache_bytes)
             .weigher(|_k: &[u8; 32], v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
             .build();
+        let runs = Runs::new(&parts.boot);
+        let offered = (0..parts.boot.blob_count())
+            .map(|_| tokio::sync::OnceCell::new())
+            .collect();
         Ok(Reader {
             boot: parts.boot,
             store: parts.store,
@@ -205,6 +218,10 @@ impl Reader {
             timeout: parts.timeout,
             max_request: parts.max_request,
             max_gap: parts.max_gap,
+            runs,
+            memory_cache_bytes: parts.memory_cache_bytes,
+            pending_writes: Arc::new(AtomicU64::new(0)),
+            offered,
             inflight: Flights::default(),
             timed_out: Default::default(),
             ahead: AheadWork::default(),
@@ -550,36 +567,10 @@ impl Reader {
             .map_or_else(|| format!("#{blob}"), |d| d.to_string())
     }
 
-    /// Runs of chunks of one blob, each one request: gaps at most `max_gap`, span at most
-    /// `max_request` (a single larger chunk is its own request).
-    fn plan(&self, chunks: &[ChunkView]) -> Vec<Group> {
-        let mut sorted = chunks.to_vec();
-        sorted.sort_by_key(|c| (c.blob, c.offset));
-        let mut groups: Vec<Group> = Vec::new();
-        for c in sorted {
-            let end = c.offset + u64::from(c.stored_size);
-            match groups.last_mut() {
-                Some(g)
-                    if g.blob == c.blob
-                        && c.offset >= g.end
-                        && c.offset - g.end <= self.max_gap
-                        && end - g.start <= self.max_request =>
-                {
-                    g.end = end;
-                    g.chunks.push(c);
-                }
-                _ => groups.push(Group {
-                    blob: c.blob,
-                    start: c.offset,
-                    end,
-                    chunks: vec![c],
-                }),
-            }
-        }
-        groups
-    }
-
-    /// Fetches, decompresses and verifies `chunks`; every verified chunk is cached.
+    /// Fetches, decompresses and verifies `chunks` (and, for span chunks, the other chunks of
+    /// their runs, which go to the cache); every verified chunk is cached. Bytes that fail
+    /// verification are reported to their source and fetched again from the origin; failing
+    /// again is [`ReadError::Corrupt`].
     fn fetch(
         &self,
         chunks: &[ChunkView],
@@ -589,129 +580,423 @@ impl Reader {
         if chunks.is_empty() {
             return Ok(done);
         }
-        if let Some(c) = chunks.iter().find(|c| c.stored_size > MAX_STORED) {
-            return Err(ReadError::Corrupt {
-                chunk: hex::encode(c.hash),
-                blob: self.blob_name(c.blob),
-                reason: format!("stored size {} is over the limit", c.stored_size),
-            });
+        if let Some(c) = chunks
+            .iter()
+            .find(|c| !is_span(c) && c.stored_size > MAX_STORED)
+        {
+            return Err(self.corrupt(
+                c,
+                format!("stored size {} is over the limit", c.stored_size),
+            ));
         }
-        let groups = self.plan(chunks);
+        let wanted: HashSet<[u8; 32]> = chunks.iter().map(|c| c.hash).collect();
+        let mut parts = plan::parts(&self.boot, &self.runs, chunks, |w| !self.in_cache(w))
+            .map_err(|e| self.corrupt(&e.chunk, e.reason.to_string()))?;
+        // One flight per span run: readers of different chunks of one span (kernel readahead)
+        // fetch and inflate it once; the others find their chunks in memory afterwards.
+        let mut keys: Vec<[u8; 32]> = parts
+            .iter()
+            .filter_map(|p| match &p.kind {
+                PartKind::Span(s) => Some(run_key(s.index)),
+                PartKind::Plain(_) => None,
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut guards = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.inflight.take(k, deadline) {
+                Some(g) => guards.push(g),
+                None => {
+                    return Err(ReadError::Timeout {
+                        blob: self.blob_name(chunks[0].blob),
+                        secs: self.timeout.as_secs(),
+                    })
+                }
+            }
+        }
+        parts.retain(|p| match &p.kind {
+            PartKind::Span(s) => !self.loaded_meanwhile(s, &wanted, &mut done),
+            PartKind::Plain(_) => true,
+        });
+        // A window no remaining span needs (and nobody asked for) is not fetched.
+        let needed: HashSet<u32> = parts
+            .iter()
+            .filter_map(|p| match &p.kind {
+                PartKind::Span(s) => s.window.map(|w| w.index),
+                PartKind::Plain(_) => None,
+            })
+            .collect();
+        parts.retain(|p| match &p.kind {
+            PartKind::Plain(c) => wanted.contains(&c.hash) || needed.contains(&c.index),
+            PartKind::Span(_) => true,
+        });
         let started = Instant::now();
-        let results = self.run_until(deadline, &groups, |g| {
-            self.fetch_range(g.blob, g.start, g.end, true)
+        let (streamed, small): (Vec<Part>, Vec<Part>) =
+            parts.into_iter().partition(|p| p.len() > self.max_request);
+        let requests = plan::requests(small, self.max_gap, self.max_request);
+        let results = self.run_until(deadline, &requests, |r| {
+            self.fetch_range(r.blob, r.start, r.end, true)
         })?;
-        let mut bad: Vec<ChunkView> = Vec::new();
-        for (g, r) in groups.iter().zip(results) {
-            let (bytes, src) = r?;
-            for c in &g.chunks {
-                let from = (c.offset - g.start) as usize;
-                let stored = bytes
-                    .get(from..from + c.stored_size as usize)
-                    .unwrap_or_default();
-                match decode_chunk(c, stored) {
+        let mut fetched = Vec::with_capacity(requests.len());
+        for (r, res) in requests.iter().zip(results) {
+            fetched.push((r, res?));
+        }
+        let mut windows: HashMap<u32, Bytes> = HashMap::new();
+        let mut bad: Vec<Part> = Vec::new();
+        // Raw and zstd chunks first: the windows the spans start from are among them.
+        for (r, (bytes, src)) in &fetched {
+            for p in &r.parts {
+                let PartKind::Plain(c) = &p.kind else {
+                    continue;
+                };
+                match decode_chunk(c, slice(bytes, r, p)) {
                     Ok(data) => {
                         self.keep(c, &data);
+                        windows.insert(c.index, data.clone());
                         done.insert(c.hash, data);
                     }
                     Err(reason) => {
-                        self.metrics.verify_failed(src.kind().label());
-                        src.report_bad(
-                            &self.blobs[c.blob as usize],
-                            c.offset,
-                            c.offset + u64::from(c.stored_size),
-                        );
-                        tracing::warn!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob), source = %src.describe(), %reason,
-                            "fetched chunk failed verification; dropped, refetching from the origin");
-                        bad.push(*c);
+                        self.bad_bytes(src, p, &reason, "dropped, refetching from the origin");
+                        bad.push(p.clone());
                     }
                 }
+            }
+        }
+        for (r, (bytes, src)) in &fetched {
+            for p in &r.parts {
+                let PartKind::Span(s) = &p.kind else { continue };
+                if let Err(reason) =
+                    self.decode_span(p, s, slice(bytes, r, p), &wanted, &windows, &mut done)
+                {
+                    self.bad_bytes(src, p, &reason, "dropped, refetching from the origin");
+                    bad.push(p.clone());
+                }
+            }
+        }
+        for p in &streamed {
+            if let Err((reason, src)) = self.stream_part(p, true, &wanted, &windows, &mut done)? {
+                self.bad_bytes(&src, p, &reason, "dropped, refetching from the origin");
+                bad.push(p.clone());
             }
         }
         if !bad.is_empty() {
-            let groups: Vec<Group> = bad
-                .iter()
-                .map(|c| Group {
-                    blob: c.blob,
-                    start: c.offset,
-                    end: c.offset + u64::from(c.stored_size),
-                    chunks: vec![*c],
-                })
-                .collect();
-            let results = self.run_until(deadline, &groups, |g| {
-                self.fetch_range(g.blob, g.start, g.end, false)
-            })?;
-            for (c, r) in bad.iter().zip(results) {
-                let (bytes, src) = r?;
-                match decode_chunk(c, &bytes) {
-                    Ok(data) => {
-                        self.keep(c, &data);
-                        done.insert(c.hash, data);
-                    }
-                    Err(reason) => {
-                        self.metrics.verify_failed("origin");
-                        src.report_bad(
-                            &self.blobs[c.blob as usize],
-                            c.offset,
-                            c.offset + u64::from(c.stored_size),
-                        );
-                        tracing::error!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob), source = %src.describe(), %reason,
-                            "chunk failed verification again after refetching from the origin: read fails with EIO");
-                        return Err(ReadError::Corrupt {
-                            chunk: hex::encode(c.hash),
-                            blob: self.blob_name(c.blob),
-                            reason,
-                        });
-                    }
-                }
-            }
+            self.refetch(bad, deadline, &wanted, &mut windows, &mut done)?;
         }
+        drop(guards);
         self.metrics
             .fetch_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(done)
     }
 
+    /// The parts whose bytes failed verification, fetched again straight from the origin (the
+    /// windows first); a second failure is [`ReadError::Corrupt`].
+    fn refetch(
+        &self,
+        bad: Vec<Part>,
+        deadline: Instant,
+        wanted: &HashSet<[u8; 32]>,
+        windows: &mut HashMap<u32, Bytes>,
+        done: &mut HashMap<[u8; 32], Bytes>,
+    ) -> Result<(), ReadError> {
+        let (plain, spans): (Vec<Part>, Vec<Part>) = bad
+            .into_iter()
+            .partition(|p| matches!(p.kind, PartKind::Plain(_)));
+        let requests: Vec<Request> = plain
+            .into_iter()
+            .map(|p| Request {
+                blob: p.blob,
+                start: p.start,
+                end: p.end,
+                parts: vec![p],
+            })
+            .collect();
+        let results = self.run_until(deadline, &requests, |r| {
+            self.fetch_range(r.blob, r.start, r.end, false)
+        })?;
+        for (r, res) in requests.iter().zip(results) {
+            let (bytes, src) = res?;
+            let Some(p) = r.parts.first() else { continue };
+            let PartKind::Plain(c) = &p.kind else {
+                continue;
+            };
+            match decode_chunk(c, &bytes) {
+                Ok(data) => {
+                    self.keep(c, &data);
+                    windows.insert(c.index, data.clone());
+                    done.insert(c.hash, data);
+                }
+                Err(reason) => {
+                    self.bad_bytes(&src, p, &reason, "read fails with EIO");
+                    return Err(self.corrupt(c, reason));
+                }
+            }
+        }
+        for p in &spans {
+            let PartKind::Span(s) = &p.kind else { continue };
+            // A window that could not be had from the cache or the first source: the origin's.
+            if let Some(w) = s.window.filter(|w| self.window(w, windows).is_none()) {
+                let (bytes, src) = self.fetch_one(w.blob, p_range(&w), false, deadline)?;
+                match decode_chunk(&w, &bytes) {
+                    Ok(data) => {
+                        self.keep(&w, &data);
+                        windows.insert(w.index, data);
+                    }
+                    Err(reason) => {
+                        self.bad_bytes(&src, &Part::plain(w), &reason, "read fails with EIO");
+                        return Err(self.corrupt(&w, reason));
+                    }
+                }
+            }
+            let failed = if p.len() > self.max_request {
+                self.stream_part(p, false, wanted, windows, done)?
+            } else {
+                let (bytes, src) = self.fetch_one(p.blob, p.start..p.end, false, deadline)?;
+                self.decode_span(p, s, &bytes[..], wanted, windows, done)
+                    .map_err(|reason| (reason, src))
+            };
+            if let Err((reason, src)) = failed {
+                self.bad_bytes(&src, p, &reason, "read fails with EIO");
+                let c = s.run.first().copied().unwrap_or(ChunkView {
+                    index: 0,
+                    hash: [0; 32],
+                    blob: p.blob,
+                    offset: p.start,
+                    stored_size: 0,
+                    size: 0,
+                    encoding: ChunkEncoding::Raw,
+                });
+                return Err(self.corrupt(&c, reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// After waiting for a span's flight: true when another reader loaded the wanted chunks of
+    /// `s` meanwhile (they are put into `done`).
+    fn loaded_meanwhile(
+        &self,
+        s: &SpanPart,
+        wanted: &HashSet<[u8; 32]>,
+        done: &mut HashMap<[u8; 32], Bytes>,
+    ) -> bool {
+        let mut found = Vec::new();
+        for c in s.run.iter().filter(|c| wanted.contains(&c.hash)) {
+            match self.cached(c) {
+                Some(b) => found.push((c.hash, b)),
+                None => return false,
+            }
+        }
+        done.extend(found);
+        true
+    }
+
+    /// A deflate window's verified bytes: fetched in this load, or from the caches.
+    fn window(&self, w: &ChunkView, windows: &HashMap<u32, Bytes>) -> Option<Bytes> {
+        windows.get(&w.index).cloned().or_else(|| self.cached(w))
+    }
+
+    /// Decodes span run `s` (part `p`) from `stored`: the wanted chunks go into `done`, the
+    /// run's other chunks into the caches. `Err`: why a wanted chunk failed.
+    fn decode_span(
+        &self,
+        p: &Part,
+        s: &SpanPart,
+        stored: impl Read,
+        wanted: &HashSet<[u8; 32]>,
+        windows: &HashMap<u32, Bytes>,
+        done: &mut HashMap<[u8; 32], Bytes>,
+    ) -> Result<(), String> {
+        let window = match &s.window {
+            Some(w) => Some(
+                self.window(w, windows)
+                    .ok_or("the checkpoint's window could not be loaded")?,
+            ),
+            None => None,
+        };
+        let total: u64 = s.run.iter().map(|c| u64::from(c.size)).sum();
+        let in_memory = total <= self.memory_cache_bytes / 4;
+        let mut failed: Option<String> = None;
+        decode_span_run(s, window.as_deref(), stored, |c, r| match r {
+            Ok(data) if wanted.contains(&c.hash) => {
+                self.keep(c, &data);
+                done.insert(c.hash, data);
+            }
+            Ok(data) => self.keep_other(c, data, in_memory),
+            Err(e) => {
+                if wanted.contains(&c.hash) && failed.is_none() {
+                    failed = Some(e);
+                }
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => {
+                self.metrics.span_fetched(p.blob, p.start, p.end);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads span part `p` (longer than one request) as a stream of requests in order, decoding
+    /// as the bytes arrive; each request has its own deadline. `Ok(Err(..))`: the bytes failed
+    /// verification (and from which source); `Err`: they could not be fetched.
+    #[allow(clippy::type_complexity)]
+    fn stream_part(
+        &self,
+        p: &Part,
+        via_peer: bool,
+        wanted: &HashSet<[u8; 32]>,
+        windows: &HashMap<u32, Bytes>,
+        done: &mut HashMap<[u8; 32], Bytes>,
+    ) -> Result<Result<(), (String, Arc<dyn ChunkSource>)>, ReadError> {
+        let PartKind::Span(s) = &p.kind else {
+            return Ok(Ok(()));
+        };
+        tracing::info!(blob = %self.blob_name(p.blob), start = p.start, bytes = p.len(),
+            "reading a span run larger than one request as a stream (a whole layer?)");
+        let mut stream = Streamed {
+            reader: self,
+            blob: p.blob,
+            pos: p.start,
+            end: p.end,
+            via_peer,
+            buf: Bytes::new(),
+            src: None,
+            failed: None,
+        };
+        let decoded = self.decode_span(p, s, &mut stream, wanted, windows, done);
+        if let Some(e) = stream.failed.take() {
+            return Err(e);
+        }
+        let src = stream.src.unwrap_or_else(|| Arc::clone(&self.origin));
+        Ok(decoded.map_err(|reason| (reason, src)))
+    }
+
+    /// Bytes `range` of blob `blob` from one source, by `deadline`.
+    fn fetch_one(
+        &self,
+        blob: u32,
+        range: Range<u64>,
+        via_peer: bool,
+        deadline: Instant,
+    ) -> Fetched {
+        let until = tokio::time::Instant::from_std(deadline);
+        let fetch = self.fetch_range(blob, range.start, range.end, via_peer);
+        self.rt
+            .block_on(async { tokio::time::timeout_at(until, fetch).await })
+            .map_err(|_| FetchError {
+                source_name: "read".into(),
+                blob: self.blob_name(blob),
+                start: range.start,
+                end: range.end,
+                reason: format!("did not arrive within {} s", self.timeout.as_secs()),
+                refused: false,
+            })?
+    }
+
+    /// Counts, logs and reports bytes of `p` that failed verification.
+    fn bad_bytes(&self, src: &Arc<dyn ChunkSource>, p: &Part, reason: &str, then: &str) {
+        self.metrics.verify_failed(src.kind().label());
+        if let Some(d) = self.blobs.get(p.blob as usize) {
+            src.report_bad(d, p.start, p.end);
+        }
+        tracing::warn!(blob = %self.blob_name(p.blob), start = p.start, end = p.end,
+            source = %src.describe(), %reason, "fetched bytes failed verification; {then}");
+    }
+
+    fn corrupt(&self, c: &ChunkView, reason: String) -> ReadError {
+        ReadError::Corrupt {
+            chunk: hex::encode(c.hash),
+            blob: self.blob_name(c.blob),
+            reason,
+        }
+    }
+
     fn keep(&self, c: &ChunkView, data: &Bytes) {
-        self.metrics
-            .chunk_fetched(c.index, u64::from(c.stored_size));
+        if !is_span(c) {
+            // Span bytes are counted by range (one span holds many chunks).
+            self.metrics
+                .chunk_fetched(c.index, u64::from(c.stored_size));
+        }
         self.mem.insert(c.hash, data.clone());
-        // The disk write (fsync) runs off the reply path; the bytes are already verified.
-        let (store, hash, data) = (
+        self.write_behind(c, data.clone());
+    }
+
+    /// Caches a chunk decoded on the way to the wanted ones (a span run's others): in memory
+    /// when the run fits, on disk always; written on this thread when too much waits already.
+    fn keep_other(&self, c: &ChunkView, data: Bytes, in_memory: bool) {
+        if in_memory {
+            self.mem.insert(c.hash, data.clone());
+        }
+        let len = data.len() as u64;
+        if self.pending_writes.load(Ordering::Relaxed) + len > MAX_PENDING_WRITES {
+            let hash = Blake3Hash::from_bytes(c.hash);
+            if let Err(e) = self.store.put_chunk(&hash, &data) {
+                tracing::warn!(chunk = %hash, error = %e, "could not cache chunk");
+            }
+            return;
+        }
+        self.write_behind(c, data);
+    }
+
+    /// Writes a verified chunk to the disk cache off the reply path (its fsync).
+    fn write_behind(&self, c: &ChunkView, data: Bytes) {
+        let len = data.len() as u64;
+        self.pending_writes.fetch_add(len, Ordering::Relaxed);
+        let (store, hash, pending) = (
             self.store.clone(),
             Blake3Hash::from_bytes(c.hash),
-            data.clone(),
+            Arc::clone(&self.pending_writes),
         );
         self.rt.spawn_blocking(move || {
             if let Err(e) = store.put_chunk(&hash, &data) {
                 tracing::warn!(chunk = %hash, error = %e, "could not cache chunk; serving it uncached");
             }
+            pending.fetch_sub(len, Ordering::Relaxed);
         });
     }
 
-    /// Runs one fetch per group concurrently on the runtime, all bounded by `deadline`.
+    /// Runs one fetch per request concurrently on the runtime, all bounded by `deadline`.
     fn run_until<'a, F, Fut>(
         &'a self,
         deadline: Instant,
-        groups: &'a [Group],
+        requests: &'a [Request],
         f: F,
     ) -> Result<Vec<Fetched>, ReadError>
     where
-        F: Fn(&'a Group) -> Fut,
+        F: Fn(&'a Request) -> Fut,
         Fut: std::future::Future<Output = Fetched> + 'a,
     {
-        let all = futures::future::join_all(groups.iter().map(f));
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = futures::future::join_all(requests.iter().map(f));
         let until = tokio::time::Instant::from_std(deadline);
         self.rt
             .block_on(async { tokio::time::timeout_at(until, all).await })
             .map_err(|_| {
-                let blob = groups.first().map_or(0, |g| g.blob);
+                let blob = requests.first().map_or(0, |r| r.blob);
                 tracing::warn!(blob = %self.blob_name(blob), secs = self.timeout.as_secs(), "read timed out waiting for chunks");
                 ReadError::Timeout {
                     blob: self.blob_name(blob),
                     secs: self.timeout.as_secs(),
                 }
             })
+    }
+
+    /// Gives the peer blob `blob`'s piece table from the bootstrap (once per blob, before its
+    /// first range): a peer that knows it fetches only the pieces a range covers, each checked,
+    /// where it would otherwise import the whole blob before serving any of it (a plain layer
+    /// nobody has yet). A peer that cannot take it serves the range anyway.
+    async fn offer_pieces(&self, peer: &Arc<dyn ChunkSource>, blob: u32, digest: &Digest) {
+        let Some(b) = self.boot.blob(blob) else {
+            return;
+        };
+        if let Err(e) = peer.offer_pieces(digest, b.piece_size, b.pieces).await {
+            tracing::info!(error = %e, "the peer did not take the blob's piece table; it fetches the blob its own way");
+        }
     }
 
     /// Bytes `start..end` of blob `blob`: from the peer when `via_peer` and one is configured
@@ -726,6 +1011,10 @@ impl Reader {
             refused: false,
         })?;
         if let Some(peer) = self.peer.as_ref().filter(|_| via_peer) {
+            if let Some(once) = self.offered.get(blob as usize) {
+                once.get_or_init(|| self.offer_pieces(peer, blob, digest))
+                    .await;
+            }
             match peer.read_range(digest, start, end).await {
                 Ok(b) => {
                     self.metrics.fetched(peer.kind(), b.len() as u64);
@@ -740,5 +1029,74 @@ impl Reader {
         let b = self.origin.read_range(digest, start, end).await?;
         self.metrics.fetched(self.origin.kind(), b.len() as u64);
         Ok((b, Arc::clone(&self.origin)))
+    }
+}
+
+/// True for a span chunk (decoded from a checkpoint of a compressed layer).
+fn is_span(c: &ChunkView) -> bool {
+    matches!(c.encoding, ChunkEncoding::Span { .. })
+}
+
+/// The flight key of checkpoint `index`'s run (never a chunk's BLAKE3 in practice: it hashes a
+/// tag that no chunk content is).
+fn run_key(index: u32) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"shoal-fs span run\0");
+    h.update(&index.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Part `p`'s bytes within request `r`'s.
+fn slice<'b>(bytes: &'b Bytes, r: &Request, p: &Part) -> &'b [u8] {
+    let from = (p.start - r.start) as usize;
+    let to = (p.end - r.start) as usize;
+    bytes.get(from..to).unwrap_or_default()
+}
+
+/// The stored range of a raw or zstd chunk.
+fn p_range(c: &ChunkView) -> Range<u64> {
+    c.offset..c.offset + u64::from(c.stored_size)
+}
+
+/// A span part longer than one request, read as consecutive requests (each from the peer,
+/// else the origin, with its own deadline) while it is decoded.
+struct Streamed<'r> {
+    reader: &'r Reader,
+    blob: u32,
+    pos: u64,
+    end: u64,
+    via_peer: bool,
+    buf: Bytes,
+    /// The source of the last request.
+    src: Option<Arc<dyn ChunkSource>>,
+    /// Why a request failed (the decoder then sees the stream end with an error).
+    failed: Option<ReadError>,
+}
+
+impl Read for Streamed<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.buf.is_empty() && self.pos < self.end {
+            let to = self.end.min(self.pos + self.reader.max_request);
+            let deadline = Instant::now() + self.reader.timeout;
+            match self
+                .reader
+                .fetch_one(self.blob, self.pos..to, self.via_peer, deadline)
+            {
+                Ok((b, src)) => {
+                    self.buf = b;
+                    self.pos = to;
+                    self.src = Some(src);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.failed = Some(ReadError::Fetch(e));
+                    return Err(std::io::Error::other(msg));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        let _ = self.buf.split_to(n);
+        Ok(n)
     }
 }
