@@ -20,12 +20,15 @@ mod error;
 pub mod fetch;
 mod flight;
 pub mod image;
+pub mod index;
 pub mod inode;
+mod layers;
 pub mod metrics;
 pub mod mount;
 mod plan;
 pub mod prefetch;
 pub mod read;
+mod session;
 pub mod snapshotter;
 pub mod verify;
 
