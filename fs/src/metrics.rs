@@ -242,31 +242,35 @@ impl MetricsSnapshot {
     /// counters added, ratios over the sums.
     pub fn sum(all: &[std::sync::Arc<Metrics>]) -> MetricsSnapshot {
         let mut out = MetricsSnapshot::default();
-        let mut fetched_stored = 0f64;
         for m in all {
-            let s = m.snapshot();
-            out.read_bytes += s.read_bytes;
-            out.fetched_peer += s.fetched_peer;
-            out.fetched_origin += s.fetched_origin;
-            out.cache_hits += s.cache_hits;
-            out.cache_misses += s.cache_misses;
-            out.verify_failures += s.verify_failures;
-            out.read_errors += s.read_errors;
-            out.image_stored_bytes += s.image_stored_bytes;
-            fetched_stored += s.image_fetched_ratio * s.image_stored_bytes as f64;
+            out.merge(&m.snapshot());
         }
-        let looked = out.cache_hits + out.cache_misses;
-        out.cache_hit_ratio = if looked == 0 {
+        out
+    }
+
+    /// Adds `other`'s figures to these (counters added, ratios over the sums).
+    pub fn merge(&mut self, other: &MetricsSnapshot) {
+        let fetched_stored = self.image_fetched_ratio * self.image_stored_bytes as f64
+            + other.image_fetched_ratio * other.image_stored_bytes as f64;
+        self.read_bytes += other.read_bytes;
+        self.fetched_peer += other.fetched_peer;
+        self.fetched_origin += other.fetched_origin;
+        self.cache_hits += other.cache_hits;
+        self.cache_misses += other.cache_misses;
+        self.verify_failures += other.verify_failures;
+        self.read_errors += other.read_errors;
+        self.image_stored_bytes += other.image_stored_bytes;
+        let looked = self.cache_hits + self.cache_misses;
+        self.cache_hit_ratio = if looked == 0 {
             0.0
         } else {
-            out.cache_hits as f64 / looked as f64
+            self.cache_hits as f64 / looked as f64
         };
-        out.image_fetched_ratio = if out.image_stored_bytes == 0 {
+        self.image_fetched_ratio = if self.image_stored_bytes == 0 {
             1.0
         } else {
-            fetched_stored / out.image_stored_bytes as f64
+            fetched_stored / self.image_stored_bytes as f64
         };
-        out
     }
 }
 
