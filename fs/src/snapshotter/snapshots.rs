@@ -143,8 +143,18 @@ impl Snapshots {
             )));
         }
         let key = new.bootstrap.trim_start_matches("sha256:").to_string();
-        let mut image = self.state.image(&key)?.unwrap_or(new);
-        image.pid = self.images.ensure(&key, &image)?;
+        let recorded = self.state.image(&key)?;
+        let mut image = recorded.clone().unwrap_or(new);
+        image.pid = match self.images.ensure(&key, &image) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // A mount no snapshot ever used: nothing of it stays behind (its directory).
+                if recorded.is_none() && self.state.image(&key)?.is_none() {
+                    self.images.release(&key, &image);
+                }
+                return Err(e);
+            }
+        };
         self.state.put_image(&key, &image)?;
         let content = Content::Lazy {
             image: key.clone(),

@@ -12,11 +12,12 @@ use crate::node::{
     wait_stats, Node, NodeOpts, Workload, MINUTE,
 };
 
-/// Indexes `reference` with `shoal image index` (the index pushed beside it as a referrer).
-fn index_image(reference: &str) {
+/// Indexes `reference` with `shoal image index` (the index pushed beside it as a referrer);
+/// returns its report.
+fn index_image(reference: &str) -> serde_json::Value {
     let out = Command::new(shoal_bin())
         .args(["image", "index", &format!("docker://{reference}")])
-        .args(["--span", "1M"])
+        .args(["--span", "1M", "--json"])
         .output()
         .expect("running shoal image index");
     assert!(
@@ -24,6 +25,20 @@ fn index_image(reference: &str) {
         "shoal image index failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    serde_json::from_slice(&out.stdout).expect("the index report")
+}
+
+/// Flips one byte of `file` at `at`.
+fn flip_byte(file: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x55], at).unwrap();
 }
 
 /// Bytes the registry sent for repository `repo` in successful GETs.
@@ -196,18 +211,7 @@ async fn indexed_plain_images_start_lazily_and_bad_spans_are_not_served() {
         .registry
         .blob_file(&files.digest)
         .expect("the registry's file of the layer");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&blob)
-            .unwrap();
-        let at = files.size - (8 << 20);
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x55], at).unwrap();
-    }
+    flip_byte(&blob, files.size - (8 << 20));
     let spec = ContainerSpec::new(&image).command(["/bin/busybox", "sha256sum", "/opt/unread.bin"]);
     let (exit, log) = node
         .cri
@@ -231,6 +235,69 @@ async fn indexed_plain_images_start_lazily_and_bad_spans_are_not_served() {
     assert!(
         s.verify_failures > 0 || s.read_errors > 0,
         "the corruption shows in the counters: {s:?}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_index_falls_back_to_the_ordinary_pull() {
+    let Some(node) = Node::start(NodeOpts {
+        shoal: true,
+        ..NodeOpts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let shoal = node.shoal.as_ref().expect("shoal parts");
+    let work = Workload {
+        files: vec![(
+            "/data/bad-index.bin".into(),
+            shoal_testkit::random_bytes(2 << 20, 30),
+        )],
+    };
+    let layout = work.layout(node.dir(), "bad-index");
+    let image = node.push(&layout, "shoal-test/bad-index", "1").await;
+    let report = tokio::task::block_in_place(|| index_image(&image));
+    // The files layer's bootstrap as the registry serves it: one byte off.
+    let boot = report["layers"][1]["bootstrap"][0]
+        .as_str()
+        .expect("the layer's bootstrap in the report")
+        .to_string();
+    let file = node
+        .registry
+        .blob_file(&boot)
+        .expect("the registry's file of the bootstrap");
+    flip_byte(&file, 100);
+
+    let pod = node.cri.run_pod("bad-index").await.expect("RunPodSandbox");
+    node.cri
+        .pull(&image, None)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", shoal.snapshotter_log()));
+    let (exit, log) = node
+        .cri
+        .run(&pod, work.spec(&image), MINUTE)
+        .await
+        .expect("run");
+    work.check(&exit, &log);
+    let lazy: Vec<_> = image_stats(shoal, &node.ctrd)
+        .into_iter()
+        .filter_map(|(info, _)| info.layer)
+        .collect();
+    assert!(
+        lazy.is_empty(),
+        "a layer mounted from a bad bootstrap: {lazy:?}"
+    );
+    let files = &layout.layers[1];
+    assert!(
+        node.registry.blob_bytes_served(&files.digest).await >= files.size,
+        "the layer is pulled the ordinary way"
+    );
+    let log = shoal.snapshotter_log();
+    assert!(
+        log.contains("unpacking it the ordinary way") && log.contains("sha256"),
+        "the snapshotter says why: {log}"
     );
     node.stop().await;
 }
