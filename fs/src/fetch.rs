@@ -61,6 +61,17 @@ pub trait ChunkSource: Send + Sync {
     fn describe(&self) -> String;
     /// Bytes `start..end` of `blob`; exactly `end - start` bytes or an error.
     async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError>;
+    /// Hands the source a blob's piece table (`piece_size`, the pieces' BLAKE3) from the
+    /// verified bootstrap, so that a peer fetches the pieces a range needs one by one instead
+    /// of importing the whole blob first. Sources that need none ignore it.
+    async fn offer_pieces(
+        &self,
+        _blob: &Digest,
+        _piece_size: u32,
+        _pieces: &[[u8; 32]],
+    ) -> Result<(), FetchError> {
+        Ok(())
+    }
     /// Told when bytes this source served failed verification (the peer report hook).
     fn report_bad(&self, blob: &Digest, start: u64, end: u64) {
         tracing::warn!(source = %self.describe(), %blob, start, end, "source served bytes that failed verification");
@@ -149,6 +160,30 @@ impl PeerSource {
         }
     }
 
+    /// A new HTTP/1 connection to the peer's API.
+    async fn connect<B>(
+        &self,
+        err: &impl Fn(String) -> FetchError,
+    ) -> Result<hyper::client::conn::http1::SendRequest<B>, FetchError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| err(format!("connect: {e} (is `shoal peer` running?)")))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| err(format!("HTTP handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "peer API connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
     fn uri(&self, blob: &Digest) -> String {
         let mut q = Vec::new();
         if let Some(r) = &self.origin_ref {
@@ -185,23 +220,51 @@ impl ChunkSource for PeerSource {
     fn describe(&self) -> String {
         format!("peer {}", self.socket.display())
     }
+    async fn offer_pieces(
+        &self,
+        blob: &Digest,
+        piece_size: u32,
+        pieces: &[[u8; 32]],
+    ) -> Result<(), FetchError> {
+        let err = |r: String| fetch_err(self, blob, 0, 0, r);
+        let mut sender = self.connect(&err).await?;
+        let uri = self.uri(blob).replacen(
+            &format!("/blobs/{blob}"),
+            &format!("/blobs/{blob}/pieces"),
+            1,
+        );
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(uri)
+            .header(header::HOST, "shoal-peer")
+            .header("shoal-piece-size", piece_size.to_string())
+            .body(http_body_util::Full::new(Bytes::from(pieces.concat())))
+            .map_err(|e| err(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| err(format!("request: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), 4096)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        let mut e = err(format!("answered {status}: {body}"));
+        e.refused = status == StatusCode::FORBIDDEN;
+        Err(e)
+    }
+
     async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError> {
         let err = |r: String| fetch_err(self, blob, start, end, r);
         if end <= start {
             return Err(err("empty range".into()));
         }
         let want = usize::try_from(end - start).map_err(|_| err("range too large".into()))?;
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| err(format!("connect: {e} (is `shoal peer` running?)")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err(format!("HTTP handshake: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "peer API connection ended");
-            }
-        });
+        let mut sender = self.connect(&err).await?;
         let req = Request::builder()
             .method(Method::GET)
             .uri(self.uri(blob))

@@ -111,9 +111,14 @@ pub fn render_images(images: &[(ImageInfo, shoal_fs::MetricsSnapshot)]) -> Strin
     let mut out = String::new();
     let _ = writeln!(out, "lazy images: {}", images.len());
     for (info, s) in images {
+        let layer = info
+            .layer
+            .as_deref()
+            .map(|l| format!(" (layer {})", l.get(..19).unwrap_or(l)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {}  read {}, fetched {} from peers / {} from origin, {:.1}% of {} fetched",
+            "  {}{layer}  read {}, fetched {} from peers / {} from origin, {:.1}% of {} fetched",
             info.reference,
             mib(s.read_bytes),
             mib(s.fetched_peer),
