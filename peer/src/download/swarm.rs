@@ -535,6 +535,9 @@ impl Task {
                 }
             }
         }
+        // A copy staged before the table was whole was counted then; it may reach the store
+        // here before the staged one is moved there.
+        let staged = self.ctx.staging.staged_len(&self.blob, index).is_some();
         match self
             .ctx
             .store
@@ -545,7 +548,9 @@ impl Task {
             // may arrive) is not counted twice.
             Ok(shoal_store::PutOutcome::AlreadyHeld) => Ok(n),
             Ok(shoal_store::PutOutcome::Stored) => {
-                self.counted(n);
+                if !staged {
+                    self.counted(n);
+                }
                 Ok(n)
             }
             Err(e) if matches!(e.root(), shoal_store::Error::HashMismatch { .. }) => {
