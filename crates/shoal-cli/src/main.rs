@@ -17,9 +17,17 @@ mod status;
 
 use clap::{Parser, Subcommand};
 
-/// Shoal: P2P container image distribution with lazily mounted, chunk-verified images.
+/// Shoal gets container images onto many machines fast: nodes share image blobs with each other
+/// instead of all pulling them from the registry, and containers start before their image is
+/// downloaded.
+///
+/// On every node, `shoal peer` joins a swarm (coordinated by `shoal scheduler`, fed by
+/// `shoal peer --seed`) and serves containerd's registry pulls from it through a local proxy;
+/// `shoal snapshotter` lets containerd start containers on lazily mounted images, fetching only
+/// the bytes a container reads. Every byte is checked against the image's digests.
+/// Start with `shoal containerd-config` on a node; docs/operations.md has the rest.
 #[derive(Parser)]
-#[command(name = "shoal", version, about)]
+#[command(name = "shoal", version)]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `shoal=debug`.
     #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]
@@ -99,3 +107,19 @@ fn pin_mmap_threshold() {
 /// Other allocators (musl, other systems) do not keep freed large buffers this way.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn pin_mmap_threshold() {}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn help_opens_with_what_shoal_does_for_its_user() {
+        super::Cli::command().debug_assert();
+        let help = super::Cli::command().render_help().to_string();
+        assert!(
+            help.starts_with("Shoal gets container images onto many machines fast"),
+            "{help}"
+        );
+        assert!(help.contains("snapshotter"), "{help}");
+    }
+}
