@@ -45,7 +45,7 @@ const NETNS_ETC: &str = "/etc/netns";
 const T: Duration = Duration::from_secs(5);
 
 fn base_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base")
+    manifest_dir().join("../deploy/kubernetes/base")
 }
 
 /// The `shoal` binary next to the test executable (target/<profile>/shoal), or why it is absent.
@@ -627,4 +627,12 @@ async fn the_base_manifests_command_lines_run_a_swarm_that_pulls_through_both_no
     );
     drop(procs);
     drop(hosts_files);
+}
+
+/// The package's directory, as cargo gives it when it runs the test: a build dir shared between
+/// checkouts at different paths may hold a binary compiled in another one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }

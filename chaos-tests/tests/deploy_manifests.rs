@@ -15,7 +15,7 @@ use std::process::Command;
 const OLDEST_KUBERNETES: &str = "1.29.0";
 
 fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+    manifest_dir().join("../deploy")
 }
 
 /// The validator's command line, or why there is none.
@@ -334,7 +334,7 @@ fn dockerfile_builds_in_one_stage_and_runs_unprivileged() {
 
 /// The `rust-version` the workspace declares, from the root Cargo.toml.
 fn workspace_rust_version() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let root = manifest_dir().join("../Cargo.toml");
     let text = std::fs::read_to_string(&root).expect("root Cargo.toml");
     let manifest: toml::Value = toml::from_str(&text).expect("root Cargo.toml parses");
     manifest["workspace"]["package"]["rust-version"]
@@ -371,7 +371,7 @@ fn dockerfile_toolchain_builds_the_locked_dependencies() {
     let out = Command::new(env!("CARGO"))
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
         .args(["--filter-platform", &host])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(manifest_dir())
         .output()
         .expect("running cargo metadata");
     assert!(
@@ -404,4 +404,12 @@ fn dockerfile_toolchain_builds_the_locked_dependencies() {
         declared,
         "the builder image's Rust is the declared rust-version"
     );
+}
+
+/// The package's directory, as cargo gives it when it runs the test: a build dir shared between
+/// checkouts at different paths may hold a binary compiled in another one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }

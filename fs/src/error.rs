@@ -67,3 +67,42 @@ impl FsError {
         }
     }
 }
+
+/// Why a read failed (the reader sees EIO).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The inode is not a regular file.
+    #[error("inode {0} is not a regular file")]
+    NotFile(u32),
+    /// The bootstrap's chunk list does not cover the range (a bootstrap bug; it was validated).
+    #[error("inode {ino}: no chunk {index} in its chunk list")]
+    MissingChunk {
+        /// The inode.
+        ino: u32,
+        /// The chunk position.
+        index: u64,
+    },
+    /// The bytes did not arrive in time.
+    #[error(
+        "chunks of blob {blob} did not arrive within {secs} s (network down? origin unreachable?)"
+    )]
+    Timeout {
+        /// The blob.
+        blob: String,
+        /// The deadline in seconds.
+        secs: u64,
+    },
+    /// Every source failed.
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    /// The origin served bytes that do not match the chunk's name, twice.
+    #[error("chunk {chunk} of blob {blob}: {reason}; refetched from the origin and it failed verification again")]
+    Corrupt {
+        /// The chunk hash (hex).
+        chunk: String,
+        /// The blob.
+        blob: String,
+        /// What was wrong.
+        reason: String,
+    },
+}

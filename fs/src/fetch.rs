@@ -58,6 +58,17 @@ pub trait ChunkSource: Send + Sync {
     fn describe(&self) -> String;
     /// Bytes `start..end` of `blob`; exactly `end - start` bytes or an error.
     async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError>;
+    /// Hands the source a blob's piece table (`piece_size`, the pieces' BLAKE3) from the
+    /// verified bootstrap, so that a peer fetches the pieces a range needs one by one instead
+    /// of importing the whole blob first. Sources that need none ignore it.
+    async fn offer_pieces(
+        &self,
+        _blob: &Digest,
+        _piece_size: u32,
+        _pieces: &[[u8; 32]],
+    ) -> Result<(), FetchError> {
+        Ok(())
+    }
     /// Told when bytes this source served failed verification (the peer report hook).
     fn report_bad(&self, blob: &Digest, start: u64, end: u64) {
         tracing::warn!(source = %self.describe(), %blob, start, end, "source served bytes that failed verification");
@@ -159,6 +170,24 @@ impl ChunkSource for PeerSource {
     fn describe(&self) -> String {
         format!("peer {}", self.client.socket().display())
     }
+    async fn offer_pieces(
+        &self,
+        blob: &Digest,
+        piece_size: u32,
+        pieces: &[[u8; 32]],
+    ) -> Result<(), FetchError> {
+        let mut req = self.client.blob(blob);
+        if let Some(r) = &self.origin_ref {
+            req = req.source(r.clone());
+        }
+        req.offer_pieces(piece_size, pieces).await.map_err(|e| {
+            let refused = e.is_refused();
+            let mut err = fetch_err(self, blob, 0, 0, e);
+            err.refused = refused;
+            err
+        })
+    }
+
     async fn read_range(&self, blob: &Digest, start: u64, end: u64) -> Result<Bytes, FetchError> {
         let mut req = self.client.blob(blob).range(start..end);
         if let Some(r) = &self.origin_ref {

@@ -2,8 +2,11 @@
 //! before loading it, and choose the origin its data blobs are read from.
 //!
 //! - `docker://HOST/REPO[:TAG|@DIGEST]`: manifest and bootstrap from the registry; blobs by range
-//!   from the same repository (and through the peer, which is told that reference).
-//! - `oci:DIR[:TAG]`: a converted image in a local OCI layout; blobs from `DIR/blobs`.
+//!   from the same repository (and through the peer, which is told that reference). A plain
+//!   image with a Shoal index (index.rs) opens as one bootstrap per layer, each checked against
+//!   the index's digest of it; the layers' blobs are the image's own.
+//! - `oci:DIR[:TAG]`: a converted image in a local OCI layout, or a plain one whose index is
+//!   listed in the same layout; blobs from `DIR/blobs`.
 //! - a bootstrap file: blobs from `origin` (`docker://HOST/REPO`, through the peer too) or from
 //!   `blob_dir` (`sha256/<hex>` files); checked against `bootstrap_digest` when given (the
 //!   snapshotter always gives it).
@@ -11,7 +14,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use oci_spec::image::ImageManifest;
+use oci_spec::image::{Descriptor, ImageManifest};
 use shoal_format::bootstrap::Bootstrap;
 use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
@@ -25,6 +28,24 @@ use crate::error::{FsError, Result};
 
 /// Largest bootstrap read into memory.
 const MAX_BOOTSTRAP: u64 = 1 << 30;
+
+/// What a mount source opened to.
+pub enum Opened {
+    /// A Shoal image (or one layer's bootstrap file): one filesystem.
+    Image(OpenedImage),
+    /// An unconverted image with a Shoal index: one filesystem per layer, stacked by overlayfs.
+    Layers(IndexedImage),
+}
+
+/// An unconverted image opened through its Shoal index.
+pub struct IndexedImage {
+    /// Each layer's bootstrap (bottom first), all reading from the image's origin.
+    pub layers: Vec<OpenedImage>,
+    /// The image manifest's digest.
+    pub manifest: String,
+    /// The index manifest's digest.
+    pub index: String,
+}
 
 /// A mount source, opened and verified.
 pub struct OpenedImage {
@@ -48,21 +69,6 @@ fn image_err(cfg: &FsConfig, reason: impl Into<String>) -> FsError {
     }
 }
 
-/// The bootstrap layer of a Shoal manifest, found by its media type; `name` is the manifest's
-/// digest. An old-layout image is refused with an error that says to convert it again.
-fn bootstrap_layer(
-    cfg: &FsConfig,
-    name: &str,
-    m: &ImageManifest,
-) -> Result<oci_spec::image::Descriptor> {
-    find_bootstrap(name, m)?.cloned().ok_or_else(|| {
-        image_err(
-            cfg,
-            format!("manifest {name} is not a Shoal image: it has no bootstrap layer (convert it with `shoal image convert`)"),
-        )
-    })
-}
-
 /// Checks `bytes` against `sha256:<hex>` `want`; returns the digest it checked.
 fn check_digest(cfg: &FsConfig, bytes: &[u8], want: &str) -> Result<Digest> {
     let got = Digest::of(bytes);
@@ -76,7 +82,7 @@ fn check_digest(cfg: &FsConfig, bytes: &[u8], want: &str) -> Result<Digest> {
 }
 
 /// Opens `cfg.source`.
-pub async fn open(cfg: &FsConfig) -> Result<OpenedImage> {
+pub async fn open(cfg: &FsConfig) -> Result<Opened> {
     let src = cfg.source.as_str();
     if src.starts_with("docker://") {
         return tokio::time::timeout(cfg.fetch_timeout() * 3, open_registry(cfg))
@@ -86,7 +92,41 @@ pub async fn open(cfg: &FsConfig) -> Result<OpenedImage> {
     if let Some(r) = LayoutRef::parse(src) {
         return open_layout(cfg, &r);
     }
-    open_bootstrap_file(cfg, Path::new(src))
+    open_bootstrap_file(cfg, Path::new(src)).map(Opened::Image)
+}
+
+/// Loads a layer bootstrap checked against `desc` and against the layer it must describe.
+fn layer_bootstrap(
+    cfg: &FsConfig,
+    layer: &str,
+    desc: &Descriptor,
+    bytes: Vec<u8>,
+) -> Result<Bootstrap> {
+    check_digest(cfg, &bytes, desc.digest().as_ref())?;
+    let boot = Bootstrap::load(bytes)?;
+    let blob0 = boot
+        .blob(0)
+        .map(|b| Digest::from_bytes(b.digest).to_string());
+    if blob0.as_deref() != Some(layer) {
+        return Err(image_err(
+            cfg,
+            format!(
+                "the index's bootstrap {} does not read layer {layer}",
+                desc.digest()
+            ),
+        ));
+    }
+    Ok(boot)
+}
+
+fn too_big(cfg: &FsConfig, size: u64) -> Result<()> {
+    if size > MAX_BOOTSTRAP {
+        return Err(image_err(
+            cfg,
+            format!("bootstrap is {size} bytes, over the limit of {MAX_BOOTSTRAP}"),
+        ));
+    }
+    Ok(())
 }
 
 /// How this mount speaks to registries.
@@ -100,7 +140,7 @@ fn registry_options(cfg: &FsConfig) -> RegistryOptions {
     }
 }
 
-async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
+async fn open_registry(cfg: &FsConfig) -> Result<Opened> {
     let reference = Reference::parse(&cfg.source)?;
     let client = RegistryClient::new(registry_options(cfg))?;
     let pulled = client.pull_manifest(&reference).await?;
@@ -113,50 +153,93 @@ async fn open_registry(cfg: &FsConfig) -> Result<OpenedImage> {
             ),
         )
     })?;
-    let layer = bootstrap_layer(cfg, pulled.digest.as_ref(), &manifest)?;
-    if layer.size() > MAX_BOOTSTRAP {
-        return Err(image_err(
-            cfg,
-            format!(
-                "bootstrap is {} bytes, over the limit of {MAX_BOOTSTRAP}",
-                layer.size()
-            ),
-        ));
-    }
-    let stream = client.fetch_blob(&reference, layer.digest()).await?;
-    let bytes = shoal_origin::collect_stream(stream, layer.size() as usize).await?;
-    let bootstrap = check_digest(cfg, &bytes, layer.digest().as_ref())?;
-    let boot = Bootstrap::load(bytes)?;
     let repo = format!(
         "docker://{}/{}",
         reference.registry(),
         reference.repository()
     );
+    let origin: Arc<dyn Origin> = Arc::new(RegistryOrigin::new(client.clone(), reference.clone()));
+    let Some(layer) = find_bootstrap(pulled.digest.as_ref(), &manifest)?.cloned() else {
+        // A plain image: lazily only through its Shoal index.
+        let found = crate::index::find_in_registry(&client, &reference, &pulled.digest)
+            .await?
+            .ok_or_else(|| crate::index::no_index(&cfg.source, pulled.digest.as_ref()))?;
+        found.check_layers(&cfg.source, &manifest)?;
+        let mut layers = Vec::with_capacity(found.layers.len());
+        for (digest, desc) in &found.layers {
+            too_big(cfg, desc.size())?;
+            let stream = client.fetch_blob(&reference, desc.digest()).await?;
+            let bytes = shoal_origin::collect_stream(stream, desc.size() as usize).await?;
+            layers.push(OpenedImage {
+                boot: Arc::new(layer_bootstrap(cfg, digest, desc, bytes)?),
+                origin: Arc::clone(&origin),
+                origin_ref: Some(repo.clone()),
+                manifest: Some(pulled.digest.to_string()),
+                bootstrap: None,
+            });
+        }
+        tracing::info!(image = %cfg.source, manifest = %pulled.digest, index = %found.digest, layers = layers.len(), "unconverted image opened through its Shoal index");
+        return Ok(Opened::Layers(IndexedImage {
+            layers,
+            manifest: pulled.digest.to_string(),
+            index: found.digest,
+        }));
+    };
+    too_big(cfg, layer.size())?;
+    let stream = client.fetch_blob(&reference, layer.digest()).await?;
+    let bytes = shoal_origin::collect_stream(stream, layer.size() as usize).await?;
+    let bootstrap = check_digest(cfg, &bytes, layer.digest().as_ref())?;
+    let boot = Bootstrap::load(bytes)?;
     tracing::info!(image = %cfg.source, manifest = %pulled.digest, root = %hex::encode(boot.root_hash()), "image opened from registry");
-    Ok(OpenedImage {
+    Ok(Opened::Image(OpenedImage {
         boot: Arc::new(boot),
-        origin: Arc::new(RegistryOrigin::new(client, reference)),
+        origin,
         origin_ref: Some(repo),
         manifest: Some(pulled.digest.to_string()),
         bootstrap: Some(bootstrap),
-    })
+    }))
 }
 
-fn open_layout(cfg: &FsConfig, r: &LayoutRef) -> Result<OpenedImage> {
+fn open_layout(cfg: &FsConfig, r: &LayoutRef) -> Result<Opened> {
     let (desc, manifest) = oci::resolve(r)?;
-    let layer = bootstrap_layer(cfg, desc.digest().as_ref(), &manifest)?;
+    let origin: Arc<dyn Origin> = Arc::new(LocalDirOrigin::new(r.dir.join("blobs")));
+    let Some(layer) = find_bootstrap(desc.digest().as_ref(), &manifest)?.cloned() else {
+        let found = crate::index::find_in_layout(&r.dir, desc.digest().as_ref())?
+            .ok_or_else(|| crate::index::no_index(&cfg.source, desc.digest().as_ref()))?;
+        found.check_layers(&cfg.source, &manifest)?;
+        let layers = found
+            .layers
+            .iter()
+            .map(|(digest, d)| {
+                let bytes = oci::read_blob(&r.dir, d, MAX_BOOTSTRAP)?;
+                Ok(OpenedImage {
+                    boot: Arc::new(layer_bootstrap(cfg, digest, d, bytes)?),
+                    origin: Arc::clone(&origin),
+                    origin_ref: None,
+                    manifest: Some(desc.digest().to_string()),
+                    bootstrap: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        tracing::info!(image = %cfg.source, manifest = %desc.digest(), index = %found.digest, layers = layers.len(), "unconverted image opened through its Shoal index");
+        return Ok(Opened::Layers(IndexedImage {
+            layers,
+            manifest: desc.digest().to_string(),
+            index: found.digest,
+        }));
+    };
     // read_blob checks size and sha256 against the manifest's descriptor before we parse it.
     let bytes = oci::read_blob(&r.dir, &layer, MAX_BOOTSTRAP)?;
     let boot = Bootstrap::load(bytes)?;
     tracing::info!(image = %cfg.source, manifest = %desc.digest(), root = %hex::encode(boot.root_hash()), "image opened from OCI layout");
-    Ok(OpenedImage {
+    Ok(Opened::Image(OpenedImage {
         boot: Arc::new(boot),
-        origin: Arc::new(LocalDirOrigin::new(r.dir.join("blobs"))),
+        origin,
         origin_ref: None,
         manifest: Some(desc.digest().to_string()),
         // read_blob checked it; a digest other than sha256 is not one the peer can name.
         bootstrap: Digest::parse(layer.digest().as_ref()).ok(),
-    })
+    }))
 }
 
 fn open_bootstrap_file(cfg: &FsConfig, path: &Path) -> Result<OpenedImage> {

@@ -2,7 +2,9 @@
 //! chunk fetch latency, cache hits and misses, verification failures, and how much of the image
 //! has been fetched so far.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,6 +38,29 @@ pub struct Metrics {
     fetched: Vec<AtomicBool>,
     fetched_stored: AtomicU64,
     total_stored: u64,
+    /// Byte ranges of span blobs fetched so far (start -> end, disjoint), by blob: a span run
+    /// covers many chunks and overlaps the next, so spans are counted by the bytes they cover.
+    span_ranges: Mutex<BTreeMap<(u32, u64), u64>>,
+}
+
+/// Stored bytes of an image as [`Metrics`] counts them: every raw or zstd chunk once, and every
+/// blob that span chunks are decoded from whole (an indexed layer's blob).
+pub fn stored_bytes(boot: &shoal_format::bootstrap::Bootstrap) -> u64 {
+    let mut span_blobs = HashSet::new();
+    let mut total = 0u64;
+    for c in (0..boot.chunk_count()).filter_map(|i| boot.chunk(i)) {
+        match c.encoding {
+            shoal_format::model::ChunkEncoding::Span { .. } => {
+                span_blobs.insert(c.blob);
+            }
+            _ => total += u64::from(c.stored_size),
+        }
+    }
+    total
+        + span_blobs
+            .into_iter()
+            .filter_map(|b| boot.blob(b).map(|b| b.size))
+            .sum::<u64>()
 }
 
 impl std::fmt::Debug for Metrics {
@@ -62,6 +87,7 @@ impl Metrics {
             fetched: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
             fetched_stored: AtomicU64::new(0),
             total_stored,
+            span_ranges: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -139,16 +165,32 @@ impl Metrics {
             .get(index as usize)
             .is_some_and(|f| !f.swap(true, Ordering::Relaxed));
         if first {
-            let done = self.fetched_stored.fetch_add(stored, Ordering::Relaxed) + stored;
-            let ratio = if self.total_stored == 0 {
-                1.0
-            } else {
-                done as f64 / self.total_stored as f64
-            };
-            self.image_fetched_ratio
-                .get_or_create(&vec![("image", self.image.clone())])
-                .set(ratio);
+            self.add_fetched(stored);
         }
+    }
+
+    /// Notes bytes `start..end` of span blob `blob` as fetched for the per-image ratio (each
+    /// byte counted once however many span runs covered it).
+    pub(crate) fn span_fetched(&self, blob: u32, start: u64, end: u64) {
+        let added = {
+            let mut map = self.span_ranges.lock().unwrap_or_else(|p| p.into_inner());
+            add_range(&mut map, blob, start, end)
+        };
+        if added > 0 {
+            self.add_fetched(added);
+        }
+    }
+
+    fn add_fetched(&self, stored: u64) {
+        let done = self.fetched_stored.fetch_add(stored, Ordering::Relaxed) + stored;
+        let ratio = if self.total_stored == 0 {
+            1.0
+        } else {
+            done as f64 / self.total_stored as f64
+        };
+        self.image_fetched_ratio
+            .get_or_create(&vec![("image", self.image.clone())])
+            .set(ratio);
     }
 
     /// Stored bytes of the whole image (every chunk once).
@@ -195,6 +237,66 @@ impl Metrics {
     }
 }
 
+impl MetricsSnapshot {
+    /// The figures of several filesystems of one mount (the layers of an indexed image) as one:
+    /// counters added, ratios over the sums.
+    pub fn sum(all: &[std::sync::Arc<Metrics>]) -> MetricsSnapshot {
+        let mut out = MetricsSnapshot::default();
+        for m in all {
+            out.merge(&m.snapshot());
+        }
+        out
+    }
+
+    /// Adds `other`'s figures to these (counters added, ratios over the sums).
+    pub fn merge(&mut self, other: &MetricsSnapshot) {
+        let fetched_stored = self.image_fetched_ratio * self.image_stored_bytes as f64
+            + other.image_fetched_ratio * other.image_stored_bytes as f64;
+        self.read_bytes += other.read_bytes;
+        self.fetched_peer += other.fetched_peer;
+        self.fetched_origin += other.fetched_origin;
+        self.cache_hits += other.cache_hits;
+        self.cache_misses += other.cache_misses;
+        self.verify_failures += other.verify_failures;
+        self.read_errors += other.read_errors;
+        self.image_stored_bytes += other.image_stored_bytes;
+        let looked = self.cache_hits + self.cache_misses;
+        self.cache_hit_ratio = if looked == 0 {
+            0.0
+        } else {
+            self.cache_hits as f64 / looked as f64
+        };
+        self.image_fetched_ratio = if self.image_stored_bytes == 0 {
+            1.0
+        } else {
+            fetched_stored / self.image_stored_bytes as f64
+        };
+    }
+}
+
+/// Adds `start..end` of `blob` to the disjoint ranges in `map`; returns how many bytes were new.
+fn add_range(map: &mut BTreeMap<(u32, u64), u64>, blob: u32, start: u64, end: u64) -> u64 {
+    if end <= start {
+        return 0;
+    }
+    let (mut lo, mut hi) = (start, end);
+    let mut covered = 0u64;
+    // Every range of the blob that touches or overlaps start..end merges into it.
+    let touching: Vec<(u64, u64)> = map
+        .range((blob, 0)..(blob, end.saturating_add(1)))
+        .filter(|(_, e)| **e >= start)
+        .map(|((_, s), e)| (*s, *e))
+        .collect();
+    for (s, e) in touching {
+        covered += e.min(end).saturating_sub(s.max(start));
+        lo = lo.min(s);
+        hi = hi.max(e);
+        map.remove(&(blob, s));
+    }
+    map.insert((blob, lo), hi);
+    (end - start) - covered
+}
+
 /// A copy of the main figures (also what a mount writes to its `stats_file`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -219,4 +321,21 @@ pub struct MetricsSnapshot {
     pub image_fetched_ratio: f64,
     /// Stored bytes of the whole image.
     pub image_stored_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_ranges_count_each_byte_once() {
+        let mut m = BTreeMap::new();
+        assert_eq!(add_range(&mut m, 0, 100, 200), 100);
+        assert_eq!(add_range(&mut m, 0, 150, 250), 50);
+        assert_eq!(add_range(&mut m, 0, 0, 50), 50);
+        assert_eq!(add_range(&mut m, 0, 50, 100), 50);
+        assert_eq!(add_range(&mut m, 0, 0, 250), 0);
+        assert_eq!(add_range(&mut m, 1, 0, 250), 250);
+        assert_eq!(m.len(), 2);
+    }
 }

@@ -1,33 +1,31 @@
-//! Mount and unmount: open the source (image.rs), build the read path, start the FUSE session and
-//! the background prefetch; unmount on drop, on SIGINT/SIGTERM, or by `umount`.
+//! Mount and unmount: open the source (image.rs), start one FUSE session per bootstrap
+//! (session.rs; an indexed image has one per layer, stacked by overlayfs: layers.rs) and the
+//! stats writer; unmount on drop, on SIGINT/SIGTERM, or by `umount`.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fuser::{MountOption, SessionACL};
 use shoal_store::{Store, StoreConfig};
 
 use crate::access_log::AccessLog;
 use crate::config::FsConfig;
 use crate::error::{FsError, Result};
-use crate::fetch::{ChunkSource, OriginSource, PeerSource};
-use crate::inode::ImageFs;
-use crate::metrics::Metrics;
-use crate::prefetch::{self, PrefetchPlan};
-use crate::read::{Reader, ReaderParts};
+use crate::image::Opened;
+use crate::layers::Stack;
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::session::{Session, SessionParts};
 
 /// A mounted image; dropping it unmounts.
 pub struct MountHandle {
-    session: Option<fuser::BackgroundSession>,
+    /// One per bootstrap: the image, or each layer of an indexed image (bottom first).
+    sessions: Vec<Session>,
+    /// The overlay stacking the layers of an indexed image.
+    stack: Option<Stack>,
     mountpoint: PathBuf,
-    fuse_dev: Option<u64>,
-    reader: Arc<Reader>,
     stop: Arc<AtomicBool>,
-    prefetch: Option<JoinHandle<()>>,
     stats: Option<JoinHandle<()>>,
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -41,7 +39,8 @@ impl std::fmt::Debug for MountHandle {
 }
 
 /// Mounts `config.source` at `config.mountpoint` read-only and returns once the kernel has
-/// answered the FUSE handshake. Call it outside any tokio runtime: it runs its own.
+/// answered the FUSE handshake (for an indexed image: every layer's, and the overlay is up).
+/// Call it outside any tokio runtime: it runs its own.
 pub fn mount(config: FsConfig) -> Result<MountHandle> {
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -53,111 +52,83 @@ pub fn mount(config: FsConfig) -> Result<MountHandle> {
         .build()
         .map_err(|e| FsError::io("starting I/O runtime for", &config.mountpoint, e))?;
     clear_stale_mount(&config.mountpoint);
-    let image = rt.block_on(crate::image::open(&config))?;
-    let boot = image.boot;
-    let total_stored = (0..boot.chunk_count())
-        .filter_map(|i| boot.chunk(i))
-        .map(|c| u64::from(c.stored_size))
-        .sum();
-    let metrics = Arc::new(Metrics::new(
-        hex::encode(boot.root_hash()),
-        boot.chunk_count() as usize,
-        total_stored,
-    ));
+    let opened = rt.block_on(crate::image::open(&config))?;
     std::fs::create_dir_all(&config.cache_dir)
         .map_err(|e| FsError::io("creating cache directory", &config.cache_dir, e))?;
+    // One cache for every layer: a chunk two layers hold is stored once.
     let store = Store::open(StoreConfig::new(&config.cache_dir, config.cache_quota))?;
-    let peer: Option<Arc<dyn ChunkSource>> = config.peer_socket.as_ref().map(|s| {
-        Arc::new(PeerSource::new(
-            s,
-            image.origin_ref.clone(),
-            image.bootstrap,
-        )) as Arc<dyn ChunkSource>
-    });
-    let reader = Arc::new(Reader::new(ReaderParts {
-        boot: Arc::clone(&boot),
-        store,
-        peer,
-        origin: Arc::new(OriginSource::new(image.origin)),
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handle = MountHandle {
+        sessions: Vec::new(),
+        stack: None,
+        mountpoint: config.mountpoint.clone(),
+        stop: Arc::clone(&stop),
+        stats: None,
+        rt: None,
+    };
+    let parts = |image, mountpoint, memory_cache_bytes, read_threads, access| SessionParts {
+        config: &config,
+        image,
+        mountpoint,
+        store: store.clone(),
         rt: rt.handle().clone(),
-        timeout: config.fetch_timeout(),
-        max_request: config.max_request_bytes,
-        max_gap: config.max_gap_bytes,
-        memory_cache_bytes: config.memory_cache_bytes,
-        metrics,
-    })?);
-    let access = match &config.record_access {
-        Some(p) => Some(Arc::new(AccessLog::create(p, boot.inode_count())?)),
-        None => None,
+        memory_cache_bytes,
+        read_threads,
+        access,
+        stop: Arc::clone(&stop),
     };
-    // An image with a prefetch list being fetched has a better guess than the blob's next
-    // files: neighbour fetches would only compete with it for the link.
-    let listed = config.prefetch && boot.prefetch().len() > 0;
-    let ahead = crate::ahead::AheadConfig {
-        file_bytes: config.fetch_ahead_bytes,
-        blob_bytes: if listed { 0 } else { config.blob_ahead_bytes },
-    };
-    let fs = ImageFs::new(Arc::clone(&reader), config.read_threads, ahead, access)
-        .map_err(|e| FsError::io("starting read threads for", &config.mountpoint, e))?;
-
-    let mut fuse = fuser::Config::default();
-    fuse.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(fs_name(&config.source)),
-        MountOption::Subtype("shoal".into()),
-        MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::Exec,
-    ];
-    if config.allow_other {
-        fuse.acl = SessionACL::All;
-    }
-    fuse.n_threads = Some(4);
-    let session = fuser::Session::new(fs, &config.mountpoint, &fuse)
-        .and_then(fuser::Session::spawn)
-        .map_err(|e| FsError::Mount {
-            op: "mounting",
-            path: config.mountpoint.clone(),
-            source: e,
-        })?;
-    let fuse_dev = std::fs::metadata(&config.mountpoint).ok().map(|m| m.dev());
-    if let Some(dev) = fuse_dev {
-        set_bdi_readahead(dev, crate::inode::MAX_READAHEAD);
+    match opened {
+        Opened::Image(image) => {
+            let access = match &config.record_access {
+                Some(p) => Some(Arc::new(AccessLog::create(p, image.boot.inode_count())?)),
+                None => None,
+            };
+            handle.sessions.push(Session::start(parts(
+                image,
+                &config.mountpoint,
+                config.memory_cache_bytes,
+                config.read_threads,
+                access,
+            ))?);
+        }
+        Opened::Layers(img) => {
+            if config.record_access.is_some() {
+                tracing::warn!("record_access is not kept for an image mounted through its Shoal index (its inodes are per layer)");
+            }
+            let n = img.layers.len();
+            if n == 0 {
+                return Err(FsError::Image {
+                    image: config.source.clone(),
+                    reason: "the image has no layers".into(),
+                });
+            }
+            // The layers share the memory and the read threads a single image would get.
+            let memory = (config.memory_cache_bytes / n as u64).max(8 << 20);
+            let threads = (config.read_threads / n).max(4);
+            let stack = Stack::new(n, &config.mountpoint)?;
+            let dirs: Vec<PathBuf> = (0..n).map(|i| stack.layer(i)).collect();
+            handle.stack = Some(stack);
+            for (image, dir) in img.layers.into_iter().zip(&dirs) {
+                handle
+                    .sessions
+                    .push(Session::start(parts(image, dir, memory, threads, None))?);
+            }
+            if let Some(stack) = handle.stack.as_mut() {
+                stack.mount(&crate::session::fs_name(&config.source))?;
+            }
+            tracing::info!(manifest = %img.manifest, index = %img.index, layers = n, "layers stacked");
+        }
     }
     tracing::info!(source = %config.source, mountpoint = %config.mountpoint.display(), "image mounted");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let plan = PrefetchPlan {
-        listed: config.prefetch,
-        all: config.prefetch_all,
-        bytes_per_sec: config.prefetch_bytes_per_sec,
-    };
-    let prefetch = if plan.listed || plan.all {
-        Some(
-            prefetch::spawn(Arc::clone(&reader), plan, Arc::clone(&stop))
-                .map_err(|e| FsError::io("starting prefetch for", &config.mountpoint, e))?,
-        )
-    } else {
-        None
-    };
-    let stats = match &config.stats_file {
-        Some(path) => Some(
-            spawn_stats_writer(path.clone(), Arc::clone(&reader.metrics), Arc::clone(&stop))
+    if let Some(path) = &config.stats_file {
+        let metrics = handle.all_metrics();
+        handle.stats = Some(
+            spawn_stats_writer(path.clone(), metrics, Arc::clone(&stop))
                 .map_err(|e| FsError::io("starting the stats writer for", path, e))?,
-        ),
-        None => None,
-    };
-    Ok(MountHandle {
-        session: Some(session),
-        mountpoint: config.mountpoint,
-        fuse_dev,
-        reader,
-        stop,
-        prefetch,
-        stats,
-        rt: Some(rt),
-    })
+        );
+    }
+    handle.rt = Some(rt);
+    Ok(handle)
 }
 
 /// How often a mount's counters are written to its stats file.
@@ -167,7 +138,7 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// when `stop` is set: the snapshotter's metrics and `shoal status` read them from there.
 fn spawn_stats_writer(
     path: PathBuf,
-    metrics: Arc<Metrics>,
+    metrics: Vec<Arc<Metrics>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -176,7 +147,7 @@ fn spawn_stats_writer(
             let tmp = path.with_extension("tmp");
             loop {
                 let done = stop.load(Ordering::Relaxed);
-                let write = serde_json::to_vec(&metrics.snapshot())
+                let write = serde_json::to_vec(&MetricsSnapshot::sum(&metrics))
                     .map_err(std::io::Error::other)
                     .and_then(|b| std::fs::write(&tmp, b))
                     .and_then(|()| std::fs::rename(&tmp, &path));
@@ -191,18 +162,6 @@ fn spawn_stats_writer(
         })
 }
 
-/// The kernel keeps a FUSE mount's readahead at its 128 KiB default whatever `max_readahead`
-/// the init reply asked for; sequential reads of cached files ran at a third of native speed
-/// with it (docs/benchmarks.md, issue 7). Raised through sysfs; root only, best effort.
-fn set_bdi_readahead(dev: u64, bytes: u32) {
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, (bytes >> 10).to_string()) {
-        tracing::debug!(%path, error = %e, "could not raise the mount's readahead; it stays at the kernel default");
-    }
-}
-
 /// A FUSE mount left by a process that died answers ENOTCONN: detach it so we can mount again.
 fn clear_stale_mount(mountpoint: &Path) {
     if let Err(e) = std::fs::metadata(mountpoint) {
@@ -215,32 +174,42 @@ fn clear_stale_mount(mountpoint: &Path) {
     }
 }
 
-/// `shoal:<source>` without characters that would break the mount table.
-fn fs_name(source: &str) -> String {
-    let clean: String = source
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != ',' && *c != '\\')
-        .take(200)
-        .collect();
-    format!("shoal:{clean}")
-}
-
 impl MountHandle {
     /// Where the image is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
 
-    /// The mount's counters.
+    /// The mount's counters (of the bottom layer for an indexed image: [`MountHandle::snapshot`]
+    /// sums every layer's).
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.reader.metrics
+        &self.sessions[0].reader.metrics
+    }
+
+    /// The counters of every filesystem of the mount (one per layer of an indexed image).
+    pub fn all_metrics(&self) -> Vec<Arc<Metrics>> {
+        self.sessions
+            .iter()
+            .map(|s| Arc::clone(&s.reader.metrics))
+            .collect()
+    }
+
+    /// The main figures, summed over the mount's filesystems.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot::sum(&self.all_metrics())
     }
 
     /// Waits until the background prefetch has finished.
     pub fn wait_prefetch(&mut self) {
-        if let Some(t) = self.prefetch.take() {
-            let _ = t.join();
+        for s in &mut self.sessions {
+            s.wait_prefetch();
         }
+    }
+
+    /// True once someone unmounted the image (the overlay, or a FUSE session).
+    fn unmounted(&self) -> bool {
+        self.sessions.iter().any(Session::finished)
+            || self.stack.as_ref().is_some_and(|s| !s.still_mounted())
     }
 
     /// Serves until SIGINT or SIGTERM (then unmounts) or until someone unmounts the mountpoint.
@@ -248,7 +217,6 @@ impl MountHandle {
         let Some(rt) = self.rt.take() else {
             return Ok(());
         };
-        let finished = || self.session.as_ref().is_none_or(|s| s.guard.is_finished());
         let r = rt.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())?;
@@ -257,7 +225,7 @@ impl MountHandle {
                 tokio::select! {
                     _ = term.recv() => break,
                     _ = int.recv() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => if finished() { break },
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => if self.unmounted() { break },
                 }
             }
             Ok::<(), std::io::Error>(())
@@ -275,71 +243,30 @@ impl MountHandle {
 
     fn shutdown(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(stack) = self.stack.as_mut() {
+            stack.unmount();
+        }
         let mut result = Ok(());
-        if let Some(session) = self.session.take() {
-            // Unmount (lazily: a process with an open file must not block it), then wait for the
-            // session to end; a connection still held after a while is aborted, so nothing hangs.
-            let guard_done = {
-                let mut s = Some(session);
-                let t = std::thread::spawn(move || {
-                    s.take().map(|s| {
-                        if s.guard.is_finished() {
-                            // Unmounted from outside (`shoal fs umount`): only collect the thread.
-                            s.join()
-                        } else {
-                            s.umount_and_join()
-                        }
-                    })
-                });
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while !t.is_finished() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
+        for s in &mut self.sessions {
+            if let Err(e) = s.stop() {
+                tracing::warn!(mountpoint = %s.mountpoint.display(), error = %e, "unmount failed");
+                if result.is_ok() {
+                    result = Err(e);
                 }
-                if !t.is_finished() {
-                    self.abort_connection();
-                }
-                t.join()
-            };
-            match guard_done {
-                // EINVAL: no longer mounted (someone unmounted it meanwhile).
-                Ok(Some(Err(e))) if e.raw_os_error() != Some(libc::EINVAL) => {
-                    result = Err(FsError::Mount {
-                        op: "unmounting",
-                        path: self.mountpoint.clone(),
-                        source: e,
-                    })
-                }
-                Ok(_) => {}
-                Err(_) => tracing::warn!("FUSE session thread panicked"),
             }
         }
-        if let Some(t) = self.prefetch.take() {
-            let _ = t.join();
+        self.sessions.clear();
+        if let Some(stack) = self.stack.take() {
+            stack.remove();
         }
         if let Some(t) = self.stats.take() {
             t.thread().unpark();
             let _ = t.join();
         }
-        // Fetch-ahead work still running uses the runtime: let it end first.
-        self.reader.close(Duration::from_secs(5));
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
         }
         result
-    }
-
-    /// Aborts the FUSE connection through /sys/fs/fuse/connections (the kernel's way to end a
-    /// stuck FUSE filesystem).
-    fn abort_connection(&self) {
-        let Some(dev) = self.fuse_dev else { return };
-        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-        let path = format!("/sys/fs/fuse/connections/{minor}/abort");
-        match std::fs::write(&path, b"1") {
-            Ok(()) => {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE connection did not end after unmount; aborted it")
-            }
-            Err(e) => tracing::warn!(%path, error = %e, "could not abort the FUSE connection"),
-        }
     }
 }
 
@@ -386,14 +313,14 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
 /// what the mount read and fetched.
 pub fn run(config: FsConfig) -> Result<()> {
     let handle = mount(config)?;
-    let metrics = Arc::clone(handle.metrics());
+    let metrics = handle.all_metrics();
     let result = handle.wait_for_signal();
-    let s = metrics.snapshot();
+    let s = MetricsSnapshot::sum(&metrics);
     tracing::info!(
         read_bytes = s.read_bytes,
         fetched_peer_bytes = s.fetched_peer,
         fetched_origin_bytes = s.fetched_origin,
-        image_stored_bytes = metrics.image_stored_bytes(),
+        image_stored_bytes = s.image_stored_bytes,
         image_fetched_percent = %format_args!("{:.2}", 100.0 * s.image_fetched_ratio),
         cache_hits = s.cache_hits,
         cache_misses = s.cache_misses,

@@ -1,7 +1,6 @@
-//! The read path: file offset -> chunks -> memory/disk cache (verified) -> else byte ranges of the
-//! data blobs that hold the missing chunks (adjacent chunks merged into one request, the gap
-//! between them bounded) from the peer, else the origin -> decompress -> BLAKE3 == chunk name ->
-//! cache -> reply.
+//! The read path: file offset -> chunks -> memory/disk cache (verified, cache.rs) -> else one
+//! flight per missing chunk, and load.rs fetches byte ranges of the blobs that hold them (from
+//! the peer, else the origin) -> decompress -> BLAKE3 == chunk name -> cache -> reply.
 //!
 //! A read of part of a chunk that is not in memory (a random read) takes only the 16 KiB groups
 //! it covers from the disk cache, each checked against the chunk's group hashes (shoal-store,
@@ -21,16 +20,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use shoal_format::bootstrap::{Bootstrap, ChunkView, InodeKind};
-use shoal_store::{Blake3Hash, BufferPool, Store};
-use shoal_types::Digest;
+use shoal_store::Store;
 
-use crate::fetch::{ChunkSource, FetchError};
+use crate::cache::ChunkCache;
+pub use crate::error::ReadError;
+use crate::fetch::ChunkSource;
 use crate::flight::Flights;
+use crate::load::{Loader, LoaderParts};
 use crate::metrics::Metrics;
-use crate::verify::decode_chunk;
-
-/// Largest stored form of a chunk we accept (chunks are at most 16 MiB uncompressed).
-const MAX_STORED: u32 = 32 << 20;
 
 /// How long a chunk whose fetch just timed out fails at once (capped by the fetch timeout): the
 /// kernel retries a failed 1 MiB readahead with a 4 KiB read of the same page, which must not
@@ -44,60 +41,12 @@ const PART_MAX_DIVISOR: u64 = 8;
 /// Most chunks remembered as recently timed out (a bound on the map, not a tuning knob).
 const RECENT_TIMEOUT_MAX: usize = 4096;
 
-/// Why a read failed (the reader sees EIO).
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    /// The inode is not a regular file.
-    #[error("inode {0} is not a regular file")]
-    NotFile(u32),
-    /// The bootstrap's chunk list does not cover the range (a bootstrap bug; it was validated).
-    #[error("inode {ino}: no chunk {index} in its chunk list")]
-    MissingChunk {
-        /// The inode.
-        ino: u32,
-        /// The chunk position.
-        index: u64,
-    },
-    /// The bytes did not arrive in time.
-    #[error(
-        "chunks of blob {blob} did not arrive within {secs} s (network down? origin unreachable?)"
-    )]
-    Timeout {
-        /// The blob.
-        blob: String,
-        /// The deadline in seconds.
-        secs: u64,
-    },
-    /// Every source failed.
-    #[error(transparent)]
-    Fetch(#[from] FetchError),
-    /// The origin served bytes that do not match the chunk's name, twice.
-    #[error("chunk {chunk} of blob {blob}: {reason}; refetched from the origin and it failed verification again")]
-    Corrupt {
-        /// The chunk hash (hex).
-        chunk: String,
-        /// The blob.
-        blob: String,
-        /// What was wrong.
-        reason: String,
-    },
-}
-
 /// Serves file bytes from the cache and the sources, verifying every chunk.
 pub struct Reader {
     pub(crate) boot: Arc<Bootstrap>,
-    store: Store,
-    mem: moka::sync::Cache<[u8; 32], Bytes>,
-    /// Buffers for chunks read from the disk cache, reused once the memory cache and the
-    /// replies are done with them.
-    bufs: Arc<BufferPool>,
-    peer: Option<Arc<dyn ChunkSource>>,
-    origin: Arc<dyn ChunkSource>,
-    blobs: Vec<Digest>,
-    rt: tokio::runtime::Handle,
-    timeout: Duration,
-    max_request: u64,
-    max_gap: u64,
+    cache: Arc<ChunkCache>,
+    loader: Loader,
+    /// One flight per chunk being loaded.
     inflight: Flights,
     /// Chunks whose fetch timed out lately, and until when a read of them fails at once.
     timed_out: std::sync::Mutex<HashMap<[u8; 32], Instant>>,
@@ -168,43 +117,30 @@ pub struct ReaderParts {
     pub metrics: Arc<Metrics>,
 }
 
-/// What one request to a source returned, and from which source.
-type Fetched = Result<(Bytes, Arc<dyn ChunkSource>), FetchError>;
-
-/// One request to a source: a run of chunks of one blob.
-struct Group {
-    blob: u32,
-    start: u64,
-    end: u64,
-    chunks: Vec<ChunkView>,
-}
-
 impl Reader {
     /// A reader over `parts`.
     pub fn new(parts: ReaderParts) -> Result<Self, crate::FsError> {
-        let blobs: Vec<Digest> = parts
-            .boot
-            .blobs()
-            .map(|b| Digest::from_bytes(b.digest))
-            .collect();
-        let mem = moka::sync::Cache::builder()
-            .max_capacity(parts.memory_cache_bytes)
-            .weigher(|_k: &[u8; 32], v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
-            .build();
-        Ok(Reader {
-            boot: parts.boot,
-            store: parts.store,
-            mem,
-            // Idle buffers up to half the memory cache: enough that a sequential read reuses
-            // the ones the memory cache lets go (docs/benchmarks.md, issue 7).
-            bufs: BufferPool::new((parts.memory_cache_bytes / 2) as usize),
+        let cache = Arc::new(ChunkCache::new(
+            parts.store,
+            parts.memory_cache_bytes,
+            parts.rt.clone(),
+            Arc::clone(&parts.metrics),
+        ));
+        let loader = Loader::new(LoaderParts {
+            boot: Arc::clone(&parts.boot),
+            cache: Arc::clone(&cache),
             peer: parts.peer,
             origin: parts.origin,
-            blobs,
             rt: parts.rt,
             timeout: parts.timeout,
             max_request: parts.max_request,
             max_gap: parts.max_gap,
+            metrics: Arc::clone(&parts.metrics),
+        })?;
+        Ok(Reader {
+            boot: parts.boot,
+            cache,
+            loader,
             inflight: Flights::default(),
             timed_out: Default::default(),
             ahead: AheadWork::default(),
@@ -259,7 +195,7 @@ impl Reader {
             .map(|(c, _)| *c)
             .collect();
         let mut datas = self
-            .load(&whole, Instant::now() + self.timeout)?
+            .load(&whole, Instant::now() + self.loader.timeout)?
             .into_iter();
         for (k, part) in (k0..=k1).zip(parts.iter_mut()) {
             if part.is_some() {
@@ -338,47 +274,44 @@ impl Reader {
     fn load_ahead_now(&self, chunks: &[ChunkView]) {
         let todo: Vec<ChunkView> = chunks
             .iter()
-            .filter(|c| !self.mem.contains_key(&c.hash) && !self.inflight.busy(&c.hash))
+            .filter(|c| !self.cache.in_memory(c) && !self.inflight.busy(&c.hash))
             .copied()
             .collect();
         if todo.is_empty() {
             return;
         }
-        let hashes: Vec<Blake3Hash> = todo
-            .iter()
-            .map(|c| Blake3Hash::from_bytes(c.hash))
-            .collect();
-        self.store.will_need_chunks(&hashes);
-        if let Err(e) = self.load(&todo, Instant::now() + self.timeout) {
+        self.cache.will_need(&todo);
+        if let Err(e) = self.load(&todo, Instant::now() + self.loader.timeout) {
             tracing::debug!(error = %e, "fetch-ahead failed; the chunks are fetched when read");
         }
     }
 
     /// True when the chunk is in memory.
     pub(crate) fn in_memory(&self, c: &ChunkView) -> bool {
-        self.mem.contains_key(&c.hash)
+        self.cache.in_memory(c)
     }
 
     /// True when the chunk is in memory or in the disk cache.
     pub(crate) fn in_cache(&self, c: &ChunkView) -> bool {
-        self.in_memory(c) || self.store.has_chunk(&Blake3Hash::from_bytes(c.hash))
+        self.cache.in_cache(c)
     }
 
     /// Makes sure `chunks` are cached (prefetch), fetching what is missing.
     pub fn warm(&self, chunks: &[ChunkView]) -> Result<(), ReadError> {
-        self.load(chunks, Instant::now() + self.timeout).map(|_| ())
+        self.load(chunks, Instant::now() + self.loader.timeout)
+            .map(|_| ())
     }
 
     /// Bytes `want` of chunk `c` when that is not the whole chunk: a slice of it in memory, else
     /// (for a small part) its covering groups from the disk cache, checked against its group
-    /// hashes. `None` sends
-    /// the read down the whole-chunk path (which waits for a load already running, fetches
-    /// what no cache holds, and refetches a chunk the disk cache just dropped as corrupt).
+    /// hashes. `None` sends the read down the whole-chunk path (which waits for a load already
+    /// running, fetches what no cache holds, and refetches a chunk the disk cache just dropped
+    /// as corrupt).
     fn part(&self, c: &ChunkView, want: Range<u64>) -> Option<Bytes> {
         if want.start == 0 && want.end >= u64::from(c.size) {
             return None;
         }
-        if let Some(b) = self.mem.get(&c.hash) {
+        if let Some(b) = self.cache.memory(&c.hash) {
             self.metrics.cache_hits.inc();
             let to = (want.end as usize).min(b.len());
             return Some(b.slice((want.start as usize).min(to)..to));
@@ -392,58 +325,17 @@ impl Reader {
         {
             return None;
         }
-        let mut buf = self.bufs.take(0);
-        let hash = Blake3Hash::from_bytes(c.hash);
-        match self.store.read_chunk_part(&hash, want, &mut buf) {
-            Ok(at) => {
-                self.metrics.cache_hits.inc();
-                Some(self.bufs.lend(buf).slice(at))
-            }
-            Err(e) => {
-                self.bufs.give_back(buf);
-                if e.is_corrupt() {
-                    self.metrics.verify_failed("cache");
-                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "cached chunk failed verification; refetching");
-                } else if !e.is_not_present() {
-                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "chunk cache read failed; refetching");
-                }
-                None
-            }
-        }
-    }
-
-    fn cached(&self, c: &ChunkView) -> Option<Bytes> {
-        if let Some(b) = self.mem.get(&c.hash) {
-            return Some(b);
-        }
-        let mut buf = self.bufs.take(c.size as usize);
-        match self
-            .store
-            .read_chunk_into(&Blake3Hash::from_bytes(c.hash), &mut buf)
-        {
-            Ok(()) if buf.len() == c.size as usize => {
-                let b = self.bufs.lend(buf);
-                self.mem.insert(c.hash, b.clone());
-                Some(b)
-            }
-            Ok(()) => None,
-            Err(e) => {
-                if e.is_corrupt() {
-                    self.metrics.verify_failed("cache");
-                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "cached chunk failed verification; refetching");
-                } else if !e.is_not_present() {
-                    tracing::warn!(chunk = %hex::encode(c.hash), error = %e, "chunk cache read failed; refetching");
-                }
-                None
-            }
-        }
+        let got = self.cache.disk_part(c, want)?;
+        self.metrics.cache_hits.inc();
+        Some(got)
     }
 
     /// The verified bytes of every chunk in `chunks`, in order.
     fn load(&self, chunks: &[ChunkView], deadline: Instant) -> Result<Vec<Bytes>, ReadError> {
         // Memory first; the disk cache only under the chunk's single-flight lock below, so
         // concurrent readers of one chunk (kernel readahead) read and verify it from disk once.
-        let mut out: Vec<Option<Bytes>> = chunks.iter().map(|c| self.mem.get(&c.hash)).collect();
+        let mut out: Vec<Option<Bytes>> =
+            chunks.iter().map(|c| self.cache.memory(&c.hash)).collect();
         let hits = out.iter().filter(|o| o.is_some()).count() as u64;
         self.metrics.cache_hits.inc_by(hits);
         if hits as usize == chunks.len() {
@@ -464,8 +356,8 @@ impl Reader {
                 Some(g) => guards.push(g),
                 None => {
                     return Err(ReadError::Timeout {
-                        blob: self.blob_name(c.blob),
-                        secs: self.timeout.as_secs(),
+                        blob: self.loader.blob_name(c.blob),
+                        secs: self.loader.timeout.as_secs(),
                     })
                 }
             }
@@ -474,7 +366,7 @@ impl Reader {
         let mut ready = HashMap::new();
         let mut still = Vec::new();
         for c in &missing {
-            match self.cached(c) {
+            match self.cache.cached(c) {
                 Some(b) => {
                     ready.insert(c.hash, b);
                 }
@@ -485,14 +377,14 @@ impl Reader {
         // Checked under the flights: a reader that waited for a fetch which just timed out fails
         // now instead of starting another full wait on the same source.
         if let Some(c) = self.recently_timed_out(&still) {
-            tracing::info!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob),
+            tracing::info!(chunk = %hex::encode(c.hash), blob = %self.loader.blob_name(c.blob),
                 "chunk fetch timed out moments ago; failing this read at once");
             return Err(ReadError::Timeout {
-                blob: self.blob_name(c.blob),
-                secs: self.timeout.as_secs(),
+                blob: self.loader.blob_name(c.blob),
+                secs: self.loader.timeout.as_secs(),
             });
         }
-        let fetched = self.fetch(&still, deadline);
+        let fetched = self.loader.fetch(&still, deadline);
         if matches!(fetched, Err(ReadError::Timeout { .. })) {
             self.remember_timed_out(&still);
         }
@@ -509,8 +401,8 @@ impl Reader {
             .zip(chunks)
             .map(|(o, c)| {
                 o.ok_or_else(|| ReadError::Timeout {
-                    blob: self.blob_name(c.blob),
-                    secs: self.timeout.as_secs(),
+                    blob: self.loader.blob_name(c.blob),
+                    secs: self.loader.timeout.as_secs(),
                 })
             })
             .collect()
@@ -533,7 +425,7 @@ impl Reader {
     /// when still full the map starts over, which only costs a retry a full wait).
     fn remember_timed_out(&self, chunks: &[ChunkView]) {
         let now = Instant::now();
-        let until = now + self.timeout.min(RECENT_TIMEOUT_HOLD);
+        let until = now + self.loader.timeout.min(RECENT_TIMEOUT_HOLD);
         let mut map = self.timed_out.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, u| *u > now);
         if map.len() + chunks.len() > RECENT_TIMEOUT_MAX {
@@ -542,203 +434,5 @@ impl Reader {
         for c in chunks.iter().take(RECENT_TIMEOUT_MAX) {
             map.insert(c.hash, until);
         }
-    }
-
-    fn blob_name(&self, blob: u32) -> String {
-        self.blobs
-            .get(blob as usize)
-            .map_or_else(|| format!("#{blob}"), |d| d.to_string())
-    }
-
-    /// Runs of chunks of one blob, each one request: gaps at most `max_gap`, span at most
-    /// `max_request` (a single larger chunk is its own request).
-    fn plan(&self, chunks: &[ChunkView]) -> Vec<Group> {
-        let mut sorted = chunks.to_vec();
-        sorted.sort_by_key(|c| (c.blob, c.offset));
-        let mut groups: Vec<Group> = Vec::new();
-        for c in sorted {
-            let end = c.offset + u64::from(c.stored_size);
-            match groups.last_mut() {
-                Some(g)
-                    if g.blob == c.blob
-                        && c.offset >= g.end
-                        && c.offset - g.end <= self.max_gap
-                        && end - g.start <= self.max_request =>
-                {
-                    g.end = end;
-                    g.chunks.push(c);
-                }
-                _ => groups.push(Group {
-                    blob: c.blob,
-                    start: c.offset,
-                    end,
-                    chunks: vec![c],
-                }),
-            }
-        }
-        groups
-    }
-
-    /// Fetches, decompresses and verifies `chunks`; every verified chunk is cached.
-    fn fetch(
-        &self,
-        chunks: &[ChunkView],
-        deadline: Instant,
-    ) -> Result<HashMap<[u8; 32], Bytes>, ReadError> {
-        let mut done = HashMap::new();
-        if chunks.is_empty() {
-            return Ok(done);
-        }
-        if let Some(c) = chunks.iter().find(|c| c.stored_size > MAX_STORED) {
-            return Err(ReadError::Corrupt {
-                chunk: hex::encode(c.hash),
-                blob: self.blob_name(c.blob),
-                reason: format!("stored size {} is over the limit", c.stored_size),
-            });
-        }
-        let groups = self.plan(chunks);
-        let started = Instant::now();
-        let results = self.run_until(deadline, &groups, |g| {
-            self.fetch_range(g.blob, g.start, g.end, true)
-        })?;
-        let mut bad: Vec<ChunkView> = Vec::new();
-        for (g, r) in groups.iter().zip(results) {
-            let (bytes, src) = r?;
-            for c in &g.chunks {
-                let from = (c.offset - g.start) as usize;
-                let stored = bytes
-                    .get(from..from + c.stored_size as usize)
-                    .unwrap_or_default();
-                match decode_chunk(c, stored) {
-                    Ok(data) => {
-                        self.keep(c, &data);
-                        done.insert(c.hash, data);
-                    }
-                    Err(reason) => {
-                        self.metrics.verify_failed(src.kind().label());
-                        src.report_bad(
-                            &self.blobs[c.blob as usize],
-                            c.offset,
-                            c.offset + u64::from(c.stored_size),
-                        );
-                        tracing::warn!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob), source = %src.describe(), %reason,
-                            "fetched chunk failed verification; dropped, refetching from the origin");
-                        bad.push(*c);
-                    }
-                }
-            }
-        }
-        if !bad.is_empty() {
-            let groups: Vec<Group> = bad
-                .iter()
-                .map(|c| Group {
-                    blob: c.blob,
-                    start: c.offset,
-                    end: c.offset + u64::from(c.stored_size),
-                    chunks: vec![*c],
-                })
-                .collect();
-            let results = self.run_until(deadline, &groups, |g| {
-                self.fetch_range(g.blob, g.start, g.end, false)
-            })?;
-            for (c, r) in bad.iter().zip(results) {
-                let (bytes, src) = r?;
-                match decode_chunk(c, &bytes) {
-                    Ok(data) => {
-                        self.keep(c, &data);
-                        done.insert(c.hash, data);
-                    }
-                    Err(reason) => {
-                        self.metrics.verify_failed("origin");
-                        src.report_bad(
-                            &self.blobs[c.blob as usize],
-                            c.offset,
-                            c.offset + u64::from(c.stored_size),
-                        );
-                        tracing::error!(chunk = %hex::encode(c.hash), blob = %self.blob_name(c.blob), source = %src.describe(), %reason,
-                            "chunk failed verification again after refetching from the origin: read fails with EIO");
-                        return Err(ReadError::Corrupt {
-                            chunk: hex::encode(c.hash),
-                            blob: self.blob_name(c.blob),
-                            reason,
-                        });
-                    }
-                }
-            }
-        }
-        self.metrics
-            .fetch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(done)
-    }
-
-    fn keep(&self, c: &ChunkView, data: &Bytes) {
-        self.metrics
-            .chunk_fetched(c.index, u64::from(c.stored_size));
-        self.mem.insert(c.hash, data.clone());
-        // The disk write (fsync) runs off the reply path; the bytes are already verified.
-        let (store, hash, data) = (
-            self.store.clone(),
-            Blake3Hash::from_bytes(c.hash),
-            data.clone(),
-        );
-        self.rt.spawn_blocking(move || {
-            if let Err(e) = store.put_chunk(&hash, &data) {
-                tracing::warn!(chunk = %hash, error = %e, "could not cache chunk; serving it uncached");
-            }
-        });
-    }
-
-    /// Runs one fetch per group concurrently on the runtime, all bounded by `deadline`.
-    fn run_until<'a, F, Fut>(
-        &'a self,
-        deadline: Instant,
-        groups: &'a [Group],
-        f: F,
-    ) -> Result<Vec<Fetched>, ReadError>
-    where
-        F: Fn(&'a Group) -> Fut,
-        Fut: std::future::Future<Output = Fetched> + 'a,
-    {
-        let all = futures::future::join_all(groups.iter().map(f));
-        let until = tokio::time::Instant::from_std(deadline);
-        self.rt
-            .block_on(async { tokio::time::timeout_at(until, all).await })
-            .map_err(|_| {
-                let blob = groups.first().map_or(0, |g| g.blob);
-                tracing::warn!(blob = %self.blob_name(blob), secs = self.timeout.as_secs(), "read timed out waiting for chunks");
-                ReadError::Timeout {
-                    blob: self.blob_name(blob),
-                    secs: self.timeout.as_secs(),
-                }
-            })
-    }
-
-    /// Bytes `start..end` of blob `blob`: from the peer when `via_peer` and one is configured
-    /// (falling back to the origin on any error), else from the origin.
-    async fn fetch_range(&self, blob: u32, start: u64, end: u64, via_peer: bool) -> Fetched {
-        let digest = self.blobs.get(blob as usize).ok_or_else(|| FetchError {
-            source_name: "bootstrap".into(),
-            blob: format!("#{blob}"),
-            start,
-            end,
-            reason: "chunk refers to a blob the image does not list".into(),
-            refused: false,
-        })?;
-        if let Some(peer) = self.peer.as_ref().filter(|_| via_peer) {
-            match peer.read_range(digest, start, end).await {
-                Ok(b) => {
-                    self.metrics.fetched(peer.kind(), b.len() as u64);
-                    return Ok((b, Arc::clone(peer)));
-                }
-                Err(e) if e.refused => return Err(e),
-                Err(e) => {
-                    tracing::info!(error = %e, "peer could not serve the range; reading from the origin")
-                }
-            }
-        }
-        let b = self.origin.read_range(digest, start, end).await?;
-        self.metrics.fetched(self.origin.kind(), b.len() as u64);
-        Ok((b, Arc::clone(&self.origin)))
     }
 }

@@ -1,12 +1,51 @@
-//! The check between the network and the reader: decompress a chunk's stored form and compare
-//! its BLAKE3 with the chunk's name from the (verified) bootstrap.
+//! The check between the network and the reader: decompress a chunk's stored form (or inflate a
+//! span run from its checkpoint) and compare each chunk's BLAKE3 with its name from the
+//! (verified) bootstrap.
+
+use std::io::Read;
 
 use bytes::Bytes;
 use shoal_format::bootstrap::ChunkView;
+use shoal_format::codec::{self, RunChunk, SpanStart};
+use shoal_format::model::ChunkEncoding;
 
-/// Decompresses a chunk's stored form and checks it against its name.
+use crate::plan::SpanPart;
+
+/// Decompresses a raw or zstd chunk's stored form and checks it against its name.
 pub fn decode_chunk(c: &ChunkView, stored: &[u8]) -> Result<Bytes, String> {
     shoal_format::image::decode_chunk(&c.hash, c.size, c.encoding, stored.to_vec()).map(Bytes::from)
+}
+
+/// Decodes the chunks of a span run in one pass over `stored` (the blob from the checkpoint's
+/// offset on; `window`: a deflate checkpoint's verified window) and hands each chunk's checked
+/// bytes, or why it failed, to `each`, in run order.
+pub(crate) fn decode_span_run(
+    part: &SpanPart,
+    window: Option<&[u8]>,
+    stored: impl Read,
+    mut each: impl FnMut(&ChunkView, Result<Bytes, String>),
+) {
+    let chunks: Vec<RunChunk> = part
+        .run
+        .iter()
+        .map(|c| RunChunk {
+            hash: c.hash,
+            size: c.size,
+            skip: match c.encoding {
+                ChunkEncoding::Span { skip, .. } => skip,
+                _ => 0,
+            },
+        })
+        .collect();
+    let start = SpanStart {
+        checkpoint: part.checkpoint,
+        window,
+    };
+    codec::decode_run_each(start, stored, &chunks, |i, r| {
+        if let Some(c) = part.run.get(i) {
+            each(c, r.map(Bytes::from));
+        }
+    });
 }
 
 #[cfg(test)]

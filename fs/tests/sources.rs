@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{build_image, compare, flip_byte, fuse_ready, mountpoint, Compared, Image};
+use common::{
+    build_image, compare, flip_byte, fuse_ready, mountpoint, start_peer, Compared, Image,
+};
 use shoal_format::bootstrap::Bootstrap;
 use shoal_format::image::find_bootstrap;
 use shoal_format::oci::{self, LayoutRef};
@@ -132,28 +134,6 @@ fn push_image(
         &mbytes,
     ))
     .unwrap();
-}
-
-/// A real peer daemon (no scheduler: it goes back to the origin itself) with its local API at
-/// `work/peer.sock`, allowing `allowed` origins.
-fn start_peer(rt: &tokio::runtime::Runtime, work: &Path, allowed: Vec<String>) -> shoal_peer::Peer {
-    shoal_tls::install_crypto_provider();
-    let ca = shoal_tls::ClusterCa::init(&work.join("ca"), "fs test CA", 30).unwrap();
-    let mut req = shoal_tls::NodeCertRequest::new("fs-peer", 30);
-    req.ips.push("127.0.0.1".parse().unwrap());
-    let tls = work.join("tls");
-    ca.issue(&req).unwrap().write_to(&tls).unwrap();
-    rt.block_on(shoal_peer::Peer::start(shoal_peer::PeerConfig {
-        host_id: "fs-peer".into(),
-        data_dir: work.join("peer"),
-        tls_dir: tls,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_socket: work.join("peer.sock"),
-        cache_bytes: Some(1 << 30),
-        allowed_origins: allowed,
-        ..shoal_peer::PeerConfig::default()
-    }))
-    .expect("start peer")
 }
 
 /// A mount of `repo:v1` through the peer at `work/peer.sock`, fetching only what is read.

@@ -124,3 +124,61 @@ async fn an_origin_error_reaches_the_client_with_the_origin_and_its_status() {
     assert!(outcome.contains("403"), "{outcome}");
     assert!(!outcome.contains("body broke"), "{outcome}");
 }
+
+/// A piece table handed over through the local API client: a range is then served from the
+/// covering pieces (the blob is not imported whole first), and a table that disagrees with the
+/// one taken is refused with a 409 that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_table_offered_through_the_client_serves_ranges_and_a_different_one_is_refused() {
+    let Some(c) = common::cluster(false).await else {
+        return;
+    };
+    let (blob, data) = c.push_blob(4 << 20, 7).await;
+    let cfg = c.config("offer", false);
+    let socket = cfg.api_socket.clone();
+    let _peer = c.start(cfg).await;
+    let api = ApiClient::new(&socket);
+    let origin = c.origin().reference;
+    let table: Vec<[u8; 32]> = data
+        .chunks(1 << 20)
+        .map(|p| *blake3::hash(p).as_bytes())
+        .collect();
+    api.blob(&blob)
+        .source(origin.clone())
+        .offer_pieces(1 << 20, &table)
+        .await
+        .unwrap();
+    let start = (2 << 20) + 100;
+    let got = api
+        .blob(&blob)
+        .source(origin.clone())
+        .range(start..start + 1000)
+        .read()
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[start as usize..start as usize + 1000]);
+    let task = api.task(&blob).await.unwrap().expect("a task for the blob");
+    assert!(
+        !task.complete && task.held < 4,
+        "the range fetched covering pieces, not the whole blob: {task:?}"
+    );
+    let mut other = table.clone();
+    other[1][0] ^= 1;
+    let e = api
+        .blob(&blob)
+        .source(origin)
+        .offer_pieces(1 << 20, &other)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let empty = api
+        .blob(&blob)
+        .offer_pieces(1 << 20, &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, shoal_api::ApiError::Status { .. })
+            && matches!(empty, shoal_api::ApiError::BadRequest(_)),
+        "{empty}"
+    );
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, BodyStream, Empty};
+use http_body_util::{BodyExt, BodyStream, Full};
 use hyper_util::client::legacy::Client as Pool;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use shoal_types::Digest;
@@ -78,7 +78,8 @@ impl tower_service::Service<Uri> for UnixConnector {
 #[derive(Clone)]
 pub struct Client {
     socket: Arc<PathBuf>,
-    pool: Pool<UnixConnector, Empty<Bytes>>,
+    // Full: every request but a piece table offer has an empty one.
+    pool: Pool<UnixConnector, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -162,7 +163,8 @@ impl Client {
         method: Method,
         path: &str,
         headers: &[(header::HeaderName, String)],
-    ) -> Result<Request<Empty<Bytes>>, ApiError> {
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
         // The pool keys connections by authority; every request names the same one.
         let mut b = Request::builder()
             .method(method)
@@ -170,13 +172,13 @@ impl Client {
         for (name, value) in headers {
             b = b.header(name, value);
         }
-        b.body(Empty::new())
+        b.body(Full::new(body))
             .map_err(|e| ApiError::BadRequest(e.to_string()))
     }
 
     async fn send(
         &self,
-        req: Request<Empty<Bytes>>,
+        req: Request<Full<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
         self.pool.request(req).await.map_err(|e| {
             let reason = chain(&e);
@@ -199,7 +201,9 @@ impl Client {
         method: Method,
         path: &str,
     ) -> Result<T, ApiError> {
-        let resp = self.send(self.request(method, path, &[])?).await?;
+        let resp = self
+            .send(self.request(method, path, &[], Bytes::new())?)
+            .await?;
         if resp.status() != StatusCode::OK {
             return Err(error_of(resp).await);
         }
@@ -256,8 +260,13 @@ impl BlobRequest<'_> {
         self
     }
 
-    fn build(&self, method: Method, suffix: &str) -> Result<Request<Empty<Bytes>>, ApiError> {
-        let mut headers = Vec::new();
+    fn build(
+        &self,
+        method: Method,
+        suffix: &str,
+        mut headers: Vec<(header::HeaderName, String)>,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
         if let Some(r) = &self.range {
             if r.end <= r.start {
                 return Err(ApiError::BadRequest(format!(
@@ -276,14 +285,17 @@ impl BlobRequest<'_> {
             self.bootstrap.as_ref(),
             suffix,
         );
-        self.client.request(method, &path, &headers)
+        self.client.request(method, &path, &headers, body)
     }
 
     /// GETs the blob (or the range) and streams the body as it arrives.
     pub async fn send(self) -> Result<BlobResponse, ApiError> {
         let client = self.client.clone();
         let blob = self.blob;
-        let resp = match client.send(self.build(Method::GET, "")?).await {
+        let resp = match client
+            .send(self.build(Method::GET, "", Vec::new(), Bytes::new())?)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Err(client.explain(&blob, e).await),
         };
@@ -318,7 +330,9 @@ impl BlobRequest<'_> {
     /// The blob's size (a HEAD; the peer learns it from its store, the scheduler or the origin).
     pub async fn size(self) -> Result<u64, ApiError> {
         let client = self.client.clone();
-        let resp = client.send(self.build(Method::HEAD, "")?).await?;
+        let resp = client
+            .send(self.build(Method::HEAD, "", Vec::new(), Bytes::new())?)
+            .await?;
         if resp.status() != StatusCode::OK {
             return Err(error_of(resp).await);
         }
@@ -413,7 +427,10 @@ impl BlobRequest<'_> {
     pub async fn fetch(self) -> Result<TaskStatus, ApiError> {
         let client = self.client.clone();
         let blob = self.blob;
-        let resp = match client.send(self.build(Method::POST, "/fetch")?).await {
+        let resp = match client
+            .send(self.build(Method::POST, "/fetch", Vec::new(), Bytes::new())?)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Err(client.explain(&blob, e).await),
         };
@@ -426,6 +443,32 @@ impl BlobRequest<'_> {
             .map_err(|e| ApiError::Body(e.to_string()))?
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| ApiError::Body(format!("bad JSON: {e}")))
+    }
+
+    /// Hands the peer the blob's piece table (`piece_size`, each piece's BLAKE3 in order) that
+    /// the caller has from trusted metadata (a verified bootstrap, the index of an unconverted
+    /// layer): `PUT /blobs/<digest>/pieces`. Ranges of the blob are then fetched piece by piece,
+    /// each piece verified, instead of after importing the whole blob. A 409 (the table
+    /// disagrees with what the peer knows of the blob, or a download without it runs) comes
+    /// back as [`ApiError::Status`]; the blob can still be read, only not piece by piece.
+    pub async fn offer_pieces(self, piece_size: u32, pieces: &[[u8; 32]]) -> Result<(), ApiError> {
+        if pieces.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "an empty piece table for {}",
+                self.blob
+            )));
+        }
+        let headers = vec![(
+            header::HeaderName::from_static(crate::PIECE_SIZE_HEADER),
+            piece_size.to_string(),
+        )];
+        let body = Bytes::from(pieces.concat());
+        let req = self.build(Method::PUT, "/pieces", headers, body)?;
+        let resp = self.client.send(req).await?;
+        if !resp.status().is_success() {
+            return Err(error_of(resp).await);
+        }
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | `GET\|HEAD /blobs/sha256:<hex>?source=docker://HOST/REPO[&bootstrap=sha256:<hex>]` (+ `Range: bytes=a-b`) | 200 / 206 streamed as pieces arrive, 416 outside the blob, 403 for an origin outside `allowed_origins` |
 //! | `POST /blobs/sha256:<hex>/fetch?source=...` | fetch the whole blob; its [`TaskStatus`] once complete |
+//! | `PUT /blobs/sha256:<hex>/pieces?source=...` (header `Shoal-Piece-Size`, body the pieces' BLAKE3 back to back) | 204: ranges are then fetched piece by piece ([`BlobRequest::offer_pieces`]); 409 when it disagrees with what the peer knows |
 //! | `GET /tasks`, `GET /tasks/sha256:<hex>` | [`TaskStatus`] of every download, or of one |
 //! | `GET /cache` | [`CacheStatus`] |
 //! | `GET /status` | [`NodeStatus`] |
@@ -40,6 +41,9 @@ pub use client::{BlobRequest, BlobResponse, ByteStream, Client};
 pub use error::ApiError;
 pub use range::{parse_range, RangeAnswer, RangeAsk};
 pub use status::{CacheStatus, NodeStatus, TaskStatus};
+
+/// The header carrying the piece size of a piece table offered with `PUT .../pieces`.
+pub const PIECE_SIZE_HEADER: &str = "shoal-piece-size";
 
 /// The default socket of the local API.
 pub const DEFAULT_SOCKET: &str = "/run/shoal/peer.sock";

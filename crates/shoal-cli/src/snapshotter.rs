@@ -38,6 +38,12 @@ config_flags! {
         prefetch: bool => set prefetch,
         /// Log filter of the mount processes [default: info].
         mount_log: String => set mount_log,
+        /// Mount the layers of plain images that have a Shoal index lazily (`--indexes=false`:
+        /// always unpack plain images).
+        #[arg(num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+        indexes: bool => set indexes,
+        /// How long "no Shoal index" is remembered per image manifest, seconds [default: 60].
+        no_index_cache_secs: u64 => set no_index_cache_secs,
     }
     lists {
         /// Registry hosts spoken to over plain HTTP (loopback always is); comma-separated.

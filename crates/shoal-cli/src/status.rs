@@ -111,9 +111,14 @@ pub fn render_images(images: &[(ImageInfo, shoal_fs::MetricsSnapshot)]) -> Strin
     let mut out = String::new();
     let _ = writeln!(out, "lazy images: {}", images.len());
     for (info, s) in images {
+        let layer = info
+            .layer
+            .as_deref()
+            .map(|l| format!(" (layer {})", l.get(..19).unwrap_or(l)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {}  read {}, fetched {} from peers / {} from origin, {:.1}% of {} fetched",
+            "  {}{layer}  read {}, fetched {} from peers / {} from origin, {:.1}% of {} fetched",
             info.reference,
             mib(s.read_bytes),
             mib(s.fetched_peer),
@@ -146,10 +151,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 })
                 .collect()
         });
-        let doc = serde_json::json!({
-            "peer": peer.as_ref().ok(),
-            "lazy_images": images,
-        });
+        // The peer's status as its API gives it (scripts read its fields at the top level),
+        // with the node's lazy images beside them.
+        let mut doc = match &peer {
+            Ok(status) => serde_json::to_value(status)?,
+            Err(_) => serde_json::json!({}),
+        };
+        if let Some(fields) = doc.as_object_mut() {
+            fields.insert("lazy_images".into(), serde_json::to_value(images)?);
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         if let Ok(status) = &peer {

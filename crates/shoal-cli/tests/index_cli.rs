@@ -354,6 +354,97 @@ fn overlay(layers: &[PathBuf], mnt: &Path) -> Mounted {
     Mounted(mnt.to_path_buf())
 }
 
+/// Pushes image layout `img` (tag `t`) to `target` byte for byte (skopeo would gzip a plain tar
+/// layer on the way), then indexes it from the layout (`--span 256K --chunk-size 256K`: many
+/// checkpoints) and pushes the index beside it; returns the index report.
+async fn push_and_index(reg: &Registry, name: &str, img: &Path, target: &str) -> serde_json::Value {
+    let (mdesc, manifest) = oci::resolve(&LayoutRef {
+        dir: img.to_path_buf(),
+        tag: Some("t".into()),
+    })
+    .unwrap();
+    for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
+        let blob = fs::read(oci::blob_path(img, &oci::parse_digest(d.digest()).unwrap())).unwrap();
+        reg.push_blob(name, &blob).await.expect("pushing a blob");
+    }
+    let mbytes = oci::read_blob(img, &mdesc, 1 << 20).unwrap();
+    reg.push_manifest(
+        name,
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        &mbytes,
+    )
+    .await
+    .expect("pushing the manifest");
+    let report = json(&shoal_ok(&[
+        "image",
+        "index",
+        &oci(img, "t"),
+        "--target",
+        target,
+        "--span",
+        "256K",
+        "--chunk-size",
+        "256K",
+        "--json",
+    ]));
+    eprintln!("{name}: {report}");
+    assert!(
+        report["pushed"].as_str().unwrap().contains("referrers tag"),
+        "{report}"
+    );
+    let ratio = report["ratio"].as_f64().unwrap();
+    assert!(
+        ratio > 0.0 && ratio < 0.2,
+        "{name}: index is {ratio} of the image"
+    );
+    report
+}
+
+/// The image unpacked whole: `umoci unpack` of the umoci image, `tar -x` of every layer in
+/// order for the other; returns its root.
+fn expected_rootfs(
+    name: &str,
+    img: &Path,
+    manifest: &oci_spec::image::ImageManifest,
+    work: &Path,
+) -> PathBuf {
+    let expected = work.join(format!("{name}-expected"));
+    if expected.exists() {
+        return expected.join("rootfs");
+    }
+    if name == "umoci" {
+        run(
+            "umoci",
+            &[
+                "unpack",
+                "--image",
+                oci(img, "t").trim_start_matches("oci:"),
+                path(&expected),
+            ],
+        );
+    } else {
+        let rootfs = expected.join("rootfs");
+        fs::create_dir_all(&rootfs).unwrap();
+        for l in manifest.layers() {
+            let blob = oci::blob_path(img, &oci::parse_digest(l.digest()).unwrap());
+            run(
+                "tar",
+                &[
+                    "--numeric-owner",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "-C",
+                    path(&rootfs),
+                    "-xf",
+                    path(&blob),
+                ],
+            );
+        }
+    }
+    expected.join("rootfs")
+}
+
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
@@ -381,49 +472,8 @@ async fn indexed_layers_stack_to_the_image_and_the_image_is_unchanged() {
         };
         let (mdesc, manifest) = oci::resolve(&image).unwrap();
         let n = manifest.layers().len();
-
-        // Pushed first, byte for byte (the index's subject must be there; skopeo would gzip the
-        // plain tar layer on the way), then indexed from the layout and the index pushed beside.
         let target = format!("docker://{}/{name}:v1", reg.host());
-        for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
-            let blob = fs::read(oci::blob_path(
-                &img,
-                &oci::parse_digest(d.digest()).unwrap(),
-            ))
-            .unwrap();
-            reg.push_blob(name, &blob).await.expect("pushing a blob");
-        }
-        let mbytes = oci::read_blob(&img, &mdesc, 1 << 20).unwrap();
-        reg.push_manifest(
-            name,
-            "v1",
-            "application/vnd.oci.image.manifest.v1+json",
-            &mbytes,
-        )
-        .await
-        .expect("pushing the manifest");
-        let report = json(&shoal_ok(&[
-            "image",
-            "index",
-            &oci(&img, "t"),
-            "--target",
-            &target,
-            "--span",
-            "256K",
-            "--chunk-size",
-            "256K",
-            "--json",
-        ]));
-        eprintln!("{name}: {report}");
-        assert!(
-            report["pushed"].as_str().unwrap().contains("referrers tag"),
-            "{report}"
-        );
-        let ratio = report["ratio"].as_f64().unwrap();
-        assert!(
-            ratio > 0.0 && ratio < 0.2,
-            "{name}: index is {ratio} of the image"
-        );
+        let report = push_and_index(&reg, name, &img, &target).await;
         let layers = report["layers"].as_array().unwrap();
         assert_eq!(layers.len(), n);
         if name == "umoci" {
@@ -462,39 +512,10 @@ async fn indexed_layers_stack_to_the_image_and_the_image_is_unchanged() {
             .collect();
 
         // The layers stacked by the kernel's overlayfs, against the image unpacked whole.
-        let expected = work.join(format!("{name}-expected"));
-        if name == "umoci" {
-            run(
-                "umoci",
-                &[
-                    "unpack",
-                    "--image",
-                    oci(&img, "t").trim_start_matches("oci:"),
-                    path(&expected),
-                ],
-            );
-        } else {
-            let rootfs = expected.join("rootfs");
-            fs::create_dir_all(&rootfs).unwrap();
-            for l in manifest.layers() {
-                let blob = oci::blob_path(&img, &oci::parse_digest(l.digest()).unwrap());
-                run(
-                    "tar",
-                    &[
-                        "--numeric-owner",
-                        "--xattrs",
-                        "--xattrs-include=*",
-                        "-C",
-                        path(&rootfs),
-                        "-xf",
-                        path(&blob),
-                    ],
-                );
-            }
-        }
+        let expected = expected_rootfs(name, &img, &manifest, work);
         let mnt = work.join(format!("{name}-mnt"));
         let m = overlay(&unpacked, &mnt);
-        let compared = assert_same_files(&expected.join("rootfs"), &mnt);
+        let compared = assert_same_files(&expected, &mnt);
         assert!(compared > 50, "{name}: only {compared} paths");
         drop(m);
 
@@ -548,4 +569,226 @@ async fn indexed_layers_stack_to_the_image_and_the_image_is_unchanged() {
         }
     }
     let _ = std::io::stdout().flush();
+}
+
+/// A `shoal fs mount` process; detached and killed if the test fails.
+struct Served {
+    child: std::process::Child,
+    mountpoint: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Mount entries (mountpoints) in this process's mount table under `prefix`.
+fn mounts_under(prefix: &str) -> Vec<String> {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+        .filter(|m| m.starts_with(prefix))
+        .collect()
+}
+
+fn mounted(mnt: &Path) -> bool {
+    mounts_under(path(mnt)).iter().any(|m| m == path(mnt))
+}
+
+/// `shoal fs mount SRC MNT` (origin only), until the image is up.
+fn serve(src: &str, mnt: &Path, cache: &Path, stats: &Path) -> Served {
+    fs::create_dir_all(mnt).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["fs", "mount", "--no-peer", "--cache-dir"])
+        .arg(cache)
+        .arg("--stats-file")
+        .arg(stats)
+        .arg(src)
+        .arg(mnt)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting shoal fs mount");
+    let mut served = Served {
+        child,
+        mountpoint: mnt.to_path_buf(),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !mounted(mnt) {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = served.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("shoal fs mount {src} exited ({status}) before mounting: {err}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{src}: no mount after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    served
+}
+
+/// The mount's counters, once its stats file shows `ok`.
+fn stats(path: &Path, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(v) = fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter(&ok)
+        {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stats {} never got there",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexed_image_mounts_lazily_and_equals_umoci_unpack() {
+    let fuse = Path::new("/dev/fuse").exists() && have("fusermount3");
+    if !(is_root() && fuse) {
+        let reason = "needs root, /dev/fuse and fusermount3 (FUSE and overlayfs mounts)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{reason}");
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    if need_binaries(&["umoci", "tar", "umount"]).is_err() {
+        return;
+    }
+    let Some(reg) = or_skip(Registry::start(RegistryOpts::default()).await) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    for (name, img) in [("umoci", umoci_image(work)), ("zstd", zstd_image(work))] {
+        let (_, manifest) = oci::resolve(&LayoutRef {
+            dir: img.clone(),
+            tag: Some("t".into()),
+        })
+        .unwrap();
+        let image_bytes: u64 = manifest.layers().iter().map(|l| l.size()).sum();
+        let target = format!("docker://{}/{name}:v1", reg.host());
+        push_and_index(&reg, name, &img, &target).await;
+        let expected = expected_rootfs(name, &img, &manifest, work);
+        // From the registry (the index found through its referrers tag) and from the layout
+        // (listed in its index.json).
+        for (how, src) in [("registry", target.clone()), ("layout", oci(&img, "t"))] {
+            let mnt = work.join(format!("{name}-{how}-mnt"));
+            let stats_file = work.join(format!("{name}-{how}.json"));
+            let served = tokio::task::block_in_place(|| {
+                serve(
+                    &src,
+                    &mnt,
+                    &work.join(format!("{name}-{how}-cache")),
+                    &stats_file,
+                )
+            });
+            // Lazy: one small file fetches a part of the image.
+            let small = if name == "umoci" {
+                "etc/app/b.conf"
+            } else {
+                "usr/share/doc/extra"
+            };
+            assert_eq!(
+                fs::read(mnt.join(small)).unwrap(),
+                fs::read(expected.join(small)).unwrap()
+            );
+            let s = stats(&stats_file, |v| v["read_bytes"].as_u64() > Some(0));
+            let fetched =
+                s["fetched_peer"].as_u64().unwrap() + s["fetched_origin"].as_u64().unwrap();
+            eprintln!("{name} from the {how}: one small file fetched {fetched} of {image_bytes} bytes: {s}");
+            assert!(
+                fetched > 0 && fetched < image_bytes / 2,
+                "{name} from the {how}: one small file fetched {fetched} of {image_bytes} bytes"
+            );
+            // The whole tree: what umoci unpack (or tar -x of every layer) gives.
+            let compared = assert_same_files(&expected, &mnt);
+            assert!(
+                compared > 50,
+                "{name} from the {how}: only {compared} paths"
+            );
+            let s = stats(&stats_file, |v| v["read_bytes"].as_u64() > Some(1 << 20));
+            assert_eq!(s["verify_failures"], 0, "{s}");
+            assert_eq!(s["read_errors"], 0, "{s}");
+            assert!(
+                fs::write(mnt.join("new-file"), b"x").is_err(),
+                "the stack is read-only"
+            );
+            // One umount takes the overlay and every layer down, and the process ends.
+            let layers_before = mounts_under(
+                &std::env::temp_dir()
+                    .join("shoal-layers-")
+                    .display()
+                    .to_string(),
+            );
+            assert_eq!(
+                layers_before.len(),
+                manifest.layers().len(),
+                "{layers_before:?}"
+            );
+            shoal_ok(&["fs", "umount", path(&mnt)]);
+            let mut served = served;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let status = loop {
+                if let Some(s) = served.child.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still serving after umount"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            assert!(status.success(), "shoal fs mount exited with {status}");
+            assert!(!mounted(&mnt));
+            let left: Vec<String> = mounts_under(
+                &std::env::temp_dir()
+                    .join("shoal-layers-")
+                    .display()
+                    .to_string(),
+            )
+            .into_iter()
+            .filter(|m| layers_before.contains(m))
+            .collect();
+            assert!(left.is_empty(), "layer mounts left: {left:?}");
+        }
+    }
+
+    // A plain image without an index: the mount says why, and what to run.
+    let plain = work.join("plain");
+    run("umoci", &["init", "--layout", path(&plain)]);
+    run(
+        "umoci",
+        &["new", "--image", &format!("{}:t", plain.display())],
+    );
+    let mnt = work.join("plain-mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let err = common::shoal_err(&[
+        "fs",
+        "mount",
+        "--no-peer",
+        "--cache-dir",
+        path(&work.join("plain-cache")),
+        &oci(&plain, "t"),
+        path(&mnt),
+    ]);
+    assert!(
+        err.contains("without a Shoal index") && err.contains("shoal image index"),
+        "{err}"
+    );
 }

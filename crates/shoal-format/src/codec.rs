@@ -139,33 +139,53 @@ pub fn decode_run(
     chunks: &[RunChunk],
 ) -> Vec<Result<Vec<u8>, String>> {
     let mut out = Vec::with_capacity(chunks.len());
+    decode_run_each(span, stored, chunks, |_, r| out.push(r));
+    out
+}
+
+/// [`decode_run`] that hands each chunk's result to `each` (with its position in `chunks`, in
+/// order) as soon as it is decoded, so that a long run (a whole single-frame layer) is never
+/// held in memory at once.
+pub fn decode_run_each(
+    span: SpanStart<'_>,
+    stored: impl Read,
+    chunks: &[RunChunk],
+    mut each: impl FnMut(usize, Result<Vec<u8>, String>),
+) {
     let mut r = match SpanReader::new(span, stored) {
         Ok(r) => r,
-        Err(e) => return chunks.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => {
+            for i in 0..chunks.len() {
+                each(i, Err(e.clone()));
+            }
+            return;
+        }
     };
     let mut failed: Option<String> = None;
-    for c in chunks {
+    for (i, c) in chunks.iter().enumerate() {
         if let Some(e) = &failed {
-            out.push(Err(e.clone()));
+            each(i, Err(e.clone()));
             continue;
         }
         if c.size > MAX_CHUNK || c.skip < r.pos {
-            out.push(Err(format!(
-                "chunk at {} ({} bytes) is out of order or too large",
-                c.skip, c.size
-            )));
+            each(
+                i,
+                Err(format!(
+                    "chunk at {} ({} bytes) is out of order or too large",
+                    c.skip, c.size
+                )),
+            );
             continue;
         }
         let mut data = Vec::new();
         match r.next_chunk(c.skip, c.size, &mut data) {
-            Ok(()) => out.push(check(&c.hash, c.size, data)),
+            Ok(()) => each(i, check(&c.hash, c.size, data)),
             Err(e) => {
                 failed = Some(e.clone());
-                out.push(Err(e));
+                each(i, Err(e));
             }
         }
     }
-    out
 }
 
 /// The uncompressed stream of a layer from a checkpoint on, read from the blob bytes from the

@@ -1,14 +1,14 @@
 //! `build::scan_layer` (the write-nothing layer check the tar fuzz target runs) agrees with a
 //! full `convert` on real layers, and refuses what `convert` refuses.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use shoal_format::build::{convert, scan_layer, BuildOptions, Source};
 use shoal_format::oci::LayoutRef;
 use shoal_format::Error;
 
 fn samples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/tar_layer");
+    let dir = manifest_dir().join("fuzz/corpus/tar_layer");
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .expect("the tar layer samples")
         .flatten()
@@ -84,4 +84,12 @@ fn scan_refuses_an_escaping_path_and_a_short_body() {
     let s = scan_layer(&ok[..], "ok", 64 << 10).expect("a good layer");
     assert_eq!((s.files, s.file_bytes, s.chunks), (1, 3, 1));
     assert!(scan_layer(&ok[..], "ok", 1000).is_err(), "a bad chunk size");
+}
+
+/// The package's directory, as cargo gives it when it runs the test: a build dir shared between
+/// checkouts at different paths may hold a binary compiled in another one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }

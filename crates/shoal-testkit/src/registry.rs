@@ -58,7 +58,7 @@ pub struct AccessEntry {
 pub struct Registry {
     child: Child,
     port: u16,
-    _dir: Option<tempfile::TempDir>,
+    dir: Option<tempfile::TempDir>,
     log: Arc<Mutex<Vec<String>>>,
     auth: RegistryAuth,
     signer: Option<Arc<Signer>>,
@@ -144,7 +144,7 @@ impl Registry {
             let mut reg = Registry {
                 child,
                 port,
-                _dir: None,
+                dir: None,
                 log,
                 auth: opts.auth.clone(),
                 signer: None,
@@ -153,7 +153,7 @@ impl Registry {
             };
             match reg.wait_ready().await {
                 Ok(()) => {
-                    reg._dir = Some(dir);
+                    reg.dir = Some(dir);
                     reg.signer = signer;
                     reg.issuer = issuer;
                     return Ok(reg);
@@ -222,6 +222,21 @@ impl Registry {
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
         log[log.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The file holding blob `digest` (`sha256:<hex>`) in the registry's storage, if it holds
+    /// it: tests flip its bytes to play a registry that serves bad bytes.
+    pub fn blob_file(&self, digest: &str) -> Option<std::path::PathBuf> {
+        let hex = digest.strip_prefix("sha256:")?;
+        let p = self
+            .dir
+            .as_ref()?
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2)?)
+            .join(hex)
+            .join("data");
+        p.is_file().then_some(p)
     }
 
     /// The access log so far (waits briefly so lines of finished requests are in).

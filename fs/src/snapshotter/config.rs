@@ -44,6 +44,12 @@ pub struct SnapshotterConfig {
     pub prefetch: bool,
     /// Log filter of the mount processes (`SHOAL_LOG` syntax).
     pub mount_log: String,
+    /// Look for a Shoal index (`shoal image index`) of each plain image the CRI pulls, and mount
+    /// the layers of one that has it lazily instead of unpacking them.
+    pub indexes: bool,
+    /// How long "this image has no Shoal index" is remembered per image manifest, seconds (its
+    /// layers then make one lookup, not one each; an index pushed later is found after it).
+    pub no_index_cache_secs: u64,
 }
 
 impl Default for SnapshotterConfig {
@@ -61,6 +67,8 @@ impl Default for SnapshotterConfig {
             fetch_timeout_secs: 20,
             prefetch: true,
             mount_log: "info".into(),
+            indexes: true,
+            no_index_cache_secs: 60,
         }
     }
 }
@@ -80,6 +88,9 @@ impl SnapshotterConfig {
         }
         if !(1..=300).contains(&self.fetch_timeout_secs) {
             return bad("fetch_timeout_secs must be 1..=300 (reads must never hang)");
+        }
+        if self.no_index_cache_secs > 24 * 3600 {
+            return bad("no_index_cache_secs must be at most a day (86400)");
         }
         if self.image_cache_quota < 64 << 20 {
             return bad("image_cache_quota must be at least 64 MiB");

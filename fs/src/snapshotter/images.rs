@@ -50,6 +50,9 @@ pub struct ImageInfo {
     pub reference: String,
     /// `sha256:<hex>` of its bootstrap.
     pub bootstrap: String,
+    /// For one layer of a plain image mounted through its Shoal index: the layer's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
 }
 
 /// The state of a mountpoint.
@@ -154,6 +157,7 @@ impl LazyImages {
         let info = ImageInfo {
             reference: image.reference.clone(),
             bootstrap: image.bootstrap.clone(),
+            layer: image.layer.clone(),
         };
         write_json(&dir.join("image.json"), &info)?;
         let boot = dir.join("bootstrap");
@@ -180,6 +184,16 @@ impl LazyImages {
                     reason: "the bootstrap did not arrive within 120 s".into(),
                 })??;
         }
+        if let Some(layer) = &image.layer {
+            if let Err(e) = check_layer_bootstrap(&boot, layer) {
+                // Not kept: the next Prepare fetches it again (or unpacks the layer).
+                let _ = std::fs::remove_file(&boot);
+                return Err(SnapshotterError::Image {
+                    image: image.reference.clone(),
+                    reason: e,
+                });
+            }
+        }
         self.start_process(key, image, &dir)
     }
 
@@ -202,6 +216,15 @@ impl LazyImages {
             allow_other: true,
             stats_file: Some(dir.join("stats.json")),
             ..FsConfig::default()
+        };
+        // One layer of an indexed image: one of several mount processes of the image.
+        let fs = match image.layer {
+            Some(_) => FsConfig {
+                read_threads: 8,
+                memory_cache_bytes: 32 << 20,
+                ..fs
+            },
+            None => fs,
         };
         let config = dir.join("fs.toml");
         let text = toml::to_string(&fs).map_err(|e| SnapshotterError::Config(e.to_string()))?;
@@ -359,6 +382,7 @@ impl LazyImages {
                     origin: String::new(),
                     reference: name.clone(),
                     pid: 0,
+                    layer: None,
                 };
                 self.release(&name, &orphan);
             }
@@ -433,4 +457,21 @@ fn wait_mount_change(max: Duration) {
     let ms = libc::c_int::try_from(max.as_millis()).unwrap_or(100);
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
+/// Checks that the layer bootstrap at `path` (its sha256 already checked against the index) reads
+/// layer `layer`: an index naming another layer's bootstrap must not stand in for this one.
+fn check_layer_bootstrap(path: &Path, layer: &str) -> std::result::Result<(), String> {
+    let boot = shoal_format::bootstrap::Bootstrap::open(path)
+        .map_err(|e| format!("the index's bootstrap of layer {layer} does not load: {e}"))?;
+    let reads = boot
+        .blob(0)
+        .map(|b| format!("sha256:{}", hex::encode(b.digest)));
+    if reads.as_deref() != Some(layer) {
+        return Err(format!(
+            "the index's bootstrap for layer {layer} reads {}: refusing it (index the image again with `shoal image index`)",
+            reads.as_deref().unwrap_or("no blob")
+        ));
+    }
+    Ok(())
 }

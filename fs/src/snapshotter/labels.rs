@@ -84,6 +84,44 @@ pub fn shoal_layer(labels: &BTreeMap<String, String>) -> Result<Option<ShoalLaye
     }
 }
 
+/// A plain layer the CRI is pulling, as its Prepare announces it: where a Shoal index of its
+/// image would be found, and which layer of it this is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainLayer {
+    /// The chain id to commit it as.
+    pub target: String,
+    /// `sha256:<hex>` of the layer.
+    pub layer: String,
+    /// `sha256:<hex>` of the image manifest.
+    pub manifest: String,
+    /// The image reference (`HOST/REPO[:TAG|@DIGEST]`).
+    pub reference: Reference,
+}
+
+/// The plain layer a Prepare from containerd's CRI announces (`None` without the CRI's labels
+/// or the chain id: then the layer is unpacked the ordinary way, with no index looked for).
+pub fn plain_layer(labels: &BTreeMap<String, String>) -> Option<PlainLayer> {
+    if labels.contains_key(SHOAL_LAYER) {
+        return None;
+    }
+    let target = labels.get(TARGET_REF)?.clone();
+    let layer = labels
+        .get(CRI_LAYER_DIGEST)
+        .filter(|d| is_sha256(d))?
+        .clone();
+    let manifest = labels
+        .get(CRI_MANIFEST_DIGEST)
+        .filter(|d| is_sha256(d))?
+        .clone();
+    let reference = Reference::parse(&format!("docker://{}", labels.get(CRI_IMAGE_REF)?)).ok()?;
+    Some(PlainLayer {
+        target,
+        layer,
+        manifest,
+        reference,
+    })
+}
+
 /// containerd's chain ids of a layer stack's diff ids (the names committed layers get): the first
 /// is the first diff id, each next one the sha256 of "<previous chain id> <diff id>".
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -153,6 +191,35 @@ mod tests {
         };
         assert_eq!(digest, D);
         assert_eq!(reference.repository(), "app");
+    }
+
+    #[test]
+    fn plain_layers_of_the_cri_are_recognised() {
+        let all = [
+            (TARGET_REF, "c1"),
+            (CRI_LAYER_DIGEST, D),
+            (CRI_MANIFEST_DIGEST, D),
+            (CRI_IMAGE_REF, "127.0.0.1:5000/app:v1"),
+        ];
+        let p = plain_layer(&labels(&all)).expect("a CRI layer");
+        assert_eq!((p.target.as_str(), p.layer.as_str()), ("c1", D));
+        assert_eq!(p.reference.repository(), "app");
+        // Anything missing or malformed: the ordinary unpack, no lookup.
+        for skip in 0..all.len() {
+            let some: Vec<_> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, kv)| *kv)
+                .collect();
+            assert_eq!(plain_layer(&labels(&some)), None, "without {}", all[skip].0);
+        }
+        let mut bad = all;
+        bad[2] = (CRI_MANIFEST_DIGEST, "sha256:zz");
+        assert_eq!(plain_layer(&labels(&bad)), None);
+        let mut shoal = all.to_vec();
+        shoal.push((SHOAL_LAYER, "blob"));
+        assert_eq!(plain_layer(&labels(&shoal)), None);
     }
 
     #[test]

@@ -82,9 +82,15 @@ impl Collector for ImageCollector {
         let fetched: Family<Labels, Counter> = Family::default();
         let ratio: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
         let images: Gauge = Gauge::default();
+        // The layers of an image mounted through its Shoal index count as that image.
+        let mut by_image: std::collections::BTreeMap<String, crate::MetricsSnapshot> =
+            Default::default();
         for (info, s) in read_stats(&self.dir) {
+            by_image.entry(info.reference).or_default().merge(&s);
+        }
+        for (reference, s) in by_image {
             images.inc();
-            let image = || vec![("image", info.reference.clone())];
+            let image = || vec![("image", reference.clone())];
             read.get_or_create(&image()).inc_by(s.read_bytes);
             for (source, n) in [("peer", s.fetched_peer), ("origin", s.fetched_origin)] {
                 let mut l = image();

@@ -9,6 +9,8 @@
 //!        Shoal data blob: committed at once, AlreadyExists (never downloaded) ... labels.rs
 //!        Shoal bootstrap (top): fetched through the peer, sha256-checked ........ bootstrap.rs
 //!            and mounted by one `shoal fs mount` process per image ............. images.rs
+//!        plain layer of an image with a Shoal index (looked up once per image) .. indexes.rs
+//!            committed as that layer's own lazy mount (its bootstrap), AlreadyExists
 //!   -> container Prepare: overlay, upper = its own dir, lower = the image's mount . overlay.rs
 //! state: snapshots, parents, labels, lazy images in redb ....................... state.rs
 //! ```
@@ -23,6 +25,7 @@ mod config;
 mod error;
 mod filter;
 pub mod images;
+mod indexes;
 mod labels;
 mod metrics;
 mod overlay;
@@ -71,13 +74,21 @@ pub async fn serve(
         None => std::env::current_exe()
             .map_err(|e| SnapshotterError::io("finding the shoal binary", "/proc/self/exe", e))?,
     };
+    let source = BootstrapSource {
+        peer: config.peer_socket.as_ref().map(shoal_api::Client::new),
+        plain_http: config.plain_http.clone(),
+        docker_config: config.docker_config.clone(),
+    };
+    let indexes = config.indexes.then(|| {
+        indexes::Indexes::new(
+            source.clone(),
+            Duration::from_secs(config.no_index_cache_secs),
+            tokio::runtime::Handle::current(),
+        )
+    });
     let settings = MountSettings {
         shoal_binary,
-        source: BootstrapSource {
-            peer: config.peer_socket.as_ref().map(shoal_api::Client::new),
-            plain_http: config.plain_http.clone(),
-            docker_config: config.docker_config.clone(),
-        },
+        source,
         mount_timeout: Duration::from_secs(config.mount_timeout_secs),
         cache_quota: config.image_cache_quota,
         fetch_timeout_secs: config.fetch_timeout_secs,
@@ -89,7 +100,7 @@ pub async fn serve(
     // Opening adopts or remounts the lazy images: blocking work, off the runtime's workers.
     let core = tokio::task::spawn_blocking(move || {
         let images = LazyImages::new(images_dir, settings, handle)?;
-        Snapshots::open(&root, images)
+        Snapshots::open(&root, images, indexes)
     })
     .await
     .map_err(|e| SnapshotterError::Config(format!("opening the snapshotter: {e}")))??;

@@ -4,7 +4,10 @@
 //! Plain OCI layers behave exactly as with containerd's overlayfs snapshotter (`snapshots/<id>/fs`
 //! and `work`, containerd applies the layer's tar, then commits). A layer of a Shoal image is
 //! never downloaded: its Prepare commits it at once under the chain id containerd asked for
-//! and answers AlreadyExists; the top layer (the bootstrap) mounts the image lazily first.
+//! and answers AlreadyExists; the top layer (the bootstrap) mounts the image lazily first. A
+//! layer of a plain image with a Shoal index (indexes.rs) is committed the same way as its own
+//! lazy mount (that layer's bootstrap, in overlay form); a container's overlay stacks every
+//! layer's mount. Without an index, or when its mount cannot be made, the ordinary unpack.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -13,7 +16,8 @@ use std::path::{Path, PathBuf};
 use super::error::{Result, SnapshotterError};
 use super::filter::Filters;
 use super::images::{LazyImages, MountState};
-use super::labels::{self, ShoalLayer};
+use super::indexes::Indexes;
+use super::labels::{self, PlainLayer, ShoalLayer};
 use super::overlay::{self, Layers, Mount};
 use super::state::{Content, Kind, LazyImage, Snapshot, State, Usage};
 use super::usage::disk_usage;
@@ -24,13 +28,15 @@ pub struct Snapshots {
     root: PathBuf,
     state: State,
     images: LazyImages,
+    /// Shoal indexes of plain images (`None`: plain images are always unpacked).
+    indexes: Option<Indexes>,
     index_off: bool,
 }
 
 impl Snapshots {
     /// Opens the state under `root` and reconciles it with what is on disk: lazy mounts that
     /// kept serving are adopted, dead ones mounted again, leftovers removed.
-    pub fn open(root: &Path, images: LazyImages) -> Result<Snapshots> {
+    pub fn open(root: &Path, images: LazyImages, indexes: Option<Indexes>) -> Result<Snapshots> {
         let dir = root.join("snapshots");
         std::fs::create_dir_all(&dir).map_err(|e| SnapshotterError::io("creating", &dir, e))?;
         let state = State::open(&root.join("state.redb"))?;
@@ -38,6 +44,7 @@ impl Snapshots {
             root: root.to_path_buf(),
             state,
             images,
+            indexes,
             index_off: overlay::kernel_has_overlay_index(),
         };
         let known = s.state.images()?;
@@ -69,45 +76,98 @@ impl Snapshots {
                 digest,
                 reference,
             }) => {
-                if self.state.get(&target)?.is_some() {
-                    return Err(SnapshotterError::AlreadyExists(format!(
-                        "snapshot {target}"
-                    )));
-                }
-                let key = digest.trim_start_matches("sha256:").to_string();
-                let mut image = match self.state.image(&key)? {
-                    Some(i) => i,
-                    None => LazyImage {
-                        bootstrap: digest.clone(),
-                        origin: format!(
-                            "docker://{}/{}",
-                            reference.registry(),
-                            reference.repository()
-                        ),
-                        reference: reference
-                            .to_string()
-                            .trim_start_matches("docker://")
-                            .to_string(),
-                        pid: 0,
-                    },
+                let image = LazyImage {
+                    bootstrap: digest,
+                    origin: format!(
+                        "docker://{}/{}",
+                        reference.registry(),
+                        reference.repository()
+                    ),
+                    reference: reference
+                        .to_string()
+                        .trim_start_matches("docker://")
+                        .to_string(),
+                    pid: 0,
+                    layer: None,
                 };
-                image.pid = self.images.ensure(&key, &image)?;
-                self.state.put_image(&key, &image)?;
-                let content = Content::Lazy {
-                    image: key.clone(),
-                    whole: true,
-                };
-                let result = self.commit_remote(&target, parent, labels, content);
-                if !matches!(result, Err(SnapshotterError::AlreadyExists(_))) {
-                    // Not recorded: take the mount down again unless another snapshot uses it.
-                    if let Ok(Some(unused)) = self.state.drop_unused_image(&key) {
-                        self.images.release(&key, &unused);
+                self.commit_lazy(&target, parent, labels, image, true)
+            }
+            None => match self.indexed(&labels) {
+                Some((layer, image)) => {
+                    match self.commit_lazy(&layer.target, parent, labels.clone(), image, false) {
+                        Err(SnapshotterError::AlreadyExists(m)) => {
+                            Err(SnapshotterError::AlreadyExists(m))
+                        }
+                        // Not mounted (bootstrap not fetched, mount not up): the layer is
+                        // still an ordinary one, and containerd unpacks it.
+                        Err(e) => {
+                            tracing::warn!(layer = %layer.layer, error = %e, "the layer's lazy mount failed: unpacking it the ordinary way");
+                            self.create(Kind::Active, key, parent, labels)
+                        }
+                        Ok(m) => Ok(m),
                     }
                 }
-                result
-            }
-            None => self.create(Kind::Active, key, parent, labels),
+                None => self.create(Kind::Active, key, parent, labels),
+            },
         }
+    }
+
+    /// The lazy image of a plain layer whose image has a Shoal index listing it.
+    fn indexed(&self, labels: &BTreeMap<String, String>) -> Option<(PlainLayer, LazyImage)> {
+        let layer = labels::plain_layer(labels)?;
+        let boot = self.indexes.as_ref()?.layer_bootstrap(&layer)?;
+        let r = &layer.reference;
+        let image = LazyImage {
+            bootstrap: boot.digest().to_string(),
+            origin: format!("docker://{}/{}", r.registry(), r.repository()),
+            reference: r.to_string().trim_start_matches("docker://").to_string(),
+            pid: 0,
+            layer: Some(layer.layer.clone()),
+        };
+        Some((layer, image))
+    }
+
+    /// Mounts `image` lazily (once per bootstrap, shared by every snapshot of it) and records
+    /// the layer as committed snapshot `target` backed by that mount; answers AlreadyExists.
+    fn commit_lazy(
+        &self,
+        target: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        new: LazyImage,
+        whole: bool,
+    ) -> Result<Vec<Mount>> {
+        if self.state.get(target)?.is_some() {
+            return Err(SnapshotterError::AlreadyExists(format!(
+                "snapshot {target}"
+            )));
+        }
+        let key = new.bootstrap.trim_start_matches("sha256:").to_string();
+        let recorded = self.state.image(&key)?;
+        let mut image = recorded.clone().unwrap_or(new);
+        image.pid = match self.images.ensure(&key, &image) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // A mount no snapshot ever used: nothing of it stays behind (its directory).
+                if recorded.is_none() && self.state.image(&key)?.is_none() {
+                    self.images.release(&key, &image);
+                }
+                return Err(e);
+            }
+        };
+        self.state.put_image(&key, &image)?;
+        let content = Content::Lazy {
+            image: key.clone(),
+            whole,
+        };
+        let result = self.commit_remote(target, parent, labels, content);
+        if !matches!(result, Err(SnapshotterError::AlreadyExists(_))) {
+            // Not recorded: take the mount down again unless another snapshot uses it.
+            if let Ok(Some(unused)) = self.state.drop_unused_image(&key) {
+                self.images.release(&key, &unused);
+            }
+        }
+        result
     }
 
     /// View: a read-only snapshot of `parent`.

@@ -47,7 +47,9 @@ pub enum Content {
     /// A layer of a Shoal image below the bootstrap: the image's mount holds its files.
     Placeholder,
     /// A lazily mounted image (the `images/<hex>` mount of [`LazyImage`] `image`); `whole` when the
-    /// mount is the complete image, so no snapshot below it adds files.
+    /// mount is the complete image (a converted Shoal image), so no snapshot below it adds
+    /// files; not whole for one layer of a plain image mounted through its Shoal index (the
+    /// layers below are stacked under it).
     Lazy {
         /// The lazy image's key (bootstrap digest hex).
         image: String,
@@ -119,6 +121,9 @@ pub struct LazyImage {
     pub reference: String,
     /// Process id of the mount process last started (0 when unknown).
     pub pid: u32,
+    /// For one layer of a plain image mounted through its Shoal index: the layer's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
 }
 
 /// Nanoseconds since the epoch, now.
@@ -539,6 +544,7 @@ mod tests {
             origin: "docker://r/x".into(),
             reference: "r/x:1".into(),
             pid: 0,
+            layer: None,
         };
         st.put_image("ab", &img).unwrap();
         for name in ["n1/top", "n2/top"] {

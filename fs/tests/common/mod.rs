@@ -280,3 +280,29 @@ pub fn flip_byte(path: &Path, offset: u64) {
     f.write_all_at(&b, offset).unwrap();
     f.sync_all().unwrap();
 }
+
+/// A real peer daemon (no scheduler: it goes back to the origin itself) with its local API at
+/// `work/peer.sock`, allowing `allowed` origins.
+pub fn start_peer(
+    rt: &tokio::runtime::Runtime,
+    work: &Path,
+    allowed: Vec<String>,
+) -> shoal_peer::Peer {
+    shoal_tls::install_crypto_provider();
+    let ca = shoal_tls::ClusterCa::init(&work.join("ca"), "fs test CA", 30).unwrap();
+    let mut req = shoal_tls::NodeCertRequest::new("fs-peer", 30);
+    req.ips.push("127.0.0.1".parse().unwrap());
+    let tls = work.join("tls");
+    ca.issue(&req).unwrap().write_to(&tls).unwrap();
+    rt.block_on(shoal_peer::Peer::start(shoal_peer::PeerConfig {
+        host_id: "fs-peer".into(),
+        data_dir: work.join("peer"),
+        tls_dir: tls,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_socket: work.join("peer.sock"),
+        cache_bytes: Some(1 << 30),
+        allowed_origins: allowed,
+        ..shoal_peer::PeerConfig::default()
+    }))
+    .expect("start peer")
+}

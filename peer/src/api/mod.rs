@@ -9,6 +9,12 @@
 //!   read from that bootstrap, so ranges are fetched piece by piece instead of the blob whole.
 //! - `POST /blobs/sha256:<hex>/fetch?source=...` — fetch the whole blob; answers with its status
 //!   once it is complete and verified.
+//! - `PUT /blobs/sha256:<hex>/pieces?source=...` — the blob's piece table, from a local client
+//!   that has it from trusted metadata (a Shoal bootstrap, the index of an unconverted layer):
+//!   header `Shoal-Piece-Size`, body the pieces' BLAKE3 hashes back to back. Ranges of the blob
+//!   are then fetched piece by piece, each piece verified, instead of the whole blob being
+//!   imported before the first byte is served. 204 when taken (or already known), 409 when it
+//!   disagrees with what this peer knows of the blob, or a download without it already runs.
 //! - `GET /tasks`, `GET /tasks/sha256:<hex>` — download status (JSON).
 //! - `GET /cache` — store figures (JSON).
 //! - `GET /status` — host id, seed mode, scheduler connection, store figures, tasks (JSON).
@@ -37,6 +43,8 @@ use crate::error::PeerError;
 
 /// Largest request head accepted.
 const MAX_HEADERS: usize = 64;
+/// The piece-size header of a piece table a client offers (the API crate's contract).
+pub use shoal_api::PIECE_SIZE_HEADER;
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -186,6 +194,11 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let (&Method::PUT, ["blobs", digest, "pieces"]) = (req.method(), segments.as_slice()) {
+        return offer_pieces(state, req, digest, query.as_deref())
+            .await
+            .unwrap_or_else(|e| error(&e));
+    }
     let result = match (req.method(), segments.as_slice()) {
         (&Method::GET | &Method::HEAD, ["blobs", digest]) => {
             get_blob(state, &req, digest, query.as_deref()).await
@@ -310,4 +323,45 @@ async fn fetch_blob(
     let task = state.downloader.open(blob, origin).await?;
     task.fetch_all().await?;
     Ok(json(&task.status()))
+}
+
+async fn offer_pieces(
+    state: &ApiState,
+    req: Request<Incoming>,
+    digest: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, PeerError> {
+    let blob = parse_digest(digest)?;
+    let origin = origin_of(&req, query)?;
+    let piece_size: u32 = req
+        .headers()
+        .get(PIECE_SIZE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| PeerError::BadRequest(format!("{PIECE_SIZE_HEADER} header missing")))?;
+    let max = shoal_proto::MAX_PIECES as usize * 32;
+    let body = http_body_util::Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|e| PeerError::BadRequest(format!("piece table: {e}")))?
+        .to_bytes();
+    if body.is_empty() || body.len() % 32 != 0 {
+        return Err(PeerError::BadRequest(format!(
+            "a piece table is whole 32-byte hashes; got {} bytes",
+            body.len()
+        )));
+    }
+    let table: Vec<[u8; 32]> = body
+        .chunks_exact(32)
+        .map(|h| {
+            let mut a = [0u8; 32];
+            a.copy_from_slice(h);
+            a
+        })
+        .collect();
+    let task = state.downloader.open(blob, origin).await?;
+    match task.offer_table(piece_size, table).await? {
+        Ok(()) => Ok(full(StatusCode::NO_CONTENT, "")),
+        Err(why) => Ok(full(StatusCode::CONFLICT, format!("{why}\n"))),
+    }
 }

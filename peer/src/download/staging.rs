@@ -216,12 +216,12 @@ impl Staging {
 
     /// Checks `bytes` against piece `index`'s published hash and stages them (blocking: hashes
     /// and writes the file).
-    pub fn put(&self, blob: &Digest, index: u32, bytes: &[u8]) -> Result<(), StageError> {
+    pub fn put(&self, blob: &Digest, index: u32, bytes: &[u8]) -> Result<bool, StageError> {
         let hash = {
             let blobs = self.blobs();
             let s = blobs.get(blob).ok_or(StageError::NoHash)?;
             if s.pieces.contains(&index) {
-                return Ok(());
+                return Ok(false);
             }
             s.hashes
                 .get(index as usize)
@@ -245,7 +245,7 @@ impl Staging {
         index: u32,
         bytes: &[u8],
         hash: Blake3Hash,
-    ) -> Result<(), StageError> {
+    ) -> Result<bool, StageError> {
         {
             let mut blobs = self.blobs();
             let s = blobs.get_mut(blob).ok_or(StageError::NoHash)?;
@@ -256,20 +256,21 @@ impl Staging {
     }
 
     /// Writes verified `bytes` of piece `index` (hash `hash`) to the blob's file and marks the
-    /// piece staged, unless its hash changed meanwhile.
+    /// piece staged, unless its hash changed meanwhile; `false` when it was staged already (the
+    /// endgame's second copy), so that it is not counted twice.
     fn insert(
         &self,
         blob: &Digest,
         index: u32,
         bytes: &[u8],
         hash: Blake3Hash,
-    ) -> Result<(), StageError> {
+    ) -> Result<bool, StageError> {
         let n = bytes.len() as u64;
         let (file, offset) = {
             let mut blobs = self.blobs();
             let s = blobs.get_mut(blob).ok_or(StageError::NoHash)?;
             if s.pieces.contains(&index) {
-                return Ok(());
+                return Ok(false);
             }
             if s.meta.piece_len(index).map(u64::from) != Some(n) {
                 return Err(StageError::Mismatch);
@@ -312,7 +313,7 @@ impl Staging {
             // Staged again meanwhile, or the blob or its hash changed: not counted twice.
             self.release(n);
         }
-        kept.map(|_| ())
+        kept
     }
 
     /// A staged piece and its hash, read back and checked against the hash (blocking); `None`
@@ -441,7 +442,9 @@ mod tests {
         assert_eq!(st.learn(&m.blob, 0, &[Some(h0), None], None), 1);
         assert_eq!(st.fetchable(&m.blob), vec![0]);
         assert_eq!(st.put(&m.blob, 0, &piece(2)), Err(StageError::Mismatch));
-        assert_eq!(st.put(&m.blob, 0, &piece(1)), Ok(()));
+        assert_eq!(st.put(&m.blob, 0, &piece(1)), Ok(true));
+        // The endgame's second copy of a staged piece is not new (not counted twice).
+        assert_eq!(st.put(&m.blob, 0, &piece(1)), Ok(false));
         assert_eq!(st.piece(&m.blob, 0), Some((Bytes::from(piece(1)), h0)));
         assert_eq!(st.first_unknown(&m.blob), Some(1));
         // A changed hash drops the piece staged under the old one.
@@ -494,12 +497,12 @@ mod tests {
         let m = meta();
         st.open(m);
         let own = |i: u32, b: u8| st.put_own(&m.blob, i, &piece(b), hash(&piece(b)));
-        assert_eq!(own(0, 1), Ok(()));
+        assert_eq!(own(0, 1), Ok(true));
         assert_eq!(own(1, 2), Err(StageError::Full));
         // The hash is learnt even when the bytes do not fit.
         assert_eq!(st.fetchable(&m.blob), vec![1]);
         st.take(&m.blob, 0);
-        assert_eq!(own(1, 2), Ok(()));
+        assert_eq!(own(1, 2), Ok(true));
         st.remove(&m.blob);
         assert!(st.held(&m.blob).is_none());
         assert_eq!(st.used(), 0);

@@ -517,8 +517,10 @@ impl Task {
                 .await
                 .unwrap_or(Err(StageError::Full));
             match staged {
-                Ok(()) => {
-                    self.counted(n);
+                Ok(new) => {
+                    if new {
+                        self.counted(n);
+                    }
                     return Ok(n);
                 }
                 Err(StageError::Mismatch) => return Err(corrupt(self)),
@@ -532,12 +534,17 @@ impl Task {
                 }
             }
         }
+        // A copy staged before the table was whole was counted then; it may reach the store
+        // here before the staged one is moved there.
+        let staged = self.ctx.staging.staged_len(&self.blob, index).is_some();
         match self.ctx.store.put_piece(self.blob, index, bytes).await {
             // A copy that lost the endgame race (the fetches run as tasks of their own, so both
             // may arrive) is not counted twice.
             Ok(shoal_store::PutOutcome::AlreadyHeld) => Ok(n),
             Ok(shoal_store::PutOutcome::Stored) => {
-                self.counted(n);
+                if !staged {
+                    self.counted(n);
+                }
                 Ok(n)
             }
             Err(e) if matches!(e.root(), shoal_store::Error::HashMismatch { .. }) => {

@@ -240,6 +240,53 @@ impl Task {
         Ok(())
     }
 
+    /// Takes a piece table a local client has from trusted metadata (a Shoal bootstrap, the
+    /// index of an unconverted layer), so that ranges are fetched piece by piece, each piece
+    /// verified, instead of importing the whole blob first. `Ok(Err(why))`: not taken, because
+    /// it disagrees with the blob's geometry or the table known already, or a download without
+    /// a table runs (it computes one).
+    pub async fn offer_table(
+        &self,
+        piece_size: u32,
+        table: Vec<[u8; 32]>,
+    ) -> Result<Result<(), String>, PeerError> {
+        let meta = self.resolve().await?;
+        {
+            let inner = self.lock();
+            if let Some(l) = &inner.layout {
+                let same = l.piece_size() == piece_size
+                    && l.pieces().len() == table.len()
+                    && l.pieces()
+                        .iter()
+                        .zip(&table)
+                        .all(|(a, b)| a.as_bytes() == b);
+                return Ok(if same {
+                    Ok(())
+                } else {
+                    Err(format!("{} has another piece table here", self.blob))
+                });
+            }
+            if meta.piece_size != piece_size || meta.piece_count() as usize != table.len() {
+                return Ok(Err(format!(
+                    "{} is cut into {} pieces of {} bytes here, the table has {} of {piece_size}",
+                    self.blob,
+                    meta.piece_count(),
+                    meta.piece_size,
+                    table.len()
+                )));
+            }
+            if inner.running {
+                return Ok(Err(format!(
+                    "{} is being fetched without a table already",
+                    self.blob
+                )));
+            }
+        }
+        self.adopt_table(&meta, table).await?;
+        tracing::info!(blob = %self.blob, "piece table taken from a local client");
+        Ok(Ok(()))
+    }
+
     /// Takes a table built from streamed hashes: registers it with the store, and moves any
     /// staged pieces the store did not adopt in the background while the download goes on
     /// (they count as held and are served from staging until they land).

@@ -22,9 +22,12 @@
 //! as medians: cold time (pull, then start-to-exit), local start, bytes over the link, the
 //! physical limit (workload bytes ÷ link rate + local start) and containerd's peak RSS.
 //!
-//! Variants (`CRI_VARIANTS`, comma-separated; default both): `overlayfs`, containerd's
+//! Variants (`CRI_VARIANTS`, comma-separated; default all three): `overlayfs`, containerd's
 //! snapshotter pulling the plain OCI image (gzip layer), the baseline; `shoal`, the same files
-//! converted, started on Shoal's snapshotter through a peer on the client host (variant.rs).
+//! converted, started on Shoal's snapshotter through a peer on the client host; `index` (or
+//! `index@1M`, `index@512K`: the span), the plain image itself with a Shoal index, started on
+//! Shoal's snapshotter the same way (variant.rs). The push prints `shoal image convert`'s and
+//! `shoal image index`'s throughput on the same tar.
 //! A lazy round also prints what its mounts read and fetched and each Shoal process's peak RSS.
 //!
 //! Environment: `CRI_ROUNDS` (3), `CRI_TMPFS=1` (containerd's root on tmpfs; default the disk,
@@ -196,6 +199,15 @@ fn run() -> Res<()> {
     let of = |want: Variant| results.iter().find(|(v, _)| *v == want).map(|(_, rs)| rs);
     if let (Some(base), Some(lazy)) = (of(Variant::Overlayfs), of(Variant::Shoal)) {
         println!("{}", round::compare(base, lazy, mbit, &workload));
+    }
+    for (v, rs) in results
+        .iter()
+        .filter(|(v, _)| matches!(v, Variant::Index { .. }))
+    {
+        println!(
+            "{}",
+            round::compare_index(&v.name(), rs, of(Variant::Overlayfs), of(Variant::Shoal))
+        );
     }
     drop(relay);
     drop(net);

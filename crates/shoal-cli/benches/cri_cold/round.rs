@@ -10,7 +10,7 @@ use shoal_testkit::{ContainerLog, ContainerSpec, Containerd, ContainerdOpts, Cri
 
 use crate::image;
 use crate::relay::Relay;
-use crate::variant::{Images, Variant};
+use crate::variant::{Helpers, Images, Variant};
 use crate::Res;
 
 /// The startup workload: `busybox sha256sum` of the startup list, and what it must print.
@@ -165,8 +165,62 @@ pub async fn run(
     });
     let ctrd = Containerd::start(opts).await?;
     let helpers = variant.start_helpers(&ctrd, images).await?;
+    let round = timed(variant, images, relay, workload, &ctrd, &helpers)
+        .await
+        .map_err(|e| {
+            // What the snapshotter said is the first thing to read when a lazy round fails.
+            let log = helpers
+                .shoal
+                .as_ref()
+                .map(|s| {
+                    let alive: Vec<String> = s
+                        .pids()
+                        .into_iter()
+                        .map(|(n, pid)| {
+                            let st = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                                .unwrap_or_else(|e| e.to_string());
+                            format!("{n} {pid}: {}", st.chars().take(60).collect::<String>())
+                        })
+                        .collect();
+                    format!(
+                        "\nprocesses: {alive:?}\nsnapshotter log:\n{}",
+                        s.snapshotter_log()
+                    )
+                })
+                .unwrap_or_default();
+            format!("{e}{log}\ncontainerd log:\n{}", ctrd.log_tail(40))
+        });
+    drop(helpers);
+    let stopped = ctrd.stop().await;
+    let round = round?;
+    stopped?;
+    Ok(round)
+}
+
+/// The timed part of a round, on a started containerd and its helpers.
+async fn timed(
+    variant: Variant,
+    images: &Images,
+    relay: &Relay,
+    workload: &Workload,
+    ctrd: &Containerd,
+    helpers: &Helpers,
+) -> Res<Round> {
     let cri = ctrd.cri().await?;
-    let pod = cri.run_pod("bench").await?;
+    // Not timed. containerd dials the snapshotter's socket when it starts, before the
+    // snapshotter listens, and its gRPC client then waits out a reconnect backoff (a second or
+    // more): a pod in that window fails with Unavailable, so it is tried again.
+    let mut attempt = 0;
+    let pod = loop {
+        match cri.run_pod("bench").await {
+            Ok(p) => break p,
+            Err(e) if attempt < 10 && e.to_string().contains("snapshotter.sock") => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let image = variant.image(images);
 
     let before = relay.bytes();
@@ -187,9 +241,7 @@ pub async fn run(
     let (local, _) = start_and_wait(&cri, &pod, workload, &image).await?;
     let containerd_rss = ctrd.pid().map_or(0, peak_rss_kib);
     let helpers_rss = helpers.rss();
-    let lazy_bytes = helpers.lazy_bytes(&ctrd);
-    drop(helpers);
-    ctrd.stop().await?;
+    let lazy_bytes = helpers.lazy_bytes(ctrd);
     Ok(Round {
         pull,
         cold,
@@ -301,4 +353,36 @@ pub fn compare(baseline: &[Round], lazy: &[Round], mbit: u64, workload: &Workloa
         cold / base,
         cold / limit
     )
+}
+
+/// An index variant against the baseline and the converted image of the same run, by medians:
+/// cold start ÷ overlayfs cold start (target 0.15) and ÷ the converted image's (target 1.5).
+pub fn compare_index(
+    name: &str,
+    index: &[Round],
+    overlayfs: Option<&Vec<Round>>,
+    shoal: Option<&Vec<Round>>,
+) -> String {
+    let median = |rs: &[Round]| {
+        let mut v: Vec<f64> = rs.iter().map(|r| r.cold.as_secs_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let cold = median(index);
+    let mut out =
+        format!("{name} (unconverted image with a Shoal index), same run: cold {cold:.3} s");
+    if let Some(base) = overlayfs {
+        out += &format!(
+            " = {:.3} x the overlayfs cold start (target <= 0.15)",
+            cold / median(base)
+        );
+    }
+    if let Some(conv) = shoal {
+        out += &format!(
+            ", {:.2} x the converted image's {:.3} s (target <= 1.5)",
+            cold / median(conv),
+            median(conv)
+        );
+    }
+    out
 }

@@ -7,6 +7,7 @@
 //! cargo test -p shoal-cli --test cri            # as root; otherwise every test prints SKIP
 //! ```
 
+mod indexed;
 mod node;
 mod overlayfs;
 mod shoal;

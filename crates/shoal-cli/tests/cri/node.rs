@@ -304,3 +304,71 @@ fn assert_no_lazy_images(shoal: &ShoalNode, ctrd: &Containerd) {
         .collect();
     assert!(procs.is_empty(), "mount processes left: {procs:?}");
 }
+
+/// Bytes of the image no workload reads: a lazy start must not fetch them.
+pub const UNREAD: usize = 48 << 20;
+
+/// The workload's image with a large file nobody reads, as an OCI layout.
+pub fn image_with_unread_bytes(work: &Workload, base: &Path, name: &str) -> OciLayout {
+    image_of(base, name, &layers_with_unread_bytes(work))
+}
+
+/// The layers of [`image_with_unread_bytes`] (tars): busybox, then the files and the big one.
+pub fn layers_with_unread_bytes(work: &Workload) -> Vec<Vec<u8>> {
+    let bb = LayerBuilder::busybox()
+        .and_then(|b| b.finish())
+        .expect("busybox layer");
+    let mut files = LayerBuilder::new();
+    for (p, data) in &work.files {
+        files.file(p, data, 0o644).expect("tar entry");
+    }
+    files
+        .file(
+            "/opt/unread.bin",
+            &shoal_testkit::random_bytes(UNREAD, 9),
+            0o644,
+        )
+        .expect("tar entry");
+    vec![bb, files.finish().expect("files layer")]
+}
+
+/// An image of these layers (tars, base first) whose entrypoint is busybox's shell.
+pub fn image_of(base: &Path, name: &str, layers: &[Vec<u8>]) -> OciLayout {
+    let cfg = ImageConfig {
+        entrypoint: vec!["/bin/sh".into()],
+        env: vec!["PATH=/bin".into()],
+        ..ImageConfig::default()
+    };
+    write_layout(&base.join(name), layers, &cfg, true, "1").expect("image layout")
+}
+
+/// Flips bytes of every chunk the lazy mounts cached on disk (every 256 KiB of their packs).
+pub fn flip_cached_chunks(images: &Path) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut flipped = 0;
+    let mut stack = vec![images.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "pack") {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&p)
+                    .unwrap();
+                let len = f.metadata().unwrap().len();
+                let mut off = 0;
+                while off < len {
+                    let mut b = [0u8; 1];
+                    f.read_exact_at(&mut b, off).unwrap();
+                    f.write_all_at(&[b[0] ^ 0x40], off).unwrap();
+                    flipped += 1;
+                    off += 256 << 10;
+                }
+            }
+        }
+    }
+    flipped
+}

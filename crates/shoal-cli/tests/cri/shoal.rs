@@ -4,43 +4,15 @@
 //! running containers reading, private images start with credentials, and `shoal image pull`
 //! serves `ctr run --snapshotter shoal`.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use shoal_testkit::{
-    write_layout, Auth, ContainerSpec, ImageConfig, LayerBuilder, OciLayout, RegistryAuth,
+use shoal_testkit::{Auth, ContainerSpec, OciLayout, RegistryAuth};
+
+use crate::node::{
+    flip_cached_chunks, image_with_unread_bytes, shoal_bin, wait_stats, Node, NodeOpts, Workload,
+    MINUTE, UNREAD,
 };
-
-use crate::node::{shoal_bin, wait_stats, Node, NodeOpts, Workload, MINUTE};
-
-/// Bytes of the image no workload reads: a lazy start must not fetch them.
-const UNREAD: usize = 48 << 20;
-
-/// The workload's image with a large file nobody reads, as an OCI layout.
-fn image_with_unread_bytes(work: &Workload, base: &Path, name: &str) -> OciLayout {
-    let bb = LayerBuilder::busybox()
-        .and_then(|b| b.finish())
-        .expect("busybox layer");
-    let mut files = LayerBuilder::new();
-    for (p, data) in &work.files {
-        files.file(p, data, 0o644).expect("tar entry");
-    }
-    files
-        .file(
-            "/opt/unread.bin",
-            &shoal_testkit::random_bytes(UNREAD, 9),
-            0o644,
-        )
-        .expect("tar entry");
-    let files = files.finish().expect("files layer");
-    let cfg = ImageConfig {
-        entrypoint: vec!["/bin/sh".into()],
-        env: vec!["PATH=/bin".into()],
-        ..ImageConfig::default()
-    };
-    write_layout(&base.join(name), &[bb, files], &cfg, true, "1").expect("image layout")
-}
 
 /// Converts `layout` with `shoal image convert` and pushes it as `reference`.
 fn convert_and_push(layout: &OciLayout, reference: &str) {
@@ -67,37 +39,6 @@ fn convert_and_push_as(layout: &OciLayout, reference: &str, auth: Option<&Auth>)
         "converting: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Flips bytes of every chunk the lazy mounts cached on disk (every 256 KiB of their packs).
-fn flip_cached_chunks(images: &Path) -> usize {
-    use std::os::unix::fs::FileExt;
-    let mut flipped = 0;
-    let mut stack = vec![images.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "pack") {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&p)
-                    .unwrap();
-                let len = f.metadata().unwrap().len();
-                let mut off = 0;
-                while off < len {
-                    let mut b = [0u8; 1];
-                    f.read_exact_at(&mut b, off).unwrap();
-                    f.write_all_at(&[b[0] ^ 0x40], off).unwrap();
-                    flipped += 1;
-                    off += 256 << 10;
-                }
-            }
-        }
-    }
-    flipped
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,10 +2,9 @@
 
 mod driver;
 
-use std::path::Path;
 
 fn corpus(target: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    manifest_dir()
         .join("corpus")
         .join(target)
 }
@@ -30,4 +29,12 @@ fn tar_layer_smoke() {
         shoal_format_fuzz::tar_layer,
     );
     assert!(runs > 0);
+}
+
+/// The package's directory, as cargo gives it when it runs the test: a build dir shared between
+/// checkouts at different paths may hold a binary compiled in another one.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }
