@@ -84,14 +84,6 @@ pub enum PeerError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The local API answered with an error.
-    #[error("local API answered {status}: {message}")]
-    Api {
-        /// HTTP status.
-        status: u16,
-        /// The body.
-        message: String,
-    },
 }
 
 impl From<shoal_origin::Refusal> for PeerError {

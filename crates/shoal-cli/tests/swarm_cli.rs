@@ -619,7 +619,7 @@ async fn a_task_for_an_origin_the_seed_does_not_allow_fails_without_any_connecti
     });
     assert!(!got.status.success());
     let err = String::from_utf8_lossy(&got.stderr);
-    assert!(err.contains("local API answered 403"), "{err}");
+    assert!(err.contains("the peer answered 403"), "{err}");
     assert!(
         err.contains(&format!("add \"{}\" to allowed_origins", target.host())),
         "{err}"
