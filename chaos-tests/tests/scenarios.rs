@@ -1078,6 +1078,96 @@ fn every_scheduler_killed_while_the_seed_imports_the_origin_still_sends_it_once(
     );
 }
 
+/// Issue 26, DHT off: the scheduler is SIGKILLed while the seed still imports a plain blob and
+/// its piece table only streams to the peers. They ask the parents they already have (the seed
+/// among them) for the table, so no pull stalls and none imports the blob again.
+#[test]
+fn scheduler_lost_while_the_table_streams_without_a_dht() {
+    scheduler_lost_while_the_table_streams("tablekill", |cfg| {
+        cfg.piece_table_wait_ms = 60_000;
+    });
+}
+
+/// Issue 26, DHT on without a bootstrap list: the DHT forms from the peers the scheduler named
+/// before it died, and the pulls complete as above.
+#[test]
+fn scheduler_lost_while_the_table_streams_with_a_dht_and_no_bootstrap_list() {
+    scheduler_lost_while_the_table_streams("tablekilldht", |cfg| {
+        cfg.piece_table_wait_ms = 60_000;
+        cfg.dht = true;
+        cfg.dht_bootstrap.clear();
+    });
+}
+
+/// Three peers pull a plain blob the seed imports at 40 Mbit/s, first with the scheduler alive
+/// (the baseline), then another one with the scheduler killed once the peers hold part of it:
+/// every pull ends with the right sha256 and the origin sends the killed run's blob at most
+/// 1.05 times (a stalled pull would import it again after `piece_table_wait_ms`).
+fn scheduler_lost_while_the_table_streams(name: &'static str, tweak: fn(&mut PeerConfig)) {
+    let Some(mut c) = Cluster::start(Opts {
+        name,
+        peers: 3,
+        tweak,
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let len = 24 * MIB;
+    let (_, alive) = c.push(len, 41);
+    let (_, digest) = c.push(len, 42);
+    c.net
+        .set_bandwidth_dirs(ORIGIN, Some(40_000_000), None)
+        .expect("tbf");
+    let pull_all = |c: &Cluster, digest: &str, what: &str| -> Vec<std::thread::JoinHandle<Got>> {
+        (0..3)
+            .map(|i| c.pull_async(i, digest, &format!("{what}-{i}")))
+            .collect()
+    };
+    let started = Instant::now();
+    for (i, p) in pull_all(&c, &alive, "alive").into_iter().enumerate() {
+        assert_ok(
+            &p.join().expect("pull"),
+            &alive,
+            &format!("peer-{i}, alive"),
+            &c,
+        );
+    }
+    let baseline = started.elapsed().as_secs_f64();
+
+    let before = c.downloaded_by(3, "peer");
+    let pulls = pull_all(&c, &digest, "killed");
+    wait_for(Duration::from_secs(20), "2 MiB from the swarm", || {
+        c.downloaded_by(3, "peer") >= before + (2 * MIB) as f64
+    });
+    for s in &mut c.schedulers {
+        s.kill().expect("kill the scheduler");
+    }
+    let at_kill = c.origin_bytes(&digest);
+    let killed = Instant::now();
+    let mut after = 0.0f64;
+    for (i, p) in pulls.into_iter().enumerate() {
+        assert_ok(
+            &p.join().expect("pull"),
+            &digest,
+            &format!("peer-{i}, killed"),
+            &c,
+        );
+        after = after.max(killed.elapsed().as_secs_f64());
+    }
+    let origin = c.origin_bytes(&digest);
+    eprintln!(
+        "FIGURES {name}: pulls with the scheduler alive {baseline:.1} s; the scheduler killed when the origin had sent {at_kill} B of {len} B, pulls done {after:.1} s after the kill ({:.2} x the alive pull); origin egress {origin} B ({:.3} x blob)",
+        after / baseline,
+        origin as f64 / len as f64
+    );
+    assert!(at_kill < len as u64, "the import was over before the kill");
+    assert!(
+        origin <= (len + len / 20) as u64,
+        "the origin sent {origin} B for a {len} B blob: a peer imported it again\n{}",
+        c.logs()
+    );
+}
+
 /// Scenario 4: the scheduler restarted with empty state. Peers register again and announce
 /// what they hold; a new pull of a blob only peer-0 holds (the seed is dead) comes from peer-0,
 /// not the origin.

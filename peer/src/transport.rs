@@ -34,12 +34,21 @@ pub(crate) struct Transport {
 /// Ack-eliciting packets a receiver takes before it must send an ACK (see `transport_config`).
 const ACK_EVERY_PACKETS: u32 = 10;
 
-/// Transport parameters shared by every connection: keep-alive so idle links survive NAT and
-/// an idle timeout so a dead parent is noticed.
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// Keep-alive and idle timeout of links to peers: idle links survive NAT, a dead parent is
+/// noticed (and a slow one is replaced by the swarm long before this).
+const PEER_LIVENESS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(30));
+
+/// Keep-alive and idle timeout of links to schedulers: a scheduler that stops answering must be
+/// noticed within seconds, so that downloads turn to their parents and the DHT for piece tables
+/// and parents instead of waiting on it. The idle timeout is the smaller of the two ends', so
+/// this side's sets it.
+const SCHEDULER_LIVENESS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(4));
+
+/// Transport parameters of every connection, with its keep-alive interval and idle timeout.
+fn transport_config((keep_alive, idle): (Duration, Duration)) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+    t.keep_alive_interval(Some(keep_alive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     // Pieces are large: let one stream and the connection carry several at once.
@@ -69,13 +78,13 @@ impl Transport {
         budget: PieceBudget,
     ) -> Result<Self, PeerError> {
         let mut server = shoal_tls::quic_server_config(identity, &[ALPN_PEER])?;
-        server.transport_config(transport_config());
+        server.transport_config(transport_config(PEER_LIVENESS));
         let endpoint = quinn::Endpoint::server(server, listen)
             .map_err(|e| PeerError::io("bind QUIC endpoint on", listen, e))?;
         let mut peer_client = shoal_tls::quic_client_config(identity, &[ALPN_PEER])?;
-        peer_client.transport_config(transport_config());
+        peer_client.transport_config(transport_config(PEER_LIVENESS));
         let mut sched_client = shoal_tls::quic_client_config(identity, &[ALPN_SCHEDULER])?;
-        sched_client.transport_config(transport_config());
+        sched_client.transport_config(transport_config(SCHEDULER_LIVENESS));
         Ok(Transport {
             endpoint,
             peer_client,

@@ -230,18 +230,10 @@ fn convert(a: ConvertArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
             r
         }
     };
-    let mut prefetch = Vec::new();
-    if let Some(p) = &a.prefetch {
-        let text =
-            std::fs::read(p).with_context(|| format!("reading prefetch list {}", p.display()))?;
-        for line in text.split(|b| *b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let trimmed = line.strip_prefix(b"/").unwrap_or(line);
-            if !trimmed.is_empty() && !line.starts_with(b"#") {
-                prefetch.push(trimmed.to_vec());
-            }
-        }
-    }
+    let prefetch = match &a.prefetch {
+        Some(p) => read_prefetch_list(p)?,
+        None => Vec::new(),
+    };
     let opts = BuildOptions {
         chunk_size: a.chunk_size,
         level: a.compression_level,
@@ -359,4 +351,20 @@ fn open_any(
         bail!("{src}: image has no inodes");
     }
     Ok((img, tmp))
+}
+
+/// The paths of a `--prefetch` file: one per line, in order, a leading `/` dropped; blank lines
+/// and lines starting with `#` skipped (the format `shoal fs mount --record-access` writes).
+pub fn read_prefetch_list(p: &std::path::Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let text =
+        std::fs::read(p).with_context(|| format!("reading prefetch list {}", p.display()))?;
+    let mut prefetch = Vec::new();
+    for line in text.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let trimmed = line.strip_prefix(b"/").unwrap_or(line);
+        if !trimmed.is_empty() && !line.starts_with(b"#") {
+            prefetch.push(trimmed.to_vec());
+        }
+    }
+    Ok(prefetch)
 }

@@ -34,6 +34,10 @@ pub struct IndexArgs {
     /// Chunk size of the layer bootstraps (power of two, 64 KiB..16 MiB); suffixes K and M.
     #[arg(long, default_value = "1M", value_parser = crate::image::parse_size)]
     chunk_size: u32,
+    /// File listing paths to prefetch after mount, one per line, in order (as `shoal image
+    /// convert --prefetch`): each layer's bootstrap lists those the layer provides.
+    #[arg(long)]
+    prefetch: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -95,6 +99,9 @@ pub fn run(a: IndexArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
         }
     };
     let mut indexer = Indexer::new(&out_dir, opts)?;
+    if let Some(p) = &a.prefetch {
+        indexer.set_prefetch(crate::image::read_prefetch_list(p)?);
+    }
     let (mdesc, manifest, image_dir) = match (&src_ref, LayoutRef::parse(&a.src)) {
         (Some(r), _) => {
             let client = reg.client(r)?;
@@ -128,6 +135,7 @@ pub fn run(a: IndexArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("{:?}: expected docker://REF or oci:DIR[:TAG]", a.src),
     };
+    indexer.check_prefetch()?;
     let index_desc = artifact::write(&out_dir, &mdesc, &indexer.reports, indexer.options())?;
     let index_bytes = index_desc.size()
         + 2
@@ -199,7 +207,7 @@ pub fn run(a: IndexArgs, reg: &RegistryArgs) -> anyhow::Result<()> {
 pub fn print_layers(layers: &[LayerIndex]) {
     for (i, l) in layers.iter().enumerate() {
         println!(
-            "layer {i:<3}         {} {:>11} bytes  {:<4}  {:>5} checkpoints  {}  {} files, bootstrap {} bytes{}",
+            "layer {i:<3}         {} {:>11} bytes  {:<4}  {:>5} checkpoints  {}  {} files, bootstrap {} bytes{}{}",
             l.layer,
             l.size,
             format!("{:?}", l.compression).to_lowercase(),
@@ -210,7 +218,12 @@ pub fn print_layers(layers: &[LayerIndex]) {
             l.side_blob
                 .as_ref()
                 .map(|s| format!(", side blob {} bytes", s.1))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if l.prefetch > 0 {
+                format!(", {} to prefetch", l.prefetch)
+            } else {
+                String::new()
+            }
         );
     }
 }

@@ -578,10 +578,21 @@ struct Served {
 }
 
 impl Drop for Served {
+    /// SIGTERM first: the process unmounts the overlay and every layer itself (a SIGKILL would
+    /// leave the layers' FUSE mounts behind); SIGKILL only if it is still there 10 s later.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = std::process::Command::new("umount")
             .arg("-l")
             .arg(&self.mountpoint)
+            .stderr(std::process::Stdio::null())
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -604,8 +615,15 @@ fn mounted(mnt: &Path) -> bool {
 
 /// `shoal fs mount SRC MNT` (origin only), until the image is up.
 fn serve(src: &str, mnt: &Path, cache: &Path, stats: &Path) -> Served {
+    serve_in(src, mnt, cache, stats, &std::env::temp_dir())
+}
+
+/// `serve` with the layer mounts' temporary directory under `tmp` (out of sight of a test that
+/// counts those in the system's).
+fn serve_in(src: &str, mnt: &Path, cache: &Path, stats: &Path, tmp: &Path) -> Served {
     fs::create_dir_all(mnt).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .env("TMPDIR", tmp)
         .args(["fs", "mount", "--no-peer", "--cache-dir"])
         .arg(cache)
         .arg("--stats-file")
@@ -791,4 +809,177 @@ async fn an_indexed_image_mounts_lazily_and_equals_umoci_unpack() {
         err.contains("without a Shoal index") && err.contains("shoal image index"),
         "{err}"
     );
+}
+
+/// The mount's counters once they have not changed over two and a half stats intervals (its
+/// background work is done).
+fn settled_stats(path: &Path) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = stats(path, |_| true);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        let now = stats(path, |_| true);
+        if now == last {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stats {} still moving after 30 s: {now}",
+            path.display()
+        );
+        last = now;
+    }
+}
+
+fn fetched(s: &serde_json::Value) -> u64 {
+    s["fetched_peer"].as_u64().unwrap() + s["fetched_origin"].as_u64().unwrap()
+}
+
+#[test]
+fn a_prefetch_list_is_fetched_at_mount_before_any_read() {
+    let fuse = Path::new("/dev/fuse").exists() && have("fusermount3");
+    if !(is_root() && fuse) {
+        let reason = "needs root, /dev/fuse and fusermount3 (FUSE and overlayfs mounts)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{reason}");
+        eprintln!("SKIP: {reason}");
+        return;
+    }
+    if need_binaries(&["umoci", "cp", "umount"]).is_err() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let work = t.path();
+    let img = umoci_image(work);
+    let (_, manifest) = oci::resolve(&LayoutRef {
+        dir: img.clone(),
+        tag: Some("t".into()),
+    })
+    .unwrap();
+    let expected = expected_rootfs("umoci", &img, &manifest, work);
+    // The largest files of the image's usr/bin, and one a later layer rewrote.
+    let mut bins: Vec<(u64, String)> = fs::read_dir(expected.join("usr/bin"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            let name = e.file_name().into_string().unwrap();
+            (e.metadata().unwrap().len(), format!("usr/bin/{name}"))
+        })
+        .collect();
+    bins.sort();
+    let mut listed: Vec<String> = bins.iter().rev().take(3).map(|b| b.1.clone()).collect();
+    listed.push("etc/app/b.conf".into());
+    let list_bytes: u64 = bins.iter().rev().take(3).map(|b| b.0).sum();
+    let list_file = work.join("prefetch.txt");
+    fs::write(&list_file, format!("# startup\n/{}\n", listed.join("\n"))).unwrap();
+
+    // Two copies of the image: one indexed with the list, one without.
+    let plain = work.join("umoci-plain");
+    run("cp", &["-a", path(&img), path(&plain)]);
+    let with = json(&shoal_ok(&[
+        "image",
+        "index",
+        &oci(&img, "t"),
+        "--span",
+        "256K",
+        "--chunk-size",
+        "256K",
+        "--prefetch",
+        path(&list_file),
+        "--json",
+    ]));
+    let counts: Vec<u64> = with["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["prefetch"].as_u64().unwrap())
+        .collect();
+    // usr/bin and etc/app/b.conf come with the first layer; the second rewrites b.conf.
+    assert!(counts[0] >= 4 && counts[1] >= 1, "{counts:?}");
+    let without = json(&shoal_ok(&[
+        "image",
+        "index",
+        &oci(&plain, "t"),
+        "--span",
+        "256K",
+        "--chunk-size",
+        "256K",
+        "--json",
+    ]));
+    assert!(without["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["prefetch"] == 0));
+
+    // A listed path in no layer: a clear error, and no index written.
+    let bad_list = work.join("bad.txt");
+    fs::write(&bad_list, "usr/bin/no-such-tool\n").unwrap();
+    let err = common::shoal_err(&[
+        "image",
+        "index",
+        &oci(&plain, "t"),
+        "--output",
+        &format!("oci:{}", path(&work.join("bad-out"))),
+        "--prefetch",
+        path(&bad_list),
+    ]);
+    assert!(
+        err.contains("usr/bin/no-such-tool") && err.contains("in no layer"),
+        "{err}"
+    );
+
+    let mount = |name: &str, layout: &Path| {
+        let mnt = work.join(format!("{name}-mnt"));
+        let stats_file = work.join(format!("{name}.json"));
+        let tmp = work.join(format!("{name}-tmp"));
+        fs::create_dir_all(&tmp).unwrap();
+        let served = serve_in(
+            &oci(layout, "t"),
+            &mnt,
+            &work.join(format!("{name}-cache")),
+            &stats_file,
+            &tmp,
+        );
+        (served, mnt, stats_file)
+    };
+    // With the list: its files' spans are fetched at mount, before anything is read.
+    let (served, mnt, stats_file) = mount("listed", &img);
+    stats(&stats_file, |v| fetched(v) > 0);
+    let s = settled_stats(&stats_file);
+    eprintln!("with a prefetch list, before any read: {s}");
+    assert_eq!(s["read_bytes"], 0, "{s}");
+    assert!(
+        fetched(&s) > list_bytes / 4,
+        "listed files of {list_bytes} bytes, fetched {}: {s}",
+        fetched(&s)
+    );
+    // Reading the listed files then fetches nothing more.
+    for f in &listed {
+        assert_eq!(
+            fs::read(mnt.join(f)).unwrap(),
+            fs::read(expected.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let after = settled_stats(&stats_file);
+    assert!(after["read_bytes"].as_u64() >= Some(list_bytes), "{after}");
+    assert_eq!(fetched(&after), fetched(&s), "{after}");
+    assert_eq!(after["verify_failures"], 0, "{after}");
+    drop(served);
+    let left = mounts_under(path(&work.join("listed-tmp")));
+    assert!(left.is_empty(), "layer mounts left: {left:?}");
+
+    // Without the list: nothing is fetched until something is read.
+    let (served, mnt, stats_file) = mount("unlisted", &plain);
+    let s = settled_stats(&stats_file);
+    eprintln!("without a prefetch list, before any read: {s}");
+    assert_eq!(fetched(&s), 0, "{s}");
+    assert_eq!(
+        fs::read(mnt.join(&listed[0])).unwrap(),
+        fs::read(expected.join(&listed[0])).unwrap()
+    );
+    let s = settled_stats(&stats_file);
+    assert!(fetched(&s) > 0, "{s}");
+    drop(served);
 }

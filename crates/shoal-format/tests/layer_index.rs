@@ -10,6 +10,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use shoal_format::bootstrap::Bootstrap;
 use shoal_format::index::{artifact, Compression, IndexOptions, Indexer};
 use shoal_format::oci::{self, LayoutRef};
 use shoal_format::unpack::unpack_meta;
@@ -254,4 +255,105 @@ fn every_layer_unpacks_to_its_own_files_decoded_from_the_original_blob() {
         xattr::get(tmp.path().join("layer0/data/tagged"), "user.shoal").unwrap(),
         Some(b"v1".to_vec())
     );
+}
+
+/// The inode at `path` of a loaded bootstrap.
+fn ino_at(boot: &Bootstrap, path: &str) -> Option<u32> {
+    let mut ino = 0;
+    for name in path.split('/') {
+        ino = boot.lookup(ino, name.as_bytes()).unwrap()?;
+    }
+    Some(ino)
+}
+
+#[test]
+fn each_layer_lists_the_prefetch_paths_it_provides() {
+    let l0 = gzip(&[&Tar::new()
+        .dir("etc/")
+        .file("etc/conf", b"conf v0\n")
+        .dir("bin/")
+        .file("bin/tool", &text(200_000, 5))
+        .link("bin/tool-again", "bin/tool")
+        .file("bin/gone", b"soon whiteouted\n")
+        .done()]);
+    let l1 = Tar::new()
+        .dir("etc/")
+        .file("etc/conf", b"conf v1\n")
+        .dir("bin/")
+        .file("bin/.wh.gone", b"")
+        .dir("app/")
+        .file("app/main", &text(100_000, 6))
+        .done();
+    let list: Vec<Vec<u8>> = [
+        "app/main",
+        "etc/conf",
+        "bin/tool",
+        "bin/tool-again",
+        "bin/gone",
+        "etc",
+    ]
+    .iter()
+    .map(|p| p.as_bytes().to_vec())
+    .collect();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("index");
+    let mut idx = Indexer::new(&out, IndexOptions::default()).unwrap();
+    idx.set_prefetch(list.clone());
+    for l in [&l0, &l1] {
+        let (d, s) = desc_of(l);
+        idx.add_layer(&d, s, &l[..]).unwrap();
+    }
+    idx.check_prefetch().unwrap();
+
+    let boots: Vec<Bootstrap> = idx
+        .reports
+        .iter()
+        .map(|r| {
+            let digest = r.bootstrap.0.strip_prefix("sha256:").unwrap();
+            let bytes = fs::read(out.join("blobs/sha256").join(digest)).unwrap();
+            Bootstrap::load(bytes).unwrap()
+        })
+        .collect();
+    let listed = |b: &Bootstrap| b.prefetch().collect::<Vec<u32>>();
+    let at = |b: &Bootstrap, paths: &[&str]| -> Vec<u32> {
+        paths.iter().map(|p| ino_at(b, p).unwrap()).collect()
+    };
+    // Layer 0: in list order; the hardlink once (one inode); the directory kept as convert
+    // keeps it (the mount's prefetch skips what is not a file).
+    assert_eq!(
+        listed(&boots[0]),
+        at(&boots[0], &["etc/conf", "bin/tool", "bin/gone", "etc"])
+    );
+    assert_eq!(idx.reports[0].prefetch, 4);
+    // Layer 1: what it provides; its whiteout of bin/gone and the absent bin/tool not listed.
+    assert_eq!(
+        listed(&boots[1]),
+        at(&boots[1], &["app/main", "etc/conf", "etc"])
+    );
+    assert_eq!(idx.reports[1].prefetch, 3);
+
+    // A path in no layer is an error naming it; so is one through a file.
+    for bad in ["nowhere/file", "etc/conf/below"] {
+        let mut idx = Indexer::new(
+            &tmp.path().join(bad.replace('/', "_")),
+            IndexOptions::default(),
+        )
+        .unwrap();
+        idx.set_prefetch(vec![b"app/main".to_vec(), bad.as_bytes().to_vec()]);
+        for l in [&l0, &l1] {
+            let (d, s) = desc_of(l);
+            idx.add_layer(&d, s, &l[..]).unwrap();
+        }
+        let e = idx.check_prefetch().unwrap_err().to_string();
+        assert!(e.contains(bad), "{e}");
+    }
+    // Without a list, no layer has a prefetch table.
+    let mut idx = Indexer::new(&tmp.path().join("plain"), IndexOptions::default()).unwrap();
+    for l in [&l0, &l1] {
+        let (d, s) = desc_of(l);
+        idx.add_layer(&d, s, &l[..]).unwrap();
+    }
+    idx.check_prefetch().unwrap();
+    assert!(idx.reports.iter().all(|r| r.prefetch == 0));
 }

@@ -232,9 +232,13 @@ impl Discovery {
     ) -> tokio::task::JoinHandle<()> {
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
+            // Every address ever learnt is tried again each round: the scheduler that named
+            // the peers may be gone by the time the DHT needs them (it forms after the loss).
+            let mut known: Vec<SocketAddr> = Vec::new();
             loop {
                 let Some(d) = this.upgrade() else { return };
-                let mut addrs = fixed.clone();
+                let mut addrs = std::mem::take(&mut known);
+                addrs.extend(fixed.iter().copied());
                 if let Some(name) = &dns {
                     match crate::scheduler_ring::resolve(name).await {
                         Ok(a) => addrs.extend(a),
@@ -253,7 +257,8 @@ impl Discovery {
                 }
                 addrs.sort();
                 addrs.dedup();
-                d.bootstrap(addrs);
+                d.bootstrap(addrs.clone());
+                known = addrs;
                 let joined = d.status().await.verified_peers > 0;
                 drop(d);
                 let wait = if joined { 60 } else { 2 };

@@ -77,29 +77,33 @@ impl Task {
     }
 
     /// A holder's geometry and piece table of this blob, if one of the DHT's holders has it and
-    /// its geometry fits `fits`: the first whole table, else the partial one that knows the
-    /// most hashes. Trusted like a scheduler-published table: the store checks every piece
-    /// against it and the whole blob against its sha256.
+    /// its geometry fits `fits` (see [`Task::table_from`]).
     pub(super) async fn table_from_holders(
         &self,
         fits: impl Fn(&TaskMeta) -> bool,
     ) -> Result<Option<HolderTable>, PeerError> {
+        let holders = self.dht_holders().await;
+        let hosts = holders.into_iter().map(|h| (h.host_id, h.addresses));
+        Ok(self.table_from(hosts, fits).await)
+    }
+
+    /// The first whole piece table of this blob one of `hosts` (the first [`TABLE_TRIES`]) has
+    /// with a geometry that fits `fits`, else the partial one that knows the most hashes.
+    /// Trusted like a scheduler-published table: the store checks every piece against it and
+    /// the whole blob against its sha256.
+    pub(super) async fn table_from(
+        &self,
+        hosts: impl IntoIterator<Item = (HostId, Vec<SocketAddr>)>,
+        fits: impl Fn(&TaskMeta) -> bool,
+    ) -> Option<HolderTable> {
         let timeout = self.ctx.config.piece_timeout().min(Duration::from_secs(5));
         let mut best: Option<HolderTable> = None;
-        for h in self.dht_holders().await.into_iter().take(TABLE_TRIES) {
-            match fetch_table(
-                &self.ctx.transport,
-                &h.host_id,
-                &h.addresses,
-                self.blob,
-                timeout,
-            )
-            .await
-            {
+        for (host, addrs) in hosts.into_iter().take(TABLE_TRIES) {
+            match fetch_table(&self.ctx.transport, &host, &addrs, self.blob, timeout).await {
                 Ok(Some(t)) if fits(t.meta()) => {
                     if let HolderTable::Whole(..) = t {
-                        tracing::info!(blob = %self.blob, holder = %h.host_id, "piece table from a DHT holder");
-                        return Ok(Some(t));
+                        tracing::info!(blob = %self.blob, holder = %host, "piece table from a holder");
+                        return Some(t);
                     }
                     if best.as_ref().is_none_or(|b| t.known() > b.known()) {
                         best = Some(t);
@@ -107,11 +111,11 @@ impl Task {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(blob = %self.blob, holder = %h.host_id, error = %e, "no piece table from holder")
+                    tracing::debug!(blob = %self.blob, holder = %host, error = %e, "no piece table from holder")
                 }
             }
         }
-        Ok(best)
+        best
     }
 
     /// Takes what a DHT holder knows of the table of a task whose geometry is already fixed: a

@@ -136,14 +136,29 @@ impl ParentTable {
             .collect()
     }
 
+    /// Parents to ask for the piece table, seeds first (a seed imports the blob, so its table
+    /// is the first to be whole), then the others by host id.
+    pub fn table_sources(&self) -> Vec<(HostId, Vec<SocketAddr>)> {
+        let mut all: Vec<_> = self.parents.iter().collect();
+        all.sort_by(|(a, pa), (b, pb)| pb.is_seed.cmp(&pa.is_seed).then_with(|| a.cmp(b)));
+        all.into_iter()
+            .map(|(h, p)| (h.clone(), p.addresses.clone()))
+            .collect()
+    }
+
     /// Whether `host` is a usable parent.
     pub fn contains(&self, host: &HostId) -> bool {
         self.parents.contains_key(host)
     }
 
-    /// Records a held set the parent sent.
+    /// Records a held set the parent sent. Its earlier "not held" answers for pieces the set
+    /// holds end once they are [`NOT_HELD_FOR`] old: a parent still importing the blob refuses
+    /// pieces it gets later (without this, a download that lost its scheduler would send them
+    /// to the origin).
     pub fn set_pieces(&mut self, host: &HostId, pieces: PieceSet) {
         if let Some(p) = self.parents.get_mut(host) {
+            p.refused
+                .retain(|&i, at| !pieces.contains(i) || at.elapsed() < NOT_HELD_FOR);
             p.pieces = Some(pieces);
             p.own_word = true;
         }
@@ -155,6 +170,13 @@ impl ParentTable {
         self.parents.values().any(|p| {
             p.pieces.as_ref().is_some_and(|s| s.contains(index)) && !p.refused.contains_key(&index)
         })
+    }
+
+    /// Whether some parent's latest held set has `index`, whatever it answered before.
+    pub fn anyone_lists(&self, index: u32) -> bool {
+        self.parents
+            .values()
+            .any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
     }
 
     /// How many parents are known to hold each of the blob's `piece_count` pieces.

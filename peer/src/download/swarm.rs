@@ -4,6 +4,7 @@
 //! report parents that fail, stall or send bytes that do not match the piece table.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,9 +41,10 @@ const HOLDERS_EVERY: Duration = Duration::from_millis(100);
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// How often a download without a whole piece table asks for newly published hashes.
 const HASH_POLL_EVERY: Duration = Duration::from_millis(150);
-/// Without a scheduler, how often a download without a whole table asks DHT holders for it (or
-/// for the hashes they know so far).
-const DHT_TABLE_EVERY: Duration = Duration::from_secs(1);
+/// How often a download without a whole table that the scheduler brings nothing new for asks
+/// its parents (and, without a scheduler, the DHT's holders) for it, or for the hashes they know
+/// so far.
+const TABLE_ASK_EVERY: Duration = Duration::from_secs(1);
 /// Endgame: when at most this many pieces are missing and all are in flight, each is also
 /// asked of a second parent; the first answer wins and the other request is cancelled.
 const ENDGAME_PIECES: usize = 4;
@@ -153,11 +155,12 @@ impl Task {
             let partial = layout.is_none();
             if partial && last_hashes.is_none_or(|t| t.elapsed() >= HASH_POLL_EVERY) {
                 last_hashes = Some(Instant::now());
-                let dht_due = last_dht.is_none_or(|t| t.elapsed() >= DHT_TABLE_EVERY);
-                if dht_due {
+                let table_due = last_dht.is_none_or(|t| t.elapsed() >= TABLE_ASK_EVERY);
+                if table_due {
                     last_dht = Some(Instant::now());
                 }
-                match self.poll_hashes(meta, dht_due).await? {
+                let parents = table_due.then(|| table.table_sources());
+                match self.poll_hashes(meta, parents).await? {
                     HashPoll::New => last_progress = Instant::now(),
                     HashPoll::Nothing => {}
                 }
@@ -380,19 +383,43 @@ impl Task {
         }
     }
 
-    /// Learns newly published piece hashes; adopts the table once every hash is known (the
-    /// blob's sha256 is still checked before it is marked complete).
+    /// Learns newly published piece hashes of a blob whose table is not whole: from the
+    /// scheduler, and, when it brings nothing new (or there is none), from `parents` (given
+    /// once a [`TABLE_ASK_EVERY`]) and, without a scheduler, the DHT's holders. Parents the swarm
+    /// already exchanges pieces with hold the table or follow the import that streams it, so a
+    /// lost scheduler does not stall the download; a whole table is adopted at once.
     async fn poll_hashes(
         self: &Arc<Self>,
         meta: &TaskMeta,
-        dht_due: bool,
+        parents: Option<Vec<(HostId, Vec<SocketAddr>)>>,
     ) -> Result<HashPoll, PeerError> {
         let staging = &self.ctx.staging;
         let mut new = false;
         if let Some(first) = staging.first_unknown(&self.blob) {
-            match self.ctx.scheduler(&self.blob) {
-                // No scheduler to publish hashes: what the DHT's holders know of the table.
-                None if dht_due => match self.table_from_holders(|m| m == meta).await? {
+            let scheduler = self.ctx.scheduler(&self.blob);
+            if let Some(s) = &scheduler {
+                let ask = SchedulerRequest::GetPieceHashes {
+                    blob: self.blob,
+                    first,
+                };
+                if let Ok(SchedulerReply::PieceHashes(r)) = s.request(&ask).await {
+                    if r.blob == self.blob {
+                        new = staging.learn(&self.blob, r.first, &r.hashes, r.publisher) > 0;
+                    }
+                }
+            }
+            if let Some(mut hosts) = parents.filter(|_| !new) {
+                if scheduler.is_none() {
+                    let holders = self.dht_holders().await;
+                    let known: Vec<HostId> = hosts.iter().map(|(h, _)| h.clone()).collect();
+                    hosts.extend(
+                        holders
+                            .into_iter()
+                            .filter(|h| !known.contains(&h.host_id))
+                            .map(|h| (h.host_id, h.addresses)),
+                    );
+                }
+                match self.table_from(hosts, |m| m == meta).await {
                     Some(HolderTable::Whole(m, table)) => {
                         self.adopt_streamed(&m, table).await?;
                         return Ok(HashPoll::New);
@@ -401,18 +428,6 @@ impl Task {
                         new = staging.learn(&self.blob, 0, &hashes, Some(from)) > 0;
                     }
                     None => {}
-                },
-                None => {}
-                Some(s) => {
-                    let ask = SchedulerRequest::GetPieceHashes {
-                        blob: self.blob,
-                        first,
-                    };
-                    if let Ok(SchedulerReply::PieceHashes(r)) = s.request(&ask).await {
-                        if r.blob == self.blob {
-                            new = staging.learn(&self.blob, r.first, &r.hashes, r.publisher) > 0;
-                        }
-                    }
                 }
             }
         }
@@ -569,7 +584,7 @@ impl Task {
     /// DHT when its import ends, and going to the origin instead would import the blob again;
     /// the round's stall limit (`piece_table_wait_ms`) bounds the wait.
     async fn ask_parents(
-        &self,
+        self: &Arc<Self>,
         count: u32,
         missing: &[u32],
         partial: bool,
@@ -585,6 +600,16 @@ impl Task {
             other => other,
         };
         let Some(s) = self.ctx.scheduler(&self.blob) else {
+            // Held sets may be stale (a parent's import went on since it last said): they are
+            // asked afresh before the origin gets anything.
+            if !partial && table.len() > 0 {
+                self.refresh(count, table.all(|_| true), table).await;
+                // A parent that refused a piece a moment ago (it did not have it yet) but lists
+                // it now is asked again once the refusal ends.
+                if missing.iter().all(|&i| table.anyone_lists(i)) {
+                    return Ok(None);
+                }
+            }
             let end = self.dht_parents(table, "no scheduler answers").await;
             return Ok(narrow(end, table));
         };
@@ -605,6 +630,11 @@ impl Task {
         match s.request(&req).await {
             Ok(SchedulerReply::Parents(ParentsReply::Parents(list))) => {
                 tracing::debug!(blob = %self.blob, parents = ?list.iter().map(|p| p.host_id.as_str()).collect::<Vec<_>>(), "parents named");
+                if let Some(dht) = &self.ctx.dht {
+                    // Peers the DHT can bootstrap from after the scheduler is gone (it skips
+                    // those it has verified already).
+                    dht.bootstrap(list.iter().flat_map(|p| p.addresses.clone()).collect());
+                }
                 for p in list {
                     table.add(
                         p.host_id,

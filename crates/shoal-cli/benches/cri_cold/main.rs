@@ -25,8 +25,9 @@
 //! Variants (`CRI_VARIANTS`, comma-separated; default all three): `overlayfs`, containerd's
 //! snapshotter pulling the plain OCI image (gzip layer), the baseline; `shoal`, the same files
 //! converted, started on Shoal's snapshotter through a peer on the client host; `index` (or
-//! `index@1M`, `index@512K`: the span), the plain image itself with a Shoal index, started on
-//! Shoal's snapshotter the same way (variant.rs). The push prints `shoal image convert`'s and
+//! `index@1M`, `index@512K`: the span), the plain image itself with a Shoal index made with
+//! the converted image's prefetch list, started on Shoal's snapshotter the same way
+//! (variant.rs). The push prints `shoal image convert`'s and
 //! `shoal image index`'s throughput on the same tar.
 //! A lazy round also prints what its mounts read and fetched and each Shoal process's peak RSS.
 //!

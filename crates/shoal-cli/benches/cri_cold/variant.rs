@@ -21,9 +21,10 @@ pub enum Variant {
     /// lazy mount, and the workload's chunks arrive through the peer as they are read.
     Shoal,
     /// Shoal's snapshotter with the plain OCI image itself (the baseline's gzip layer), indexed
-    /// with `shoal image index --span SPAN` (issue 24): the pull fetches the manifest, config,
-    /// index and layer bootstrap; the workload's reads fetch the gzip spans they fall in, piece
-    /// by piece through the node's peer, inflated from their checkpoints.
+    /// with `shoal image index --span SPAN --prefetch` of the converted image's startup list
+    /// (issue 24): the pull fetches the manifest, config, index and layer bootstrap; the mount
+    /// fetches the listed files' gzip spans at start, and the workload's other reads the spans
+    /// they fall in, piece by piece through the node's peer, inflated from their checkpoints.
     Index {
         /// Compressed bytes between gzip checkpoints.
         span: u32,
@@ -218,7 +219,10 @@ impl Images {
                     let repo = index_repo(span);
                     plain_gzip = image::push_plain(reg, layer, &repo, "v1").await?;
                     let target = format!("docker://{}/{repo}:v1", reg.host());
-                    indexes.push(index(&target, span)?);
+                    // The converted image's prefetch list, so both start from the same guess.
+                    let list = work.join("startup.list");
+                    std::fs::write(&list, image::startup_list().join("\n") + "\n")?;
+                    indexes.push(index(&target, span, &list)?);
                 }
             }
         }
@@ -259,11 +263,14 @@ impl Images {
     }
 }
 
-/// Runs `shoal image index --span SPAN` of `target` (pushing the index beside it).
-fn index(target: &str, span: u32) -> Res<Indexed> {
+/// Runs `shoal image index --span SPAN --prefetch LIST` of `target` (pushing the index beside
+/// it).
+fn index(target: &str, span: u32, list: &Path) -> Res<Indexed> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(["image", "index", target, "--json", "--span"])
         .arg(size_name(span))
+        .arg("--prefetch")
+        .arg(list)
         .output()?;
     if !out.status.success() {
         return Err(format!(

@@ -5,7 +5,8 @@
 //! per layer whose chunks point into the ORIGINAL blob: ranges of a plain tar, spans from a
 //! checkpoint of a gzip or zstd layer, or (sparse files, deflate windows) chunks of the layer's
 //! side blob (`side`). `artifact` writes the bootstraps and side blobs as an OCI artifact whose
-//! subject is the image manifest. Format: docs/format.md, "Layer index".
+//! subject is the image manifest. A prefetch list (`set_prefetch`) gives each layer bootstrap
+//! the listed paths that layer holds. Format: docs/format.md, "Layer index".
 
 pub mod artifact;
 mod layer;
@@ -135,6 +136,8 @@ pub struct LayerIndex {
     pub opaque_dirs: u64,
     /// Chunks stored in the side blob (sparse files).
     pub side_chunks: u64,
+    /// Entries of the layer's prefetch table: listed paths this layer provides.
+    pub prefetch: u64,
     /// The layer bootstrap's digest and size.
     pub bootstrap: (String, u64),
     /// The side blob's digest and size, if the layer has one.
@@ -154,6 +157,11 @@ pub struct Indexer {
     pub reports: Vec<LayerIndex>,
     /// Seconds spent reading and indexing layers.
     pub seconds: f64,
+    /// Paths to fetch first after mount, in order (`--prefetch`).
+    prefetch: Vec<Vec<u8>>,
+    /// Per listed path: whether some layer provided it (else, why the last layer looked at did
+    /// not, when it was a bad path there rather than an absent one).
+    prefetch_seen: Vec<Result<bool, String>>,
 }
 
 impl Indexer {
@@ -182,7 +190,59 @@ impl Indexer {
             layers: Vec::new(),
             reports: Vec::new(),
             seconds: 0.0,
+            prefetch: Vec::new(),
+            prefetch_seen: Vec::new(),
         })
+    }
+
+    /// Paths to fetch first after mount, in order (relative to the image root; one line of a
+    /// `--prefetch` file each). Each layer's bootstrap lists those this layer provides; set it
+    /// before the first layer is added.
+    pub fn set_prefetch(&mut self, paths: Vec<Vec<u8>>) {
+        self.prefetch_seen = vec![Ok(false); paths.len()];
+        self.prefetch = paths;
+    }
+
+    /// Fails if a path of the prefetch list was in no layer: call it once every layer is added.
+    pub fn check_prefetch(&self) -> Result<()> {
+        for (p, seen) in self.prefetch.iter().zip(&self.prefetch_seen) {
+            let path = String::from_utf8_lossy(p);
+            match seen {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Error::BadOption(format!(
+                        "prefetch path {path} is in no layer of the image"
+                    )))
+                }
+                Err(r) => return Err(Error::BadOption(format!("prefetch path {path}: {r}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes of layer tree `tree` the prefetch list names, in list order: paths this layer
+    /// provides (not its whiteouts; a path the layer lacks is simply not listed).
+    fn layer_prefetch(&mut self, tree: &mut Tree) -> Vec<usize> {
+        let mut nodes = Vec::new();
+        for (p, seen) in self.prefetch.iter().zip(self.prefetch_seen.iter_mut()) {
+            match tree.lookup(p) {
+                Ok(Some(n)) if !matches!(tree.nodes[n].kind, NodeKind::Char(0)) => {
+                    // Hardlinks of one file are one node: listed once.
+                    if !nodes.contains(&n) {
+                        nodes.push(n);
+                    }
+                    *seen = Ok(true);
+                }
+                Ok(_) => {}
+                // A symlink or file where this layer has no directory: not in this layer.
+                Err(r) => {
+                    if *seen != Ok(true) {
+                        *seen = Err(r);
+                    }
+                }
+            }
+        }
+        nodes
     }
 
     /// Reads the next layer (blob `digest`, `size` bytes) from `src` and writes its bootstrap.
@@ -192,7 +252,7 @@ impl Indexer {
         let name = oci::digest_string(digest);
         let first_seq = self.chunks.len();
         let mut side = SideBlob::new(&self.dir, id);
-        let read = read_layer(
+        let mut read = read_layer(
             src,
             LayerInput {
                 layer: id,
@@ -259,7 +319,8 @@ impl Indexer {
             side: side.clone(),
             checkpoints,
         });
-        let (boot, root) = self.bootstrap(id, &read.tree, &name)?;
+        let prefetch = self.layer_prefetch(&mut read.tree);
+        let (boot, root) = self.bootstrap(id, &read.tree, &prefetch, &name)?;
         let boot_desc = oci::write_blob(&self.dir, artifact::MEDIA_LAYER_BOOTSTRAP, &boot)?;
         let chunk_count = self.chunks.len() - first_seq;
         tracing::info!(layer = %name, compression = ?read.compression, chunks = chunk_count, checkpoints = used_count, "layer indexed");
@@ -275,6 +336,7 @@ impl Indexer {
             whiteouts: read.whiteouts,
             opaque_dirs: read.opaque_dirs,
             side_chunks: read.side_chunks,
+            prefetch: prefetch.len() as u64,
             bootstrap: (boot_desc.digest().to_string(), boot_desc.size()),
             side_blob: side.map(|s| (oci::digest_string(&s.digest), s.size)),
             root: hex::encode(root),
@@ -287,8 +349,14 @@ impl Indexer {
 
     /// The bootstrap of layer `id`: its overlay-form tree, chunks placed in the blobs they are
     /// in (its own layer blob first, then its side blob, then any other layer's a copied-up
-    /// hardlink needs).
-    fn bootstrap(&self, id: u32, tree: &Tree, name: &str) -> Result<(Vec<u8>, Blake3)> {
+    /// hardlink needs), and the tree nodes `prefetch` as its prefetch table.
+    fn bootstrap(
+        &self,
+        id: u32,
+        tree: &Tree,
+        prefetch: &[usize],
+        name: &str,
+    ) -> Result<(Vec<u8>, Blake3)> {
         let chunk_of = |seq: u64| {
             self.chunks
                 .get(usize::try_from(seq).ok()?)
@@ -296,6 +364,14 @@ impl Indexer {
         };
         let draft = meta::draft_with(tree, chunk_of, self.opts.chunk_size)?;
         let mut meta = draft.meta;
+        // Hardlinks of one layer share an inode: list it once.
+        for n in prefetch {
+            if let Some(&i) = draft.inode_of.get(n) {
+                if !meta.prefetch.contains(&i) {
+                    meta.prefetch.push(i);
+                }
+            }
+        }
         let mut seq_of: HashMap<Blake3, u64> = HashMap::new();
         for n in &tree.nodes {
             if let NodeKind::File(f) = &n.kind {
