@@ -15,7 +15,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 # Multi-process tests (chaos-tests) run the `shoal` binary of this build.
 cargo build --locked -p shoal-cli
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 echo "== fuzz smoke"
 # A short run of every fuzz target (about a minute in all; the long runs are in
 # docs/reliability.md). cargo-fuzz needs a nightly toolchain; without one (or with
