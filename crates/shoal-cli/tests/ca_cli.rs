@@ -194,6 +194,7 @@ fn help_opens_with_what_shoal_does_for_its_user() {
         "fs",
         "image",
         "containerd-config",
+        "snapshotter",
     ] {
         assert!(
             short.contains(&format!("  {cmd} ")),
