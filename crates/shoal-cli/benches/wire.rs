@@ -14,7 +14,8 @@
 //! directories) so each stage moves the whole blob. Printed: the median and the range over the
 //! rounds. Run: `cargo bench -p shoal-cli --bench wire`. SHOAL_BENCH_BLOB_MIB sets the blob
 //! size (default 512), SHOAL_BENCH_ROUNDS the rounds (default 5), SHOAL_BENCH_DIR where data
-//! goes (default the system temp dir). With SHOAL_BENCH_PERF=DIR one more round follows in
+//! goes (default the system temp dir), SHOAL_BENCH_PEER_ARGS extra `shoal peer` flags for the
+//! seed and the peer (settings to compare). With SHOAL_BENCH_PERF=DIR one more round follows in
 //! which `perf record -g` samples the peer and the seed during the download (DIR/peer.data,
 //! DIR/seed.data) and the consumer's `shoal get` (DIR/get.data).
 
@@ -316,6 +317,10 @@ impl Trio {
             ]);
             if seed {
                 args.push("--seed".into());
+            }
+            // Settings to compare (e.g. `--piece-size 8388608`), given to the seed and the peer.
+            if let Ok(extra) = std::env::var("SHOAL_BENCH_PEER_ARGS") {
+                args.extend(extra.split_whitespace().map(str::to_string));
             }
             spawn(&mut procs, &dir, name, &args, metrics);
             let pid = procs.last().map_or(0, Proc::pid);
