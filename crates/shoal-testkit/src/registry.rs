@@ -184,6 +184,11 @@ impl Registry {
         }
     }
 
+    /// The `docker-registry` process id (for its CPU time in benches).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
