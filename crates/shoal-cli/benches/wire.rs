@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_peer::ApiClient;
+use shoal_api::Client as ApiClient;
 use shoal_proto::Digest;
 use shoal_testkit::{Registry, RegistryOpts};
 
@@ -383,8 +383,13 @@ fn round(
     // 1. Seed <- origin.
     let (seed0, reg0) = (cpu_secs(trio.seed_pid), cpu_secs(registry_pid));
     let start = Instant::now();
-    rt.block_on(ApiClient::new(&trio.seed_sock).fetch(blob, Some(&source)))
-        .expect("the seed fetches the blob from the origin");
+    rt.block_on(
+        ApiClient::new(&trio.seed_sock)
+            .blob(blob)
+            .source(source.as_str())
+            .fetch(),
+    )
+    .expect("the seed fetches the blob from the origin");
     let wall = start.elapsed().as_secs_f64();
     r.seed_from_origin = (cpu_secs(trio.seed_pid) - seed0) / gib;
     r.registry_to_seed = (cpu_secs(registry_pid) - reg0) / gib;
@@ -399,8 +404,13 @@ fn round(
     });
     let (peer0, seed0) = (cpu_secs(trio.peer_pid), cpu_secs(trio.seed_pid));
     let start = Instant::now();
-    rt.block_on(ApiClient::new(&trio.peer_sock).fetch(blob, Some(&source)))
-        .expect("the peer fetches the blob");
+    rt.block_on(
+        ApiClient::new(&trio.peer_sock)
+            .blob(blob)
+            .source(source.as_str())
+            .fetch(),
+    )
+    .expect("the peer fetches the blob");
     let wall = start.elapsed().as_secs_f64();
     r.peer_download = (cpu_secs(trio.peer_pid) - peer0) / gib;
     r.seed_upload = (cpu_secs(trio.seed_pid) - seed0) / gib;

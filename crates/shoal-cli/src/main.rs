@@ -119,4 +119,3 @@ fn pin_mmap_threshold() {
 /// Other allocators (musl, other systems) do not keep freed large buffers this way.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn pin_mmap_threshold() {}
-
