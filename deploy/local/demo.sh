@@ -208,7 +208,7 @@ if "$shoal" get "docker://127.0.0.2:$reg_port/demo@$blob" -o "$work/refused.blob
     --api "$work/peer-1/peer.sock" 2> "$work/logs/refused.txt"; then
     echo "a registry outside allowed_origins was fetched from" >&2; exit 1
 fi
-grep -m1 "local API answered 403" "$work/logs/refused.txt" | sed 's/^ */  /' ||
+grep -m1 "answered 403" "$work/logs/refused.txt" | sed 's/^ */  /' ||
     { echo "the refusal did not say 403:" >&2; cat "$work/logs/refused.txt" >&2; exit 1; }
 
 echo "== containerd pulls the three-layer image through peer 1's registry proxy, then peer 2's"
