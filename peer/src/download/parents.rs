@@ -30,6 +30,9 @@ pub(crate) struct ParentState {
     /// Whether `pieces` came from the parent itself (then the scheduler's older word on it is
     /// not taken).
     pub own_word: bool,
+    /// When the parent's own held set last came: its "not held" answers before that are
+    /// superseded by it.
+    pub pieces_at: Option<Instant>,
     pub inflight: usize,
     /// Measured bytes per second (EWMA); `None` until the first piece.
     pub bps: Option<f64>,
@@ -79,6 +82,7 @@ impl ParentTable {
             addresses: Vec::new(),
             pieces: None,
             own_word: false,
+            pieces_at: None,
             inflight: 0,
             bps: None,
             busy_until: None,
@@ -151,32 +155,25 @@ impl ParentTable {
         self.parents.contains_key(host)
     }
 
-    /// Records a held set the parent sent. Its earlier "not held" answers for pieces the set
-    /// holds end once they are [`NOT_HELD_FOR`] old: a parent still importing the blob refuses
-    /// pieces it gets later (without this, a download that lost its scheduler would send them
-    /// to the origin).
+    /// Records a held set the parent sent.
     pub fn set_pieces(&mut self, host: &HostId, pieces: PieceSet) {
         if let Some(p) = self.parents.get_mut(host) {
-            p.refused
-                .retain(|&i, at| !pieces.contains(i) || at.elapsed() < NOT_HELD_FOR);
             p.pieces = Some(pieces);
             p.own_word = true;
+            p.pieces_at = Some(Instant::now());
         }
     }
 
-    /// Whether some parent is known to hold `index` and has not answered "not held" for it in
-    /// this download (a held set from the scheduler can be older than the parent's answer).
+    /// Whether some parent is known to hold `index` and has not answered "not held" for it
+    /// since its own latest held set (a held set from the scheduler can be older than the
+    /// parent's answer; a parent still importing the blob refuses pieces it lists later).
     pub fn anyone_holds(&self, index: u32) -> bool {
         self.parents.values().any(|p| {
-            p.pieces.as_ref().is_some_and(|s| s.contains(index)) && !p.refused.contains_key(&index)
+            p.pieces.as_ref().is_some_and(|s| s.contains(index))
+                && p.refused
+                    .get(&index)
+                    .is_none_or(|refused| p.pieces_at.is_some_and(|at| at > *refused))
         })
-    }
-
-    /// Whether some parent's latest held set has `index`, whatever it answered before.
-    pub fn anyone_lists(&self, index: u32) -> bool {
-        self.parents
-            .values()
-            .any(|p| p.pieces.as_ref().is_some_and(|s| s.contains(index)))
     }
 
     /// How many parents are known to hold each of the blob's `piece_count` pieces.
@@ -250,9 +247,9 @@ impl ParentTable {
     }
 
     /// The parent does not hold `index` after all, or will not send it now: it is not asked
-    /// for it again for [`NOT_HELD_FOR`], and no longer counts as its holder in this download,
-    /// whatever held sets say. (Its held set is left alone: a parent that lost the piece sends
-    /// a new one, and a seed that only refused it now holds it still.)
+    /// for it again for [`NOT_HELD_FOR`], and no longer counts as its holder until a held set
+    /// of its own lists the piece again. (Its held set is left alone: a parent that lost the
+    /// piece sends a new one, and a seed that only refused it now holds it still.)
     pub fn not_held(&mut self, host: &HostId, index: u32) {
         if let Some(p) = self.parents.get_mut(host) {
             p.refused.insert(index, Instant::now());
@@ -405,5 +402,31 @@ mod tests {
             let askers = turns.iter().filter(|(rank, n)| piece % n == *rank).count();
             assert_eq!(askers, 1, "piece {piece}: {turns:?}");
         }
+    }
+
+    #[test]
+    fn a_refusal_counts_until_the_parents_own_held_set_lists_the_piece_again() {
+        let me = HostId::new("me").unwrap();
+        let seed = HostId::new("seed").unwrap();
+        let mut table = ParentTable::default();
+        // The scheduler's word: the seed holds pieces 0 and 1.
+        let mut both = PieceSet::empty(4);
+        assert!(both.insert(0));
+        assert!(both.insert(1));
+        table.add(seed.clone(), Vec::new(), Some(both.clone()), true, &me);
+        assert!(table.anyone_holds(0));
+        // It refuses piece 0 (still importing it): its older word no longer counts.
+        std::thread::sleep(Duration::from_millis(2));
+        table.not_held(&seed, 0);
+        assert!(!table.anyone_holds(0));
+        assert!(table.anyone_holds(1));
+        // Its own held set, sent after the refusal, lists piece 0 again.
+        std::thread::sleep(Duration::from_millis(2));
+        table.set_pieces(&seed, both);
+        assert!(table.anyone_holds(0));
+        // A refusal after that held set counts again.
+        std::thread::sleep(Duration::from_millis(2));
+        table.not_held(&seed, 0);
+        assert!(!table.anyone_holds(0));
     }
 }

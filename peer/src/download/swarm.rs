@@ -604,9 +604,7 @@ impl Task {
             // asked afresh before the origin gets anything.
             if !partial && table.len() > 0 {
                 self.refresh(count, table.all(|_| true), table).await;
-                // A parent that refused a piece a moment ago (it did not have it yet) but lists
-                // it now is asked again once the refusal ends.
-                if missing.iter().all(|&i| table.anyone_lists(i)) {
+                if missing.iter().all(|&i| table.anyone_holds(i)) {
                     return Ok(None);
                 }
             }
