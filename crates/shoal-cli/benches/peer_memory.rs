@@ -9,10 +9,8 @@
 //! (its `shoal_peer_piece_memory_bytes` gauge), where its bytes came from, per-download times,
 //! and the warnings each process logged (a stalled download shows there).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,112 +21,17 @@ use shoal_api::Client as ApiClient;
 use shoal_proto::Digest;
 use shoal_testkit::{Registry, RegistryOpts};
 
+// Each bench uses part of what the benches share.
+#[allow(dead_code)]
+mod common;
+use common::{env_num, free_tcp, free_udp, issue, metric, s, shoal_ok, spawn, strings, Proc};
+
 const MIB: u64 = 1 << 20;
 const MB: f64 = 1e6;
 const SCHEDULER: &str = "shoal-scheduler";
 const REPO: &str = "bench/mem";
 const IDLE_TARGET_MB: f64 = 30.0;
 const BUSY_TARGET_MB: f64 = 200.0;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A `shoal` process, killed and reaped on drop; its stderr goes to a log file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn check_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-            panic!("{} exited with {status}:\n{tail}", self.name);
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|u| u.local_addr())
-        .expect("a free UDP port")
-}
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free TCP port")
-}
-
-fn shoal_ok(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(args)
-        .output()
-        .expect("the shoal binary runs");
-    assert!(
-        out.status.success(),
-        "shoal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The status code of `GET addr/path` (plain HTTP/1.1), if it answered.
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split(' ').nth(1)?.parse().ok()
-}
-
-/// The value of one series (`name` or `name{labels}`) from `GET addr/metrics` (Prometheus
-/// text), if it answered.
-fn gauge(addr: SocketAddr, name: &str) -> Option<u64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let line = buf
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<f64>()
-        .ok()
-        .map(|v| v as u64)
-}
 
 /// A field of /proc/PID/status in bytes (e.g. VmRSS, VmHWM), if readable.
 fn proc_kib(pid: u32, field: &str) -> Option<u64> {
@@ -168,49 +71,17 @@ impl Bench {
 
     fn issue(&self, name: &str) -> PathBuf {
         let out = self.path(&format!("tls/{name}"));
-        shoal_ok(&[
-            "ca",
-            "issue",
-            "--name",
-            name,
-            "--dir",
-            s(&self.path("ca")),
-            "--out",
-            s(&out),
-            "--ip",
-            "127.0.0.1",
-        ]);
+        issue(&self.path("ca"), &out, name);
         out
     }
 
-    /// Starts `shoal ARGS` and waits for `metrics/readyz`; returns its index in `procs`.
+    /// Starts `shoal ARGS` (JSON logs: warnings are counted from them) and waits for
+    /// `metrics/readyz`; returns its index in `procs`.
     fn spawn(&mut self, name: &str, args: &[String], metrics: SocketAddr) -> usize {
+        let mut all = strings(&["--log", "warn", "--log-format", "json"]);
+        all.extend(args.iter().cloned());
         let log = self.path(&format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["--log", "warn", "--log-format", "json"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("starting shoal");
-        self.procs.push(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        });
-        let start = Instant::now();
-        while http_status(metrics, "/readyz") != Some(200) {
-            for p in &mut self.procs {
-                p.check_running();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{name} not ready in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        spawn(&mut self.procs, name, &all, log, metrics);
         self.procs.len() - 1
     }
 
@@ -353,7 +224,8 @@ fn main() {
             let (mut peer_max, mut seed_max, mut flight_at_peak, mut max_flight) = (0, 0, 0, 0);
             let (mut peer_threads, mut piece_max) = (0, 0);
             while !done.load(Ordering::Relaxed) {
-                let piece = gauge(peer_metrics, "shoal_peer_piece_memory_bytes").unwrap_or(0);
+                let piece =
+                    metric(peer_metrics, "shoal_peer_piece_memory_bytes").map_or(0, |v| v as u64);
                 piece_max = u64::max(piece_max, piece);
                 let n = in_flight.load(Ordering::Relaxed);
                 let p = rss(peer_pid);
@@ -432,10 +304,11 @@ fn main() {
         results.len(),
         secs
     );
-    let budget = gauge(peer_metrics, "shoal_peer_piece_memory_budget_bytes").unwrap_or(0);
+    let budget =
+        metric(peer_metrics, "shoal_peer_piece_memory_budget_bytes").map_or(0, |v| v as u64);
     let from = |source: &str| {
         let series = format!("shoal_peer_download_bytes_total{{source=\"{source}\"}}");
-        gauge(peer_metrics, &series).unwrap_or(0) as f64 / MIB as f64
+        metric(peer_metrics, &series).map_or(0, |v| v as u64) as f64 / MIB as f64
     };
     println!(
         "peer  received {:.0} MiB from peers, {:.0} MiB from the origin",

@@ -19,8 +19,8 @@
 //! which `perf record -g` samples the peer and the seed during the download (DIR/peer.data,
 //! DIR/seed.data) and the consumer's `shoal get` (DIR/get.data).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,105 +29,15 @@ use shoal_api::Client as ApiClient;
 use shoal_proto::Digest;
 use shoal_testkit::{Registry, RegistryOpts};
 
+// Each bench uses part of what the benches share.
+#[allow(dead_code)]
+mod common;
+use common::{env_num, free_tcp, free_udp, issue, metric, s, shoal_ok, spawn, strings, Proc};
+
 const MIB: u64 = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
 const SCHEDULER: &str = "shoal-scheduler";
 const REPO: &str = "bench/wire";
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A `shoal` process, killed and reaped on drop; its stderr goes to a log file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn check_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-            panic!("{} exited with {status}:\n{tail}", self.name);
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|u| u.local_addr())
-        .expect("a free UDP port")
-}
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free TCP port")
-}
-
-fn shoal_ok(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(args)
-        .output()
-        .expect("the shoal binary runs");
-    assert!(
-        out.status.success(),
-        "shoal {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The status code of `GET addr/path` (plain HTTP/1.1), if it answered.
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split(' ').nth(1)?.parse().ok()
-}
-
-/// The value of one series (`name` or `name{labels}`) from `GET addr/metrics`, if it answered.
-fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let line = buf
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))?;
-    line.split_whitespace().nth(1)?.parse::<f64>().ok()
-}
 
 /// User + system CPU seconds of process `pid` so far (fields 14 and 15 of /proc/PID/stat).
 fn cpu_secs(pid: u32) -> f64 {
@@ -220,56 +130,6 @@ impl Drop for Trio {
     }
 }
 
-/// Issues `name`'s certificate from the CA in `ca` into `out`.
-fn issue(ca: &Path, out: &Path, name: &str) {
-    shoal_ok(&[
-        "ca",
-        "issue",
-        "--name",
-        name,
-        "--dir",
-        s(ca),
-        "--out",
-        s(out),
-        "--ip",
-        "127.0.0.1",
-    ]);
-}
-
-/// Starts `shoal ARGS` and waits for `metrics/readyz`.
-fn spawn(procs: &mut Vec<Proc>, dir: &Path, name: &str, args: &[String], metrics: SocketAddr) {
-    let log = dir.join(format!("{name}.log"));
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["--log", "warn"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("starting shoal");
-    procs.push(Proc {
-        name: name.to_string(),
-        child,
-        log,
-    });
-    let start = Instant::now();
-    while http_status(metrics, "/readyz") != Some(200) {
-        for p in procs.iter_mut() {
-            p.check_running();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{name} not ready in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn strings(a: &[&str]) -> Vec<String> {
-    a.iter().map(|a| a.to_string()).collect()
-}
-
 impl Trio {
     fn start(dir: PathBuf, tls: &Path, registry: &Registry) -> Trio {
         std::fs::create_dir_all(&dir).expect("round dir");
@@ -277,6 +137,8 @@ impl Trio {
         let scheduler = free_udp();
         let sched_metrics = free_tcp();
         let sched_args = strings(&[
+            "--log",
+            "warn",
             "scheduler",
             "--host-id",
             SCHEDULER,
@@ -289,11 +151,19 @@ impl Trio {
             "--allowed-origins",
             &registry.host(),
         ]);
-        spawn(&mut procs, &dir, "scheduler", &sched_args, sched_metrics);
+        spawn(
+            &mut procs,
+            "scheduler",
+            &sched_args,
+            dir.join("scheduler.log"),
+            sched_metrics,
+        );
         let mut peer = |name: &str, seed: bool| -> (u32, PathBuf, SocketAddr) {
             let socket = dir.join(format!("{name}.sock"));
             let metrics = free_tcp();
             let mut args = strings(&[
+                "--log",
+                "warn",
                 "peer",
                 "--data-dir",
                 s(&dir.join(format!("{name}-data"))),
@@ -322,7 +192,13 @@ impl Trio {
             if let Ok(extra) = std::env::var("SHOAL_BENCH_PEER_ARGS") {
                 args.extend(extra.split_whitespace().map(str::to_string));
             }
-            spawn(&mut procs, &dir, name, &args, metrics);
+            spawn(
+                &mut procs,
+                name,
+                &args,
+                dir.join(format!("{name}.log")),
+                metrics,
+            );
             let pid = procs.last().map_or(0, Proc::pid);
             (pid, socket, metrics)
         };
@@ -421,7 +297,7 @@ fn round(
     }
     let from = |src: &str| {
         let series = format!("shoal_peer_download_bytes_total{{source=\"{src}\"}}");
-        gauge(trio.peer_metrics, &series).unwrap_or(0.0)
+        metric(trio.peer_metrics, &series).unwrap_or(0.0)
     };
     let (from_peers, from_origin) = (from("peer"), from("origin"));
     assert!(
