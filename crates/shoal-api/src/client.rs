@@ -204,15 +204,7 @@ impl Client {
         let resp = self
             .send(self.request(method, path, &[], Bytes::new())?)
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(error_of(resp).await);
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_JSON)
-            .collect()
-            .await
-            .map_err(|e| ApiError::Body(e.to_string()))?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| ApiError::Body(format!("bad JSON: {e}")))
+        json_of(resp).await
     }
 
     /// Why the peer's download of `blob` failed, if it records a failure.
@@ -434,15 +426,7 @@ impl BlobRequest<'_> {
             Ok(r) => r,
             Err(e) => return Err(client.explain(&blob, e).await),
         };
-        if resp.status() != StatusCode::OK {
-            return Err(error_of(resp).await);
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_JSON)
-            .collect()
-            .await
-            .map_err(|e| ApiError::Body(e.to_string()))?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| ApiError::Body(format!("bad JSON: {e}")))
+        json_of(resp).await
     }
 
     /// Hands the peer the blob's piece table (`piece_size`, each piece's BLAKE3 in order) that
@@ -473,6 +457,21 @@ impl BlobRequest<'_> {
 }
 
 /// An error status and the peer's explanation (its body).
+/// The JSON body of a 200 answer, at most `MAX_JSON` bytes; any other answer as an error.
+async fn json_of<T: serde::de::DeserializeOwned>(
+    resp: http::Response<hyper::body::Incoming>,
+) -> Result<T, ApiError> {
+    if resp.status() != StatusCode::OK {
+        return Err(error_of(resp).await);
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_JSON)
+        .collect()
+        .await
+        .map_err(|e| ApiError::Body(e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::Body(format!("bad JSON: {e}")))
+}
+
 async fn error_of(resp: http::Response<hyper::body::Incoming>) -> ApiError {
     let status = resp.status().as_u16();
     let message = match http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY)
